@@ -1,0 +1,27 @@
+"""fragile: the executable edition of "Influence Functions in Deep Learning Are Fragile" (Basu, Pope & Feizi, ICLR 2021).
+
+The pieces, in the order data flows through them: :mod:`fragile.data`, :mod:`fragile.models`,
+:mod:`fragile.objective`, :mod:`fragile.train`, :mod:`fragile.influence` (estimators),
+:mod:`fragile.ground_truth` (leave-one-out retraining) and :mod:`fragile.metrics`.
+"""
+
+from fragile.curvature import Spectrum, hessian_matrix, hvp, top_eigenvalue
+from fragile.data import Dataset, load_iris, synthetic_classification
+from fragile.errors import FragileError, InvalidArgumentError, SolverDivergedError
+from fragile.ground_truth import LOOResult, loo_retrain, loo_retrain_sequential
+from fragile.influence import METHODS, InfluenceEstimator, InfluenceResult, make_estimator
+from fragile.metrics import Selection, aggregate_over_seeds, bootstrap_ci, correlation, correlations, spearman_over
+from fragile.models import MLP, KohLiangCNN, build_model, count_parameters
+from fragile.objective import Objective
+from fragile.train import ConvergenceReport, TrainResult, TrainSpec, convergence_report, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceReport", "Dataset", "FragileError", "InfluenceEstimator", "InfluenceResult", "InvalidArgumentError",
+    "KohLiangCNN", "LOOResult", "METHODS", "MLP", "Objective", "Selection", "SolverDivergedError", "Spectrum",
+    "TrainResult", "TrainSpec", "aggregate_over_seeds", "bootstrap_ci", "build_model", "convergence_report",
+    "correlation", "correlations", "count_parameters", "fit", "hessian_matrix", "hvp", "load_iris", "loo_retrain",
+    "loo_retrain_sequential", "make_estimator", "spearman_over", "synthetic_classification", "top_eigenvalue",
+    "__version__",
+]

@@ -1,0 +1,166 @@
+"""Second-order information of an :class:`~fragile.objective.Objective`: Hessian-vector products, the
+materialised Hessian and its spectrum, and the largest eigenvalue from HVPs alone."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from fragile.errors import InvalidArgumentError, check_int
+from fragile.objective import Objective
+
+log = logging.getLogger(__name__)
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunks(n: int, size: int | None):
+    size = n if size is None else size
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def hvp(
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    data_chunk: int | None = None,
+) -> torch.Tensor:
+    """Exact Hessian-vector product ``H v`` of the mean training objective (regulariser included).
+
+    Forward-over-reverse (``jvp`` of ``grad``): about the cost of two gradient evaluations per vector.
+    ``v`` may be (p,) or a batch (m, p), which is vmapped. The data are processed ``data_chunk`` rows at
+    a time to bound activation memory; chunk sums are weighted by chunk size, so the result does not
+    depend on the chunking up to round-off.
+    """
+    n = x.shape[0]
+    data_grad = grad(lambda t, xc, yc: objective.sample_losses(t, xc, yc).mean())
+
+    def one(vec: torch.Tensor) -> torch.Tensor:
+        out = objective.weight_decay * vec
+        for sl in _chunks(n, data_chunk):
+            _, hv = jvp(lambda t: data_grad(t, x[sl], y[sl]), (theta,), (vec,))
+            out = out + hv * ((sl.stop - sl.start) / n)
+        return out
+
+    if v.ndim == 1:
+        return one(v)
+    return vmap(one)(v)
+
+
+def hessian_matrix(
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    data_chunk: int | None = None,
+    vector_chunk: int | None = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Materialise the p×p Hessian of the mean training objective, one block of rows at a time.
+
+    Cost: p HVPs (``vector_chunk`` of them vmapped together) over the whole data set; memory O(p²)
+    for the result. The result is returned as computed (not symmetrised), so its symmetry is a check
+    of the computation.
+    """
+    from tqdm.auto import tqdm
+
+    p = objective.num_params
+    eye = torch.eye(p, dtype=theta.dtype)
+    rows = []
+    blocks = list(_chunks(p, vector_chunk))
+    for sl in tqdm(blocks, desc="Hessian rows", disable=not progress, leave=False):
+        rows.append(hvp(objective, theta, x, y, eye[sl], data_chunk=data_chunk))
+    return torch.cat(rows, dim=0)
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Summary of a Hessian spectrum.
+
+    Attributes:
+        largest: largest (algebraic) eigenvalue.
+        smallest: smallest (algebraic) eigenvalue, or NaN when only the top was computed.
+        num_negative: count of eigenvalues below ``-tolerance``; -1 when unknown.
+        tolerance: the threshold used, ``p·eps·max|λ|`` (the usual numerical-rank tolerance).
+        eigenvalues: all computed eigenvalues in ascending order, or None.
+    """
+
+    largest: float
+    smallest: float
+    num_negative: int
+    tolerance: float
+    eigenvalues: torch.Tensor | None = None
+
+    @classmethod
+    def from_eigenvalues(cls, eigenvalues: torch.Tensor, p: int | None = None) -> "Spectrum":
+        ev = torch.sort(eigenvalues.detach()).values
+        p = ev.numel() if p is None else p
+        tol = p * torch.finfo(ev.dtype).eps * float(ev.abs().max())
+        return cls(float(ev[-1]), float(ev[0]), int((ev < -tol).sum()), tol, ev)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The scalar fields, for JSON summaries."""
+        return {"largest": self.largest, "smallest": self.smallest, "num_negative": self.num_negative, "tolerance": self.tolerance}
+
+
+def top_eigenvalue(
+    matvec: MatVec,
+    p: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    iters: int = 200,
+    rtol: float = 1e-6,
+    seed: int = 0,
+) -> float:
+    """Largest algebraic eigenvalue of a symmetric operator by power iteration on ``matvec``.
+
+    Power iteration finds the eigenvalue of largest magnitude; when that one is negative, a second
+    run on the shifted operator ``A − μI`` finds the top of the spectrum. Cost: at most ``2·iters``
+    matvecs; stops when the Rayleigh quotient changes by less than ``rtol`` relative.
+    """
+    check_int("iters", iters, minimum=1)
+    gen = torch.Generator().manual_seed(seed)
+
+    def power(op: MatVec) -> float:
+        v = torch.randn(p, generator=gen, dtype=dtype)
+        v = v / v.norm()
+        lam = 0.0
+        for i in range(iters):
+            w = op(v)
+            new = float(v @ w)
+            norm = float(w.norm())
+            if norm == 0.0 or not math.isfinite(norm):
+                return new
+            v = w / norm
+            if i > 0 and abs(new - lam) <= rtol * max(abs(new), 1e-30):
+                return new
+            lam = new
+        log.debug("power iteration stopped after %d iterations without reaching rtol=%g", iters, rtol)
+        return lam
+
+    mu = power(matvec)
+    if mu >= 0:
+        return mu
+    shifted = power(lambda v: matvec(v) - mu * v)
+    return shifted + mu
+
+
+def objective_top_eigenvalue(
+    objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, data_chunk: int | None = None, **kwargs
+) -> float:
+    """Largest Hessian eigenvalue of the training objective from HVPs (no p×p matrix)."""
+    if x.shape[0] == 0:
+        raise InvalidArgumentError("x is empty")
+    return top_eigenvalue(
+        lambda v: hvp(objective, theta, x, y, v, data_chunk=data_chunk), objective.num_params, dtype=theta.dtype, **kwargs
+    )

@@ -1,0 +1,72 @@
+"""Exceptions raised by fragile, and the argument checks that raise them before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+
+class FragileError(Exception):
+    """Base class of every error fragile raises on purpose."""
+
+
+class InvalidArgumentError(FragileError, ValueError):
+    """An argument is out of its allowed range; the message names it and says what is allowed."""
+
+
+class SolverDivergedError(FragileError, RuntimeError):
+    """An iterative inverse-HVP solver diverged or broke down; its numbers are never returned."""
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raise unless ``value`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise InvalidArgumentError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is a finite number > 0 (or >= 0 with ``allow_zero``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    if ok:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidArgumentError(f"{name}={value!r} is not allowed; it must be a finite number {bound}")
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> None:
+    """Raise unless ``value`` is an int within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name}={value!r} is not allowed; it must be an integer")
+    if minimum is not None and value < minimum:
+        raise InvalidArgumentError(f"{name}={value} is not allowed; it must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgumentError(f"{name}={value} is not allowed; it must be <= {maximum}")
+
+
+def check_dataset(x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor) -> None:
+    """Raise unless ``x`` and ``y`` are non-empty tensors with one label per row of ``x``."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InvalidArgumentError(f"{x_name} and {y_name} must be torch tensors")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise InvalidArgumentError(f"{x_name} is empty; it needs at least one row")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise InvalidArgumentError(
+            f"{y_name} has shape {tuple(y.shape)} but {x_name} has {x.shape[0]} rows; "
+            f"{y_name} must be 1-D with one label per row of {x_name}"
+        )
+
+
+def check_indices(name: str, idxs: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """Return ``idxs`` as a 1-D long tensor; raise if empty, repeated or outside ``[0, n)``."""
+    t = torch.as_tensor(idxs, dtype=torch.long).reshape(-1) if len(idxs) else torch.empty(0, dtype=torch.long)
+    if t.numel() == 0:
+        raise InvalidArgumentError(f"{name} is empty; give at least one index in [0, {n})")
+    if int(t.min()) < 0 or int(t.max()) >= n:
+        raise InvalidArgumentError(f"{name} has indices outside [0, {n}): min {int(t.min())}, max {int(t.max())}")
+    if torch.unique(t).numel() != t.numel():
+        raise InvalidArgumentError(f"{name} has repeated indices; each index may appear once")
+    return t

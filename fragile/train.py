@@ -1,0 +1,194 @@
+"""Training K models at once on flat parameter stacks: full-batch gradient descent, minibatch SGD, Adam.
+
+One code path serves single models (K=1), seed sweeps and leave-one-out retraining: the K models'
+objectives are summed, so one backward pass gives every model its own gradient (see
+:meth:`~fragile.objective.Objective.stacked_grads`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from fragile.curvature import objective_top_eigenvalue
+from fragile.errors import InvalidArgumentError, check_choice, check_dataset, check_int, check_positive
+from fragile.objective import Objective, check_weights
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("gd", "sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to train. Weight decay is not here: it is part of the :class:`Objective`.
+
+    Attributes:
+        optimizer: ``"gd"`` (full batch), ``"sgd"`` (minibatch, optional momentum) or ``"adam"``.
+        lr: learning rate.
+        steps: number of parameter updates.
+        batch_size: minibatch size for ``sgd``/``adam``; None means the full batch (required for ``gd``).
+        momentum: heavy-ball momentum for ``sgd`` (0 for plain SGD).
+        betas: Adam's moment decay rates.
+        eps: Adam's denominator constant.
+        seed: seed of the minibatch order; every model in a stack sees the same order.
+    """
+
+    optimizer: str = "gd"
+    lr: float = 0.01
+    steps: int = 1000
+    batch_size: int | None = None
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_positive("lr", self.lr)
+        check_int("steps", self.steps, minimum=0)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1)
+            if self.optimizer == "gd":
+                raise InvalidArgumentError("batch_size must be None for optimizer='gd' (full-batch gradient descent)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise InvalidArgumentError(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise InvalidArgumentError(f"betas={self.betas!r} is not allowed; two numbers in [0, 1)")
+        check_positive("eps", self.eps)
+        check_int("seed", self.seed, minimum=0)
+
+    def replace(self, **changes) -> "TrainSpec":
+        """A copy with some fields changed (validated again)."""
+        return TrainSpec(**{**asdict(self), **changes})
+
+
+@dataclass
+class TrainResult:
+    """Output of :func:`fit`.
+
+    Attributes:
+        params: trained parameters, (K, p).
+        losses: objective value of each model before each step, (steps, K) (minibatch values for
+            minibatch optimisers).
+        grad_norm: norm of each model's full-batch objective gradient at the end, (K,).
+    """
+
+    params: torch.Tensor
+    losses: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+def _batches(n: int, spec: TrainSpec):
+    """Minibatch index stream: shuffled epochs from a seeded generator (full batch for ``gd``)."""
+    if spec.batch_size is None or spec.batch_size >= n:
+        while True:
+            yield None
+    gen = torch.Generator().manual_seed(spec.seed)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n - spec.batch_size + 1, spec.batch_size):
+            yield perm[start : start + spec.batch_size]
+
+
+def fit(
+    objective: Objective,
+    params: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    weights: torch.Tensor | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train a stack of K models that share architecture, data and minibatch order.
+
+    Args:
+        objective: the training objective (weight decay included).
+        params: starting parameters, (p,) for one model or (K, p) for a stack.
+        x, y: training inputs and integer labels.
+        spec: optimiser settings.
+        weights: per-example weights, (n,) shared or (K, n) per model; 0 removes an example from a
+            model's objective (how leave-one-out retraining is batched). None means all ones.
+        progress: show a tqdm bar (also off when ``TQDM_DISABLE=1``).
+
+    Returns:
+        A :class:`TrainResult` with (K, p) parameters, even for a single (p,) start.
+
+    Cost: ``steps`` stacked forward/backward passes; memory O(K·batch·activations). Deterministic on
+    CPU for a given seed.
+    """
+    check_dataset("x", x, "y", y)
+    if params.ndim == 1:
+        params = params.unsqueeze(0)
+    objective.check_params("params", params, stacked=True)
+    k, n = params.shape[0], x.shape[0]
+    check_weights("weights", weights, n, k)
+    if weights is not None and weights.ndim == 1:
+        weights = weights.unsqueeze(0).expand(k, n)
+
+    theta = params.detach().clone()
+    losses = torch.empty(spec.steps, k, dtype=theta.dtype)
+    m = torch.zeros_like(theta) if spec.optimizer == "adam" or spec.momentum > 0 else None
+    v = torch.zeros_like(theta) if spec.optimizer == "adam" else None
+    b1, b2 = spec.betas
+    stream = _batches(n, spec)
+    for step in tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False):
+        idx = next(stream)
+        if idx is None:
+            g, val = objective.stacked_grads(theta, x, y, weights)
+        else:
+            g, val = objective.stacked_grads(theta, x[idx], y[idx], None if weights is None else weights[:, idx])
+        losses[step] = val
+        if spec.optimizer == "adam":
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            m_hat = m / (1 - b1 ** (step + 1))
+            v_hat = v / (1 - b2 ** (step + 1))
+            theta -= spec.lr * m_hat / (v_hat.sqrt() + spec.eps)
+        elif m is not None:
+            m.mul_(spec.momentum).add_(g)
+            theta -= spec.lr * m
+        else:
+            theta -= spec.lr * g
+        if not torch.isfinite(val).all():
+            bad = torch.nonzero(~torch.isfinite(val)).flatten().tolist()
+            raise InvalidArgumentError(
+                f"training diverged at step {step} (non-finite loss for models {bad[:5]}); lower lr={spec.lr}"
+            )
+    g_final, _ = objective.stacked_grads(theta, x, y, weights)
+    return TrainResult(theta, losses, g_final.norm(dim=1))
+
+
+@dataclass(frozen=True)
+class ConvergenceReport:
+    """How close a trained model is to the optimum influence functions assume.
+
+    Attributes:
+        grad_norm: norm of the full-batch objective gradient.
+        lambda_max: largest Hessian eigenvalue (power iteration on HVPs).
+        lr_times_lambda_max: ``lr·λmax``; full-batch gradient descent stops converging near 2
+            (the edge of stability). NaN when no learning rate is given.
+    """
+
+    grad_norm: float
+    lambda_max: float
+    lr_times_lambda_max: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def convergence_report(
+    objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, lr: float | None = None, data_chunk: int | None = None
+) -> ConvergenceReport:
+    """Diagnostics recorded with every trained model (design.md §4). Cost: one gradient and up to a few
+    hundred HVPs."""
+    objective.check_params("theta", theta)
+    g = objective.grad(theta, x, y)
+    lam = objective_top_eigenvalue(objective, theta, x, y, data_chunk=data_chunk)
+    return ConvergenceReport(float(g.norm()), lam, float("nan") if lr is None else lr * lam)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from fragile import Objective, TrainSpec, build_model, convergence_report, fit, synthetic_classification
+from fragile.errors import InvalidArgumentError
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = synthetic_classification(24, num_features=3, num_classes=2, seed=4)
+    model = build_model("mlp", seed=1, in_features=3, num_classes=2, depth=1, width=3)
+    return Objective(model, weight_decay=0.01), data
+
+
+def _manual_gd(objective, theta, x, y, lr, steps):
+    """Plain autograd gradient descent on an explicitly written loss: independent of fit()."""
+    params = [t.clone() for t in objective.unflatten(theta).values()]
+    for _ in range(steps):
+        w1, b1, w2, b2 = (p.requires_grad_(True) for p in params)
+        logits = torch.relu(x @ w1.T + b1) @ w2.T + b2
+        loss = torch.nn.functional.cross_entropy(logits, y) + 0.5 * objective.weight_decay * sum((p * p).sum() for p in params)
+        grads = torch.autograd.grad(loss, params)
+        params = [(p - lr * g).detach() for p, g in zip(params, grads)]
+    return torch.cat([p.flatten() for p in params])
+
+
+def test_gd_matches_a_hand_written_loop(setup):
+    objective, data = setup
+    theta0 = objective.initial_params()
+    ours = fit(objective, theta0, data.x, data.y, TrainSpec(lr=0.3, steps=50), progress=False).params[0]
+    ref = _manual_gd(objective, theta0, data.x, data.y, 0.3, 50)
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", [TrainSpec("sgd", lr=0.1, steps=40, batch_size=5, momentum=0.9, seed=2), TrainSpec("adam", lr=0.01, steps=40, batch_size=7, seed=2)])
+def test_training_is_deterministic_and_stack_equals_single(setup, spec):
+    objective, data = setup
+    theta0 = objective.initial_params()
+    a = fit(objective, theta0, data.x, data.y, spec, progress=False)
+    b = fit(objective, theta0, data.x, data.y, spec, progress=False)
+    assert torch.equal(a.params, b.params)
+    other = theta0 + 0.1
+    stacked = fit(objective, torch.stack([theta0, other]), data.x, data.y, spec, progress=False)
+    single = fit(objective, other, data.x, data.y, spec, progress=False)
+    assert torch.allclose(stacked.params[0], a.params[0], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(stacked.params[1], single.params[0], rtol=1e-12, atol=1e-14)
+
+
+def test_gd_decreases_loss_and_reports_convergence(setup):
+    objective, data = setup
+    res = fit(objective, objective.initial_params(), data.x, data.y, TrainSpec(lr=0.5, steps=400), progress=False)
+    assert res.losses[-1, 0] < res.losses[0, 0]
+    report = convergence_report(objective, res.params[0], data.x, data.y, lr=0.5)
+    assert report.grad_norm == pytest.approx(float(res.grad_norm[0]), rel=1e-10)
+    h = torch.func.hessian(objective.train_loss)(res.params[0], data.x, data.y)
+    assert report.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-5)
+    assert report.lr_times_lambda_max == pytest.approx(0.5 * report.lambda_max)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"optimizer": "lbfgs"}, "optimizer="),
+        ({"lr": -1.0}, "lr="),
+        ({"steps": -5}, "steps="),
+        ({"optimizer": "gd", "batch_size": 10}, "batch_size"),
+        ({"optimizer": "sgd", "momentum": 1.5}, "momentum="),
+    ],
+)
+def test_bad_train_spec_names_the_field(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        TrainSpec(**kwargs)
+
+
+def test_divergent_learning_rate_is_reported(setup):
+    objective, data = setup
+    with pytest.raises(InvalidArgumentError, match="lower lr"):
+        fit(objective, objective.initial_params() * 50, data.x, data.y, TrainSpec(lr=1e6, steps=50), progress=False)
