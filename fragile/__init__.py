@@ -8,7 +8,7 @@ The pieces, in the order data flows through them: :mod:`fragile.data`, :mod:`fra
 from fragile.curvature import Spectrum, hessian_matrix, hvp, top_eigenvalue
 from fragile.data import Dataset, load_iris, load_mnist_digits, synthetic_classification
 from fragile.errors import FragileError, InvalidArgumentError, SolverDivergedError
-from fragile.ground_truth import LOOResult, loo_retrain, loo_retrain_sequential
+from fragile.ground_truth import LOOResult, LOOTask, loo_retrain, loo_retrain_many, loo_retrain_sequential
 from fragile.influence import METHODS, InfluenceEstimator, InfluenceResult, make_estimator
 from fragile.metrics import Selection, aggregate_over_seeds, bootstrap_ci, correlation, correlations, spearman_over
 from fragile.models import MLP, KohLiangCNN, build_model, count_parameters
@@ -19,9 +19,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceReport", "Dataset", "FragileError", "InfluenceEstimator", "InfluenceResult", "InvalidArgumentError",
-    "KohLiangCNN", "LOOResult", "METHODS", "MLP", "Objective", "Selection", "SolverDivergedError", "Spectrum",
+    "KohLiangCNN", "LOOResult", "LOOTask", "METHODS", "MLP", "Objective", "Selection", "SolverDivergedError", "Spectrum",
     "TrainResult", "TrainSpec", "aggregate_over_seeds", "bootstrap_ci", "build_model", "convergence_report",
     "correlation", "correlations", "count_parameters", "fit", "hessian_matrix", "hvp", "load_iris", "loo_retrain",
-    "load_mnist_digits", "loo_retrain_sequential", "make_estimator", "spearman_over", "synthetic_classification", "top_eigenvalue",
+    "load_mnist_digits", "loo_retrain_many", "loo_retrain_sequential", "make_estimator", "spearman_over", "synthetic_classification", "top_eigenvalue",
     "__version__",
 ]

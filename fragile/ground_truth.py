@@ -78,6 +78,24 @@ def _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size) -> t
     return check_indices("remove", remove, x.shape[0])
 
 
+@dataclass(frozen=True)
+class LOOTask:
+    """One trained model's leave-one-out job, for :func:`loo_retrain_many`.
+
+    Attributes:
+        theta_star: the trained parameters to warm-start from, (p,).
+        remove: indices whose removal is simulated, one model each.
+        x_test, y_test: points whose loss change is measured.
+        weight_decay: this model's L2 coefficient (None: the objective's).
+    """
+
+    theta_star: torch.Tensor
+    remove: Sequence[int] | torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    weight_decay: float | None = None
+
+
 def loo_retrain(
     objective: Objective,
     theta_star: torch.Tensor,
@@ -109,25 +127,67 @@ def loo_retrain(
         chunk_size: models trained together.
         keep_params: also return the retrained parameters (K·p memory).
     """
-    idxs = _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size)
-    n, k = x.shape[0], idxs.numel()
-    # Row 0 of the first chunk is the control: it has nothing removed.
-    all_rows = torch.cat([torch.tensor([-1]), idxs])
-    params_out = torch.empty(k + 1, objective.num_params, dtype=theta_star.dtype)
-    grad_norms = torch.empty(k + 1, dtype=theta_star.dtype)
-    chunks = list(range(0, k + 1, chunk_size))
-    for c, start in enumerate(tqdm(chunks, desc="leave-one-out", disable=not progress or len(chunks) == 1)):
-        rows = all_rows[start : start + chunk_size]
-        weights = torch.ones(rows.numel(), n, dtype=theta_star.dtype)
+    task = LOOTask(theta_star, remove, x_test, y_test)
+    return loo_retrain_many(objective, [task], x, y, spec, chunk_size=chunk_size, keep_params=keep_params, progress=progress)[0]
+
+
+def loo_retrain_many(
+    objective: Objective,
+    tasks: Sequence[LOOTask],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    chunk_size: int = 64,
+    keep_params: bool = False,
+    progress: bool = True,
+) -> list[LOOResult]:
+    """:func:`loo_retrain` for several trained models (seeds, weight decays) in the same stacks.
+
+    All controls and leave-one-out models of all tasks are trained together, ``chunk_size`` at a time,
+    so many small jobs cost about as much as one large one. Every task is checked before any training.
+    """
+    if not tasks:
+        raise InvalidArgumentError("tasks is empty; give at least one LOOTask")
+    n = x.shape[0]
+    idxs = [_check(objective, t.theta_star, x, y, t.remove, t.x_test, t.y_test, chunk_size) for t in tasks]
+    for t in tasks:
+        if t.weight_decay is not None and not t.weight_decay >= 0:
+            raise InvalidArgumentError(f"LOOTask.weight_decay={t.weight_decay!r} is not allowed; it must be >= 0")
+    dtype = tasks[0].theta_star.dtype
+    starts, removed_rows, wds = [], [], []
+    for t, ix in zip(tasks, idxs):
+        rows = torch.cat([torch.tensor([-1]), ix])  # -1: the control, nothing removed
+        starts.append(t.theta_star.detach().expand(rows.numel(), -1))
+        removed_rows.append(rows)
+        wd = objective.weight_decay if t.weight_decay is None else t.weight_decay
+        wds.append(torch.full((rows.numel(),), float(wd), dtype=dtype))
+    start_all, rows_all, wd_all = torch.cat(starts), torch.cat(removed_rows), torch.cat(wds)
+    total = rows_all.numel()
+    params_out = torch.empty(total, objective.num_params, dtype=dtype)
+    grad_norms = torch.empty(total, dtype=dtype)
+    chunks = list(range(0, total, chunk_size))
+    for start in tqdm(chunks, desc="leave-one-out", disable=not progress or len(chunks) == 1):
+        sl = slice(start, min(start + chunk_size, total))
+        rows = rows_all[sl]
+        weights = torch.ones(rows.numel(), n, dtype=dtype)
         hit = rows >= 0
         weights[torch.nonzero(hit).flatten(), rows[hit]] = 0.0
         res = fit(
-            objective, theta_star.expand(rows.numel(), -1), x, y, spec,
-            weights=weights, progress=progress and len(chunks) == 1, desc="leave-one-out",
+            objective, start_all[sl], x, y, spec, weights=weights, weight_decay=wd_all[sl],
+            progress=progress and len(chunks) == 1, desc="leave-one-out",
         )
-        params_out[start : start + rows.numel()] = res.params
-        grad_norms[start : start + rows.numel()] = res.grad_norm
-    return _summarise(objective, theta_star, idxs, params_out, float(grad_norms[0]), x_test, y_test, keep_params)
+        params_out[sl] = res.params
+        grad_norms[sl] = res.grad_norm
+    results, offset = [], 0
+    for t, ix in zip(tasks, idxs):
+        size = ix.numel() + 1
+        results.append(
+            _summarise(objective, t.theta_star, ix, params_out[offset : offset + size], float(grad_norms[offset]),
+                       t.x_test, t.y_test, keep_params)
+        )
+        offset += size
+    return results
 
 
 def loo_retrain_sequential(

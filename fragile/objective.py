@@ -70,9 +70,10 @@ class Objective:
         """Per-example cross-entropy ``ℓ(z_i, θ)``, shape (n,); no regulariser."""
         return F.cross_entropy(self.logits(theta, x), y, reduction="none")
 
-    def regulariser(self, theta: torch.Tensor) -> torch.Tensor:
-        """``(weight_decay/2)·‖θ‖²`` (per row for a stack)."""
-        return 0.5 * self.weight_decay * (theta * theta).sum(-1)
+    def regulariser(self, theta: torch.Tensor, weight_decay: torch.Tensor | None = None) -> torch.Tensor:
+        """``(weight_decay/2)·‖θ‖²`` (per row for a stack; ``weight_decay`` (K,) overrides per row)."""
+        wd = self.weight_decay if weight_decay is None else weight_decay
+        return 0.5 * wd * (theta * theta).sum(-1)
 
     def train_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The objective at one parameter vector; ``weights`` (n,) select or weight examples."""
@@ -80,18 +81,24 @@ class Objective:
         return _weighted_mean(losses, weights) + self.regulariser(theta)
 
     def stacked_train_losses(
-        self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+        self,
+        thetas: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        weight_decay: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The objective of K independent models at once, shape (K,).
 
-        ``thetas`` is (K, p); ``weights`` is (n,) shared or (K, n) per model. The forward pass is
+        ``thetas`` is (K, p); ``weights`` is (n,) shared or (K, n) per model; ``weight_decay`` (K,)
+        gives each model its own L2 coefficient (default: the objective's). The forward pass is
         vmapped over the stack; the sum of the result has the K models' gradients as its gradient,
         which is how :func:`stacked_grads` gets them from one backward pass.
         """
         k = thetas.shape[0]
         z = vmap(self.logits, in_dims=(0, None))(thetas, x)  # (K, n, C)
         losses = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.repeat(k), reduction="none").view(k, -1)
-        return _weighted_mean(losses, weights) + self.regulariser(thetas)
+        return _weighted_mean(losses, weights) + self.regulariser(thetas, weight_decay)
 
     # -- derivatives ------------------------------------------------------------------------------
     def grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,12 +106,17 @@ class Objective:
         return grad(self.train_loss)(theta, x, y, weights)
 
     def stacked_grads(
-        self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+        self,
+        thetas: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        weight_decay: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients and values of K models' objectives: ((K, p), (K,)). One forward and one backward."""
         thetas = thetas.detach().requires_grad_(True)
         with torch.enable_grad():
-            values = self.stacked_train_losses(thetas, x, y, weights)
+            values = self.stacked_train_losses(thetas, x, y, weights, weight_decay)
             (g,) = torch.autograd.grad(values.sum(), thetas)
         return g, values.detach()
 
@@ -118,6 +130,10 @@ class Objective:
             return F.cross_entropy(self.logits(t, xi.unsqueeze(0)), yi.unsqueeze(0))
 
         return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(theta, x, y)
+
+    def with_weight_decay(self, weight_decay: float) -> "Objective":
+        """The same model and loss with another L2 coefficient."""
+        return Objective(self.model, weight_decay)
 
     def point_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = 256) -> torch.Tensor:
         """Gradients of each training point's share ``∇L(z_i, θ) = ∇ℓ(z_i, θ) + weight_decay·θ``, (n, p).

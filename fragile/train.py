@@ -102,6 +102,7 @@ def fit(
     spec: TrainSpec,
     *,
     weights: torch.Tensor | None = None,
+    weight_decay: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> TrainResult:
@@ -114,6 +115,8 @@ def fit(
         spec: optimiser settings.
         weights: per-example weights, (n,) shared or (K, n) per model; 0 removes an example from a
             model's objective (how leave-one-out retraining is batched). None means all ones.
+        weight_decay: (K,) per-model L2 coefficients overriding ``objective.weight_decay`` (so that
+            runs with and without weight decay share one stack).
         progress: show a tqdm bar (also off when ``TQDM_DISABLE=1``).
 
     Returns:
@@ -130,6 +133,9 @@ def fit(
     check_weights("weights", weights, n, k)
     if weights is not None and weights.ndim == 1:
         weights = weights.unsqueeze(0).expand(k, n)
+    if weight_decay is not None:
+        if not isinstance(weight_decay, torch.Tensor) or tuple(weight_decay.shape) != (k,) or bool((weight_decay < 0).any()):
+            raise InvalidArgumentError(f"weight_decay must be a tensor of {k} values >= 0 (one per model)")
 
     theta = params.detach().clone()
     losses = torch.empty(spec.steps, k, dtype=theta.dtype)
@@ -140,9 +146,9 @@ def fit(
     for step in tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False):
         idx = next(stream)
         if idx is None:
-            g, val = objective.stacked_grads(theta, x, y, weights)
+            g, val = objective.stacked_grads(theta, x, y, weights, weight_decay)
         else:
-            g, val = objective.stacked_grads(theta, x[idx], y[idx], None if weights is None else weights[:, idx])
+            g, val = objective.stacked_grads(theta, x[idx], y[idx], None if weights is None else weights[:, idx], weight_decay)
         losses[step] = val
         if spec.optimizer == "adam":
             m.mul_(b1).add_(g, alpha=1 - b1)
@@ -160,7 +166,7 @@ def fit(
             raise InvalidArgumentError(
                 f"training diverged at step {step} (non-finite loss for models {bad[:5]}); lower lr={spec.lr}"
             )
-    g_final, _ = objective.stacked_grads(theta, x, y, weights)
+    g_final, _ = objective.stacked_grads(theta, x, y, weights, weight_decay)
     return TrainResult(theta, losses, g_final.norm(dim=1))
 
 

@@ -72,3 +72,23 @@ def test_mismatched_shapes_fail_before_work(mlp_problem):
         loo_retrain(objective, theta[:-1], data.x, data.y, [0], TrainSpec(steps=10**9), data.x[:1], data.y[:1], progress=False)
     with pytest.raises(InvalidArgumentError, match="y has shape"):
         loo_retrain(objective, theta, data.x, data.y[:-1], [0], TrainSpec(steps=10**9), data.x[:1], data.y[:1], progress=False)
+
+
+def test_many_tasks_in_one_stack_equal_separate_runs(mlp_problem):
+    """Two trained models with different weight decays share one stack and still match their own runs."""
+    from fragile import LOOTask, loo_retrain_many
+
+    objective, theta, data = mlp_problem
+    spec = TrainSpec("gd", lr=0.3, steps=80)
+    other = theta + 0.05
+    tasks = [
+        LOOTask(theta, [1, 2], data.x[:2], data.y[:2]),
+        LOOTask(other, [3, 4, 5], data.x[2:4], data.y[2:4], weight_decay=0.0),
+    ]
+    many = loo_retrain_many(objective, tasks, data.x, data.y, spec, chunk_size=4, progress=False)
+    one = loo_retrain(objective, theta, data.x, data.y, [1, 2], spec, data.x[:2], data.y[:2], progress=False)
+    two = loo_retrain_sequential(objective.with_weight_decay(0.0), other, data.x, data.y, [3, 4, 5], spec, data.x[2:4], data.y[2:4], progress=False)
+    assert torch.allclose(many[0].test_loss_removed, one.test_loss_removed, rtol=1e-10)
+    assert torch.allclose(many[1].test_loss_removed, two.test_loss_removed, rtol=1e-10)
+    assert torch.allclose(many[1].test_loss_control, two.test_loss_control, rtol=1e-10)
+    assert many[1].control_grad_norm == pytest.approx(two.control_grad_norm, rel=1e-8)

@@ -1,0 +1,94 @@
+"""On-disk cache of expensive results (trained models, Hessians, retraining results), keyed by config.
+
+Each entry lives in ``<root>/<name>/<hash of config>/`` with ``config.json`` and ``payload.pt``. An
+entry is published by renaming a finished temporary folder, so an interrupted run leaves no partial
+entry and the next run recomputes only what did not finish. On load the saved config is compared with
+the requested one, and a mismatch is refused (:class:`CacheMismatchError`), never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fragile.atomic import _clean
+from fragile.errors import FragileError
+
+log = logging.getLogger(__name__)
+
+
+class CacheMismatchError(FragileError):
+    """A cache entry's saved config differs from the config it was looked up with."""
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stable 16-hex-digit digest of a JSON-serialisable config."""
+    text = json.dumps(_clean(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class ResultCache:
+    """A directory of results keyed by ``(name, config)``.
+
+    Args:
+        root: cache directory (created on first write).
+        enabled: when False, nothing is read or written and every call computes.
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True):
+        self.root = Path(root)
+        self.enabled = enabled
+
+    def path(self, name: str, config: dict[str, Any]) -> Path:
+        return self.root / name / config_key(config)
+
+    def load(self, name: str, config: dict[str, Any]) -> Any | None:
+        """The cached payload, or None when absent. Raises :class:`CacheMismatchError` on a mismatch."""
+        if not self.enabled:
+            return None
+        entry = self.path(name, config)
+        if not (entry / "payload.pt").is_file():
+            return None
+        saved = json.loads((entry / "config.json").read_text())
+        if saved != json.loads(json.dumps(_clean(config), sort_keys=True)):
+            raise CacheMismatchError(
+                f"cache entry {entry} was saved with a different config; delete it or run with use_cache=False"
+            )
+        log.info("cache hit: %s", entry)
+        return torch.load(entry / "payload.pt", weights_only=False)
+
+    def save(self, name: str, config: dict[str, Any], payload: Any) -> None:
+        """Publish ``payload`` atomically (write a temporary folder, then rename it into place)."""
+        if not self.enabled:
+            return
+        entry = self.path(name, config)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+        try:
+            (tmp / "config.json").write_text(json.dumps(_clean(config), sort_keys=True, indent=2))
+            torch.save(payload, tmp / "payload.pt")
+            if entry.exists():  # a concurrent writer got there first; both computed the same thing
+                shutil.rmtree(tmp)
+                return
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def get_or_compute(self, name: str, config: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """Load ``(name, config)`` or compute, save and return it."""
+        hit = self.load(name, config)
+        if hit is not None:
+            return hit
+        payload = compute()
+        self.save(name, config, payload)
+        return payload

@@ -1,0 +1,327 @@
+"""The Iris section (paper-brief §3.1, the paper's Figure 1): exact influence vs leave-one-out retraining
+for small MLPs, across depth, width, weight decay and seeds.
+
+Protocol, per architecture and seed: train by full-batch gradient descent from the seed's
+initialisation (with and without weight decay, in one stack), take the held-out test point with the
+highest loss, compute exact influence (materialised Hessian) on every training point, select the top
+``selection_fraction`` by |predicted influence|, retrain each of them warm-started from θ* for
+``retrain_steps`` steps with the drift control, and correlate predicted with actual loss changes.
+Every architecture's results are cached as one unit, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fragile.cache import ResultCache
+from fragile.config import to_dict
+from fragile.data import Dataset, load_iris
+from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.ground_truth import LOOTask, loo_retrain_many
+from fragile.influence import NEGATIVE_POLICIES, make_estimator
+from fragile.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation, select_top_k
+from fragile.models import ACTIVATIONS, build_model
+from fragile.objective import Objective
+from fragile.train import TrainSpec, fit
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("smoke", "default", "paper")
+DEVICES = ("cpu",)
+MAX_DEPTH = 12
+MAX_WIDTH = 200
+# Part of every cache key: bump when a change to this module alters the numbers it produces.
+CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IrisConfig:
+    """Every value the Iris section depends on. Values the paper does not state are marked so.
+
+    Attributes:
+        seed: first model seed; seeds are ``seed … seed + n_seeds − 1``.
+        profile: the parameter profile this run belongs to (``smoke``/``default``/``paper``).
+        device: where to compute (CPU only for this section: the models are tiny).
+        use_cache: reuse finished architectures from ``cache_dir``.
+        results_dir: where ``summary.json`` goes.
+        cache_dir: the result cache.
+        n_seeds: seeds per configuration (the paper reports single runs).
+        depths: hidden-layer counts of the depth sweep, at width ``headline_width``.
+        widths: widths of the width sweep, at depth 1.
+        headline_width: width of the headline network and of the depth sweep (paper: 5).
+        activation: hidden activation (paper: ReLU).
+        weight_decay: L2 coefficient of the "with weight decay" runs (paper: not stated for Iris).
+        damping_with_wd: damping λ with weight decay (paper: none).
+        damping_without_wd: damping λ without weight decay (paper: 0.001).
+        negative_eigenvalues: policy for negative Hessian eigenvalues (paper: damping only, i.e. keep).
+        lr: gradient-descent learning rate (paper: not stated).
+        train_steps: full-batch GD steps to θ* (paper: 60,000).
+        retrain_steps: warm-started leave-one-out steps (paper: 7,500).
+        test_fraction: share of Iris held out as test points (paper: split not stated).
+        split_seed: seed of the stratified train/test split.
+        selection_fraction: share of training points evaluated (paper: 16.6 %).
+        selection_by: ranking for the selection: ``abs`` = |predicted influence| (paper: unconfirmed).
+        chunk_size: models per retraining stack.
+    """
+
+    seed: int = 0
+    profile: str = "default"
+    device: str = "cpu"
+    use_cache: bool = True
+    results_dir: str = "results"
+    cache_dir: str = ".cache"
+    n_seeds: int = 10
+    depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    widths: tuple[int, ...] = (8, 14, 20, 30, 40, 50)
+    headline_width: int = 5
+    activation: str = "relu"
+    weight_decay: float = 0.001
+    damping_with_wd: float = 0.0
+    damping_without_wd: float = 0.001
+    negative_eigenvalues: str = "keep"
+    lr: float = 0.05
+    train_steps: int = 60000
+    retrain_steps: int = 7500
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    selection_fraction: float = 0.166
+    selection_by: str = "abs"
+    chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        check_int("seed", self.seed, minimum=0)
+        check_choice("profile", self.profile, PROFILES)
+        check_choice("device", self.device, DEVICES)
+        check_int("n_seeds", self.n_seeds, minimum=1)
+        if not self.depths:
+            raise InvalidArgumentError("depths is empty; give at least one depth")
+        for d in self.depths:
+            check_int("depths", d, minimum=1, maximum=MAX_DEPTH)
+        if not self.widths:
+            raise InvalidArgumentError("widths is empty; give at least one width")
+        for w in self.widths:
+            check_int("widths", w, minimum=1, maximum=MAX_WIDTH)
+        check_int("headline_width", self.headline_width, minimum=1, maximum=MAX_WIDTH)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_positive("weight_decay", self.weight_decay)
+        check_positive("damping_with_wd", self.damping_with_wd, allow_zero=True)
+        check_positive("damping_without_wd", self.damping_without_wd, allow_zero=True)
+        check_choice("negative_eigenvalues", self.negative_eigenvalues, NEGATIVE_POLICIES)
+        check_positive("lr", self.lr)
+        check_int("train_steps", self.train_steps, minimum=1)
+        check_int("retrain_steps", self.retrain_steps, minimum=1)
+        if not 0.0 < self.test_fraction < 0.5:
+            raise InvalidArgumentError(f"test_fraction={self.test_fraction!r} is not allowed; it must be in (0, 0.5)")
+        check_int("split_seed", self.split_seed, minimum=0)
+        if not 0.0 < self.selection_fraction <= 1.0:
+            raise InvalidArgumentError(f"selection_fraction={self.selection_fraction!r} is not allowed; it must be in (0, 1]")
+        check_choice("selection_by", self.selection_by, SELECTION_SCORES)
+        check_int("chunk_size", self.chunk_size, minimum=1)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.n_seeds))
+
+
+def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:
+    """Stratified train/test split of the standardised Iris data (seeded by ``split_seed``)."""
+    data = load_iris()
+    gen = torch.Generator().manual_seed(cfg.split_seed)
+    test_idx = []
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.y == c).flatten()
+        members = members[torch.randperm(members.numel(), generator=gen)]
+        test_idx.append(members[: int(round(cfg.test_fraction * members.numel()))])
+    test = torch.sort(torch.cat(test_idx)).values
+    train = torch.tensor([i for i in range(len(data)) if i not in set(test.tolist())])
+    return (
+        Dataset(data.x[train], data.y[train], "iris-train", data.source),
+        Dataset(data.x[test], data.y[test], "iris-test", data.source),
+    )
+
+
+def _group_key(cfg: IrisConfig, depth: int, width: int) -> dict[str, Any]:
+    keep = ("seed", "n_seeds", "activation", "weight_decay", "damping_with_wd", "damping_without_wd",
+            "negative_eigenvalues", "lr", "train_steps", "retrain_steps", "test_fraction", "split_seed",
+            "selection_fraction", "selection_by")
+    d = to_dict(cfg)
+    return {"code_version": CODE_VERSION, "depth": depth, "width": width, **{k: d[k] for k in keep}}
+
+
+def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool = True) -> dict[str, Any]:
+    """All seeds, with and without weight decay, for one architecture. Returns plain arrays per run.
+
+    Cost: one stack of ``2·n_seeds`` models for ``train_steps`` steps, ``2·n_seeds`` exact Hessians
+    (p ≤ a few hundred), and one leave-one-out stack of ``2·n_seeds·(k+1)`` models for ``retrain_steps``.
+    """
+    train, test = split_iris(cfg)
+    n = len(train)
+    k = max(3, int(round(cfg.selection_fraction * n)))
+    wds = [cfg.weight_decay] * cfg.n_seeds + [0.0] * cfg.n_seeds
+    seeds = cfg.seeds * 2
+    models = [build_model("mlp", seed=s, in_features=4, num_classes=3, depth=depth, width=width, activation=cfg.activation) for s in seeds]
+    base = Objective(models[0], 0.0)
+    theta0 = torch.stack([Objective(m).initial_params() for m in models])
+    wd_t = torch.tensor(wds, dtype=theta0.dtype)
+    trained = fit(base, theta0, train.x, train.y, TrainSpec("gd", lr=cfg.lr, steps=cfg.train_steps),
+                  weight_decay=wd_t, progress=progress, desc=f"train d={depth} w={width}")
+
+    runs: list[dict[str, Any]] = []
+    tasks: list[LOOTask] = []
+    for r, (seed, wd) in enumerate(zip(seeds, wds)):
+        theta = trained.params[r]
+        objective = base.with_weight_decay(wd)
+        test_losses = objective.sample_losses(theta, test.x, test.y)
+        t = int(test_losses.argmax())
+        damping = cfg.damping_with_wd if wd > 0 else cfg.damping_without_wd
+        est = make_estimator("exact", objective, theta, train.x, train.y, damping=damping,
+                             negative=cfg.negative_eigenvalues, progress=False)
+        try:
+            res = est.influences(test.x[t : t + 1], test.y[t : t + 1])
+        except InvalidArgumentError as exc:  # singular H + λI: reported as a failed run, not hidden
+            log.warning("depth %d width %d seed %d wd %g: %s", depth, width, seed, wd, exc)
+            runs.append({"seed": seed, "weight_decay": wd, "failed": str(exc)})
+            continue
+        predicted = res.predicted[0]
+        chosen = select_top_k(predicted.numpy(), k, by=cfg.selection_by)
+        dtheta = est.predicted_param_changes(torch.as_tensor(chosen))
+        spec = est.spectrum
+        runs.append({
+            "seed": seed, "weight_decay": wd, "damping": damping, "test_index": t,
+            "test_loss": float(test_losses[t]), "train_loss": float(trained.losses[-1, r]),
+            "grad_norm": float(trained.grad_norm[r]), "lambda_max": spec.largest, "lambda_min": spec.smallest,
+            "num_negative": spec.num_negative, "lr_times_lambda_max": cfg.lr * spec.largest,
+            "predicted_all": predicted.numpy(), "chosen": chosen, "predicted": predicted.numpy()[chosen],
+            "predicted_param_change": dtheta.norm(dim=1).numpy(), "residual": float(res.residuals.max()),
+        })
+        tasks.append(LOOTask(theta, torch.as_tensor(chosen), test.x[t : t + 1], test.y[t : t + 1], weight_decay=wd))
+
+    loo = loo_retrain_many(base, tasks, train.x, train.y, TrainSpec("gd", lr=cfg.lr, steps=cfg.retrain_steps),
+                           chunk_size=cfg.chunk_size, progress=progress)
+    done = iter(loo)
+    for run in runs:
+        if "failed" in run:
+            continue
+        lr_ = next(done)
+        actual, vs_control = lr_.actual[:, 0].numpy(), lr_.actual_vs_control[:, 0].numpy()
+        run.update({
+            "actual": actual, "actual_vs_control": vs_control, "drift": float(lr_.drift[0]),
+            "actual_param_change": lr_.param_change.numpy(), "control_grad_norm": lr_.control_grad_norm,
+            "spearman": correlation(run["predicted"], actual, "spearman"),
+            "pearson": correlation(run["predicted"], actual, "pearson"),
+            "spearman_vs_control": correlation(run["predicted"], vs_control, "spearman"),
+            "pearson_vs_control": correlation(run["predicted"], vs_control, "pearson"),
+        })
+    return {"depth": depth, "width": width, "num_params": base.num_params, "k": k, "n_train": n, "runs": runs}
+
+
+def run_study(cfg: IrisConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Every architecture of the depth and width sweeps (the headline network is depth 1 at
+    ``headline_width``), each loaded from the cache when finished before."""
+    cache = ResultCache(cfg.cache_dir, enabled=cfg.use_cache)
+    archs = [(d, cfg.headline_width) for d in cfg.depths] + [(1, w) for w in cfg.widths if w != cfg.headline_width]
+    if (1, cfg.headline_width) not in archs:
+        archs.insert(0, (1, cfg.headline_width))
+    out = []
+    for depth, width in tqdm(archs, desc="architectures", disable=not progress):
+        out.append(cache.get_or_compute(f"iris/d{depth}-w{width}", _group_key(cfg, depth, width),
+                                        lambda: run_architecture(cfg, depth, width, progress=progress)))
+    return out
+
+
+def runs_table(groups: list[dict[str, Any]]):
+    """One row per (architecture, weight decay, seed) with the scalar results, as a pandas DataFrame."""
+    import pandas as pd
+
+    rows = []
+    for g in groups:
+        for r in g["runs"]:
+            row = {"depth": g["depth"], "width": g["width"], "num_params": g["num_params"]}
+            row.update({k: v for k, v in r.items() if not isinstance(v, np.ndarray)})
+            row["wd"] = "with weight decay" if r["weight_decay"] > 0 else "without weight decay"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_summary(values) -> dict[str, Any]:
+    """Mean, std and values over seeds (NaN-aware), as a plain dict for JSON and glue."""
+    return aggregate_over_seeds(list(values)).as_dict()
+
+
+def headline(groups: list[dict[str, Any]], width: int) -> dict[str, Any]:
+    """Spearman/Pearson of the depth-1 network at ``width`` with and without weight decay: the first seed's
+    value (the paper reports one run) and the spread over all seeds."""
+    g = next(g for g in groups if g["depth"] == 1 and g["width"] == width)
+    out = {}
+    for label, with_wd in (("with_wd", True), ("without_wd", False)):
+        runs = [r for r in g["runs"] if (r["weight_decay"] > 0) == with_wd and "failed" not in r]
+        out[label] = {
+            stat: {"first_seed": runs[0][stat] if runs else math.nan, **seed_summary(r[stat] for r in runs)}
+            for stat in ("spearman", "pearson", "spearman_vs_control")
+        }
+    return out
+
+
+# The paper's Iris numbers (paper-brief §3.1, from a third-party reading note [N], not yet checked
+# against the PDF). Only the headline network has numbers; the sweeps are qualitative claims.
+PAPER_HEADLINE = {"with_wd": 0.97, "without_wd": 0.508}
+
+
+def _verdict(ok: bool, partly: bool) -> str:
+    return "reproduced" if ok else ("partly reproduced" if partly else "not reproduced")
+
+
+def claims(groups: list[dict[str, Any]], headline_width: int) -> list[dict[str, Any]]:
+    """The paper's Iris claims, our number beside theirs, and a verdict by a stated rule.
+
+    Rules (stated in the chapter): a number is *reproduced* when our mean over seeds is within 0.1
+    of the paper's, *partly* within 0.25; a direction ("drops", "helps") is *reproduced* when the
+    difference of means exceeds 0.1 in the paper's direction, *partly* when it has the paper's sign.
+    """
+    table = runs_table(groups)
+    ok = table[table["spearman"].notna()] if "spearman" in table else table
+    head = headline(groups, headline_width)
+    out = []
+    for key, label in (("with_wd", "with weight decay"), ("without_wd", "without weight decay")):
+        ours = head[key]["spearman"]["mean"]
+        diff = abs(ours - PAPER_HEADLINE[key]) if math.isfinite(ours) else math.inf
+        out.append({
+            "key": f"headline_{key}", "claim": f"Depth-1, width-{headline_width} network {label}: Spearman",
+            "paper": PAPER_HEADLINE[key], "ours": ours, "ours_std": head[key]["spearman"]["std"],
+            "verdict": _verdict(diff <= 0.1, diff <= 0.25),
+        })
+    gap = head["with_wd"]["spearman"]["mean"] - head["without_wd"]["spearman"]["mean"]
+    out.append({"key": "wd_helps", "claim": "Weight decay raises the headline Spearman", "paper": PAPER_HEADLINE["with_wd"] - PAPER_HEADLINE["without_wd"],
+                "ours": gap, "ours_std": math.nan, "verdict": _verdict(gap > 0.1, gap > 0)})
+    wd = ok[(ok["weight_decay"] > 0) & (ok["width"] == headline_width)]
+    shallow, deep = wd[wd["depth"] <= 5]["spearman"].mean(), wd[wd["depth"] > 5]["spearman"].mean()
+    drop = shallow - deep if len(wd[wd["depth"] > 5]) else math.nan
+    out.append({"key": "depth_drop", "claim": "Spearman drops once depth exceeds 5 (mean depth ≤ 5 minus mean depth > 5, with weight decay)",
+                "paper": math.nan, "ours": drop, "ours_std": math.nan,
+                "verdict": "not run" if not math.isfinite(drop) else _verdict(drop > 0.1, drop > 0)})
+    w1 = ok[(ok["weight_decay"] > 0) & (ok["depth"] == 1)]
+    widths = sorted(w1["width"].unique())
+    if len(widths) >= 2:
+        narrow, wide = w1[w1["width"] == widths[0]]["spearman"].mean(), w1[w1["width"] == widths[-1]]["spearman"].mean()
+        wdrop = narrow - wide
+    else:
+        wdrop = math.nan
+    out.append({"key": "width_drop", "claim": f"Spearman drops as width grows (width {widths[0] if widths else '?'} minus width {widths[-1] if widths else '?'}, depth 1, with weight decay)",
+                "paper": math.nan, "ours": wdrop, "ours_std": math.nan,
+                "verdict": "not run" if not math.isfinite(wdrop) else _verdict(wdrop > 0.1, wdrop > 0)})
+    per_arch = wd.groupby("depth")[["spearman", "lambda_max"]].mean() if len(wd) else None
+    if per_arch is not None and len(per_arch) >= 3:
+        rho = correlation(per_arch["lambda_max"].to_numpy(), per_arch["spearman"].to_numpy(), "spearman")
+    else:
+        rho = math.nan
+    out.append({"key": "curvature", "claim": "Larger top Hessian eigenvalue goes with worse estimates (Spearman over depths of mean λmax vs mean correlation)",
+                "paper": math.nan, "ours": rho, "ours_std": math.nan,
+                "verdict": "not run" if not math.isfinite(rho) else _verdict(rho < -0.5, rho < 0)})
+    return out

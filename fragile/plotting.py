@@ -1,0 +1,110 @@
+"""Figures for the book: one matplotlib figure per function, returned to the caller to save and show."""
+
+from __future__ import annotations
+
+import io
+import matplotlib.pyplot as plt
+import numpy as np
+
+WD_COLOURS = {"with weight decay": "#1b7837", "without weight decay": "#b2182b"}
+
+
+def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, *, title: str, ax=None):
+    """Scatter of predicted against actual loss changes with the y = x line and the Spearman/Pearson."""
+    from fragile.metrics import correlation
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.scatter(actual, predicted, s=18, alpha=0.8, color="#2166ac")
+    lo = float(min(np.min(actual), np.min(predicted)))
+    hi = float(max(np.max(actual), np.max(predicted)))
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="y = x")
+    rho = correlation(predicted, actual, "spearman") if len(actual) >= 3 else float("nan")
+    r = correlation(predicted, actual, "pearson") if len(actual) >= 3 else float("nan")
+    ax.set_title(f"{title}\nSpearman {rho:.2f} · Pearson {r:.2f}", fontsize=9)
+    ax.set_xlabel("actual Δ test loss (leave-one-out retraining)")
+    ax.set_ylabel("predicted Δ test loss (influence)")
+    ax.ticklabel_format(style="sci", scilimits=(-3, 3))
+    return fig or ax.figure
+
+
+def param_change_norms(predicted: np.ndarray, actual: np.ndarray, *, title: str, ax=None):
+    """The paper's Figure 1a–b: norm of the predicted vs the retrained parameter change, one dot per point."""
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.scatter(actual, predicted, s=14, alpha=0.6, color="#5e3c99")
+    hi = float(max(np.max(actual), np.max(predicted)))
+    ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("‖θ₋ᵢ − θ*‖ after retraining")
+    ax.set_ylabel("‖predicted parameter change‖")
+    ax.set_title(title, fontsize=9)
+    return fig or ax.figure
+
+
+def sweep(table, *, x: str, y: str, ylabel: str, title: str, logy: bool = False, reference: dict[str, float] | None = None):
+    """Mean ± standard deviation over seeds of ``y`` against ``x``, one line per weight-decay setting,
+    with every seed as a faint dot; ``reference`` draws the paper's values as stars."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for label, colour in WD_COLOURS.items():
+        sub = table[table["wd"] == label]
+        if sub.empty:
+            continue
+        jitter = 0.08 if label.startswith("with ") else -0.08
+        xs = sub[x].to_numpy(dtype=float)
+        ax.scatter(xs * (1 + jitter / 10) if x == "width" else xs + jitter, sub[y], s=8, alpha=0.25, color=colour)
+        stats = sub.groupby(x)[y].agg(["mean", "std"]).reset_index()
+        ax.errorbar(stats[x], stats["mean"], yerr=stats["std"], color=colour, marker="o", capsize=3, label=label)
+    if reference:
+        for label, value in reference.items():
+            ax.scatter([table[x].min()], [value], marker="*", s=120, color=WD_COLOURS.get(label, "black"),
+                       edgecolor="black", zorder=5, label=f"paper, {label}")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def correlation_vs_diagnostic(table, *, diagnostic: str, xlabel: str, title: str):
+    """Spearman of every run against a convergence diagnostic (log scale), coloured by weight decay."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for label, colour in WD_COLOURS.items():
+        sub = table[(table["wd"] == label) & (table[diagnostic] > 0)]
+        ax.scatter(sub[diagnostic], sub["spearman"], s=14, alpha=0.6, color=colour, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Spearman (predicted vs actual)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def to_png(fig, dpi: int = 110) -> bytes:
+    """A figure as PNG bytes (for kernel-free widget panels); closes the figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save(fig, path, dpi: int = 130) -> None:
+    """Save a figure for the book's figure files."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+
+
+def show(fig, path) -> None:
+    """Save ``fig`` to ``path``, display it once in the notebook, and close it (no duplicate output)."""
+    from IPython.display import display
+
+    save(fig, path)
+    display(fig)
+    plt.close(fig)

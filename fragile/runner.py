@@ -1,0 +1,233 @@
+"""Run the section notebooks with papermill under a parameter profile, and check the book is current.
+
+A section is a template ``notebooks/NN_<name>.ipynb`` with one ``parameters`` cell. A profile
+``book/params/<profile>.yml`` maps section names to parameter values. Book runs write
+``book/sections/NN_<name>.ipynb``; ad-hoc runs write under ``runs/`` and never touch the book. Output is
+written to a temporary file and moved into place only when the whole notebook succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fragile.atomic import atomic_write_bytes
+from fragile.config import load_yaml
+from fragile.errors import FragileError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("smoke", "default", "paper")
+COMMON_PARAMETERS = ("seed", "profile", "device", "use_cache", "results_dir")
+
+
+class SectionFailedError(FragileError):
+    """A section notebook raised while executing; nothing was written to the output path."""
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The checkout holding ``notebooks/`` and ``book/params/``, searched upwards from ``start`` (cwd)."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in [here, *here.parents]:
+        if (d / "notebooks").is_dir() and (d / "book" / "params").is_dir():
+            return d
+    raise FragileError(f"no fragile project (notebooks/ and book/params/) found at or above {here}")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section template and the parameters its ``parameters`` cell declares."""
+
+    name: str
+    path: Path
+    parameters: dict[str, dict[str, Any]]
+
+    @property
+    def short(self) -> str:
+        return re.sub(r"^\d+_", "", self.name)
+
+
+def sections(root: Path | None = None) -> list[Section]:
+    """Every section template, in file-name order, with its declared parameters."""
+    import papermill as pm
+
+    root = root or project_root()
+    out = []
+    for path in sorted((root / "notebooks").glob("*.ipynb")):
+        out.append(Section(path.stem, path, dict(pm.inspect_notebook(str(path)))))
+    return out
+
+
+def find_section(name: str, root: Path | None = None) -> Section:
+    """A section by full (``01_iris``) or short (``iris``) name."""
+    all_sections = sections(root)
+    for s in all_sections:
+        if name in (s.name, s.short):
+            return s
+    raise InvalidArgumentError(f"section={name!r} is not allowed; choose one of {[s.short for s in all_sections]}")
+
+
+def load_profile(profile: str, root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """``book/params/<profile>.yml``: section name → parameter values (duplicate keys rejected)."""
+    if profile not in PROFILES:
+        raise InvalidArgumentError(f"profile={profile!r} is not allowed; choose one of {list(PROFILES)}")
+    root = root or project_root()
+    data = load_yaml(root / "book" / "params" / f"{profile}.yml") or {}
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"book/params/{profile}.yml must map section names to parameters")
+    names = {s.name for s in sections(root)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidArgumentError(f"book/params/{profile}.yml names unknown section(s) {unknown}; sections: {sorted(names)}")
+    return {k: dict(v or {}) for k, v in data.items()}
+
+
+def resolve_parameters(section: Section, profile: str, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
+    """The parameters a run gets: profile values, then overrides, then ``profile`` itself.
+
+    Names the notebook does not declare are refused here, before anything executes; types and ranges
+    are checked by the notebook's own strict config cell on its first lines.
+    """
+    params = dict(load_profile(profile, root).get(section.name, {}))
+    params.update(overrides or {})
+    params["profile"] = profile
+    unknown = sorted(set(params) - set(section.parameters))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown parameter(s) {unknown} for section {section.short!r}; declared: {sorted(section.parameters)}"
+        )
+    return params
+
+
+def template_digest(path: Path) -> str:
+    """Digest of a template's cell sources and tags (outputs and execution counts ignored)."""
+    nb = json.loads(Path(path).read_text())
+    cells = [(c["cell_type"], "".join(c["source"]), sorted(c.get("metadata", {}).get("tags", []))) for c in nb["cells"]]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_section(
+    name: str,
+    profile: str = "default",
+    overrides: dict[str, Any] | None = None,
+    *,
+    output: str | Path | None = None,
+    root: Path | None = None,
+    progress: bool = False,
+) -> Path:
+    """Execute one section with papermill; returns the executed notebook's path.
+
+    Args:
+        name: section name (``iris`` or ``01_iris``).
+        profile: parameter profile.
+        overrides: parameter values replacing the profile's.
+        output: where the executed notebook goes; default ``runs/<section>-<profile>-<time>.ipynb``
+            (ad-hoc runs never write into the book).
+        root: the project checkout (default: found from the working directory).
+        progress: show papermill's cell progress bar.
+
+    Raises:
+        InvalidArgumentError: unknown section, profile or parameter name (before executing anything).
+        SectionFailedError: the notebook raised; its message is the notebook's error line.
+    """
+    import nbformat
+    import papermill as pm
+
+    root = root or project_root()
+    section = find_section(name, root)
+    params = resolve_parameters(section, profile, overrides, root)
+    if output is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = root / "runs" / f"{section.name}-{profile}-{stamp}.ipynb"
+        params.setdefault("results_dir", "runs/results")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".ipynb", dir=output.parent)
+    os.close(fd)
+    env_before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        pm.execute_notebook(
+            str(section.path), tmp, parameters=params, cwd=str(root), kernel_name="python3",
+            progress_bar=progress, log_output=False, request_save_on_cell_execute=False,
+        )
+        nb = nbformat.read(tmp, as_version=4)
+        nb.metadata["fragile"] = {
+            "section": section.name, "profile": profile, "parameters": params,
+            "template_digest": template_digest(section.path), "params_digest": params_digest(params),
+        }
+        atomic_write_bytes(output, nbformat.writes(nb).encode())
+    except pm.PapermillExecutionError as exc:
+        raise SectionFailedError(f"section {section.short!r} failed: {exc.ename}: {exc.evalue}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        if env_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = env_before
+    return output
+
+
+def book_section_path(section: Section, root: Path) -> Path:
+    return root / "book" / "sections" / f"{section.name}.ipynb"
+
+
+def run_book_sections(profile: str = "default", root: Path | None = None, only: list[str] | None = None) -> list[Path]:
+    """Execute every section (or ``only`` these) into ``book/sections/`` with the profile's parameters."""
+    root = root or project_root()
+    out = []
+    for section in sections(root):
+        if only and section.name not in only and section.short not in only:
+            continue
+        log.info("running section %s (profile %s)", section.name, profile)
+        out.append(run_section(section.name, profile, output=book_section_path(section, root), root=root))
+    return out
+
+
+def build_html(root: Path | None = None, *, strict: bool = True) -> Path:
+    """``jupyter-book build book`` (warnings as errors with ``strict``); returns the HTML folder."""
+    root = root or project_root()
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(root / "book")]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    subprocess.run(cmd, check=True, cwd=root)
+    return root / "book" / "_build" / "html"
+
+
+def stale_sections(root: Path | None = None) -> list[str]:
+    """Problems that make the committed book out of date with its templates and parameter profiles.
+
+    An executed chapter is stale when it is missing, when its template changed since it was executed,
+    or when the profile it was executed with now gives different parameters.
+    """
+    root = root or project_root()
+    problems = []
+    for section in sections(root):
+        path = book_section_path(section, root)
+        if not path.is_file():
+            problems.append(f"{section.name}: not executed (no {path.relative_to(root)})")
+            continue
+        meta = json.loads(path.read_text()).get("metadata", {}).get("fragile")
+        if not meta:
+            problems.append(f"{section.name}: executed chapter has no fragile metadata (not run by the runner)")
+            continue
+        if meta.get("template_digest") != template_digest(section.path):
+            problems.append(f"{section.name}: template changed since the chapter was executed")
+        expected = resolve_parameters(section, meta.get("profile", "default"), None, root)
+        if params_digest(expected) != meta.get("params_digest"):
+            problems.append(f"{section.name}: book/params/{meta.get('profile')}.yml changed since the chapter was executed")
+    return problems
