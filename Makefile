@@ -1,10 +1,13 @@
 # One venv, made with pip (the torch wheels lie on this machine's disk; see ../shared/design.md §2).
-PYTHON ?= python3.11
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+PYTHON  ?= python3.11
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+VENDOR  := book/_vendor
+NPMDIR  := .cache/npm
+PROFILE ?= default
 
-.PHONY: venv test bench book clean
+.PHONY: venv vendor browser test test-unit bench book book-html clean
 
 venv: $(STAMP)
 
@@ -15,15 +18,40 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-test: venv
+# MathJax 3, require.js and the Jupyter widgets HTML manager, fetched from the npm registry at build time and
+# served from the book's own static folder, so the HTML works offline and requests nothing from other hosts.
+vendor: $(VENDOR)/.done
+
+$(VENDOR)/.done:
+	rm -rf $(NPMDIR) $(VENDOR) && mkdir -p $(NPMDIR) $(VENDOR)/html-manager $(VENDOR)/mathjax
+	cd $(NPMDIR) && npm pack --silent mathjax@3.2.2 requirejs@2.3.8 @jupyter-widgets/html-manager@1.0.15 >/dev/null
+	cd $(NPMDIR) && for f in *.tgz; do mkdir -p "$${f%.tgz}" && tar xzf "$$f" -C "$${f%.tgz}"; done
+	cp $(NPMDIR)/requirejs-2.3.8/package/require.js $(VENDOR)/require.min.js
+	cp $(NPMDIR)/jupyter-widgets-html-manager-1.0.15/package/dist/*.js $(VENDOR)/html-manager/
+	cp -r $(NPMDIR)/mathjax-3.2.2/package/es5/. $(VENDOR)/mathjax/
+	touch $@
+
+# Chromium for the browser tests (Debian's package: `playwright install` cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: venv vendor browser
 	TQDM_DISABLE=1 $(PY) -m pytest -q
+
+test-unit: venv
+	TQDM_DISABLE=1 $(PY) -m pytest -q tests --ignore=tests/book
 
 bench: venv
 	$(PY) benchmarks/loo_batched.py
 
-book:
-	@echo "make book: not yet: the book pipeline arrives with issue 3 (parameterized notebooks -> papermill -> Jupyter Book)." >&2
-	@exit 2
+# Execute every chapter with $(PROFILE) into book/sections/, then build the HTML (warnings are errors).
+book: venv vendor
+	TQDM_DISABLE=1 $(VENV)/bin/fragile book --profile $(PROFILE)
+	@echo "open book/_build/html/index.html"
+
+# Only the HTML, from the committed executed chapters.
+book-html: venv vendor
+	$(VENV)/bin/fragile book --no-run
 
 clean:
-	rm -rf $(VENV) .cache book/_build .pytest_cache
+	rm -rf $(VENV) .cache book/_build $(VENDOR) .pytest_cache

@@ -86,7 +86,7 @@ class IrisConfig:
     damping_with_wd: float = 0.0
     damping_without_wd: float = 0.001
     negative_eigenvalues: str = "keep"
-    lr: float = 0.05
+    lr: float = 0.3
     train_steps: int = 60000
     retrain_steps: int = 7500
     test_fraction: float = 0.2

@@ -201,10 +201,11 @@ def run_book_sections(profile: str = "default", root: Path | None = None, only: 
 def build_html(root: Path | None = None, *, strict: bool = True) -> Path:
     """``jupyter-book build book`` (warnings as errors with ``strict``); returns the HTML folder."""
     root = root or project_root()
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(root / "book")]
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(root / "book")]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
-    subprocess.run(cmd, check=True, cwd=root)
+    if subprocess.run(cmd, cwd=root).returncode != 0:
+        raise FragileError("jupyter-book build failed (warnings are errors); see its output above")
     return root / "book" / "_build" / "html"
 
 

@@ -1,0 +1,66 @@
+"""The built book in a real browser: pages render, images load, math is typeset, the widget works, and no
+request leaves localhost."""
+
+from urllib.parse import urlparse
+
+import pytest
+
+
+def _open(browser, url):
+    page = browser.new_page()
+    foreign = []
+    page.on("request", lambda r: foreign.append(r.url) if urlparse(r.url).hostname not in ("127.0.0.1", None) and not r.url.startswith("data:") else None)
+    page.goto(url, wait_until="networkidle")
+    return page, foreign
+
+
+def _images_loaded(page):
+    return page.evaluate("""() => Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])""")
+
+
+@pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "rerun.html", "provenance.html"])
+def test_page_renders_offline_with_all_images(browser, server, path):
+    page, foreign = _open(browser, f"{server}/{path}")
+    assert page.locator("main h1").count() >= 1
+    broken = [src for src, ok in _images_loaded(page) if not ok]
+    assert not broken, f"images that did not load: {broken}"
+    assert not foreign, f"requests to other hosts: {foreign[:5]}"
+    page.close()
+
+
+def test_index_typesets_math_and_shows_glued_numbers(browser, server):
+    page, _ = _open(browser, f"{server}/index.html")
+    page.wait_for_selector("mjx-container", timeout=15000)
+    assert page.locator("mjx-container").count() >= 2
+    table = page.locator("table").first.inner_text()
+    assert "not yet run" in table
+    assert any(v in table for v in ("reproduced", "partly reproduced", "not reproduced"))
+    page.close()
+
+
+def test_iris_chapter_has_banner_figures_and_working_widget(browser, server):
+    page, foreign = _open(browser, f"{server}/sections/01_iris.html")
+    assert "How this page was computed" in page.inner_text("main")
+    assert len([1 for _, ok in _images_loaded(page) if ok]) >= 6
+    page.wait_for_selector(".widget-slider", timeout=20000)
+    visible = lambda: [img.get_attribute("src")[:80] for img in page.locator(".widget-image").all() if img.is_visible()]  # noqa: E731
+    before = visible()
+    assert len(before) == 1, "exactly one panel is visible"
+    slider = page.locator(".widget-slider input, .widget-slider .noUi-handle").first
+    slider.focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_timeout(300)
+    after_slider = visible()
+    assert len(after_slider) == 1 and after_slider != before, "moving the depth slider switches the panel"
+    page.locator(".widget-toggle-button").nth(1).click()
+    page.wait_for_timeout(300)
+    after_toggle = visible()
+    assert len(after_toggle) == 1 and after_toggle != after_slider, "the weight-decay buttons switch the panel"
+    assert not foreign, f"requests to other hosts: {foreign[:5]}"
+    page.close()
+
+
+def test_book_builds_with_warnings_as_errors(built_book):
+    html, log = built_book
+    assert (html / "index.html").is_file() and (html / "sections" / "01_iris.html").is_file()
+    assert "build succeeded" in log or "Finished generating HTML" in log

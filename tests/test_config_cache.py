@@ -1,0 +1,65 @@
+import os
+
+import pytest
+import torch
+
+from fragile.cache import CacheMismatchError, ResultCache
+from fragile.config import from_dict, load_yaml
+from fragile.errors import InvalidArgumentError
+from fragile.iris import IrisConfig
+
+
+def test_from_dict_is_strict():
+    cfg = from_dict(IrisConfig, {"n_seeds": 3, "depths": [1, 2], "lr": 1})
+    assert cfg.depths == (1, 2) and cfg.lr == 1.0
+    with pytest.raises(InvalidArgumentError, match=r"unknown parameter\(s\) \['colour'\]"):
+        from_dict(IrisConfig, {"colour": 1})
+    with pytest.raises(InvalidArgumentError, match="n_seeds=2.5 has the wrong type"):
+        from_dict(IrisConfig, {"n_seeds": 2.5})
+    with pytest.raises(InvalidArgumentError, match="use_cache=1 has the wrong type"):
+        from_dict(IrisConfig, {"use_cache": 1})
+    with pytest.raises(InvalidArgumentError, match="depths=13"):
+        from_dict(IrisConfig, {"depths": [1, 13]})
+    with pytest.raises(InvalidArgumentError, match="profile='huge'"):
+        from_dict(IrisConfig, {"profile": "huge"})
+
+
+def test_yaml_duplicate_keys_are_rejected(tmp_path):
+    p = tmp_path / "x.yml"
+    p.write_text("a: 1\nb: 2\na: 3\n")
+    with pytest.raises(InvalidArgumentError, match="duplicate key 'a'"):
+        load_yaml(p)
+
+
+def test_cache_round_trip_and_mismatch_refused(tmp_path):
+    cache = ResultCache(tmp_path)
+    calls = []
+    value = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.arange(3)})
+    again = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.zeros(3)})
+    assert calls == [1] and torch.equal(again["t"], value["t"])
+    # Tamper with the saved config: the entry must be refused, not reused.
+    entry = cache.path("x", {"a": 1})
+    (entry / "config.json").write_text('{"a": 2}')
+    with pytest.raises(CacheMismatchError, match="different config"):
+        cache.load("x", {"a": 1})
+
+
+def test_interrupted_save_leaves_no_entry(tmp_path, monkeypatch):
+    cache = ResultCache(tmp_path)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save("x", {"a": 1}, {"t": 1})
+    assert cache.load("x", {"a": 1}) is None
+    assert os.listdir(tmp_path / "x") == []
+
+
+def test_disabled_cache_always_computes(tmp_path):
+    cache = ResultCache(tmp_path, enabled=False)
+    calls = []
+    cache.get_or_compute("x", {}, lambda: calls.append(1))
+    cache.get_or_compute("x", {}, lambda: calls.append(1))
+    assert calls == [1, 1] and not (tmp_path / "x").exists()

@@ -1,0 +1,103 @@
+"""Every section notebook under the smoke profile through papermill, and the parameter contract."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fragile import runner
+from fragile.errors import InvalidArgumentError
+from fragile.iris import IrisConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = runner.sections(ROOT)
+
+
+def test_there_are_sections():
+    assert [s.name for s in SECTIONS][:1] == ["01_iris"]
+
+
+@pytest.mark.parametrize("section", SECTIONS, ids=lambda s: s.name)
+def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
+    out = runner.run_section(section.name, "smoke", {"results_dir": str(tmp_path / "results")}, output=tmp_path / "nb.ipynb", root=ROOT)
+    nb = json.loads(out.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert nb["metadata"]["fragile"]["profile"] == "smoke"
+    summary = json.loads((tmp_path / "results" / section.name / "smoke" / "summary.json").read_text())
+    assert summary["provenance"]["profile"] == "smoke"
+    smoke = runner.load_profile("smoke", ROOT)[section.name]
+    for key, value in smoke.items():
+        if key != "results_dir":
+            assert summary["provenance"]["parameters"][key] == value, key
+    if section.name == "01_iris":
+        head = summary["results"]["headline"]
+        for key in ("with_wd", "without_wd"):
+            s = head[key]["spearman"]
+            assert len(s["values"]) == smoke["n_seeds"]
+            assert all(v is None or -1.0 <= v <= 1.0 for v in s["values"])
+        verdicts = {c["verdict"] for c in summary["results"]["claims"]}
+        assert verdicts <= {"reproduced", "partly reproduced", "not reproduced", "not run"}
+
+
+def test_iris_parameters_cell_matches_its_config():
+    section = runner.find_section("iris", ROOT)
+    fields = {f.name: f.default for f in dataclasses.fields(IrisConfig)}
+    declared = section.parameters
+    assert set(runner.COMMON_PARAMETERS) <= set(declared)
+    # Every declared parameter is a config field, and the notebook's literal defaults are the config's.
+    for name, info in declared.items():
+        assert name in fields, name
+        value = eval(info["default"])  # noqa: S307 - literals from our own template
+        expected = fields[name]
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == (list(expected) if isinstance(expected, tuple) else expected), name
+
+
+@pytest.mark.parametrize("profile", runner.PROFILES)
+def test_profiles_only_name_declared_parameters(profile):
+    for section in SECTIONS:
+        params = runner.resolve_parameters(section, profile, None, ROOT)
+        cfg_values = {k: v for k, v in params.items() if k in {f.name for f in dataclasses.fields(IrisConfig)}}
+        IrisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_values.items()})
+
+
+def test_unknown_parameter_fails_before_execution(tmp_path):
+    out = tmp_path / "nb.ipynb"
+    with pytest.raises(InvalidArgumentError, match="unknown parameter.*'n_sedes'"):
+        runner.run_section("iris", "smoke", {"n_sedes": 3}, output=out, root=ROOT)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [({"n_seeds": "ten"}, "n_seeds='ten' has the wrong type"), ({"depths": [0, 1]}, "depths=0"), ({"lr": -1}, "lr=-1")],
+)
+def test_bad_parameter_value_fails_fast_and_leaves_nothing(tmp_path, override, match):
+    out = tmp_path / "nb.ipynb"
+    with pytest.raises(runner.SectionFailedError, match=match):
+        runner.run_section("iris", "smoke", {**override, "results_dir": str(tmp_path / "r")}, output=out, root=ROOT)
+    assert not out.exists()
+    assert not (tmp_path / "r").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_unknown_profile_and_section_are_named():
+    with pytest.raises(InvalidArgumentError, match="profile='fast'"):
+        runner.load_profile("fast", ROOT)
+    with pytest.raises(InvalidArgumentError, match="section='cifar'"):
+        runner.find_section("cifar", ROOT)
+
+
+def test_committed_book_is_current():
+    assert runner.stale_sections(ROOT) == []
+
+
+def test_committed_summary_matches_the_executed_chapter():
+    for section in SECTIONS:
+        nb = json.loads((ROOT / "book" / "sections" / f"{section.name}.ipynb").read_text())
+        meta = nb["metadata"]["fragile"]
+        summary = json.loads((ROOT / "results" / section.name / meta["profile"] / "summary.json").read_text())
+        assert summary["provenance"]["parameters"]["n_seeds"] == meta["parameters"].get("n_seeds", summary["provenance"]["parameters"]["n_seeds"])
+        assert not math.isnan(summary["provenance"]["duration_s"])
