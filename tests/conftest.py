@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from brute_force import newton_minimise
+
 from fragile import Objective, TrainSpec, build_model, fit, synthetic_classification
 
 
@@ -22,14 +24,3 @@ def mlp_problem():
     objective = Objective(model, weight_decay=0.01)
     theta = fit(objective, objective.initial_params(), data.x, data.y, TrainSpec(lr=0.5, steps=1500), progress=False).params[0]
     return objective, theta, data
-
-
-def newton_minimise(objective, theta, x, y, weights=None, tol=1e-12, max_iter=100):
-    """Damped-free Newton iterations with torch.func.hessian: an optimiser independent of fragile.train."""
-    for _ in range(max_iter):
-        g = torch.func.grad(objective.train_loss)(theta, x, y, weights)
-        if g.norm() < tol:
-            return theta
-        h = torch.func.hessian(objective.train_loss)(theta, x, y, weights)
-        theta = theta - torch.linalg.solve(h, g)
-    raise AssertionError(f"Newton did not converge: gradient norm {float(g.norm())}")

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from conftest import newton_minimise
+from brute_force import newton_minimise
 
 from fragile import correlation, make_estimator
 
