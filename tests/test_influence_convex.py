@@ -24,10 +24,11 @@ def test_exact_influence_matches_brute_force_loo(logistic_problem):
     actual = np.array(actual)
 
     assert correlation(predicted, actual, "pearson") >= 0.99
-    # Sign and scale: a least-squares slope through the origin near +1 (the 1/n vs 1/(n-1)
-    # normalisation and second-order terms account for the few per cent left).
+    # Sign and scale: a least-squares slope through the origin near +1. Measured 1.145 here: the first-order
+    # prediction undershoots the exact leave-one-out change of the highest-leverage points (the 1/n vs
+    # 1/(n-1) normalisation explains only 0.7 %). A wrong sign gives a negative slope; a missing 1/n, ~150.
     slope = float(predicted @ actual / (predicted @ predicted))
-    assert 0.9 < slope < 1.15, slope
+    assert 0.85 < slope < 1.3, slope
     assert np.sign(predicted[np.argmax(np.abs(actual))]) == np.sign(actual[np.argmax(np.abs(actual))])
 
 
