@@ -299,7 +299,7 @@ def _verdict(ok: bool, partly: bool) -> str:
     return "reproduced" if ok else ("partly reproduced" if partly else "not reproduced")
 
 
-def claims(groups: list[dict[str, Any]], headline_width: int) -> list[dict[str, Any]]:
+def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int, ...]) -> list[dict[str, Any]]:
     """The paper's Iris claims, our number beside theirs, and a verdict by a stated rule.
 
     Rules (stated in the chapter): a number is *reproduced* when our mean over seeds is within 0.1
@@ -329,7 +329,7 @@ def claims(groups: list[dict[str, Any]], headline_width: int) -> list[dict[str, 
     out.append({"key": "depth_drop", "claim": "Spearman drops once depth exceeds 5 (mean depth ≤ 5 minus mean depth > 5, with weight decay)",
                 "paper": math.nan, "ours": drop, "ours_std": math.nan,
                 "verdict": "not run" if not math.isfinite(drop) else _verdict(drop > 0.1, drop > 0)})
-    w1 = ok[(ok["weight_decay"] > 0) & (ok["depth"] == 1)]
+    w1 = ok[(ok["weight_decay"] > 0) & (ok["depth"] == 1) & ok["width"].isin(widths)]  # the width sweep only
     widths = sorted(w1["width"].unique())
     if len(widths) >= 2:
         narrow, wide = w1[w1["width"] == widths[0]]["spearman"].mean(), w1[w1["width"] == widths[-1]]["spearman"].mean()
