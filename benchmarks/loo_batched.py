@@ -23,17 +23,16 @@ import time
 import torch
 
 from fragile import Objective, TrainSpec, build_model, fit, load_iris, load_mnist_digits, loo_retrain, loo_retrain_sequential, make_estimator
-from fragile.curvature import hessian_matrix
+from fragile.curvature import hvp
 from fragile.solvers import spectral_inverse_weights
 
 
 def iris_loo(steps: int, points: int, train_steps: int) -> None:
     data = load_iris()
-    test = 0  # provisional; the test point is the highest-loss point of the trained model
     objective = Objective(build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5), weight_decay=0.001)
     x, y = data.x, data.y
     theta = fit(objective, objective.initial_params(), x, y, TrainSpec(lr=0.1, steps=train_steps), progress=False).params[0]
-    test = int(objective.sample_losses(theta, x, y).argmax())
+    test = int(objective.sample_losses(theta, x, y).argmax())  # the highest-loss point becomes the test point
     keep = torch.arange(len(data)) != test
     xtr, ytr, xte, yte = x[keep], y[keep], x[test : test + 1], y[test : test + 1]
     theta = fit(objective, theta, xtr, ytr, TrainSpec(lr=0.1, steps=train_steps), progress=False).params[0]
@@ -75,8 +74,6 @@ def cnn_exact(rows: int) -> None:
         h = est.hessian
     else:
         block = torch.zeros(rows, p)
-        from fragile.curvature import hvp
-
         eye = torch.eye(p)
         for r in range(rows):
             block[r] = hvp(objective, theta, x, y, eye[r], data_chunk=500)

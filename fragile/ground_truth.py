@@ -212,7 +212,6 @@ def loo_retrain_sequential(
     idxs = _check(objective, theta_star, x, y, remove, x_test, y_test, 1)
     n = x.shape[0]
     params = [fit(objective, theta_star, x, y, spec, progress=False).params[0]]
-    control_grad = None
     for i in tqdm(idxs.tolist(), desc="leave-one-out (sequential)", disable=not progress):
         if spec.batch_size is None:
             keep = torch.arange(n) != i

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from brute_force import newton_minimise
 
