@@ -30,6 +30,18 @@ class CacheMismatchError(FragileError):
     """A cache entry's saved config differs from the config it was looked up with."""
 
 
+class CacheCorruptError(FragileError):
+    """A cache entry's payload does not match the digest saved with it (truncated or altered)."""
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def config_key(config: dict[str, Any]) -> str:
     """A stable 16-hex-digit digest of a JSON-serialisable config."""
     text = json.dumps(_clean(config), sort_keys=True, separators=(",", ":"))
@@ -52,7 +64,11 @@ class ResultCache:
         return self.root / name / config_key(config)
 
     def load(self, name: str, config: dict[str, Any]) -> Any | None:
-        """The cached payload, or None when absent. Raises :class:`CacheMismatchError` on a mismatch."""
+        """The cached payload, or None when absent.
+
+        Raises :class:`CacheMismatchError` when the saved config differs and :class:`CacheCorruptError`
+        when the payload's SHA-256 differs from the one saved beside it; neither is ever loaded.
+        """
         if not self.enabled:
             return None
         entry = self.path(name, config)
@@ -63,8 +79,15 @@ class ResultCache:
             raise CacheMismatchError(
                 f"cache entry {entry} was saved with a different config; delete it or run with use_cache=False"
             )
+        saved_digest = entry / "payload.sha256"
+        if not saved_digest.is_file() or saved_digest.read_text().strip() != _digest(entry / "payload.pt"):
+            raise CacheCorruptError(f"cache entry {entry} is corrupt (payload digest mismatch); it will not be loaded")
         log.info("cache hit: %s", entry)
         return torch.load(entry / "payload.pt", weights_only=False)
+
+    def discard(self, name: str, config: dict[str, Any]) -> None:
+        """Remove an entry (e.g. a corrupt one) so that it is recomputed."""
+        shutil.rmtree(self.path(name, config), ignore_errors=True)
 
     def save(self, name: str, config: dict[str, Any], payload: Any) -> None:
         """Publish ``payload`` atomically (write a temporary folder, then rename it into place)."""
@@ -76,6 +99,7 @@ class ResultCache:
         try:
             (tmp / "config.json").write_text(json.dumps(_clean(config), sort_keys=True, indent=2))
             torch.save(payload, tmp / "payload.pt")
+            (tmp / "payload.sha256").write_text(_digest(tmp / "payload.pt"))
             if entry.exists():  # a concurrent writer got there first; both computed the same thing
                 shutil.rmtree(tmp)
                 return
@@ -85,8 +109,14 @@ class ResultCache:
             raise
 
     def get_or_compute(self, name: str, config: dict[str, Any], compute: Callable[[], Any]) -> Any:
-        """Load ``(name, config)`` or compute, save and return it."""
-        hit = self.load(name, config)
+        """Load ``(name, config)`` or compute, save and return it. A corrupt entry is logged, discarded
+        and recomputed."""
+        try:
+            hit = self.load(name, config)
+        except CacheCorruptError as exc:
+            log.warning("%s", exc)
+            self.discard(name, config)
+            hit = None
         if hit is not None:
             return hit
         payload = compute()

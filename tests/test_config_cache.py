@@ -63,3 +63,18 @@ def test_disabled_cache_always_computes(tmp_path):
     cache.get_or_compute("x", {}, lambda: calls.append(1))
     cache.get_or_compute("x", {}, lambda: calls.append(1))
     assert calls == [1, 1] and not (tmp_path / "x").exists()
+
+
+def test_truncated_entry_is_detected_and_recomputed(tmp_path):
+    from fragile.cache import CacheCorruptError
+
+    cache = ResultCache(tmp_path)
+    cache.save("x", {"a": 1}, {"t": torch.arange(1000)})
+    payload = cache.path("x", {"a": 1}) / "payload.pt"
+    payload.write_bytes(payload.read_bytes()[:100])
+    with pytest.raises(CacheCorruptError, match="corrupt"):
+        cache.load("x", {"a": 1})
+    calls = []
+    value = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.arange(3)})
+    assert calls == [1] and torch.equal(value["t"], torch.arange(3))
+    assert torch.equal(cache.load("x", {"a": 1})["t"], torch.arange(3))

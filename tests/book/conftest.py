@@ -15,7 +15,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def built_book(tmp_path_factory):
     """Build the HTML from the committed executed chapters into a temporary folder (warnings are errors)."""
     import subprocess
@@ -30,7 +30,7 @@ def built_book(tmp_path_factory):
     return src / "_build" / "html", proc.stdout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(built_book):
     html, _ = built_book
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
@@ -42,7 +42,7 @@ def server(built_book):
     httpd.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is not installed: `make test` installs Debian's chromium package (make browser)")

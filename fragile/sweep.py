@@ -1,0 +1,178 @@
+"""Run a grid of independent jobs through Dask distributed, cached per job and resumable.
+
+A :class:`Job` is a pure function of a JSON-serialisable config. Each finished job is published to the
+:class:`~fragile.cache.ResultCache` atomically by whichever process ran it, so a sweep that is killed
+midway recomputes only the jobs that had not finished; a corrupt entry is detected by its digest and
+recomputed. A job that raises is reported with its config and traceback while the others go on.
+
+Schedulers: ``"in-process"`` (no Dask: a plain loop, the smoke default), ``"local"`` (a ``LocalCluster``
+sized to the machine, the embedded default) or the address of an existing scheduler
+(``tcp://host:8786``, e.g. one started by dask-jobqueue on Slurm).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fragile.cache import CacheCorruptError, ResultCache, config_key
+from fragile.errors import InvalidArgumentError, check_int
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``fn(**config)``, cached under ``name`` and the digest of ``config``.
+
+    ``fn`` must be importable by worker processes (a module-level function), and ``config`` must hold
+    everything its result depends on.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    config: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{config_key(self.config)}"
+
+
+@dataclass
+class SweepReport:
+    """What a sweep did: results by job name, and which jobs ran, came from the cache, or failed."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    done: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        line = f"{len(self.done)} done, {len(self.cached)} cached, {len(self.failed)} failed"
+        for name, info in self.failed.items():
+            line += f"\n  failed {name}: {info['error']} (config {info['config']})"
+        return line
+
+
+def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any]:
+    """Run one job and publish its result; never raises (a failure is returned with its traceback)."""
+    try:
+        payload = job.fn(**job.config)
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
+        return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    ResultCache(cache_root, enabled=use_cache).save(job.name, job.config, payload)
+    return "ok", payload
+
+
+def connect(scheduler: str, n_workers: int | None = None):
+    """A Dask ``Client`` for ``"local"`` (a new ``LocalCluster``) or a scheduler address.
+
+    An address that cannot be reached raises :class:`InvalidArgumentError` within
+    :data:`CONNECT_TIMEOUT_S` seconds.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        workers = n_workers or max(1, (os.cpu_count() or 1))
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        client = Client(cluster)
+    else:
+        if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise InvalidArgumentError(
+                f"scheduler={scheduler!r} is not allowed; use 'in-process', 'local' or an address like tcp://host:8786"
+            )
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except (OSError, TimeoutError) as exc:
+            raise InvalidArgumentError(f"scheduler={scheduler!r}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({exc})") from None
+    log.info("Dask dashboard: %s", client.dashboard_link)
+    return client
+
+
+def run_sweep(
+    jobs: Sequence[Job],
+    *,
+    cache_dir: str,
+    use_cache: bool = True,
+    scheduler: str = "in-process",
+    n_workers: int | None = None,
+    client=None,
+    progress: bool = True,
+) -> SweepReport:
+    """Run every job not already cached, through the chosen scheduler, and collect the results.
+
+    Args:
+        jobs: the grid; names must be unique.
+        cache_dir: where results are cached (must be shared with the workers).
+        use_cache: read and write the cache.
+        scheduler: ``"in-process"``, ``"local"`` or a scheduler address.
+        n_workers: workers of a ``"local"`` cluster (default: one per CPU).
+        client: an existing Dask client to use instead of ``scheduler``.
+        progress: a tqdm bar over jobs.
+    """
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError("jobs have repeated names; each job needs its own name")
+    if n_workers is not None:
+        check_int("n_workers", n_workers, minimum=1)
+    cache = ResultCache(cache_dir, enabled=use_cache)
+    report = SweepReport()
+    todo = []
+    for job in jobs:
+        try:
+            hit = cache.load(job.name, job.config)
+        except CacheCorruptError as exc:
+            log.warning("%s; recomputing", exc)
+            cache.discard(job.name, job.config)
+            hit = None
+        if hit is None:
+            todo.append(job)
+        else:
+            report.results[job.name] = hit
+            report.cached.append(job.name)
+
+    def record(job: Job, status: str, value: Any) -> None:
+        if status == "ok":
+            report.results[job.name] = value
+            report.done.append(job.name)
+        else:
+            report.failed[job.name] = {"config": job.config, **value}
+            log.error("job %s failed: %s", job.name, value["error"])
+
+    bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not todo)
+    if todo and scheduler == "in-process" and client is None:
+        for job in todo:
+            record(job, *_execute(job, str(cache.root), use_cache))
+            bar.update()
+    elif todo:
+        from distributed import as_completed
+
+        own = client is None
+        client = client or connect(scheduler, n_workers)
+        try:
+            futures = {client.submit(_execute, job, str(cache.root), use_cache, key=f"fragile-{job.key}", pure=False, retries=1): job for job in todo}
+            for fut in as_completed(futures):
+                job = futures[fut]
+                try:
+                    status, value = fut.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the worker died more than allowed
+                    status, value = "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                record(job, status, value)
+                bar.update()
+        finally:
+            if own:
+                cluster = getattr(client, "cluster", None)
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+    bar.close()
+    log.info("sweep: %s", report.summary())
+    return report

@@ -1,0 +1,70 @@
+"""The sweep layer on a real LocalCluster with 2 worker processes on loopback."""
+
+import time
+
+import pytest
+import torch
+from sweep_jobs import fail_if, train_small
+
+from fragile.errors import InvalidArgumentError
+from fragile.sweep import Job, connect, run_sweep
+
+
+def _grid(steps=60):
+    return [Job(f"t/s{s}-w{w}", train_small, {"seed": s, "width": w, "steps": steps}) for s in range(3) for w in (3, 5)]
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = connect("local", n_workers=2)
+    yield c
+    cluster = c.cluster
+    c.close()
+    cluster.close()
+
+
+def test_same_numbers_in_process_and_on_two_workers(tmp_path, client):
+    local = run_sweep(_grid(), cache_dir=str(tmp_path / "a"), scheduler="in-process", progress=False)
+    dist = run_sweep(_grid(), cache_dir=str(tmp_path / "b"), client=client, progress=False)
+    assert sorted(local.done) == sorted(dist.done) and not dist.failed
+    for name, value in local.results.items():
+        assert torch.equal(value["params"], dist.results[name]["params"]), name
+    assert len({v["pid"] for v in dist.results.values()}) == 2, "both workers took jobs"
+
+
+def test_rerun_recomputes_nothing_and_failures_are_reported(tmp_path, client):
+    first = run_sweep(_grid(), cache_dir=str(tmp_path), client=client, progress=False)
+    again = run_sweep(_grid(), cache_dir=str(tmp_path), client=client, progress=False)
+    assert len(first.done) == 6 and again.done == [] and len(again.cached) == 6
+    assert all(torch.equal(first.results[k]["params"], again.results[k]["params"]) for k in first.results)
+    jobs = [Job(f"f/{s}", fail_if, {"seed": s, "bad": 1}) for s in range(3)]
+    report = run_sweep(jobs, cache_dir=str(tmp_path), client=client, progress=False)
+    assert sorted(report.done) == ["f/0", "f/2"] and list(report.failed) == ["f/1"]
+    assert "seed 1 is the bad one" in report.failed["f/1"]["error"] and "Traceback" in report.failed["f/1"]["traceback"]
+    assert report.failed["f/1"]["config"] == {"seed": 1, "bad": 1}
+    assert "2 done, 0 cached, 1 failed" in report.summary()
+
+
+def test_corrupt_entry_is_recomputed(tmp_path):
+    jobs = _grid()[:2]
+    first = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
+    entry = tmp_path / jobs[0].key / "payload.pt"
+    entry.write_bytes(entry.read_bytes()[:50])
+    again = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
+    assert again.done == [jobs[0].name] and again.cached == [jobs[1].name]
+    assert torch.equal(again.results[jobs[0].name]["params"], first.results[jobs[0].name]["params"])
+
+
+def test_bad_scheduler_address_fails_within_seconds():
+    start = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="scheduler='tcp://127.0.0.1:9'"):
+        connect("tcp://127.0.0.1:9")
+    assert time.monotonic() - start < 15
+    with pytest.raises(InvalidArgumentError, match="scheduler='nowhere'"):
+        connect("nowhere")
+
+
+def test_repeated_job_names_are_refused(tmp_path):
+    job = _grid()[0]
+    with pytest.raises(InvalidArgumentError, match="repeated names"):
+        run_sweep([job, job], cache_dir=str(tmp_path), progress=False)
