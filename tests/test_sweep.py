@@ -68,3 +68,45 @@ def test_repeated_job_names_are_refused(tmp_path):
     job = _grid()[0]
     with pytest.raises(InvalidArgumentError, match="repeated names"):
         run_sweep([job, job], cache_dir=str(tmp_path), progress=False)
+
+
+def test_sigkill_midway_then_resume(tmp_path):
+    """Kill a sweep process with SIGKILL after some jobs finished; the rerun recomputes only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "sweep.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from sweep_jobs import train_small\n"
+        "from fragile.sweep import Job, run_sweep\n"
+        "jobs = [Job(f't/{s}', train_small, {'seed': s, 'width': 3, 'steps': 40, 'sleep': 0.4}) for s in range(10)]\n"
+        f"run_sweep(jobs, cache_dir={str(tmp_path / 'cache')!r}, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    cache = tmp_path / "cache" / "t"
+
+    def published() -> set[str]:
+        # An entry is published by renaming its finished temporary folder; a ".tmp-*" folder is work in flight.
+        if not cache.is_dir():
+            return set()
+        return {job.name for job in cache.iterdir() if any(not e.name.startswith(".") for e in job.iterdir())}
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(published()) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = published()
+    assert 3 <= len(finished) < 10, "the kill must land midway"
+
+    jobs = [Job(f"t/{s}", train_small, {"seed": s, "width": 3, "steps": 40, "sleep": 0.4}) for s in range(10)]
+    resumed = run_sweep(jobs, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert len(resumed.cached) == len(finished) and len(resumed.done) == 10 - len(finished) and not resumed.failed
+    clean = run_sweep(jobs, cache_dir=str(tmp_path / "clean"), progress=False)
+    for name in clean.results:
+        assert torch.equal(clean.results[name]["params"], resumed.results[name]["params"]), name
