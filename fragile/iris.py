@@ -29,11 +29,11 @@ from fragile.influence import NEGATIVE_POLICIES, make_estimator
 from fragile.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation, select_top_k
 from fragile.models import ACTIVATIONS, build_model
 from fragile.objective import Objective
+from fragile.runner import PROFILES
 from fragile.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("smoke", "default", "paper")
 DEVICES = ("cpu",)
 MAX_DEPTH = 12
 MAX_WIDTH = 200
