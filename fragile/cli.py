@@ -8,7 +8,7 @@ import sys
 import click
 import yaml
 
-from fragile import runner
+from fragile import runner, sweep
 from fragile.errors import FragileError
 
 
@@ -22,6 +22,8 @@ def _parse_value(text: str):
 def main(verbose: bool) -> None:
     """Reproduce "Influence Functions in Deep Learning Are Fragile" section by section."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Which section runs and where the Dask dashboard is are worth seeing without -v.
+    logging.getLogger("fragile.runner").setLevel(logging.INFO)
 
 
 def _fail(exc: Exception) -> None:
@@ -41,15 +43,34 @@ def list_cmd() -> None:
         _fail(exc)
 
 
+def _execution(scheduler: str | None, workers: int | None) -> dict:
+    out = {}
+    if scheduler is not None:
+        out["scheduler"] = sweep.check_scheduler(scheduler)
+    if workers is not None:
+        out["n_workers"] = workers
+    return out
+
+
+_scheduler_option = click.option(
+    "--scheduler", default=None, metavar="WHERE",
+    help="where sweep jobs run: in-process, local (a Dask LocalCluster on this machine) or tcp://HOST:PORT "
+         "(an existing Dask scheduler; its workers must see .cache/ at the same path). Default: the profile's.")
+_workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, help="worker processes of a local cluster (default: one per CPU)")
+
+
 @main.command("run")
 @click.argument("section")
 @click.option("--profile", default="default", show_default=True, type=click.Choice(runner.PROFILES))
 @click.option("-p", "--param", "params", nargs=2, multiple=True, metavar="KEY VALUE", help="override a parameter")
 @click.option("-o", "--output", type=click.Path(), default=None, help="executed notebook path (default: runs/…)")
-def run_cmd(section: str, profile: str, params: tuple[tuple[str, str], ...], output: str | None) -> None:
+@_scheduler_option
+@_workers_option
+def run_cmd(section: str, profile: str, params: tuple[tuple[str, str], ...], output: str | None, scheduler: str | None, workers: int | None) -> None:
     """Run SECTION (e.g. iris) with a profile and overrides; writes under runs/, never into the book."""
     try:
-        path = runner.run_section(section, profile, {k: _parse_value(v) for k, v in params}, output=output, progress=True)
+        overrides = {k: _parse_value(v) for k, v in params} | _execution(scheduler, workers)
+        path = runner.run_section(section, profile, overrides, output=output, progress=True)
     except FragileError as exc:
         _fail(exc)
     click.echo(f"executed notebook: {path}")
@@ -59,11 +80,13 @@ def run_cmd(section: str, profile: str, params: tuple[tuple[str, str], ...], out
 @click.option("--profile", default="default", show_default=True, type=click.Choice(runner.PROFILES))
 @click.option("--no-run", is_flag=True, help="only build the HTML from the committed executed chapters")
 @click.option("--section", "only", multiple=True, help="re-run only these sections")
-def book_cmd(profile: str, no_run: bool, only: tuple[str, ...]) -> None:
+@_scheduler_option
+@_workers_option
+def book_cmd(profile: str, no_run: bool, only: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
     """Execute every chapter into book/sections/ and build the HTML book."""
     try:
         if not no_run:
-            runner.run_book_sections(profile, only=list(only) or None)
+            runner.run_book_sections(profile, only=list(only) or None, overrides=_execution(scheduler, workers))
         html = runner.build_html()
     except FragileError as exc:
         _fail(exc)

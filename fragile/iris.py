@@ -6,7 +6,9 @@ initialisation (with and without weight decay, in one stack), take the held-out 
 highest loss, compute exact influence (materialised Hessian) on every training point, select the top
 ``selection_fraction`` by |predicted influence|, retrain each of them warm-started from θ* for
 ``retrain_steps`` steps with the drift control, and correlate predicted with actual loss changes.
-Every architecture's results are cached as one unit, so an interrupted run resumes where it stopped.
+Each architecture is one job of a :mod:`fragile.sweep` (its seeds train as one vectorised stack, which is
+faster than spreading them over processes); jobs run on Dask workers, are cached one by one, and an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from fragile.cache import ResultCache
 from fragile.config import to_dict
 from fragile.data import Dataset, load_iris
 from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
@@ -30,6 +29,7 @@ from fragile.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation,
 from fragile.models import ACTIVATIONS, build_model
 from fragile.objective import Objective
 from fragile.runner import PROFILES
+from fragile.sweep import Job, SweepReport, check_scheduler, run_sweep
 from fragile.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class IrisConfig:
         use_cache: reuse finished architectures from ``cache_dir``.
         results_dir: where ``summary.json`` goes.
         cache_dir: the result cache.
+        scheduler: where the architecture jobs run: ``in-process``, ``local`` (a Dask ``LocalCluster``)
+            or a Dask scheduler address such as ``tcp://host:8786``. Does not change any number.
+        n_workers: worker processes of a ``local`` cluster; 0 means one per CPU core.
         n_seeds: seeds per configuration (the paper reports single runs).
         depths: hidden-layer counts of the depth sweep, at width ``headline_width``.
         widths: widths of the width sweep, at depth 1.
@@ -77,6 +80,8 @@ class IrisConfig:
     use_cache: bool = True
     results_dir: str = "results"
     cache_dir: str = ".cache"
+    scheduler: str = "local"
+    n_workers: int = 0
     n_seeds: int = 10
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     widths: tuple[int, ...] = (8, 14, 20, 30, 40, 50)
@@ -99,6 +104,8 @@ class IrisConfig:
         check_int("seed", self.seed, minimum=0)
         check_choice("profile", self.profile, PROFILES)
         check_choice("device", self.device, DEVICES)
+        check_scheduler(self.scheduler)
+        check_int("n_workers", self.n_workers, minimum=0)
         check_int("n_seeds", self.n_seeds, minimum=1)
         if not self.depths:
             raise InvalidArgumentError("depths is empty; give at least one depth")
@@ -220,18 +227,37 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
     return {"depth": depth, "width": width, "num_params": base.num_params, "k": k, "n_train": n, "runs": runs}
 
 
-def run_study(cfg: IrisConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Every architecture of the depth and width sweeps (the headline network is depth 1 at
-    ``headline_width``), each loaded from the cache when finished before."""
-    cache = ResultCache(cfg.cache_dir, enabled=cfg.use_cache)
+def architecture_job(code_version: int, depth: int, width: int, **fields: Any) -> dict[str, Any]:
+    """One sweep job: :func:`run_architecture` for the config that :func:`architecture_jobs` keyed it by."""
+    if code_version != CODE_VERSION:
+        raise InvalidArgumentError(f"job made by code version {code_version}, this is version {CODE_VERSION}")
+    return run_architecture(IrisConfig(**fields), depth, width, progress=False)
+
+
+def architectures(cfg: IrisConfig) -> list[tuple[int, int]]:
+    """(depth, width) of every network: the headline network, the depth sweep and the width sweep."""
     archs = [(d, cfg.headline_width) for d in cfg.depths] + [(1, w) for w in cfg.widths if w != cfg.headline_width]
     if (1, cfg.headline_width) not in archs:
         archs.insert(0, (1, cfg.headline_width))
-    out = []
-    for depth, width in tqdm(archs, desc="architectures", disable=not progress):
-        out.append(cache.get_or_compute(f"iris/d{depth}-w{width}", _group_key(cfg, depth, width),
-                                        lambda: run_architecture(cfg, depth, width, progress=progress)))
-    return out
+    return archs
+
+
+def architecture_jobs(cfg: IrisConfig) -> list[Job]:
+    """The study as sweep jobs, one per architecture, each keyed by everything its numbers depend on."""
+    return [Job(f"iris/d{d}-w{w}", architecture_job, _group_key(cfg, d, w)) for d, w in architectures(cfg)]
+
+
+def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
+    """Every architecture, through the sweep layer on ``cfg.scheduler`` (or ``client``).
+
+    Returns the finished architectures in :func:`architectures` order and the sweep's report (done,
+    cached, failed with traceback). A failed architecture is left out of the groups, never hidden:
+    the report names it.
+    """
+    jobs = architecture_jobs(cfg)
+    report = run_sweep(jobs, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
+                       n_workers=cfg.n_workers or None, client=client, progress=progress)
+    return [report.results[j.name] for j in jobs if j.name in report.results], report
 
 
 def derived_metrics(run: dict[str, Any]) -> dict[str, float]:

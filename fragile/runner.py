@@ -4,10 +4,15 @@ A section is a template ``notebooks/NN_<name>.ipynb`` with one ``parameters`` ce
 ``book/params/<profile>.yml`` maps section names to parameter values. Book runs write
 ``book/sections/NN_<name>.ipynb``; ad-hoc runs write under ``runs/`` and never touch the book. Output is
 written to a temporary file and moved into place only when the whole notebook succeeded.
+
+Sections run their grids through :mod:`fragile.sweep`. When a section's ``scheduler`` is ``local``, the
+runner starts one Dask ``LocalCluster`` for the whole call, logs its dashboard address, and hands the
+section its address, so every chapter of a book run shares the same workers.
 """
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import hashlib
 import json
@@ -17,6 +22,8 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,9 @@ from fragile.errors import FragileError, InvalidArgumentError
 log = logging.getLogger(__name__)
 
 PROFILES = ("smoke", "default", "paper")
-COMMON_PARAMETERS = ("seed", "profile", "device", "use_cache", "results_dir")
+COMMON_PARAMETERS = ("seed", "profile", "device", "use_cache", "results_dir", "scheduler", "n_workers")
+# Where and how a section computes, not what: left out of the digest that says whether the book is current.
+EXECUTION_PARAMETERS = ("scheduler", "n_workers")
 
 
 class SectionFailedError(FragileError):
@@ -117,7 +126,43 @@ def template_digest(path: Path) -> str:
 
 
 def params_digest(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    """Digest of the parameters that decide a section's numbers (execution parameters left out)."""
+    numbers = {k: v for k, v in params.items() if k not in EXECUTION_PARAMETERS}
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def declared_default(section: Section, name: str) -> Any:
+    """The value a section's parameters cell gives ``name`` (a Python literal)."""
+    return ast.literal_eval(section.parameters[name]["default"])
+
+
+class Schedulers:
+    """Turns a section's ``scheduler`` value into the one it runs on, once per value for a whole block:
+    ``local`` becomes the address of a ``LocalCluster`` started on first use and shared by every later
+    section; an address is checked on first use (an unreachable one fails here, before any notebook
+    starts); both log their dashboard. Clusters started here close with the block."""
+
+    def __init__(self, stack: ExitStack, n_workers: int | None):
+        self._stack, self._n_workers, self._seen = stack, n_workers, {}
+
+    def resolve(self, scheduler: str) -> str:
+        from fragile.sweep import check_scheduler, shared_scheduler
+
+        check_scheduler(scheduler)
+        if scheduler == "in-process":
+            return scheduler
+        if scheduler not in self._seen:
+            address, dashboard = self._stack.enter_context(shared_scheduler(scheduler, self._n_workers))
+            log.info("Dask scheduler %s; dashboard: %s", address, dashboard)
+            self._seen[scheduler] = address
+        return self._seen[scheduler]
+
+
+@contextmanager
+def schedulers(n_workers: int | None = None) -> Iterator[Schedulers]:
+    """A :class:`Schedulers` whose local cluster (if one was started) closes when the block ends."""
+    with ExitStack() as stack:
+        yield Schedulers(stack, n_workers)
 
 
 def run_section(
@@ -128,6 +173,7 @@ def run_section(
     output: str | Path | None = None,
     root: Path | None = None,
     progress: bool = False,
+    cluster: Schedulers | None = None,
 ) -> Path:
     """Execute one section with papermill; returns the executed notebook's path.
 
@@ -139,14 +185,13 @@ def run_section(
             (ad-hoc runs never write into the book).
         root: the project checkout (default: found from the working directory).
         progress: show papermill's cell progress bar.
+        cluster: shares one local Dask cluster between calls; by default a section whose
+            ``scheduler`` is ``local`` gets a cluster of its own for this call.
 
     Raises:
         InvalidArgumentError: unknown section, profile or parameter name (before executing anything).
         SectionFailedError: the notebook raised; its message is the notebook's error line.
     """
-    import nbformat
-    import papermill as pm
-
     root = root or project_root()
     section = find_section(name, root)
     params = resolve_parameters(section, profile, overrides, root)
@@ -156,13 +201,26 @@ def run_section(
         params.setdefault("results_dir", "runs/results")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        cluster = cluster or Schedulers(stack, params.get("n_workers") or None)
+        run_params = dict(params)
+        if "scheduler" in section.parameters:
+            run_params["scheduler"] = cluster.resolve(params.get("scheduler", declared_default(section, "scheduler")))
+        _execute(section, profile, params, run_params, output, root, progress)
+    return output
+
+
+def _execute(section: Section, profile: str, params: dict[str, Any], run_params: dict[str, Any], output: Path, root: Path, progress: bool) -> None:
+    import nbformat
+    import papermill as pm
+
     fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".ipynb", dir=output.parent)
     os.close(fd)
     env_before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
         pm.execute_notebook(
-            str(section.path), tmp, parameters=params, cwd=str(root), kernel_name="python3",
+            str(section.path), tmp, parameters=run_params, cwd=str(root), kernel_name="python3",
             progress_bar=progress, log_output=False, request_save_on_cell_execute=False,
         )
         nb = nbformat.read(tmp, as_version=4)
@@ -179,22 +237,39 @@ def run_section(
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = env_before
-    return output
 
 
 def book_section_path(section: Section, root: Path) -> Path:
     return root / "book" / "sections" / f"{section.name}.ipynb"
 
 
-def run_book_sections(profile: str = "default", root: Path | None = None, only: list[str] | None = None) -> list[Path]:
-    """Execute every section (or ``only`` these) into ``book/sections/`` with the profile's parameters."""
+def run_book_sections(
+    profile: str = "default",
+    root: Path | None = None,
+    only: list[str] | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Execute every section (or ``only`` these) into ``book/sections/`` with the profile's parameters.
+
+    ``overrides`` may hold only execution parameters (``scheduler``, ``n_workers``): anything else would
+    make the book disagree with its profile. Sections whose scheduler is ``local`` share one cluster of
+    ``n_workers`` workers (default: one per CPU).
+    """
     root = root or project_root()
+    overrides = dict(overrides or {})
+    bad = sorted(set(overrides) - set(EXECUTION_PARAMETERS))
+    if bad:
+        raise InvalidArgumentError(f"book runs take only execution overrides {list(EXECUTION_PARAMETERS)}, not {bad}; "
+                                   "change book/params/<profile>.yml instead")
+    chosen = [s for s in sections(root) if not only or s.name in only or s.short in only]
+    for section in chosen:  # every name is checked before the first section starts
+        resolve_parameters(section, profile, overrides, root)
     out = []
-    for section in sections(root):
-        if only and section.name not in only and section.short not in only:
-            continue
-        log.info("running section %s (profile %s)", section.name, profile)
-        out.append(run_section(section.name, profile, output=book_section_path(section, root), root=root))
+    with schedulers(overrides.get("n_workers") or None) as cluster:
+        for section in chosen:
+            log.info("running section %s (profile %s)", section.name, profile)
+            out.append(run_section(section.name, profile, overrides, output=book_section_path(section, root), root=root, cluster=cluster))
     return out
 
 

@@ -5,6 +5,8 @@ A :class:`Job` is a pure function of a JSON-serialisable config. Each finished j
 midway recomputes only the jobs that had not finished; a corrupt entry is detected by its digest and
 recomputed. A job that raises is reported with its config and traceback while the others go on.
 
+Every job runs on a single torch thread, so its numbers are the same bits wherever it runs.
+
 Schedulers: ``"in-process"`` (no Dask: a plain loop, the smoke default), ``"local"`` (a ``LocalCluster``
 sized to the machine, the embedded default) or the address of an existing scheduler
 (``tcp://host:8786``, e.g. one started by dask-jobqueue on Slurm).
@@ -15,10 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fragile.cache import CacheCorruptError, ResultCache, config_key
@@ -27,6 +32,17 @@ from fragile.errors import InvalidArgumentError, check_int
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5
+SCHEDULER_KINDS = ("in-process", "local")
+ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
+
+
+def check_scheduler(scheduler: str) -> str:
+    """Refuse a ``scheduler`` value that is neither a kind in :data:`SCHEDULER_KINDS` nor an address."""
+    if not isinstance(scheduler, str) or not (scheduler in SCHEDULER_KINDS or scheduler.startswith(ADDRESS_PREFIXES)):
+        raise InvalidArgumentError(
+            f"scheduler={scheduler!r} is not allowed; use 'in-process', 'local' or an address like tcp://host:8786"
+        )
+    return scheduler
 
 
 @dataclass(frozen=True)
@@ -34,12 +50,15 @@ class Job:
     """One unit of work: ``fn(**config)``, cached under ``name`` and the digest of ``config``.
 
     ``fn`` must be importable by worker processes (a module-level function), and ``config`` must hold
-    everything its result depends on.
+    everything its result depends on. ``resources`` are Dask resource annotations, e.g. ``{"GPU": 1}``:
+    the job then runs only on workers started with that resource (``--resources GPU=1``), one per GPU.
+    They decide where a job runs, not what it computes, so they are not part of its key.
     """
 
     name: str
     fn: Callable[..., Any]
     config: dict[str, Any]
+    resources: dict[str, float] | None = None
 
     @property
     def key(self) -> str:
@@ -54,6 +73,7 @@ class SweepReport:
     done: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dashboard: str | None = None  # the Dask dashboard of the cluster used, if any
 
     def summary(self) -> str:
         line = f"{len(self.done)} done, {len(self.cached)} cached, {len(self.failed)} failed"
@@ -63,11 +83,20 @@ class SweepReport:
 
 
 def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any]:
-    """Run one job and publish its result; never raises (a failure is returned with its traceback)."""
+    """Run one job and publish its result; never raises (a failure is returned with its traceback).
+
+    The job runs on one torch thread wherever it runs: the thread count changes the order of
+    floating-point reductions, and the same job must give the same bits in-process and on any worker.
+    Parallelism comes from running jobs side by side.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         payload = job.fn(**job.config)
     except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
         return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    finally:
+        torch.set_num_threads(threads)
     ResultCache(cache_root, enabled=use_cache).save(job.name, job.config, payload)
     return "ok", payload
 
@@ -75,26 +104,55 @@ def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any]:
 def connect(scheduler: str, n_workers: int | None = None):
     """A Dask ``Client`` for ``"local"`` (a new ``LocalCluster``) or a scheduler address.
 
+    A ``"local"`` cluster has ``n_workers`` single-threaded worker processes (default: one per CPU).
     An address that cannot be reached raises :class:`InvalidArgumentError` within
     :data:`CONNECT_TIMEOUT_S` seconds.
     """
     from distributed import Client, LocalCluster
 
+    check_scheduler(scheduler)
+    if scheduler == "in-process":
+        raise InvalidArgumentError("scheduler='in-process' runs without Dask; there is no client to connect")
+    if n_workers is not None:
+        check_int("n_workers", n_workers, minimum=1)
     if scheduler == "local":
         workers = n_workers or max(1, (os.cpu_count() or 1))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
     else:
-        if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-            raise InvalidArgumentError(
-                f"scheduler={scheduler!r} is not allowed; use 'in-process', 'local' or an address like tcp://host:8786"
-            )
         try:
             client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
         except (OSError, TimeoutError) as exc:
             raise InvalidArgumentError(f"scheduler={scheduler!r}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({exc})") from None
     log.info("Dask dashboard: %s", client.dashboard_link)
     return client
+
+
+def close(client) -> None:
+    """Close a client from :func:`connect`, and its ``LocalCluster`` when it made one."""
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@contextmanager
+def shared_scheduler(scheduler: str, n_workers: int | None = None) -> Iterator[tuple[str, str | None]]:
+    """The scheduler to hand to several sweeps (e.g. every chapter of a book run), and its dashboard.
+
+    ``"local"`` starts one ``LocalCluster`` for the whole block and yields its address, so the chapters
+    share its workers; an address is checked (an unreachable one fails here, within seconds) and yielded
+    unchanged; ``"in-process"`` yields itself and no dashboard.
+    """
+    check_scheduler(scheduler)
+    if scheduler == "in-process":
+        yield scheduler, None
+        return
+    client = connect(scheduler, n_workers)
+    try:
+        yield client.scheduler.address, client.dashboard_link
+    finally:
+        close(client)
 
 
 def run_sweep(
@@ -113,7 +171,8 @@ def run_sweep(
         jobs: the grid; names must be unique.
         cache_dir: where results are cached (must be shared with the workers).
         use_cache: read and write the cache.
-        scheduler: ``"in-process"``, ``"local"`` or a scheduler address.
+        scheduler: ``"in-process"``, ``"local"`` or a scheduler address; the workers of a remote
+            cluster must see ``cache_dir`` at the same path (a shared file system).
         n_workers: workers of a ``"local"`` cluster (default: one per CPU).
         client: an existing Dask client to use instead of ``scheduler``.
         progress: a tqdm bar over jobs.
@@ -121,9 +180,12 @@ def run_sweep(
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise InvalidArgumentError("jobs have repeated names; each job needs its own name")
+    if client is None:
+        check_scheduler(scheduler)
     if n_workers is not None:
         check_int("n_workers", n_workers, minimum=1)
-    cache = ResultCache(cache_dir, enabled=use_cache)
+    # Workers get an absolute path: their working directory need not be ours.
+    cache = ResultCache(Path(cache_dir).resolve(), enabled=use_cache)
     report = SweepReport()
     todo = []
     for job in jobs:
@@ -157,8 +219,10 @@ def run_sweep(
 
         own = client is None
         client = client or connect(scheduler, n_workers)
+        report.dashboard = client.dashboard_link
         try:
-            futures = {client.submit(_execute, job, str(cache.root), use_cache, key=f"fragile-{job.key}", pure=False, retries=1): job for job in todo}
+            futures = {client.submit(_execute, job, str(cache.root), use_cache, key=f"fragile-{job.key}",
+                                     pure=False, retries=1, resources=job.resources): job for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
@@ -169,10 +233,7 @@ def run_sweep(
                 bar.update()
         finally:
             if own:
-                cluster = getattr(client, "cluster", None)
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+                close(client)
     bar.close()
     log.info("sweep: %s", report.summary())
     return report

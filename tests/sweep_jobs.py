@@ -23,3 +23,22 @@ def fail_if(seed: int, bad: int) -> dict:
     if seed == bad:
         raise ValueError(f"seed {seed} is the bad one")
     return {"seed": seed}
+
+
+def die_once(marker: str, value: int) -> dict:
+    """Kill the worker process the first time it runs (``marker`` records that it did)."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return {"value": value, "pid": os.getpid()}
+
+
+def always_die() -> dict:
+    os._exit(1)
+
+
+def sleep_span(index: int, seconds: float) -> dict:
+    """When the job ran: to see whether two jobs overlapped."""
+    start = time.time()
+    time.sleep(seconds)
+    return {"start": start, "end": time.time()}

@@ -101,3 +101,60 @@ def test_committed_summary_matches_the_executed_chapter():
         summary = json.loads((ROOT / "results" / section.name / meta["profile"] / "summary.json").read_text())
         assert summary["provenance"]["parameters"]["n_seeds"] == meta["parameters"].get("n_seeds", summary["provenance"]["parameters"]["n_seeds"])
         assert not math.isnan(summary["provenance"]["duration_s"])
+
+
+def test_cli_bad_scheduler_fails_fast_naming_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    cli = [sys.executable, "-m", "fragile", "run", "iris", "--profile", "smoke", "-o", str(tmp_path / "nb.ipynb")]
+    start = time.monotonic()
+    bad = subprocess.run([*cli, "--scheduler", "tcp://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "scheduler='tcp://127.0.0.1:9'" in bad.stderr
+    assert time.monotonic() - start < 20
+    typo = subprocess.run([*cli, "--scheduler", "locall"], cwd=ROOT, capture_output=True, text=True)
+    assert typo.returncode == 2 and "scheduler='locall' is not allowed" in typo.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_section_on_a_local_cluster_started_by_the_runner(tmp_path):
+    """`fragile run` with scheduler local: the runner starts the cluster, prints its dashboard, and the
+    chapter's jobs run on it (the notebook gets the cluster's tcp:// address); the numbers equal an
+    in-process computation of the same study."""
+    import subprocess
+    import sys
+
+    from fragile import iris
+
+    small = {"n_seeds": 1, "depths": [1], "widths": [8]}
+    cli = [sys.executable, "-m", "fragile", "run", "iris", "--profile", "smoke", "--scheduler", "local", "--workers", "2",
+           "-p", "results_dir", str(tmp_path / "res"), "-o", str(tmp_path / "nb.ipynb")]
+    for key, value in small.items():
+        cli += ["-p", key, json.dumps(value)]
+    done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dashboard: http" in done.stderr
+    nb = json.loads((tmp_path / "nb.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "2 done, 0 cached, 0 failed" in text
+    assert nb["metadata"]["fragile"]["parameters"]["scheduler"] == "local"
+
+    summary = json.loads((tmp_path / "res" / "01_iris" / "smoke" / "summary.json").read_text())
+    params = runner.resolve_parameters(runner.find_section("iris", ROOT), "smoke", {**small, "scheduler": "in-process"}, ROOT)
+    fields = {f.name for f in dataclasses.fields(IrisConfig)}
+    cfg = IrisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in fields})
+    groups, _ = iris.run_study(cfg, progress=False)
+    head = iris.headline(groups, cfg.headline_width)
+    for key in ("with_wd", "without_wd"):
+        assert summary["results"]["headline"][key]["spearman"]["values"] == head[key]["spearman"]["values"], key
+
+
+def test_execution_parameters_do_not_make_the_book_stale():
+    section = runner.find_section("iris", ROOT)
+    base = runner.resolve_parameters(section, "default", None, ROOT)
+    moved = runner.resolve_parameters(section, "default", {"scheduler": "tcp://10.0.0.1:8786", "n_workers": 8}, ROOT)
+    assert runner.params_digest(base) == runner.params_digest(moved)
+    assert runner.params_digest(base) != runner.params_digest({**base, "n_seeds": 3})
+    with pytest.raises(InvalidArgumentError, match=r"only execution overrides.*\['n_seeds'\]"):
+        runner.run_book_sections("smoke", ROOT, overrides={"n_seeds": 3})

@@ -1,13 +1,15 @@
 """The sweep layer on a real LocalCluster with 2 worker processes on loopback."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
-from sweep_jobs import fail_if, train_small
+from sweep_jobs import always_die, die_once, fail_if, sleep_span, train_small
 
+from fragile import iris
 from fragile.errors import InvalidArgumentError
-from fragile.sweep import Job, connect, run_sweep
+from fragile.sweep import Job, close, connect, run_sweep
 
 
 def _grid(steps=60):
@@ -18,9 +20,7 @@ def _grid(steps=60):
 def client():
     c = connect("local", n_workers=2)
     yield c
-    cluster = c.cluster
-    c.close()
-    cluster.close()
+    close(c)
 
 
 def test_same_numbers_in_process_and_on_two_workers(tmp_path, client):
@@ -30,6 +30,29 @@ def test_same_numbers_in_process_and_on_two_workers(tmp_path, client):
     for name, value in local.results.items():
         assert torch.equal(value["params"], dist.results[name]["params"]), name
     assert len({v["pid"] for v in dist.results.values()}) == 2, "both workers took jobs"
+
+
+def _iris_numbers(groups) -> list[torch.Tensor]:
+    out = []
+    for g in groups:
+        for r in g["runs"]:
+            out += [torch.as_tensor(r[k]) for k in ("predicted_all", "actual", "actual_vs_control", "lambda_max", "grad_norm") if k in r]
+    return out
+
+
+def test_iris_grid_same_bits_in_process_one_worker_and_two_workers(tmp_path, client):
+    """The chapter's own jobs: the numbers do not depend on where a job ran."""
+    cfg = iris.IrisConfig(n_seeds=2, depths=(1, 2), widths=(8,), train_steps=150, retrain_steps=20, use_cache=False)
+    local, rep_local = iris.run_study(replace(cfg, scheduler="in-process"), progress=False)
+    two, rep_two = iris.run_study(cfg, client=client, progress=False)
+    one, rep_one = iris.run_study(replace(cfg, n_workers=1), progress=False)
+    assert len(rep_local.done) == len(rep_two.done) == len(rep_one.done) == 3
+    assert not (rep_local.failed or rep_two.failed or rep_one.failed)
+    assert rep_local.dashboard is None and rep_two.dashboard.startswith("http")
+    a, b, c = _iris_numbers(local), _iris_numbers(two), _iris_numbers(one)
+    assert len(a) == len(b) == len(c) > 0
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
 
 
 def test_rerun_recomputes_nothing_and_failures_are_reported(tmp_path, client):
@@ -110,3 +133,47 @@ def test_sigkill_midway_then_resume(tmp_path):
     clean = run_sweep(jobs, cache_dir=str(tmp_path / "clean"), progress=False)
     for name in clean.results:
         assert torch.equal(clean.results[name]["params"], resumed.results[name]["params"]), name
+
+
+def test_worker_that_dies_mid_job_is_retried_or_reported(tmp_path):
+    """A worker process that dies mid-job: its job is rescheduled on a restarted worker; a job that kills
+    every worker it lands on is reported as failed after the allowed retries, and the sweep still ends."""
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        c = connect("local", n_workers=2)
+        try:
+            ok = [Job(f"ok/{s}", train_small, {"seed": s, "width": 3, "steps": 30}) for s in range(3)]
+            flaky = Job("flaky", die_once, {"marker": str(tmp_path / "died"), "value": 7})
+            report = run_sweep([flaky, *ok], cache_dir=str(tmp_path / "a"), client=c, progress=False)
+            assert (tmp_path / "died").exists(), "the first attempt killed its worker"
+            assert not report.failed and report.results["flaky"]["value"] == 7 and len(report.done) == 4
+            doomed = Job("doomed", always_die, {})
+            start = time.monotonic()
+            report = run_sweep([doomed, *ok], cache_dir=str(tmp_path / "b"), client=c, progress=False)
+            assert list(report.failed) == ["doomed"] and "KilledWorker" in report.failed["doomed"]["error"]
+            assert sorted(report.done) == sorted(j.name for j in ok)
+            assert time.monotonic() - start < 120
+        finally:
+            close(c)
+
+
+def test_resource_annotations_reach_the_scheduler(tmp_path):
+    """One worker with two threads and one "GPU": jobs that each need the GPU never overlap; the same
+    jobs without the annotation do (so the annotation, not chance, serialised them)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, resources={"GPU": 1}, dashboard_address=":0")
+    client = Client(cluster)
+    try:
+        def spans(resources, cache):
+            jobs = [Job(f"s/{i}", sleep_span, {"index": i, "seconds": 1.0}, resources=resources) for i in range(2)]
+            r = run_sweep(jobs, cache_dir=str(tmp_path / cache), client=client, progress=False).results
+            a, b = r["s/0"], r["s/1"]
+            return min(a["end"], b["end"]) - max(a["start"], b["start"])  # > 0 when the two ran at the same time
+
+        assert spans(None, "free") > 0.5
+        assert spans({"GPU": 1}, "gpu") < 0
+    finally:
+        client.close()
+        cluster.close()
