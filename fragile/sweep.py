@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,13 +53,16 @@ class Job:
     ``fn`` must be importable by worker processes (a module-level function), and ``config`` must hold
     everything its result depends on. ``resources`` are Dask resource annotations, e.g. ``{"GPU": 1}``:
     the job then runs only on workers started with that resource (``--resources GPU=1``), one per GPU.
-    They decide where a job runs, not what it computes, so they are not part of its key.
+    They decide where a job runs, not what it computes, so they are not part of its key; nor is
+    ``cost``, a rough relative run time: jobs are submitted most expensive first, so that a long job
+    does not start last and leave the other workers idle.
     """
 
     name: str
     fn: Callable[..., Any]
     config: dict[str, Any]
     resources: dict[str, float] | None = None
+    cost: float = 1.0
 
     @property
     def key(self) -> str:
@@ -73,6 +77,7 @@ class SweepReport:
     done: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # run time of each job computed now
     dashboard: str | None = None  # the Dask dashboard of the cluster used, if any
 
     def summary(self) -> str:
@@ -82,7 +87,7 @@ class SweepReport:
         return line
 
 
-def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any]:
+def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
     """Run one job and publish its result; never raises (a failure is returned with its traceback).
 
     The job runs on one torch thread wherever it runs: the thread count changes the order of
@@ -91,14 +96,15 @@ def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any]:
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    start = time.perf_counter()
     try:
         payload = job.fn(**job.config)
     except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
-        return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
     ResultCache(cache_root, enabled=use_cache).save(job.name, job.config, payload)
-    return "ok", payload
+    return "ok", payload, time.perf_counter() - start
 
 
 def connect(scheduler: str, n_workers: int | None = None):
@@ -201,7 +207,8 @@ def run_sweep(
             report.results[job.name] = hit
             report.cached.append(job.name)
 
-    def record(job: Job, status: str, value: Any) -> None:
+    def record(job: Job, status: str, value: Any, seconds: float = float("nan")) -> None:
+        report.seconds[job.name] = seconds
         if status == "ok":
             report.results[job.name] = value
             report.done.append(job.name)
@@ -209,6 +216,7 @@ def run_sweep(
             report.failed[job.name] = {"config": job.config, **value}
             log.error("job %s failed: %s", job.name, value["error"])
 
+    todo.sort(key=lambda j: -j.cost)  # stable: equal costs keep their order
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not todo)
     if todo and scheduler == "in-process" and client is None:
         for job in todo:
@@ -226,10 +234,9 @@ def run_sweep(
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
-                    status, value = fut.result()
+                    record(job, *fut.result())
                 except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the worker died more than allowed
-                    status, value = "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-                record(job, status, value)
+                    record(job, "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
                 bar.update()
         finally:
             if own:

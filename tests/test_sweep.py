@@ -177,3 +177,10 @@ def test_resource_annotations_reach_the_scheduler(tmp_path):
     finally:
         client.close()
         cluster.close()
+
+
+def test_expensive_jobs_start_first_and_run_times_are_reported(tmp_path):
+    jobs = [Job(f"c/{i}", fail_if, {"seed": i, "bad": -1}, cost=c) for i, c in enumerate((1.0, 5.0, 3.0, 5.0))]
+    report = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
+    assert report.done == ["c/1", "c/3", "c/2", "c/0"]
+    assert set(report.seconds) == {j.name for j in jobs} and all(s >= 0 for s in report.seconds.values())

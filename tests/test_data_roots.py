@@ -1,0 +1,43 @@
+"""The real-data loaders on data roots written by the tests in torchvision's on-disk format."""
+
+import numpy as np
+import pytest
+import torch
+from data_roots import write_mnist_root
+
+from fragile.data import load_small_mnist, resolve_data_root
+from fragile.errors import InvalidArgumentError
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    return root, write_mnist_root(root, n_train=60_000, n_test=10_000)
+
+
+def test_small_mnist_is_koh_and_liangs_split(mnist_root):
+    root, arrays = mnist_root
+    small = load_small_mnist(root)
+    # Koh & Liang's load_small_mnist, step by step with NumPy's global legacy generator, as they wrote it.
+    np.random.seed(0)
+    rest_images, rest_labels = arrays["train_images"][5000:], arrays["train_labels"][5000:]
+    perm = np.arange(len(rest_labels))
+    np.random.shuffle(perm)
+    perm = perm[: int(len(rest_labels) / 10)]
+    assert len(small.train) == 5500 and len(small.test) == 10_000
+    assert torch.equal(small.train.x[:, 0], torch.as_tensor(rest_images[perm], dtype=torch.float64) / 255)
+    assert torch.equal(small.train.y, torch.as_tensor(rest_labels[perm], dtype=torch.long))
+    assert torch.equal(small.test.y, torch.as_tensor(arrays["t10k_labels"], dtype=torch.long))
+    assert small.train.x.shape == (5500, 1, 28, 28) and float(small.train.x.max()) <= 1.0
+    # The split depends only on sizes and seed: its fingerprint is fixed for the real 60,000-image set.
+    assert small.indices_checksum == load_small_mnist(root).indices_checksum == "6847b45a30991dcd"
+    assert load_small_mnist(root, seed=1).indices_checksum != small.indices_checksum
+
+
+def test_missing_root_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(InvalidArgumentError, match="data_root=.*holds no torchvision MNIST"):
+        load_small_mnist(tmp_path)
+    monkeypatch.setenv("FRAGILE_DATA", str(tmp_path / "d"))
+    assert resolve_data_root(None) == tmp_path / "d" and resolve_data_root("x") == tmp_path.__class__("x")
+    monkeypatch.delenv("FRAGILE_DATA")
+    assert resolve_data_root(None) is None and resolve_data_root("") is None
