@@ -122,8 +122,13 @@ def connect(scheduler: str, n_workers: int | None = None):
     if n_workers is not None:
         check_int("n_workers", n_workers, minimum=1)
     if scheduler == "local":
+        import dask
+
         workers = n_workers or max(1, (os.cpu_count() or 1))
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        # Saturation 1.0: a worker holds only the job it runs, so when a job kills its worker no queued
+        # bystander is blamed for the death (Dask counts every task on a dead worker as suspicious).
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
     else:
         try:
