@@ -44,6 +44,7 @@ test-unit: venv
 bench: venv
 	$(PY) benchmarks/loo_batched.py
 	$(PY) benchmarks/sweep_scaling.py
+	$(PY) benchmarks/exact_hessian.py
 
 # Execute every chapter with $(PROFILE) into book/sections/, then build the HTML (warnings are errors).
 book: venv vendor
