@@ -155,3 +155,31 @@ def load_small_mnist(
         test=as_dataset(test_set.data, test_set.targets, "mnist-test"),
         train_indices=kept,
     )
+
+
+def split_by_class(data: Dataset, n_train_per_class: int, n_test_per_class: int, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A seeded, class-balanced train/test split: ``n_train_per_class`` and ``n_test_per_class`` of each class.
+
+    The held-out test images never overlap the training images. Within each class the members are
+    permuted with ``seed``; the first go to test, the next to training. Both sets keep the original order.
+
+    Raises:
+        InvalidArgumentError: a class has fewer than ``n_train_per_class + n_test_per_class`` members.
+    """
+    check_int("n_train_per_class", n_train_per_class, minimum=1)
+    check_int("n_test_per_class", n_test_per_class, minimum=1)
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.y == c).flatten()
+        need = n_train_per_class + n_test_per_class
+        if members.numel() < need:
+            raise InvalidArgumentError(
+                f"n_train_per_class + n_test_per_class = {need} is not allowed; class {c} of {data.name} has {members.numel()} members"
+            )
+        members = members[torch.randperm(members.numel(), generator=gen)]
+        test_idx.append(members[:n_test_per_class])
+        train_idx.append(members[n_test_per_class:need])
+    tr, te = torch.sort(torch.cat(train_idx)).values, torch.sort(torch.cat(test_idx)).values
+    return (Dataset(data.x[tr], data.y[tr], f"{data.name}-train", data.source),
+            Dataset(data.x[te], data.y[te], f"{data.name}-test", data.source))

@@ -41,3 +41,21 @@ def test_missing_root_is_a_clear_error(tmp_path, monkeypatch):
     assert resolve_data_root(None) == tmp_path / "d" and resolve_data_root("x") == tmp_path.__class__("x")
     monkeypatch.delenv("FRAGILE_DATA")
     assert resolve_data_root(None) is None and resolve_data_root("") is None
+
+
+def test_class_balanced_split_of_the_offline_digits():
+    from fragile.data import load_mnist_digits, split_by_class
+
+    digits = load_mnist_digits(dtype=torch.float32)
+    train, test = split_by_class(digits, 40, 10, seed=3)
+    assert torch.equal(torch.bincount(train.y), torch.full((10,), 40)) and torch.equal(torch.bincount(test.y), torch.full((10,), 10))
+    # No image is in both sets, and each set's images are really digits of its labels (rows of the source).
+    rows = {r.numpy().tobytes(): int(label) for r, label in zip(digits.x, digits.y)}
+    tr = {r.numpy().tobytes() for r in train.x}
+    te = {r.numpy().tobytes() for r in test.x}
+    assert len(tr) == 400 and len(te) == 100 and not tr & te
+    assert all(rows[r.numpy().tobytes()] == int(label) for r, label in zip(train.x, train.y))
+    again = split_by_class(digits, 40, 10, seed=3)[0]
+    assert torch.equal(again.x, train.x) and not torch.equal(split_by_class(digits, 40, 10, seed=4)[0].x, train.x)
+    with pytest.raises(InvalidArgumentError, match="n_train_per_class \\+ n_test_per_class = 501 is not allowed"):
+        split_by_class(digits, 500, 1)
