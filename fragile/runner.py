@@ -146,9 +146,8 @@ class Schedulers:
         self._stack, self._n_workers, self._seen = stack, n_workers, {}
 
     def resolve(self, scheduler: str) -> str:
-        from fragile.sweep import check_scheduler, shared_scheduler
+        from fragile.sweep import shared_scheduler
 
-        check_scheduler(scheduler)
         if scheduler == "in-process":
             return scheduler
         if scheduler not in self._seen:
