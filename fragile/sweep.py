@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,16 +150,12 @@ def close(client) -> None:
 
 @contextmanager
 def shared_scheduler(scheduler: str, n_workers: int | None = None) -> Iterator[tuple[str, str | None]]:
-    """The scheduler to hand to several sweeps (e.g. every chapter of a book run), and its dashboard.
+    """The address of a Dask scheduler to hand to several sweeps (e.g. every chapter of a book run), and
+    its dashboard.
 
-    ``"local"`` starts one ``LocalCluster`` for the whole block and yields its address, so the chapters
-    share its workers; an address is checked (an unreachable one fails here, within seconds) and yielded
-    unchanged; ``"in-process"`` yields itself and no dashboard.
+    ``"local"`` starts one ``LocalCluster`` for the whole block, so the chapters share its workers; an
+    address is checked (an unreachable one fails here, within seconds) and yielded unchanged.
     """
-    check_scheduler(scheduler)
-    if scheduler == "in-process":
-        yield scheduler, None
-        return
     client = connect(scheduler, n_workers)
     try:
         yield client.scheduler.address, client.dashboard_link
@@ -234,7 +231,10 @@ def run_sweep(
         client = client or connect(scheduler, n_workers)
         report.dashboard = client.dashboard_link
         try:
-            futures = {client.submit(_execute, job, str(cache.root), use_cache, key=f"fragile-{job.key}",
+            # A fresh token per sweep: the cluster may still hold an earlier sweep's task of the same job
+            # (released asynchronously), and reusing it would skip publishing to this sweep's cache.
+            token = uuid.uuid4().hex[:8]
+            futures = {client.submit(_execute, job, str(cache.root), use_cache, key=f"fragile-{job.key}-{token}",
                                      pure=False, retries=1, resources=job.resources): job for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]

@@ -68,6 +68,15 @@ def test_rerun_recomputes_nothing_and_failures_are_reported(tmp_path, client):
     assert "2 done, 0 cached, 1 failed" in report.summary()
 
 
+def test_the_same_jobs_swept_again_on_one_client_publish_to_the_new_cache(tmp_path, client):
+    """The cluster may still hold the first sweep's tasks: the second must run its own, not reuse them."""
+    jobs = _grid()[:2]
+    run_sweep(jobs, cache_dir=str(tmp_path / "a"), client=client, progress=False)
+    second = run_sweep(jobs, cache_dir=str(tmp_path / "b"), client=client, progress=False)
+    assert len(second.done) == 2
+    assert all((tmp_path / "b" / job.key / "payload.pt").is_file() for job in jobs)
+
+
 def test_corrupt_entry_is_recomputed(tmp_path):
     jobs = _grid()[:2]
     first = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
@@ -167,7 +176,7 @@ def test_resource_annotations_reach_the_scheduler(tmp_path):
     client = Client(cluster)
     try:
         def spans(resources, cache):
-            jobs = [Job(f"s/{i}", sleep_span, {"index": i, "seconds": 1.0}, resources=resources) for i in range(2)]
+            jobs = [Job(f"s/{i}", sleep_span, {"index": i, "seconds": 2.0}, resources=resources) for i in range(2)]
             r = run_sweep(jobs, cache_dir=str(tmp_path / cache), client=client, progress=False).results
             a, b = r["s/0"], r["s/1"]
             return min(a["end"], b["end"]) - max(a["start"], b["start"])  # > 0 when the two ran at the same time
