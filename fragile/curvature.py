@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,10 @@ from fragile.errors import InvalidArgumentError, check_int
 from fragile.objective import Objective
 
 log = logging.getLogger(__name__)
+
+# torch's own forward-mode decompositions call the deprecated torch.jit.script on the first jvp of a
+# convolution; nothing a user can act on, and it would otherwise appear in every chapter run in-process.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 

@@ -158,7 +158,8 @@ def load_small_mnist(
 
 
 def split_by_class(data: Dataset, n_train_per_class: int, n_test_per_class: int, *, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """A seeded, class-balanced train/test split: ``n_train_per_class`` and ``n_test_per_class`` of each class.
+    """A seeded, class-balanced train/test split: ``n_train_per_class`` and ``n_test_per_class`` of each class
+    (``n_test_per_class=0``: a class-balanced subset and an empty test set).
 
     The held-out test images never overlap the training images. Within each class the members are
     permuted with ``seed``; the first go to test, the next to training. Both sets keep the original order.
@@ -167,7 +168,7 @@ def split_by_class(data: Dataset, n_train_per_class: int, n_test_per_class: int,
         InvalidArgumentError: a class has fewer than ``n_train_per_class + n_test_per_class`` members.
     """
     check_int("n_train_per_class", n_train_per_class, minimum=1)
-    check_int("n_test_per_class", n_test_per_class, minimum=1)
+    check_int("n_test_per_class", n_test_per_class, minimum=0)
     gen = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
     for c in range(data.num_classes):

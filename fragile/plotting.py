@@ -85,6 +85,98 @@ def correlation_vs_diagnostic(table, *, diagnostic: str, xlabel: str, title: str
     return fig
 
 
+BAND_STYLE = {"top": ("#2166ac", "o"), "band": ("#d6604d", "s")}
+
+
+def correlation_per_test_point(table, *, band_names: dict[str, str], paper_range: tuple[float, float] | None = None, title: str):
+    """Spearman per test point (x: rank of its test loss) and band, with the paper's range shaded."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    if paper_range is not None:
+        ax.axhspan(*paper_range, color="#999999", alpha=0.2, label="paper's range (top band)")
+    for band, name in band_names.items():
+        sub = table[table["band"] == band]
+        if sub.empty:
+            continue
+        colour, marker = BAND_STYLE.get(band, ("black", "o"))
+        ax.plot(sub["test_point"], sub["spearman"], marker=marker, color=colour, ls="-", lw=0.8, label=name)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("test point (0 = highest test loss, last = median)")
+    ax.set_ylabel("Spearman (predicted vs actual)")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def hessian_spectrum(eigenvalues: np.ndarray, *, title: str, damping: float | None = None):
+    """Every eigenvalue's magnitude, sorted, on a log axis; positive and negative ones in two colours."""
+    ev = np.sort(np.asarray(eigenvalues, dtype=float))[::-1]
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    rank = np.arange(ev.size)
+    for mask, colour, label in ((ev > 0, "#2166ac", "positive"), (ev < 0, "#b2182b", "negative (magnitude)")):
+        if mask.any():
+            ax.scatter(rank[mask], np.abs(ev[mask]), s=3, color=colour, label=f"{label}: {int(mask.sum())}")
+    if damping:
+        ax.axhline(damping, color="grey", ls="--", lw=0.8, label=f"damping λ = {damping:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue rank (largest first)")
+    ax.set_ylabel("|eigenvalue|")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def correlation_vs_weight_decay(table, *, title: str):
+    """Spearman of every test point (faint) and their mean (line) against weight decay; 0 on a linear stretch."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    positive = sorted(w for w in table["weight_decay"].unique() if w > 0)
+    ax.scatter(table["weight_decay"], table["spearman"], s=14, alpha=0.35, color="#2166ac", label="one test point")
+    stats = table.groupby("weight_decay")["spearman"].agg(["mean", "std"]).reset_index()
+    ax.errorbar(stats["weight_decay"], stats["mean"], yerr=stats["std"], color="#053061", marker="o", capsize=3, label="mean ± std over test points")
+    if positive:
+        ax.set_xscale("symlog", linthresh=positive[0])
+    ax.axvline(0.01, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("weight decay")
+    ax.set_ylabel("Spearman, top band")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def test_point_panel(*, predicted: np.ndarray, actual: np.ndarray, scatter_title: str, test_image: np.ndarray, test_caption: str,
+                     helpful: list[tuple[np.ndarray, str]], harmful: list[tuple[np.ndarray, str]]):
+    """One test point: the predicted-vs-actual scatter, the test image, and the training images whose removal
+    is predicted to raise (helpful) and to lower (harmful) its loss the most, each with a caption."""
+    cols = max(len(helpful), len(harmful), 1)
+    fig = plt.figure(figsize=(5.4 + 1.1 * cols, 4.0))
+    grid = fig.add_gridspec(2, cols + 4, width_ratios=[3.6, 0.2, 1.0, 0.25] + [1.0] * cols)
+    predicted_vs_actual(predicted, actual, title=scatter_title, ax=fig.add_subplot(grid[:, 0]))
+
+    def thumbnail(ax, image, caption):
+        ax.imshow(np.asarray(image).squeeze(), cmap="gray_r")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(caption, fontsize=6.5)
+
+    test_ax = fig.add_subplot(grid[0, 2])
+    thumbnail(test_ax, test_image, test_caption)
+    for side in ("left", "right", "top", "bottom"):
+        test_ax.spines[side].set_color("#d6604d")
+        test_ax.spines[side].set_linewidth(2)
+    for row, (items, name) in enumerate(((helpful, "helpful"), (harmful, "harmful"))):
+        for c, (image, caption) in enumerate(items):
+            ax = fig.add_subplot(grid[row, c + 4])
+            thumbnail(ax, image, caption)
+            if c == 0:
+                ax.set_ylabel(f"most {name}", fontsize=8)
+    fig.subplots_adjust(wspace=0.3, hspace=0.5)
+    return fig
+
+
 def to_png(fig, dpi: int = 110) -> bytes:
     """A figure as PNG bytes (for kernel-free widget panels); closes the figure."""
     buf = io.BytesIO()

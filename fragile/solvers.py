@@ -188,12 +188,14 @@ def arnoldi_eigenpairs(
     return evals[order], q[:iterations].T @ evecs[:, order]
 
 
-def spectral_inverse_weights(eigenvalues: torch.Tensor, damping: float, negative: str) -> torch.Tensor:
+def spectral_inverse_weights(eigenvalues: torch.Tensor, damping: float, negative: str, *, eps: float | None = None) -> torch.Tensor:
     """``1 / (f(λ_i) + damping)`` for a negative-eigenvalue policy ``f``.
 
     Policies: ``"keep"`` uses the eigenvalues as they are (the paper's practice: damping only);
     ``"clip"`` replaces negative eigenvalues by 0; ``"abs"`` uses their magnitude. A damped
-    eigenvalue of (numerically) zero makes the inverse undefined and raises.
+    eigenvalue within the eigenvalues' own round-off of zero (``√p·eps·max|λ|``, with ``eps`` the machine
+    precision the matrix was computed in; default: the eigenvalues' dtype) makes the inverse undefined
+    and raises.
     """
     if negative == "keep":
         f = eigenvalues
@@ -204,7 +206,8 @@ def spectral_inverse_weights(eigenvalues: torch.Tensor, damping: float, negative
     else:
         raise InvalidArgumentError(f"negative={negative!r} is not allowed; choose one of ['keep', 'clip', 'abs']")
     d = f + damping
-    tol = d.numel() * torch.finfo(d.dtype).eps * float(eigenvalues.abs().max().clamp_min(1.0))
+    eps = torch.finfo(d.dtype).eps if eps is None else eps
+    tol = math.sqrt(d.numel()) * eps * float(eigenvalues.abs().max().clamp_min(1.0))
     if bool((d.abs() <= tol).any()):
         raise InvalidArgumentError(
             f"H + damping·I is singular (an eigenvalue of {float(d[d.abs().argmin()]):.3g} after damping {damping}); "

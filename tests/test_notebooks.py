@@ -10,13 +10,14 @@ import pytest
 from fragile import runner
 from fragile.errors import InvalidArgumentError
 from fragile.iris import IrisConfig
+from fragile.small_mnist import SmallMnistConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
 
 
 def test_there_are_sections():
-    assert [s.name for s in SECTIONS][:1] == ["01_iris"]
+    assert [s.name for s in SECTIONS][:2] == ["01_iris", "02_small_mnist"]
 
 
 @pytest.mark.parametrize("section", SECTIONS, ids=lambda s: s.name)
@@ -40,19 +41,29 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
             assert all(v is None or -1.0 <= v <= 1.0 for v in s["values"])
         verdicts = {c["verdict"] for c in summary["results"]["claims"]}
         assert verdicts <= {"reproduced", "partly reproduced", "not reproduced", "not run"}
+    if section.name == "02_small_mnist":
+        res = summary["results"]
+        assert set(res["estimators"]) >= {"exact", "lissa", "arnoldi"}
+        assert res["estimators"]["exact"]["error_vs_exact"] == 0.0
+        rows = res["correlations"]
+        assert {r["band"] for r in rows} == {"top", "band"}
+        assert {r["weight_decay"] for r in rows} == set(smoke["weight_decays"])
+        assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
+        assert {c["key"] for c in res["claims"]} == {"range", "band", "wd_fall"}
 
 
-def test_iris_parameters_cell_matches_its_config():
-    section = runner.find_section("iris", ROOT)
-    fields = {f.name: f.default for f in dataclasses.fields(IrisConfig)}
+@pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig)])
+def test_parameters_cell_matches_its_config(name, config):
+    section = runner.find_section(name, ROOT)
+    fields = {f.name: f.default for f in dataclasses.fields(config)}
     declared = section.parameters
     assert set(runner.COMMON_PARAMETERS) <= set(declared)
     # Every declared parameter is a config field, and the notebook's literal defaults are the config's.
-    for name, info in declared.items():
-        assert name in fields, name
+    for param, info in declared.items():
+        assert param in fields, param
         value = eval(info["default"])  # noqa: S307 - literals from our own template
-        expected = fields[name]
-        assert (list(value) if isinstance(value, (list, tuple)) else value) == (list(expected) if isinstance(expected, tuple) else expected), name
+        expected = fields[param]
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == (list(expected) if isinstance(expected, tuple) else expected), param
 
 
 @pytest.mark.parametrize("profile", runner.PROFILES)

@@ -1,0 +1,123 @@
+"""The small-MNIST section's own logic: data, test-point choice, config checks, and that a model job's
+numbers match independent computations (sequential leave-one-out retraining, a separately built estimator)."""
+
+import numpy as np
+import pytest
+import torch
+from data_roots import write_mnist_root
+
+from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
+from fragile.errors import InvalidArgumentError
+from fragile.small_mnist import SmallMnistConfig, choose_test_points, claims, load_data, model_jobs, run_model
+
+TINY = dict(n_train=20, n_test=50, weight_decays=(0.001, 0.1), lr=0.001, batch_size=10, train_steps=60, retrain_steps=8,
+            n_test_points=2, top_k=4, band_k=4, cg_max_iter=60, lissa_depth=10, lissa_batch_size=10, arnoldi_rank=10,
+            sweep_estimator="cg", scheduler="in-process", use_cache=False)
+
+
+def test_test_points_run_from_the_highest_loss_to_the_median():
+    losses = np.array([0.3, 5.0, 0.1, 2.0, 0.7, 0.2, 1.0])  # ranks: 5.0, 2.0, 1.0, 0.7 (median), 0.3, 0.2, 0.1
+    assert choose_test_points(losses, 1).tolist() == [1]
+    assert choose_test_points(losses, 2).tolist() == [1, 4]
+    assert choose_test_points(losses, 4).tolist() == [1, 3, 6, 4]
+    with pytest.raises(InvalidArgumentError, match="n_points"):
+        choose_test_points(losses, 8)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"weight_decay": 0.05}, "weight_decay=0.05 is not allowed; it must be one of weight_decays"),
+    ({"n_train": 55}, "n_train=55 is not allowed; it must be 0 .all. or a multiple of 10"),
+    ({"n_train": 20, "top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
+    ({"weight_decays": (0.001, 0.001)}, "repeats a value"),
+    ({"sweep_estimator": "newton"}, "sweep_estimator"),
+    ({"dtype": "float16"}, "dtype"),
+    ({"band_quantile": 1.5}, "band_quantile"),
+])
+def test_bad_parameters_are_refused_by_name(bad, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        SmallMnistConfig(**{**TINY, **bad})
+
+
+def test_offline_data_are_a_disjoint_class_balanced_split_of_the_real_digits():
+    data = load_data(SmallMnistConfig(**TINY))
+    assert data.stand_in and data.indices_checksum is None
+    assert len(data.train) == 20 and len(data.test) == 50
+    assert torch.bincount(data.train.y).tolist() == [2] * 10 and torch.bincount(data.test.y).tolist() == [5] * 10
+    flat_train, flat_test = data.train.x.flatten(1), data.test.x.flatten(1)
+    assert not any(bool((flat_test == row).all(dim=1).any()) for row in flat_train)
+    again = load_data(SmallMnistConfig(**TINY))
+    assert torch.equal(again.train.x, data.train.x) and torch.equal(again.test.y, data.test.y)
+    assert "not Koh & Liang's" in data.description
+
+
+def test_a_data_root_gives_koh_and_liangs_split_and_is_part_of_the_job_key(tmp_path, monkeypatch):
+    write_mnist_root(tmp_path, n_train=6000, n_test=200)
+    cfg = SmallMnistConfig(**{**TINY, "data_root": str(tmp_path), "n_train": 0, "n_test": 0})
+    data = load_data(cfg)
+    assert not data.stand_in and len(data.train) == 100 and len(data.test) == 200  # 10 % of 6,000 − 5,000
+    assert data.indices_checksum and data.indices_checksum in data.description
+    monkeypatch.setenv("FRAGILE_DATA", str(tmp_path))
+    via_env = load_data(SmallMnistConfig(**{**TINY, "n_train": 0, "n_test": 0}))
+    assert torch.equal(via_env.train.x, data.train.x)
+    real_key = model_jobs(SmallMnistConfig(**TINY))[0].key
+    monkeypatch.delenv("FRAGILE_DATA")
+    assert model_jobs(SmallMnistConfig(**TINY))[0].key != real_key  # a cached offline result is never reused for real data
+
+
+@pytest.fixture(scope="module")
+def sweep_model():
+    """A non-headline model of the tiny config with influence by CG, and its inputs. The CNN's Hessian is
+    indefinite (θ* is near a saddle), so the damping is made large enough for CG to apply."""
+    cfg = SmallMnistConfig(**{**TINY, "damping": 5.0})
+    return cfg, load_data(cfg), run_model(cfg, 0, 0.1)
+
+
+def test_a_model_job_reports_its_training_and_influence(sweep_model):
+    cfg, data, out = sweep_model
+    assert "failed" not in out and not out["headline"] and out["primary"] == "cg"
+    assert out["num_params"] == 2616 and out["n_train"] == 20
+    objective = Objective(build_model("koh_liang_cnn", seed=0, dtype=torch.float32), 0.1)
+    spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
+    theta = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False).params[0]
+    losses = objective.sample_losses(theta, data.test.x, data.test.y).double().numpy()
+    assert out["test_points"].tolist() == choose_test_points(losses, cfg.n_test_points).tolist()
+    # The same influences from an estimator built here, on the independently retrained θ*: exact, not CG.
+    exact = make_estimator("exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False)
+    tp = torch.as_tensor(out["test_points"])
+    reference = exact.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()
+    assert exact.spectrum.smallest + cfg.damping > 0  # H + λI positive definite: CG's system
+    np.testing.assert_allclose(out["estimators"]["cg"]["predicted"], reference, rtol=2e-3, atol=2e-3 * np.abs(reference).max())
+
+
+def test_shared_leave_one_out_models_are_mapped_to_the_right_test_point(sweep_model):
+    cfg, data, out = sweep_model
+    objective = Objective(build_model("koh_liang_cnn", seed=0, dtype=torch.float32), 0.1)
+    spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
+    theta = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False).params[0]
+    t = 1
+    entry = out["bands"]["top"][t]
+    i = int(entry["chosen"][-1])
+    tp = int(out["test_points"][t])
+    seq = loo_retrain_sequential(objective, theta, data.train.x, data.train.y, [i], spec.replace(steps=cfg.retrain_steps),
+                                 data.test.x[tp : tp + 1], data.test.y[tp : tp + 1], progress=False)
+    assert float(entry["actual"][-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
+    assert entry["spearman"] == pytest.approx(float(__import__("scipy").stats.spearmanr(entry["predicted"], entry["actual"])[0]))
+
+
+def test_claims_follow_the_stated_rules():
+    def model(wd, headline, top, band=None):
+        bands = {"top": [{"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s} for s in top]}
+        if band is not None:
+            bands["band"] = [{"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s} for s in band]
+        return {"seed": 0, "weight_decay": wd, "headline": headline, "bands": bands, "test_points": np.arange(len(top)),
+                "test_losses": np.ones(len(top)), "drift": np.zeros(len(top))}
+    models = [model(0.001, True, [0.9, 0.45], [0.1, 0.0]), model(0.01, False, [0.8, 0.6]), model(0.1, False, [0.3, 0.2])]
+    got = {c["key"]: c for c in claims(models, 0.001)}
+    assert got["range"]["verdict"] == "reproduced" and got["range"]["ours"] == "0.90 – 0.45"
+    assert got["band"]["verdict"] == "reproduced" and got["band"]["ours_value"] == pytest.approx(0.625)
+    assert got["wd_fall"]["verdict"] == "reproduced" and got["wd_fall"]["ours_value"] == pytest.approx(0.45)
+    models = [model(0.001, True, [0.5, 0.4], [0.6, 0.5]), model(0.01, False, [0.3, 0.3]), model(0.1, False, [0.5, 0.5])]
+    got = {c["key"]: c for c in claims(models, 0.001)}
+    assert got["range"]["verdict"] == "not reproduced" and got["band"]["verdict"] == "not reproduced"
+    assert got["wd_fall"]["verdict"] == "not reproduced"
+    assert {c["key"]: c for c in claims(models[:1], 0.001)}["wd_fall"]["verdict"].startswith("not run")
