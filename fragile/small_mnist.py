@@ -376,11 +376,16 @@ def model_jobs(cfg: SmallMnistConfig) -> list[Job]:
     """
     fields = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_KEY}
     fields["data_root"] = str(resolve_data_root(cfg.data_root) or "")
-    return [
-        Job(f"small_mnist/seed{s}-wd{wd:g}", model_job, {"code_version": CODE_VERSION, "model_seed": s, "model_weight_decay": wd, **fields},
-            cost=10.0 if wd == cfg.weight_decay else 1.0)
-        for s in cfg.seeds for wd in cfg.weight_decays
-    ]
+    jobs = []
+    for s in cfg.seeds:
+        for wd in cfg.weight_decays:
+            # Only this model's own weight decay and the headline one enter its numbers: adding a value to the
+            # sweep leaves the finished models' keys, and so their cache entries, as they were.
+            own = {**fields, "weight_decays": sorted({wd, cfg.weight_decay})}
+            jobs.append(Job(f"small_mnist/seed{s}-wd{wd:g}", model_job,
+                            {"code_version": CODE_VERSION, "model_seed": s, "model_weight_decay": wd, **own},
+                            cost=10.0 if wd == cfg.weight_decay else 1.0))
+    return jobs
 
 
 def run_study(cfg: SmallMnistConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:

@@ -64,6 +64,15 @@ def test_a_data_root_gives_koh_and_liangs_split_and_is_part_of_the_job_key(tmp_p
     assert model_jobs(SmallMnistConfig(**TINY))[0].key != real_key  # a cached offline result is never reused for real data
 
 
+def test_adding_a_weight_decay_to_the_sweep_keeps_the_finished_models_keys():
+    before = {j.name: j.key for j in model_jobs(SmallMnistConfig(**TINY))}
+    after = {j.name: j.key for j in model_jobs(SmallMnistConfig(**{**TINY, "weight_decays": (0.0, 0.001, 0.1)}))}
+    assert set(after) == set(before) | {"small_mnist/seed0-wd0"}
+    assert all(after[name] == key for name, key in before.items())
+    moved = {j.name: j.key for j in model_jobs(SmallMnistConfig(**{**TINY, "weight_decays": (0.01, 0.1), "weight_decay": 0.01}))}
+    assert moved["small_mnist/seed0-wd0.1"] != before["small_mnist/seed0-wd0.1"]  # conservative: the headline value decides which model gets the estimator comparison
+
+
 @pytest.fixture(scope="module")
 def sweep_model():
     """A non-headline model of the tiny config with influence by CG, and its inputs. The CNN's Hessian is

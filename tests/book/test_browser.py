@@ -18,7 +18,7 @@ def _images_loaded(page):
     return page.evaluate("""() => Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])""")
 
 
-@pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "rerun.html", "provenance.html"])
+@pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "rerun.html", "provenance.html"])
 def test_page_renders_offline_with_all_images(browser, server, path):
     page, foreign = _open(browser, f"{server}/{path}")
     assert page.locator("main h1").count() >= 1
@@ -38,10 +38,14 @@ def test_index_typesets_math_and_shows_glued_numbers(browser, server):
     page.close()
 
 
-def test_iris_chapter_has_banner_figures_and_working_widget(browser, server):
-    page, foreign = _open(browser, f"{server}/sections/01_iris.html")
+@pytest.mark.parametrize("path, min_images, controls", [
+    ("sections/01_iris.html", 6, ("depth", "weight-decay")),
+    ("sections/02_small_mnist.html", 4, ("test-point", "band")),
+])
+def test_chapter_has_banner_figures_and_working_widget(browser, server, path, min_images, controls):
+    page, foreign = _open(browser, f"{server}/{path}")
     assert "How this page was computed" in page.inner_text("main")
-    assert len([1 for _, ok in _images_loaded(page) if ok]) >= 6
+    assert len([1 for _, ok in _images_loaded(page) if ok]) >= min_images
     page.wait_for_selector(".widget-slider", timeout=20000)
     visible = lambda: [img.get_attribute("src")[:80] for img in page.locator(".widget-image").all() if img.is_visible()]  # noqa: E731
     before = visible()
@@ -51,16 +55,24 @@ def test_iris_chapter_has_banner_figures_and_working_widget(browser, server):
     page.keyboard.press("ArrowRight")
     page.wait_for_timeout(300)
     after_slider = visible()
-    assert len(after_slider) == 1 and after_slider != before, "moving the depth slider switches the panel"
+    assert len(after_slider) == 1 and after_slider != before, f"moving the {controls[0]} slider switches the panel"
     page.locator(".widget-toggle-button").nth(1).click()
     page.wait_for_timeout(300)
     after_toggle = visible()
-    assert len(after_toggle) == 1 and after_toggle != after_slider, "the weight-decay buttons switch the panel"
+    assert len(after_toggle) == 1 and after_toggle != after_slider, f"the {controls[1]} buttons switch the panel"
     assert not foreign, f"requests to other hosts: {foreign[:5]}"
+    page.close()
+
+
+def test_stand_in_data_are_announced_at_the_top_of_the_small_mnist_chapter(browser, server):
+    page, _ = _open(browser, f"{server}/sections/02_small_mnist.html")
+    box = page.locator("main .admonition").first.inner_text()
+    assert "stand-in" in box and "not Koh & Liang" in box
     page.close()
 
 
 def test_book_builds_with_warnings_as_errors(built_book):
     html, log = built_book
     assert (html / "index.html").is_file() and (html / "sections" / "01_iris.html").is_file()
+    assert (html / "sections" / "02_small_mnist.html").is_file()
     assert "build succeeded" in log or "Finished generating HTML" in log
