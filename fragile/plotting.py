@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 WD_COLOURS = {"with weight decay": "#1b7837", "without weight decay": "#b2182b"}
 
@@ -100,6 +101,7 @@ def correlation_per_test_point(table, *, band_names: dict[str, str], paper_range
         colour, marker = BAND_STYLE.get(band, ("black", "o"))
         ax.plot(sub["test_point"], sub["spearman"], marker=marker, color=colour, ls="-", lw=0.8, label=name)
     ax.axhline(0, color="grey", lw=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("test point (0 = highest test loss, last = median)")
     ax.set_ylabel("Spearman (predicted vs actual)")
     ax.set_ylim(-1.05, 1.05)

@@ -455,7 +455,7 @@ def claims(models: list[dict[str, Any]], headline_wd: float) -> list[dict[str, A
         lo, hi = float(top.min()), float(top.max())
         ok = abs(lo - PAPER_TOP_RANGE[0]) <= 0.15 and abs(hi - PAPER_TOP_RANGE[1]) <= 0.15
         verdict = "reproduced" if ok else ("partly reproduced" if hi - lo >= 0.3 else "not reproduced")
-        out.append({"key": "range", "claim": "Top-band Spearman across test points (with weight decay): lowest – highest",
+        out.append({"key": "range", "claim": "Top-band Spearman across test points (with weight decay): highest – lowest",
                     "paper": f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}", "ours": f"{hi:.2f} – {lo:.2f}",
                     "ours_low": lo, "ours_high": hi, "verdict": verdict})
     hb = table[table["headline"]]

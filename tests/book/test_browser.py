@@ -64,10 +64,15 @@ def test_chapter_has_banner_figures_and_working_widget(browser, server, path, mi
     page.close()
 
 
-def test_stand_in_data_are_announced_at_the_top_of_the_small_mnist_chapter(browser, server):
-    page, _ = _open(browser, f"{server}/sections/02_small_mnist.html")
-    box = page.locator("main .admonition").first.inner_text()
-    assert "stand-in" in box and "not Koh & Liang" in box
+@pytest.mark.parametrize("path, kind, says", [
+    ("sections/01_iris.html", "note", "real data"),
+    ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
+])
+def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
+    page, _ = _open(browser, f"{server}/{path}")
+    box = page.locator(f"main .admonition.{kind}").first
+    assert box.locator(".admonition-title").inner_text() == "How this page was computed"
+    assert says in box.inner_text() and ":::" not in page.inner_text("main")
     page.close()
 
 
