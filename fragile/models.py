@@ -105,7 +105,7 @@ class KohLiangCNN(nn.Module):
         return self.linear(x.mean(dim=(-2, -1)))
 
 
-MODEL_NAMES = ("mlp", "koh_liang_cnn")
+MODEL_NAMES = ("mlp", "koh_liang_cnn", "lenet", "vgg11", "vgg13", "resnet18", "resnet50")
 
 
 def build_model(name: str, *, seed: int, dtype: torch.dtype = torch.float64, **kwargs) -> nn.Module:
@@ -116,11 +116,18 @@ def build_model(name: str, *, seed: int, dtype: torch.dtype = torch.float64, **k
         seed: seed of the initialisation (the global RNG is left untouched).
         dtype: parameter dtype; float64 by default so that exact Hessians and the equality checks of
             batched retraining are not limited by float32 round-off.
-        **kwargs: the architecture's own arguments (see :class:`MLP`, :class:`KohLiangCNN`).
+        **kwargs: the architecture's own arguments (see :class:`MLP`, :class:`KohLiangCNN` and
+            :mod:`fragile.vision_models`).
     """
     check_choice("name", name, MODEL_NAMES)
     check_int("seed", seed, minimum=0)
-    cls = {"mlp": MLP, "koh_liang_cnn": KohLiangCNN}[name]
+    from fragile.vision_models import VGG, LeNet, resnet
+
+    cls = {
+        "mlp": MLP, "koh_liang_cnn": KohLiangCNN, "lenet": LeNet,
+        "vgg11": lambda **kw: VGG("vgg11", **kw), "vgg13": lambda **kw: VGG("vgg13", **kw),
+        "resnet18": lambda **kw: resnet(18, **kw), "resnet50": lambda **kw: resnet(50, **kw),
+    }[name]
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
