@@ -17,6 +17,7 @@ def stack_explorer(
     col_label: str,
     row_names: Sequence[str] | None = None,
     col_names: Sequence[str] | None = None,
+    panel_width: str = "460px",
 ) -> w.VBox:
     """Choose a row value with a slider and a column value with toggle buttons; show that PNG panel.
 
@@ -27,6 +28,7 @@ def stack_explorer(
     Args:
         panels: PNG bytes keyed by ``(row, col)``; a missing key shows a short text instead.
         rows, cols: the values along each control, in order.
+        panel_width: the largest width a panel is shown at (CSS, e.g. ``"100%"`` for wide panels).
     """
     row_names = [str(r) for r in rows] if row_names is None else list(row_names)
     col_names = [str(c) for c in cols] if col_names is None else list(col_names)
@@ -38,7 +40,7 @@ def stack_explorer(
     inner = []
     for c in cols:
         children = [
-            w.Image(value=panels[(r, c)], format="png", layout=w.Layout(max_width="460px"))
+            w.Image(value=panels[(r, c)], format="png", layout=w.Layout(max_width=panel_width))
             if (r, c) in panels else w.HTML("<i>no result for this configuration</i>")
             for r in rows
         ]
