@@ -5,12 +5,69 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 from fragile.config import from_dict, to_dict
+from fragile.devices import DEVICE_CHOICES, check_device_name
+from fragile.errors import check_choice, check_int
 from fragile.provenance import collect, write_summary
+from fragile.runner import PROFILES
+from fragile.sweep import check_scheduler
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChapterConfig:
+    """The fields every chapter's config has: where it runs, how it caches, where it writes. Each chapter's
+    config inherits these (and their checks) and adds the values its numbers depend on.
+
+    Attributes:
+        seed: first model seed; seeds are ``seed … seed + n_seeds − 1``.
+        profile: the parameter profile this run belongs to (``smoke``/``default``/``paper``).
+        device: where to compute; the names a chapter accepts are its ``DEVICES``.
+        use_cache: reuse finished jobs from ``cache_dir``.
+        results_dir: where ``summary.json`` goes.
+        cache_dir: the result cache.
+        scheduler: where the jobs run: ``in-process``, ``local`` (a Dask ``LocalCluster``) or a Dask
+            scheduler address such as ``tcp://host:8786``. Does not change any number.
+        n_workers: worker processes of a ``local`` cluster; 0 means one per CPU core.
+        n_seeds: models per configuration, for the spread over seeds (the paper reports single runs).
+    """
+
+    # The device names a chapter accepts; a chapter whose models are tiny keeps to the CPU.
+    DEVICES: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    seed: int = 0
+    profile: str = "default"
+    device: str = "cpu"
+    use_cache: bool = True
+    results_dir: str = "results"
+    cache_dir: str = ".cache"
+    scheduler: str = "local"
+    n_workers: int = 0
+    n_seeds: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("seed", self.seed, minimum=0)
+        check_choice("profile", self.profile, PROFILES)
+        if self.DEVICES == DEVICE_CHOICES:
+            check_device_name(self.device)
+        else:
+            check_choice("device", self.device, self.DEVICES)
+        check_scheduler(self.scheduler)
+        check_int("n_workers", self.n_workers, minimum=0)
+        check_int("n_seeds", self.n_seeds, minimum=1)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.n_seeds))
+
+
+# Fields that change no number of a job: where it runs and how it is cached (``device`` moves numbers by
+# round-off only; the CPU is the reference).
+NOT_IN_JOB_KEY = ("profile", "device", "use_cache", "results_dir", "cache_dir", "scheduler", "n_workers")
 
 
 def config_from_namespace(cls: type[T], namespace: dict[str, Any]) -> T:

@@ -11,6 +11,14 @@ from fragile.errors import InvalidArgumentError
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "auto")
 
 
+def check_device_name(device: str) -> str:
+    """Raise unless ``device`` is spelled as one of :data:`DEVICE_CHOICES` (whether it exists is checked by
+    :func:`resolve_device`, where the work runs)."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise InvalidArgumentError(f"device={device!r} is not allowed; choose one of {list(DEVICE_CHOICES)}")
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
     """The torch device a chapter computes on; checked before any work.
 
@@ -20,8 +28,7 @@ def resolve_device(device: str) -> torch.device:
     Raises:
         InvalidArgumentError: an unknown name, or a CUDA device that torch does not see here.
     """
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
-        raise InvalidArgumentError(f"device={device!r} is not allowed; choose one of {list(DEVICE_CHOICES)}")
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fragile.chapter import ChapterConfig
 from fragile.config import to_dict
 from fragile.data import Dataset, load_iris
 from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
@@ -28,13 +29,11 @@ from fragile.influence import NEGATIVE_POLICIES, make_estimator
 from fragile.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation, select_top_k
 from fragile.models import ACTIVATIONS, build_model
 from fragile.objective import Objective
-from fragile.runner import PROFILES
-from fragile.sweep import Job, SweepReport, check_scheduler, run_sweep
+from fragile.sweep import Job, SweepReport, run_sweep
 from fragile.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu",)
 MAX_DEPTH = 12
 MAX_WIDTH = 200
 # Part of every cache key: bump when a change to this module alters the numbers it produces.
@@ -42,19 +41,12 @@ CODE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class IrisConfig:
+class IrisConfig(ChapterConfig):
     """Every value the Iris section depends on. Values the paper does not state are marked so.
 
     Attributes:
-        seed: first model seed; seeds are ``seed … seed + n_seeds − 1``.
-        profile: the parameter profile this run belongs to (``smoke``/``default``/``paper``).
-        device: where to compute (CPU only for this section: the models are tiny).
-        use_cache: reuse finished architectures from ``cache_dir``.
-        results_dir: where ``summary.json`` goes.
-        cache_dir: the result cache.
-        scheduler: where the architecture jobs run: ``in-process``, ``local`` (a Dask ``LocalCluster``)
-            or a Dask scheduler address such as ``tcp://host:8786``. Does not change any number.
-        n_workers: worker processes of a ``local`` cluster; 0 means one per CPU core.
+        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``device`` is the CPU only here:
+        the models are tiny)
         n_seeds: seeds per configuration (the paper reports single runs).
         depths: hidden-layer counts of the depth sweep, at width ``headline_width``.
         widths: widths of the width sweep, at depth 1.
@@ -74,14 +66,6 @@ class IrisConfig:
         chunk_size: models per retraining stack.
     """
 
-    seed: int = 0
-    profile: str = "default"
-    device: str = "cpu"
-    use_cache: bool = True
-    results_dir: str = "results"
-    cache_dir: str = ".cache"
-    scheduler: str = "local"
-    n_workers: int = 0
     n_seeds: int = 10
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     widths: tuple[int, ...] = (8, 14, 20, 30, 40, 50)
@@ -101,12 +85,7 @@ class IrisConfig:
     chunk_size: int = 512
 
     def __post_init__(self) -> None:
-        check_int("seed", self.seed, minimum=0)
-        check_choice("profile", self.profile, PROFILES)
-        check_choice("device", self.device, DEVICES)
-        check_scheduler(self.scheduler)
-        check_int("n_workers", self.n_workers, minimum=0)
-        check_int("n_seeds", self.n_seeds, minimum=1)
+        super().__post_init__()
         if not self.depths:
             raise InvalidArgumentError("depths is empty; give at least one depth")
         for d in self.depths:
@@ -131,10 +110,6 @@ class IrisConfig:
             raise InvalidArgumentError(f"selection_fraction={self.selection_fraction!r} is not allowed; it must be in (0, 1]")
         check_choice("selection_by", self.selection_by, SELECTION_SCORES)
         check_int("chunk_size", self.chunk_size, minimum=1)
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.n_seeds))
 
 
 def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fragile.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.config import to_dict
 from fragile.data import Dataset, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
@@ -33,13 +34,11 @@ from fragile.influence import METHODS, NEGATIVE_POLICIES, make_estimator
 from fragile.metrics import correlation, select_quantile_band, select_top_k
 from fragile.models import build_model
 from fragile.objective import Objective
-from fragile.runner import PROFILES
-from fragile.sweep import Job, SweepReport, check_scheduler, run_sweep
+from fragile.sweep import Job, SweepReport, run_sweep
 from fragile.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BANDS = ("top", "band")
 KOH_LIANG_PARAMS = 2616
@@ -49,18 +48,11 @@ CODE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class SmallMnistConfig:
+class SmallMnistConfig(ChapterConfig):
     """Every value the small-MNIST section depends on. Values the paper does not state are marked so.
 
     Attributes:
-        seed: first model seed; seeds are ``seed … seed + n_seeds − 1``.
-        profile: the parameter profile this run belongs to.
-        device: where to compute (CPU).
-        use_cache: reuse finished jobs from ``cache_dir``.
-        results_dir: where ``summary.json`` goes.
-        cache_dir: the result cache.
-        scheduler: ``in-process``, ``local`` or a Dask scheduler address; changes no number.
-        n_workers: worker processes of a ``local`` cluster; 0 means one per CPU core.
+        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``device`` is the CPU here)
         data_root: a torchvision MNIST data root for Koh & Liang's exact small MNIST; empty means the
             ``FRAGILE_DATA`` environment variable, and if that is unset too, the 5,000 offline digits.
         download: let torchvision download MNIST into ``data_root`` (needs internet).
@@ -94,20 +86,11 @@ class SmallMnistConfig:
         chunk_size: leave-one-out models per training stack.
     """
 
-    seed: int = 0
-    profile: str = "default"
-    device: str = "cpu"
-    use_cache: bool = True
-    results_dir: str = "results"
-    cache_dir: str = ".cache"
-    scheduler: str = "local"
-    n_workers: int = 0
     data_root: str = ""
     download: bool = False
     n_train: int = 0
     n_test: int = 0
     split_seed: int = 0
-    n_seeds: int = 1
     dtype: str = "float32"
     weight_decay: float = 0.001
     weight_decays: tuple[float, ...] = (0.0, 0.0001, 0.001, 0.01, 0.03, 0.1)
@@ -132,11 +115,7 @@ class SmallMnistConfig:
     chunk_size: int = 8
 
     def __post_init__(self) -> None:
-        check_int("seed", self.seed, minimum=0)
-        check_choice("profile", self.profile, PROFILES)
-        check_choice("device", self.device, DEVICES)
-        check_scheduler(self.scheduler)
-        check_int("n_workers", self.n_workers, minimum=0)
+        super().__post_init__()
         if not isinstance(self.data_root, str):
             raise InvalidArgumentError(f"data_root={self.data_root!r} is not allowed; give a folder path or an empty string")
         check_int("n_train", self.n_train, minimum=0)
@@ -146,7 +125,6 @@ class SmallMnistConfig:
         if self.n_test % 10:
             raise InvalidArgumentError(f"n_test={self.n_test} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
         check_int("split_seed", self.split_seed, minimum=0)
-        check_int("n_seeds", self.n_seeds, minimum=1)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         if not self.weight_decays:
             raise InvalidArgumentError("weight_decays is empty; give at least the headline weight_decay")
@@ -184,10 +162,6 @@ class SmallMnistConfig:
                     raise InvalidArgumentError(f"{name}={getattr(self, name)} is not allowed; it must be at most n_train={self.n_train}")
         if self.n_test and self.n_test_points > self.n_test:
             raise InvalidArgumentError(f"n_test_points={self.n_test_points} is not allowed; it must be at most n_test={self.n_test}")
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.n_seeds))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -366,7 +340,7 @@ def model_job(code_version: int, model_seed: int, model_weight_decay: float, **f
 
 
 # Fields that change no number of a model job: where it runs and how it is cached.
-_NOT_IN_KEY = ("profile", "device", "use_cache", "results_dir", "cache_dir", "scheduler", "n_workers", "seed", "n_seeds")
+_NOT_IN_KEY = (*NOT_IN_JOB_KEY, "seed", "n_seeds")
 
 
 def model_jobs(cfg: SmallMnistConfig) -> list[Job]:

@@ -78,3 +78,17 @@ def test_truncated_entry_is_detected_and_recomputed(tmp_path):
     value = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.arange(3)})
     assert calls == [1] and torch.equal(value["t"], torch.arange(3))
     assert torch.equal(cache.load("x", {"a": 1})["t"], torch.arange(3))
+
+
+@pytest.mark.parametrize("bad, name", [
+    ({"seed": -1}, "seed"), ({"profile": "huge"}, "profile"), ({"device": "tpu"}, "device"),
+    ({"scheduler": "carrier-pigeon"}, "scheduler"), ({"n_workers": -2}, "n_workers"), ({"n_seeds": 0}, "n_seeds"),
+])
+def test_every_chapter_config_checks_the_common_fields_by_name(bad, name):
+    from fragile.chapter import ChapterConfig
+    from fragile.small_mnist import SmallMnistConfig
+
+    for cls in (IrisConfig, SmallMnistConfig):
+        assert issubclass(cls, ChapterConfig)
+        with pytest.raises(InvalidArgumentError, match=name):
+            cls(**bad)
