@@ -80,7 +80,7 @@ def hessian_matrix(
     from tqdm.auto import tqdm
 
     p = objective.num_params
-    eye = torch.eye(p, dtype=theta.dtype)
+    eye = torch.eye(p, dtype=theta.dtype, device=theta.device)
     rows = []
     blocks = list(_chunks(p, vector_chunk))
     for sl in tqdm(blocks, desc="Hessian rows", disable=not progress, leave=False):
@@ -126,6 +126,7 @@ def top_eigenvalue(
     iters: int = 200,
     rtol: float = 1e-6,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> float:
     """Largest algebraic eigenvalue of a symmetric operator by power iteration on ``matvec``.
 
@@ -137,7 +138,7 @@ def top_eigenvalue(
     gen = torch.Generator().manual_seed(seed)
 
     def power(op: MatVec) -> float:
-        v = torch.randn(p, generator=gen, dtype=dtype)
+        v = torch.randn(p, generator=gen, dtype=dtype).to(device)  # drawn on the CPU: the same start on every device
         v = v / v.norm()
         lam = 0.0
         for i in range(iters):
@@ -167,5 +168,5 @@ def objective_top_eigenvalue(
     if x.shape[0] == 0:
         raise InvalidArgumentError("x is empty")
     return top_eigenvalue(
-        lambda v: hvp(objective, theta, x, y, v, data_chunk=data_chunk), objective.num_params, dtype=theta.dtype, **kwargs
+        lambda v: hvp(objective, theta, x, y, v, data_chunk=data_chunk), objective.num_params, dtype=theta.dtype, device=theta.device, **kwargs
     )

@@ -154,23 +154,23 @@ def loo_retrain_many(
     for t in tasks:
         if t.weight_decay is not None and not t.weight_decay >= 0:
             raise InvalidArgumentError(f"LOOTask.weight_decay={t.weight_decay!r} is not allowed; it must be >= 0")
-    dtype = tasks[0].theta_star.dtype
+    dtype, device = tasks[0].theta_star.dtype, tasks[0].theta_star.device
     starts, removed_rows, wds = [], [], []
     for t, ix in zip(tasks, idxs):
         rows = torch.cat([torch.tensor([-1]), ix])  # -1: the control, nothing removed
         starts.append(t.theta_star.detach().expand(rows.numel(), -1))
         removed_rows.append(rows)
         wd = objective.weight_decay if t.weight_decay is None else t.weight_decay
-        wds.append(torch.full((rows.numel(),), float(wd), dtype=dtype))
+        wds.append(torch.full((rows.numel(),), float(wd), dtype=dtype, device=device))
     start_all, rows_all, wd_all = torch.cat(starts), torch.cat(removed_rows), torch.cat(wds)
     total = rows_all.numel()
-    params_out = torch.empty(total, objective.num_params, dtype=dtype)
-    grad_norms = torch.empty(total, dtype=dtype)
+    params_out = torch.empty(total, objective.num_params, dtype=dtype, device=device)
+    grad_norms = torch.empty(total, dtype=dtype, device=device)
     chunks = list(range(0, total, chunk_size))
     for start in tqdm(chunks, desc="leave-one-out", disable=not progress or len(chunks) == 1):
         sl = slice(start, min(start + chunk_size, total))
         rows = rows_all[sl]
-        weights = torch.ones(rows.numel(), n, dtype=dtype)
+        weights = torch.ones(rows.numel(), n, dtype=dtype, device=device)
         hit = rows >= 0
         weights[torch.nonzero(hit).flatten(), rows[hit]] = 0.0
         res = fit(
@@ -214,10 +214,10 @@ def loo_retrain_sequential(
     params = [fit(objective, theta_star, x, y, spec, progress=False).params[0]]
     for i in tqdm(idxs.tolist(), desc="leave-one-out (sequential)", disable=not progress):
         if spec.batch_size is None:
-            keep = torch.arange(n) != i
+            keep = torch.arange(n, device=x.device) != i
             res = fit(objective, theta_star, x[keep], y[keep], spec, progress=False)
         else:
-            w = torch.ones(n, dtype=theta_star.dtype)
+            w = torch.ones(n, dtype=theta_star.dtype, device=theta_star.device)
             w[i] = 0.0
             res = fit(objective, theta_star, x, y, spec, weights=w, progress=False)
         params.append(res.params[0])
@@ -230,13 +230,13 @@ def _summarise(objective, theta_star, idxs, params, control_grad_norm, x_test, y
         loss_star = objective.sample_losses(theta_star, x_test, y_test)
         losses = torch.stack([objective.sample_losses(t, x_test, y_test) for t in params])
     control, removed = params[0], params[1:]
-    return LOOResult(
-        removed=idxs,
-        test_loss_star=loss_star,
-        test_loss_control=losses[0],
-        test_loss_removed=losses[1:],
-        param_change=(removed - theta_star).norm(dim=1),
-        param_change_vs_control=(removed - control).norm(dim=1),
+    return LOOResult(  # on the CPU whatever the device: these are small and every caller reads them as numbers
+        removed=idxs.cpu(),
+        test_loss_star=loss_star.cpu(),
+        test_loss_control=losses[0].cpu(),
+        test_loss_removed=losses[1:].cpu(),
+        param_change=(removed - theta_star).norm(dim=1).cpu(),
+        param_change_vs_control=(removed - control).norm(dim=1).cpu(),
         control_grad_norm=control_grad_norm,
-        params_removed=removed.clone() if keep_params else None,
+        params_removed=removed.cpu().clone() if keep_params else None,
     )

@@ -179,7 +179,7 @@ class InfluenceEstimator(ABC):
         g_test = self.objective.sample_grads(self.theta, x_test, y_test, self.grad_chunk)
         s_test, residuals = self.inverse_hvps(g_test)
         g_train = self.train_gradients(idxs)
-        predicted = (s_test @ g_train.T) / self.n
+        predicted = ((s_test @ g_train.T) / self.n).cpu()  # small: (test points, k), read as numbers
         worst = float(residuals.max())
         if worst > 1e-3 and not self.residual_by_design:
             log.warning("%s: inverse-HVP relative residual up to %.3g (see InfluenceResult.residuals)", self.method, worst)
@@ -291,7 +291,7 @@ class LissaInfluence(InfluenceEstimator):
         check_positive("growth_tolerance", o["growth_tolerance"])
 
     def _prepare(self) -> None:
-        lam = top_eigenvalue(self.hvp, self.p, dtype=self.theta.dtype, seed=self.options["seed"])
+        lam = top_eigenvalue(self.hvp, self.p, dtype=self.theta.dtype, seed=self.options["seed"], device=self.theta.device)
         self._spectrum = Spectrum(lam, float("nan"), -1, 0.0)
         scale = self.options["scale"]
         self.scale = float(scale) if scale is not None else self.options["scale_margin"] * (abs(lam) + self.damping)
@@ -338,7 +338,8 @@ class ArnoldiInfluence(InfluenceEstimator):
 
     def _prepare(self) -> None:
         evals, self.eigenvectors = arnoldi_eigenpairs(
-            self.hvp, self.p, iterations=self.iterations, top=self.rank, dtype=self.theta.dtype, seed=self.options["seed"]
+            self.hvp, self.p, iterations=self.iterations, top=self.rank, dtype=self.theta.dtype, seed=self.options["seed"],
+            device=self.theta.device,
         )
         self.eigenvalues = evals
         self._spectrum = Spectrum.from_eigenvalues(evals, p=self.p)

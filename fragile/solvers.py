@@ -141,7 +141,8 @@ def lissa_ihvp(
 
 
 def arnoldi_eigenpairs(
-    matvec: MatVec, p: int, *, iterations: int, top: int, dtype: torch.dtype = torch.float64, seed: int = 0
+    matvec: MatVec, p: int, *, iterations: int, top: int, dtype: torch.dtype = torch.float64, seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top eigenpairs (by magnitude) of a symmetric operator by Arnoldi iteration (Schioppa et al. 2022).
 
@@ -158,9 +159,9 @@ def arnoldi_eigenpairs(
     check_int("iterations", iterations, minimum=1, maximum=p)
     check_int("top", top, minimum=1, maximum=iterations)
     gen = torch.Generator().manual_seed(seed)
-    q = torch.zeros(iterations + 1, p, dtype=dtype)
-    h = torch.zeros(iterations + 1, iterations, dtype=dtype)
-    start = torch.randn(p, generator=gen, dtype=dtype)
+    q = torch.zeros(iterations + 1, p, dtype=dtype, device=device)
+    h = torch.zeros(iterations + 1, iterations, dtype=dtype, device=device)
+    start = torch.randn(p, generator=gen, dtype=dtype).to(device)  # drawn on the CPU: the same start on every device
     q[0] = start / start.norm()
     scale_ref = 0.0
     for k in range(iterations):
@@ -175,7 +176,7 @@ def arnoldi_eigenpairs(
             break
         if beta <= 1e-10 * max(scale_ref, 1e-300):
             # Invariant subspace found: restart in the orthogonal complement; h[k+1, k] stays 0.
-            w = torch.randn(p, generator=gen, dtype=dtype)
+            w = torch.randn(p, generator=gen, dtype=dtype).to(device)
             for _ in range(2):
                 w = w - (q[: k + 1] @ w) @ q[: k + 1]
             q[k + 1] = w / w.norm()

@@ -138,7 +138,7 @@ def fit(
             raise InvalidArgumentError(f"weight_decay must be a tensor of {k} values >= 0 (one per model)")
 
     theta = params.detach().clone()
-    losses = torch.empty(spec.steps, k, dtype=theta.dtype)
+    losses = torch.empty(spec.steps, k, dtype=theta.dtype, device=theta.device)
     m = torch.zeros_like(theta) if spec.optimizer == "adam" or spec.momentum > 0 else None
     v = torch.zeros_like(theta) if spec.optimizer == "adam" else None
     b1, b2 = spec.betas
