@@ -161,8 +161,9 @@ class InfluenceEstimator(ABC):
     ) -> InfluenceResult:
         """Predicted change of each test loss when each training point is removed (sign: module doc).
 
-        One inverse-HVP solve per test point, then a (k, p) × (p,) product: cost is dominated by the
-        solves and by the k per-example gradients.
+        One inverse-HVP solve per test point, then the k training gradients ``grad_chunk`` at a time, each
+        chunk dotted with the solutions and dropped: memory O(grad_chunk·p), never (k, p). Cost is dominated
+        by the solves and by the k per-example gradients.
 
         Args:
             x_test, y_test: test inputs (same feature shape as ``x_train``) and labels.
@@ -178,8 +179,10 @@ class InfluenceEstimator(ABC):
         self.prepare()
         g_test = self.objective.sample_grads(self.theta, x_test, y_test, self.grad_chunk)
         s_test, residuals = self.inverse_hvps(g_test)
-        g_train = self.train_gradients(idxs)
-        predicted = ((s_test @ g_train.T) / self.n).cpu()  # small: (test points, k), read as numbers
+        step = self.grad_chunk or idxs.numel()
+        predicted = torch.cat([
+            (s_test @ self.train_gradients(idxs[i : i + step]).T).cpu() for i in range(0, idxs.numel(), step)
+        ], dim=1) / self.n
         worst = float(residuals.max())
         if worst > 1e-3 and not self.residual_by_design:
             log.warning("%s: inverse-HVP relative residual up to %.3g (see InfluenceResult.residuals)", self.method, worst)

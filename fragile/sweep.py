@@ -57,7 +57,8 @@ class Job:
     the job then runs only on workers started with that resource (``--resources GPU=1``), one per GPU.
     They decide where a job runs, not what it computes, so they are not part of its key; nor is
     ``cost``, a rough relative run time: jobs are submitted most expensive first, so that a long job
-    does not start last and leave the other workers idle.
+    does not start last and leave the other workers idle; nor is ``runtime``, keyword arguments that say
+    how to compute, not what (the ``device``): passed to ``fn`` beside ``config``.
     """
 
     name: str
@@ -65,6 +66,7 @@ class Job:
     config: dict[str, Any]
     resources: dict[str, float] | None = None
     cost: float = 1.0
+    runtime: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -102,7 +104,7 @@ def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any, floa
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        payload = job.fn(**job.config)
+        payload = job.fn(**job.config, **(job.runtime or {}))
     except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
         return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, time.perf_counter() - start
     finally:
