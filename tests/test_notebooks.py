@@ -10,14 +10,16 @@ import pytest
 from fragile import runner
 from fragile.errors import InvalidArgumentError
 from fragile.iris import IrisConfig
+from fragile.mnist_cifar10 import MnistCifar10Config
 from fragile.small_mnist import SmallMnistConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
+CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config}
 
 
 def test_there_are_sections():
-    assert [s.name for s in SECTIONS][:2] == ["01_iris", "02_small_mnist"]
+    assert [s.name for s in SECTIONS] == list(CONFIGS)
 
 
 @pytest.mark.parametrize("section", SECTIONS, ids=lambda s: s.name)
@@ -50,9 +52,19 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         assert {r["weight_decay"] for r in rows} == set(smoke["weight_decays"])
         assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
         assert {c["key"] for c in res["claims"]} == {"range", "band", "wd_fall"}
+    if section.name == "03_mnist_cifar10":
+        res = summary["results"]
+        assert res["stand_in"] == {"mnist": False, "cifar10": True}
+        rows = res["correlations"]
+        assert {(r["dataset"], r["architecture"]) for r in rows} == {("mnist", a) for a in smoke["mnist_architectures"]} | {
+            ("cifar10", a) for a in smoke["cifar10_architectures"]}
+        assert {r["test_point"] for r in rows} == {"highest loss", "median loss"}
+        assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
+        assert any("STAND-IN" in column for column in res["table1"])  # the stand-in says so in the table itself
+        assert {c["key"] for c in res["claims"]} == {"resnet50", "varies", "vgg_wd"}
 
 
-@pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig)])
+@pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig), ("mnist_cifar10", MnistCifar10Config)])
 def test_parameters_cell_matches_its_config(name, config):
     section = runner.find_section(name, ROOT)
     fields = {f.name: f.default for f in dataclasses.fields(config)}
@@ -67,11 +79,12 @@ def test_parameters_cell_matches_its_config(name, config):
 
 
 @pytest.mark.parametrize("profile", runner.PROFILES)
-def test_profiles_only_name_declared_parameters(profile):
+def test_profiles_only_name_declared_parameters_and_make_valid_configs(profile):
     for section in SECTIONS:
         params = runner.resolve_parameters(section, profile, None, ROOT)
-        cfg_values = {k: v for k, v in params.items() if k in {f.name for f in dataclasses.fields(IrisConfig)}}
-        IrisConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_values.items()})
+        config = CONFIGS[section.name]
+        assert set(params) <= {f.name for f in dataclasses.fields(config)}
+        config(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
 
 
 def test_unknown_parameter_fails_before_execution(tmp_path):

@@ -64,3 +64,21 @@ def test_leave_one_out_on_the_gpu_matches_the_cpu(problem):
     gpu = loo_retrain(obj_g, theta.to(CUDA), xg, yg, [0, 5, 7], spec, xg[:2], yg[:2], progress=False)
     torch.testing.assert_close(gpu.actual, cpu.actual, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(gpu.drift, cpu.drift, rtol=1e-6, atol=1e-10)
+
+
+def test_a_table1_job_on_the_gpu_gives_the_cpus_numbers():
+    import numpy as np
+
+    from fragile.mnist_cifar10 import MnistCifar10Config, run_model
+
+    cfg = MnistCifar10Config(device="cpu", mnist_architectures=("lenet",), cifar10_architectures=(), dtype="float64", n_train=20,
+                             n_test=30, batch_size=10, train_steps=40, top_k=4, lissa_depth=20, lissa_batch_size=10,
+                             cg_max_iter=10, arnoldi_rank=5, use_cache=False, scheduler="in-process")
+    cpu = run_model(cfg, "mnist", "lenet", 0.001, 0)
+    gpu = run_model(cfg, "mnist", "lenet", 0.001, 0, device="cuda")
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    np.testing.assert_array_equal(gpu["test_points"], cpu["test_points"])
+    np.testing.assert_allclose(gpu["estimators"]["arnoldi"]["predicted"], cpu["estimators"]["arnoldi"]["predicted"], rtol=1e-5, atol=1e-9)
+    for g, c in zip(gpu["per_test_point"], cpu["per_test_point"], strict=True):
+        np.testing.assert_array_equal(g["chosen"], c["chosen"])
+        np.testing.assert_allclose(g["actual"], c["actual"], rtol=1e-5, atol=1e-9)

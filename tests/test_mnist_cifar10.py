@@ -1,0 +1,174 @@
+"""The MNIST/CIFAR-10 (Table 1) section's own logic: data and stand-ins, inputs, config checks, job keys, and that a
+model job's numbers match independent computations (sequential leave-one-out, an exact estimator built here)."""
+
+import numpy as np
+import pytest
+import torch
+from data_roots import write_cifar_root, write_mnist_root
+from scipy import stats
+
+from fragile import Objective, TrainSpec, fit, loo_retrain_sequential, make_estimator
+from fragile.errors import InvalidArgumentError
+from fragile.metrics import choose_test_points
+from fragile.mnist_cifar10 import (
+    MnistCifar10Config, build_network, claims, load_data, model_inputs, model_jobs, paper_comparison, run_model, table1,
+)
+
+TINY = dict(device="cpu", mnist_architectures=("small_cnn",), cifar10_architectures=("vgg11",), width=8, n_train=20, n_test=30,
+            batch_size=10, train_steps=50, top_k=4, lissa_depth=10, lissa_batch_size=10, cg_max_iter=10, arnoldi_rank=5,
+            scheduler="in-process", use_cache=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"mnist_architectures": ("alexnet",)}, "mnist_architectures='alexnet' is not allowed"),
+    ({"mnist_architectures": (), "cifar10_architectures": ()}, "both empty"),
+    ({"n_test": 10}, "n_test=10 is not allowed"),
+    ({"n_train": 25}, "n_train=25 is not allowed"),
+    ({"compare_estimators": ("lissa",)}, "compare_estimators"),
+    ({"top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
+    ({"retrain_fraction": 0.0}, "retrain_fraction"),
+    ({"device": "tpu"}, "device='tpu' is not allowed"),
+    ({"width": 4}, "width=4 is not allowed"),
+    ({"weight_decays": (0.0, 0.0)}, "repeats a value"),
+])
+def test_bad_config_values_are_named(bad, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        MnistCifar10Config(**{**TINY, **bad})
+
+
+def test_retraining_is_six_percent_of_training_by_default():
+    assert MnistCifar10Config().retrain_steps == round(0.06 * 20000) == 1200
+    assert MnistCifar10Config(**TINY).retrain_steps == 3  # 6 % of 50
+
+
+def test_offline_data_mnist_is_the_normalised_digits_and_cifar_is_a_stand_in():
+    cfg = MnistCifar10Config(**TINY)
+    mnist, cifar = load_data(cfg, "mnist"), load_data(cfg, "cifar10")
+    assert not mnist.stand_in and cifar.stand_in and "STAND-IN" in cifar.description and "not CIFAR-10" in cifar.description
+    assert mnist.train.x.shape[1:] == (1, 28, 28) and cifar.train.x.shape[1:] == (3, 32, 32)
+    assert torch.bincount(mnist.train.y).tolist() == [2] * 10 and torch.bincount(cifar.test.y).tolist() == [3] * 10
+    # MNIST's standard normalisation, by hand: background pixels (0) map to -0.1307/0.3081.
+    assert float(mnist.train.x.min()) == pytest.approx(-0.1307 / 0.3081, rel=1e-5)
+    # The two data sets are split with different seeds: mostly different digits.
+    mnist_imgs = {tuple((t.flatten() > 0).tolist()) for t in mnist.train.x}
+    cifar_imgs = {tuple((t[0, 2:30, 2:30].flatten() > float(t.min())).tolist()) for t in cifar.train.x}
+    assert len(mnist_imgs & cifar_imgs) < 5
+    again = load_data(cfg, "mnist")
+    assert torch.equal(again.train.x, mnist.train.x)
+
+
+def test_a_data_root_gives_the_real_data_sets_and_enters_the_job_key(tmp_path, monkeypatch):
+    images = write_mnist_root(tmp_path, n_train=60, n_test=40)
+    write_cifar_root(tmp_path, "cifar10", n_train=50, n_test=30)
+    cfg = MnistCifar10Config(**{**TINY, "data_root": str(tmp_path), "n_train": 0, "n_test": 0, "top_k": 4, "verify_checksums": False})
+    mnist, cifar = load_data(cfg, "mnist"), load_data(cfg, "cifar10")
+    assert not mnist.stand_in and not cifar.stand_in and str(tmp_path) in mnist.description
+    assert len(mnist.train) == 60 and len(mnist.test) == 40 and len(cifar.train) == 50 and len(cifar.test) == 30
+    expected = (torch.as_tensor(images["train_images"][0], dtype=torch.float32) / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(mnist.train.x[0, 0], expected)
+    with pytest.raises(InvalidArgumentError, match="cifar"):
+        load_data(MnistCifar10Config(**{**TINY, "data_root": str(tmp_path)}), "cifar10")  # checksums on: not the official files
+    offline_key = model_jobs(MnistCifar10Config(**TINY))[0].key
+    monkeypatch.setenv("FRAGILE_DATA", str(tmp_path))
+    assert model_jobs(MnistCifar10Config(**TINY))[0].key != offline_key
+
+
+def test_vgg_gets_mnist_padded_with_its_background_and_others_get_it_as_is():
+    x = torch.full((2, 1, 28, 28), 1.0)
+    padded = model_inputs("vgg11", "mnist", x)
+    assert padded.shape == (2, 1, 32, 32) and float(padded[0, 0, 0, 0]) == pytest.approx(-0.1307 / 0.3081)
+    assert torch.equal(padded[:, :, 2:30, 2:30], x)
+    assert model_inputs("lenet", "mnist", x) is x and model_inputs("resnet18", "mnist", x) is x
+    cfg = MnistCifar10Config(**TINY)
+    for arch in ("small_cnn", "lenet", "vgg11", "resnet18", "resnet50"):
+        net = build_network(cfg, arch, "mnist", 0)
+        assert net(model_inputs(arch, "mnist", x)).shape == (2, 10)
+
+
+def test_widening_the_study_keeps_the_finished_jobs_keys_and_the_device_is_not_in_them():
+    before = {j.name: j.key for j in model_jobs(MnistCifar10Config(**TINY))}
+    wider = MnistCifar10Config(**{**TINY, "mnist_architectures": ("small_cnn", "lenet"), "weight_decays": (0.001, 0.0, 0.01), "n_seeds": 2})
+    after = {j.name: j for j in model_jobs(wider)}
+    assert len(after) == 2 * 3 * 2 + 1 * 3 * 2
+    assert all(after[name].key == key for name, key in before.items())
+    on_gpu = model_jobs(MnistCifar10Config(**{**TINY, "device": "cuda"}))
+    assert [j.key for j in on_gpu] == list(before.values()) and on_gpu[0].runtime == {"device": "cuda"}
+
+
+@pytest.fixture(scope="module")
+def job():
+    """One small-CNN model on the offline MNIST digits, with a damping large enough for CG to apply."""
+    cfg = MnistCifar10Config(**{**TINY, "damping": 20.0, "cg_max_iter": 200, "lissa_depth": 300, "train_steps": 60})
+    data = load_data(cfg, "mnist")
+    objective = Objective(build_network(cfg, "small_cnn", "mnist", 0), 0.001)
+    spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
+    theta = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False).params[0]
+    return cfg, data, objective, spec, theta, run_model(cfg, "mnist", "small_cnn", 0.001, 0)
+
+
+def test_a_model_job_takes_the_highest_and_median_loss_test_points_and_matches_an_exact_estimator(job):
+    cfg, data, objective, spec, theta, out = job
+    assert "failed" not in out and out["num_params"] == 2616 and out["retrain_steps"] == 4
+    losses = objective.sample_losses(theta, data.test.x, data.test.y).double().numpy()
+    tp = out["test_points"]
+    assert tp[0] == int(np.argmax(losses)) and tp.tolist() == choose_test_points(losses, 2).tolist()
+    assert losses[tp[1]] == pytest.approx(np.sort(losses)[::-1][(len(losses) - 1) // 2])
+    exact = make_estimator("exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False)
+    reference = exact.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()
+    assert exact.spectrum.smallest + cfg.damping > 0  # H + λI positive definite: every solver's system
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(out["estimators"]["cg"]["predicted"], reference, rtol=1e-3, atol=1e-3 * scale)
+    assert out["estimators"]["cg"]["residuals"].max() < 1e-4
+    # LiSSA is a truncated stochastic series: close to exact, with its residual saying how close.
+    lissa = out["estimators"]["lissa"]["predicted"]
+    assert np.linalg.norm(lissa - reference) / np.linalg.norm(reference) < 0.2
+    assert out["estimators"]["lissa"]["lambda_max"] == pytest.approx(exact.spectrum.largest, rel=0.01)
+
+
+def test_a_model_jobs_leave_one_out_values_are_sequential_retraining(job):
+    cfg, data, objective, spec, theta, out = job
+    t = 1
+    entry = out["per_test_point"][t]
+    i = int(entry["chosen"][-1])
+    ti = int(out["test_points"][t])
+    seq = loo_retrain_sequential(objective, theta, data.train.x, data.train.y, [i], spec.replace(steps=cfg.retrain_steps),
+                                 data.test.x[ti : ti + 1], data.test.y[ti : ti + 1], progress=False)
+    assert float(entry["actual"][-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
+    assert entry["spearman"] == pytest.approx(stats.spearmanr(entry["predicted"], entry["actual"])[0])
+    assert entry["pearson"] == pytest.approx(stats.pearsonr(entry["predicted"], entry["actual"])[0])
+    assert set(entry["chosen"]) == set(np.argsort(-np.abs(out["estimators"]["lissa"]["predicted"][t]))[: cfg.top_k])
+
+
+def _model(ds, arch, wd, seed, spearmans, stand_in=False):
+    return {"dataset": ds, "architecture": arch, "weight_decay": wd, "seed": seed, "stand_in": stand_in, "estimators": {},
+            "test_losses": np.ones(2), "drift": np.zeros(2),
+            "per_test_point": [{"test_point": k, "predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3),
+                                "spearman": s, "pearson": s / 2, "spearman_vs_control": s} for k, s in zip(("highest loss", "median loss"), spearmans)]}
+
+
+def test_table1_cells_give_spearman_pearson_and_the_spread_over_seeds():
+    models = [_model("mnist", "resnet50", 0.001, 0, [0.2, 0.1]), _model("mnist", "resnet50", 0.001, 1, [0.4, 0.1]),
+              _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.6], stand_in=True)]
+    t = table1(models, stand_in={"cifar10": True}, not_run={"lenet": "GPU"})
+    assert t.loc["resnet50", ("MNIST", "highest loss", "wd 0.001")] == f"0.30 (0.15) ± {np.std([0.2, 0.4], ddof=1):.2f}"
+    assert t.loc["vgg11", ("CIFAR-10 STAND-IN (digits)", "median loss", "no wd")] == "0.60 (0.30)"
+    assert t.loc["resnet50", ("CIFAR-10 STAND-IN (digits)", "median loss", "no wd")] == ""
+    assert t.loc["lenet", ("MNIST", "highest loss", "wd 0.001")] == "GPU"
+    rows = {(r["test point"], r["weight decay"]): r for r in paper_comparison(models)}
+    assert rows[("highest loss", "with")]["paper"] == 0.22 and rows[("highest loss", "with")]["ours"] == pytest.approx(0.3)
+    assert np.isnan(rows[("median loss", "without")]["ours"])
+
+
+def test_claims_follow_the_stated_rules():
+    poor = [_model("mnist", "resnet50", 0.001, 0, [0.2, 0.2]), _model("mnist", "resnet50", 0.0, 0, [0.1, 0.2]),
+            _model("cifar10", "vgg11", 0.001, 0, [0.3, 0.9], stand_in=True), _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.2], stand_in=True)]
+    got = {c["key"]: c for c in claims(poor, stand_in={"cifar10": True})}
+    assert got["resnet50"]["verdict"] == "reproduced" and got["resnet50"]["ours_value"] == pytest.approx(0.175)
+    assert got["varies"]["verdict"] == "reproduced" and got["varies"]["ours_value"] == pytest.approx(0.8)
+    assert got["vgg_wd"]["verdict"] == "reproduced on the stand-in (not CIFAR-10)" and got["vgg_wd"]["ours_value"] == 1
+    good = [_model("mnist", "resnet50", 0.001, 0, [0.9, 0.85]), _model("cifar10", "vgg11", 0.001, 0, [0.9, 0.9]),
+            _model("cifar10", "vgg11", 0.0, 0, [0.8, 0.85])]
+    got = {c["key"]: c for c in claims(good, stand_in={})}
+    assert got["resnet50"]["verdict"] == "not reproduced" and got["varies"]["verdict"] == "not reproduced"
+    assert got["vgg_wd"]["verdict"] == "not reproduced"
+    assert {c["key"]: c for c in claims(good[1:], stand_in={})}["resnet50"]["verdict"].startswith("not run")
