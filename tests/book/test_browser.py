@@ -18,7 +18,8 @@ def _images_loaded(page):
     return page.evaluate("""() => Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])""")
 
 
-@pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "rerun.html", "provenance.html"])
+@pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "sections/03_mnist_cifar10.html",
+                                  "rerun.html", "provenance.html"])
 def test_page_renders_offline_with_all_images(browser, server, path):
     page, foreign = _open(browser, f"{server}/{path}")
     assert page.locator("main h1").count() >= 1
@@ -67,6 +68,7 @@ def test_chapter_has_banner_figures_and_working_widget(browser, server, path, mi
 @pytest.mark.parametrize("path, kind, says", [
     ("sections/01_iris.html", "note", "real data"),
     ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
+    ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
 ])
 def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
     page, _ = _open(browser, f"{server}/{path}")
@@ -76,8 +78,19 @@ def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, p
     page.close()
 
 
+def test_table1_is_a_rendered_table_that_names_the_stand_in(browser, server):
+    page, _ = _open(browser, f"{server}/sections/03_mnist_cifar10.html")
+    table = page.locator("main table.dataframe").first
+    header = table.locator("thead").inner_text()
+    assert "MNIST" in header and "highest loss" in header and "median loss" in header and "no wd" in header
+    assert "CIFAR-10 STAND-IN (digits)" in header  # the stand-in is named in the table, not only in the box
+    rows = [r.inner_text() for r in table.locator("tbody tr").all()]
+    assert any(r.startswith("small_cnn") and "(" in r for r in rows)  # Spearman (Pearson) cells
+    page.close()
+
+
 def test_book_builds_with_warnings_as_errors(built_book):
     html, log = built_book
     assert (html / "index.html").is_file() and (html / "sections" / "01_iris.html").is_file()
-    assert (html / "sections" / "02_small_mnist.html").is_file()
+    assert (html / "sections" / "02_small_mnist.html").is_file() and (html / "sections" / "03_mnist_cifar10.html").is_file()
     assert "build succeeded" in log or "Finished generating HTML" in log
