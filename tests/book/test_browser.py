@@ -86,6 +86,7 @@ def test_table1_is_a_rendered_table_that_names_the_stand_in(browser, server):
     assert "CIFAR-10 STAND-IN (digits)" in header  # the stand-in is named in the table, not only in the box
     rows = [r.inner_text() for r in table.locator("tbody tr").all()]
     assert any(r.startswith("small_cnn") and "(" in r for r in rows)  # Spearman (Pearson) cells
+    assert any(r.startswith("resnet50") and "GPU" in r for r in rows) and "--profile paper" in page.inner_text("main")
     page.close()
 
 
