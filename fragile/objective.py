@@ -26,18 +26,38 @@ class Objective:
     model's parameters in ``named_parameters()`` order; the regulariser covers all of them, biases
     included (stated because some codes regularise weights only).
 
+    With ``trainable``, θ is only the parameters whose names start with one of the given prefixes (e.g.
+    ``("layer4", "fc")``: the last block and the head of a ResNet); the others stay at the template's values
+    and are constants of the objective, so its Hessian is the p×p block of the full Hessian for those
+    parameters and the regulariser covers them alone. How influence is computed at ImageNet scale.
+
     Args:
         model: the architecture; its current parameters are the default starting point.
         weight_decay: coefficient of the L2 term (>= 0).
+        trainable: name prefixes of the parameters that make up θ; None means every parameter that
+            requires a gradient.
     """
 
-    def __init__(self, model: nn.Module, weight_decay: float = 0.0):
+    def __init__(self, model: nn.Module, weight_decay: float = 0.0, trainable: tuple[str, ...] | None = None):
         check_positive("weight_decay", weight_decay, allow_zero=True)
         self.model = model
         self.weight_decay = float(weight_decay)
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        if trainable is not None:
+            trainable = tuple(trainable)
+            unknown = [t for t in trainable if not any(k == t or k.startswith(t + ".") for k, _ in named)]
+            if not trainable or unknown:
+                prefixes = sorted({k.split(".")[0] for k, _ in named})
+                raise InvalidArgumentError(
+                    f"trainable={list(trainable)} is not allowed: {unknown or 'empty'} names no parameter; top-level modules: {prefixes}"
+                )
+            named = [(k, p) for k, p in named if any(k == t or k.startswith(t + ".") for t in trainable)]
+        self.trainable = trainable
         if not named:
             raise InvalidArgumentError("model has no trainable parameters")
+        kept = {k for k, _ in named}
+        # Detached, so that nothing computed from θ records a graph through the parameters held fixed.
+        self._fixed = {k: p.detach() for k, p in model.named_parameters() if k not in kept}
         self.names = [k for k, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.numels = [p.numel() for _, p in named]
@@ -47,7 +67,8 @@ class Objective:
     # -- parameters -------------------------------------------------------------------------------
     def initial_params(self) -> torch.Tensor:
         """The template model's parameters as a flat vector (a copy)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad]).clone()
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[k].detach().reshape(-1) for k in self.names]).clone()
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector into the model's named parameter tensors (views, no copy)."""
@@ -64,7 +85,7 @@ class Objective:
     # -- values -----------------------------------------------------------------------------------
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Model outputs at parameters ``theta`` for inputs ``x`` (batch first)."""
-        return functional_call(self.model, self.unflatten(theta), (x,))
+        return functional_call(self.model, {**self._fixed, **self.unflatten(theta)}, (x,))
 
     def sample_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example cross-entropy ``ℓ(z_i, θ)``, shape (n,); no regulariser."""
@@ -133,7 +154,7 @@ class Objective:
 
     def with_weight_decay(self, weight_decay: float) -> "Objective":
         """The same model and loss with another L2 coefficient."""
-        return Objective(self.model, weight_decay)
+        return Objective(self.model, weight_decay, self.trainable)
 
     def point_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = 256) -> torch.Tensor:
         """Gradients of each training point's share ``∇L(z_i, θ) = ∇ℓ(z_i, θ) + weight_decay·θ``, (n, p).
