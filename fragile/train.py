@@ -19,7 +19,7 @@ from fragile.objective import Objective, check_weights
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("gd", "sgd", "adam")
+OPTIMIZERS = ("gd", "sgd", "adam", "rmsprop")
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,17 @@ class TrainSpec:
     """How to train. Weight decay is not here: it is part of the :class:`Objective`.
 
     Attributes:
-        optimizer: ``"gd"`` (full batch), ``"sgd"`` (minibatch, optional momentum) or ``"adam"``.
+        optimizer: ``"gd"`` (full batch), ``"sgd"`` (minibatch, optional momentum), ``"adam"`` or ``"rmsprop"``;
+            each follows the update of its ``torch.optim`` namesake (without its weight decay: that is in the
+            objective), so results match torch's optimisers step for step.
         lr: learning rate.
         steps: number of parameter updates.
-        batch_size: minibatch size for ``sgd``/``adam``; None means the full batch (required for ``gd``).
-        momentum: heavy-ball momentum for ``sgd`` (0 for plain SGD).
+        batch_size: minibatch size for ``sgd``/``adam``/``rmsprop``; None means the full batch (required for ``gd``).
+        momentum: momentum for ``sgd`` and ``rmsprop`` (0 for none).
+        nesterov: Nesterov momentum for ``sgd`` (needs ``momentum > 0``).
+        alpha: RMSprop's decay rate of the squared-gradient average.
         betas: Adam's moment decay rates.
-        eps: Adam's denominator constant.
+        eps: Adam's and RMSprop's denominator constant.
         seed: seed of the minibatch order; every model in a stack sees the same order.
     """
 
@@ -42,6 +46,8 @@ class TrainSpec:
     steps: int = 1000
     batch_size: int | None = None
     momentum: float = 0.0
+    nesterov: bool = False
+    alpha: float = 0.99
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     seed: int = 0
@@ -56,6 +62,10 @@ class TrainSpec:
                 raise InvalidArgumentError("batch_size must be None for optimizer='gd' (full-batch gradient descent)")
         if not 0.0 <= self.momentum < 1.0:
             raise InvalidArgumentError(f"momentum={self.momentum!r} is not allowed; it must be in [0, 1)")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise InvalidArgumentError("nesterov=True is not allowed here; it needs optimizer='sgd' and momentum > 0")
+        if not 0.0 <= self.alpha < 1.0:
+            raise InvalidArgumentError(f"alpha={self.alpha!r} is not allowed; it must be in [0, 1)")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise InvalidArgumentError(f"betas={self.betas!r} is not allowed; two numbers in [0, 1)")
         check_positive("eps", self.eps)
@@ -140,7 +150,7 @@ def fit(
     theta = params.detach().clone()
     losses = torch.empty(spec.steps, k, dtype=theta.dtype, device=theta.device)
     m = torch.zeros_like(theta) if spec.optimizer == "adam" or spec.momentum > 0 else None
-    v = torch.zeros_like(theta) if spec.optimizer == "adam" else None
+    v = torch.zeros_like(theta) if spec.optimizer in ("adam", "rmsprop") else None
     b1, b2 = spec.betas
     stream = _batches(n, spec)
     for step in tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False):
@@ -156,9 +166,16 @@ def fit(
             m_hat = m / (1 - b1 ** (step + 1))
             v_hat = v / (1 - b2 ** (step + 1))
             theta -= spec.lr * m_hat / (v_hat.sqrt() + spec.eps)
+        elif spec.optimizer == "rmsprop":
+            v.mul_(spec.alpha).addcmul_(g, g, value=1 - spec.alpha)
+            step_dir = g / (v.sqrt() + spec.eps)
+            if m is not None:
+                m.mul_(spec.momentum).add_(step_dir)
+                step_dir = m
+            theta -= spec.lr * step_dir
         elif m is not None:
             m.mul_(spec.momentum).add_(g)
-            theta -= spec.lr * m
+            theta -= spec.lr * (g + spec.momentum * m if spec.nesterov else m)
         else:
             theta -= spec.lr * g
         if not torch.isfinite(val).all():

@@ -65,6 +65,9 @@ def test_gd_decreases_loss_and_reports_convergence(setup):
         ({"steps": -5}, "steps="),
         ({"optimizer": "gd", "batch_size": 10}, "batch_size"),
         ({"optimizer": "sgd", "momentum": 1.5}, "momentum="),
+        ({"optimizer": "adam", "nesterov": True, "momentum": 0.9}, "nesterov=True is not allowed"),
+        ({"optimizer": "sgd", "nesterov": True}, "nesterov=True is not allowed"),
+        ({"optimizer": "rmsprop", "alpha": 1.0}, "alpha="),
     ],
 )
 def test_bad_train_spec_names_the_field(kwargs, match):
@@ -76,3 +79,30 @@ def test_divergent_learning_rate_is_reported(setup):
     objective, data = setup
     with pytest.raises(InvalidArgumentError, match="lower lr"):
         fit(objective, objective.initial_params() * 50, data.x, data.y, TrainSpec(lr=1e6, steps=50), progress=False)
+
+
+@pytest.mark.parametrize("spec, make", [
+    (TrainSpec("sgd", lr=0.1, steps=25, momentum=0.9, nesterov=True), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+    (TrainSpec("sgd", lr=0.1, steps=25, momentum=0.8), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8)),
+    (TrainSpec("rmsprop", lr=0.01, steps=25), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.99, eps=1e-8)),
+    (TrainSpec("rmsprop", lr=0.01, steps=25, momentum=0.5, alpha=0.9), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-8, momentum=0.5)),
+    (TrainSpec("adam", lr=0.01, steps=25), lambda ps: torch.optim.Adam(ps, lr=0.01)),
+])
+def test_each_optimiser_follows_its_torch_optim_namesake_step_for_step(setup, spec, make):
+    # The appendix's optimiser study (Adam, GD, Nesterov, RMSProp) needs each update to be the standard one:
+    # torch.optim on an nn.Module with the same (full-batch) objective is the independent reference.
+    import copy
+
+    objective, data = setup
+    theta0 = objective.initial_params()
+    ours = fit(objective, theta0, data.x, data.y, spec, progress=False).params[0]
+    model = copy.deepcopy(objective.model)
+    opt = make(list(model.parameters()))
+    for _ in range(spec.steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(data.x), data.y)
+        loss = loss + 0.5 * objective.weight_decay * sum((p * p).sum() for p in model.parameters())
+        loss.backward()
+        opt.step()
+    ref = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
