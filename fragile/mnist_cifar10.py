@@ -405,7 +405,8 @@ def model_jobs(cfg: MnistCifar10Config) -> list[Job]:
 
 def run_study(cfg: MnistCifar10Config, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
     """Every model through the sweep layer; returns the finished models (table order) and the report."""
-    resolve_device(cfg.device)  # a CUDA device that is not here is refused before any job starts
+    if cfg.scheduler in ("in-process", "local") and client is None:
+        resolve_device(cfg.device)  # the jobs run here: a CUDA device that is not here is refused before any starts
     jobs = model_jobs(cfg)
     report = run_sweep(jobs, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
                        n_workers=cfg.n_workers or None, client=client, progress=progress)

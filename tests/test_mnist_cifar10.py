@@ -172,3 +172,13 @@ def test_claims_follow_the_stated_rules():
     assert got["resnet50"]["verdict"] == "not reproduced" and got["varies"]["verdict"] == "not reproduced"
     assert got["vgg_wd"]["verdict"] == "not reproduced"
     assert {c["key"]: c for c in claims(good[1:], stand_in={})}["resnet50"]["verdict"].startswith("not run")
+
+
+def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch):
+    from fragile.mnist_cifar10 import run_study
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = MnistCifar10Config(**{**TINY, "device": "cuda", "cache_dir": str(tmp_path)})
+    with pytest.raises(InvalidArgumentError, match="device='cuda' is not allowed here: torch sees 0 CUDA device"):
+        run_study(cfg, progress=False)
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing cached
