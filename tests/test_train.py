@@ -106,3 +106,18 @@ def test_each_optimiser_follows_its_torch_optim_namesake_step_for_step(setup, sp
         opt.step()
     ref = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_the_final_gradient_norm_is_the_same_in_chunks(setup):
+    from fragile.train import _full_batch_grads
+
+    objective, data = setup
+    thetas = objective.initial_params().expand(3, -1).contiguous() + 0.1
+    weights = torch.ones(3, len(data.x), dtype=thetas.dtype)
+    weights[1, :5] = 0.0  # a model with points removed
+    wd = torch.tensor([0.0, 0.01, 0.1], dtype=thetas.dtype)
+    whole = objective.stacked_grads(thetas, data.x, data.y, weights, wd)[0]
+    chunked = _full_batch_grads(objective, thetas, data.x, data.y, weights, wd, chunk=5)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_full_batch_grads(objective, thetas, data.x, data.y, None, None, chunk=7),
+                               objective.stacked_grads(thetas, data.x, data.y)[0], rtol=1e-12, atol=1e-14)
