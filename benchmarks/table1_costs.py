@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--architectures", nargs="+", default=["small_cnn", "lenet", "vgg11", "resnet18", "resnet50"])
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--json", default="", help="also write the measurements here (the chapter shows them)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     paper = MnistCifar10Config()
@@ -49,6 +50,7 @@ def main() -> None:
     n_offline, n_paper = len(data.train), 60000
     print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") +
           f"; torch {torch.__version__}; width {args.width}; {n_offline} offline MNIST digits, costs scaled to {n_paper:,}")
+    rows = []
     header = ("architecture", "params", "Adam step 128 (ms)", "HVP 1024 (ms)", f"HVP {n_offline} (ms)", "LOO 8-stack step (ms)",
               "grads 512 (ms)", "est. hours per model")
     print(" | ".join(header))
@@ -79,11 +81,27 @@ def main() -> None:
                    + 2 * paper.arnoldi_rank * full_paper                       # Arnoldi
                    + 3 * n_paper / 512 * grads                                 # every training gradient, three estimators
                    + (2 * paper.top_k + 1) / 8 * paper.retrain_steps * loo)    # leave-one-out stacks of 8
+        rows.append({"architecture": arch, "params": objective.num_params, "adam_step_s": step, "loo_stack8_step_s": loo,
+                     "hours_per_model": seconds / 3600})
         print(" | ".join([arch, f"{objective.num_params:,}", f"{step * 1e3:.1f}", f"{hvp_small * 1e3:.1f}", f"{hvp_full * 1e3:.0f}",
                           f"{loo * 1e3:.1f}", f"{grads * 1e3:.1f}", f"{seconds / 3600:.2f}"]), flush=True)
         del objective, x, y, theta
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.json:
+        write_json(args.json, device, rows)
+
+
+def write_json(path: str, device: torch.device, rows: list[dict]) -> None:
+    import datetime
+    import json
+
+    from fragile.atomic import atomic_write_bytes
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    record = {"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "script": "benchmarks/table1_costs.py", "rows": rows}
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -576,3 +576,24 @@ def paper_cost_markdown(cfg: MnistCifar10Config) -> str:
     models = len(cfg.pairs) * len(cfg.weight_decays) * cfg.n_seeds
     return ("\n".join(rows) + f"\n\n{models} models in all: {total / 1e9:,.2f} billion image-gradient evaluations "
             "(one ResNet-18 image-gradient at full width is about 1.7 GFLOP on a 32×32 image).")
+
+
+def measured_time_markdown(cfg: MnistCifar10Config, costs_path: str) -> str:
+    """The time ``cfg`` takes per model and in all, from unit costs that ``benchmarks/table1_costs.py --json``
+    measured on a device (CIFAR-10 networks taken at their MNIST cost); empty when no measurement is there."""
+    import json
+    from pathlib import Path
+
+    path = Path(costs_path)
+    if not path.is_file():
+        return ""
+    record = json.loads(path.read_text())
+    hours = {r["architecture"]: r["hours_per_model"] for r in record["rows"]}
+    missing = sorted({a for _, a in cfg.pairs} - set(hours))
+    per_seed_wd = sum(hours.get(a, math.nan) for _, a in cfg.pairs)
+    rows = ["| architecture | hours per model |", "|---|---|"] + [f"| {a} | {h:.2f} |" for a, h in hours.items()]
+    total = per_seed_wd * len(cfg.weight_decays) * cfg.n_seeds
+    return ("\n".join(rows) + f"\n\nMeasured with `{record['script']}` on one {record['device']} (torch {record['torch']}, "
+            f"{record['date']}): unit costs times the counts above. For these {len(cfg.pairs)} networks, "
+            f"{len(cfg.weight_decays)} weight decays and {cfg.n_seeds} seed(s): **about {total:,.0f} GPU-hours**"
+            + (f" (no measurement for {', '.join(missing)})" if missing else "") + ".")

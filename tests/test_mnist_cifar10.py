@@ -182,3 +182,16 @@ def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch)
     with pytest.raises(InvalidArgumentError, match="device='cuda' is not allowed here: torch sees 0 CUDA device"):
         run_study(cfg, progress=False)
     assert not any(tmp_path.iterdir())  # nothing ran, nothing cached
+
+
+def test_measured_time_multiplies_the_benchmarks_hours_by_the_studys_size(tmp_path):
+    import json
+
+    from fragile.mnist_cifar10 import measured_time_markdown
+
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"device": "GPU X", "torch": "2", "date": "d", "script": "s",
+                                "rows": [{"architecture": "small_cnn", "hours_per_model": 0.5}, {"architecture": "vgg11", "hours_per_model": 2.0}]}))
+    cfg = MnistCifar10Config(**{**TINY, "n_seeds": 3})  # small_cnn on MNIST, vgg11 on CIFAR-10, 2 weight decays
+    assert "about 15 GPU-hours" in measured_time_markdown(cfg, str(path))  # (0.5 + 2.0) × 2 × 3
+    assert measured_time_markdown(cfg, str(tmp_path / "none.json")) == ""
