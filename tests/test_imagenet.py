@@ -1,0 +1,202 @@
+"""The ImageNet & CIFAR-100 section: config checks, parameter subsets, the stand-in on disk, a whole job against
+closed forms and sequential retraining, the drift comparison, job keys and the claims rules."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from fragile import Objective, TrainSpec, fit, loo_retrain_sequential
+from fragile.errors import InvalidArgumentError
+from fragile.image_folders import write_digit_folders
+from fragile.imagenet import (
+    ImageNetConfig, build_network, choose_random_test_points, claims, drift_table, ensure_stand_in, imagenet_jobs,
+    influence_prefixes, load_folders, run_imagenet, stand_in_root,
+)
+from fragile.pretrained import imagenet_classifier
+
+TINY = dict(device="cpu", architecture="small_resnet18", width=8, weights="", image_size=16, stand_in_train_per_class=3,
+            stand_in_val_per_class=2, batch_size=10, lr=1e-3, train_epochs=3, retrain_epochs=1, top_k=4, lissa_depth=5,
+            lissa_batch_size=10, dtype="float64", cifar100=False, use_cache=False, scheduler="in-process")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"architecture": "vit"}, "architecture"),
+    ({"weights": "torchvision"}, "weights='torchvision' is not allowed with architecture='small_resnet18'"),
+    ({"train_epochs": 0}, "train_epochs=0 is not allowed with weights=''"),
+    ({"influence_params": "layer3"}, "influence_params"),
+    ({"retrain_params": "head"}, "retrain_params"),
+    ({"estimator": "tracin"}, "estimator"),
+    ({"top_k": 0}, "top_k"),
+    ({"image_size": 8}, "image_size"),
+    ({"cifar100": True, "cifar100_top_k": 1}, "cifar100_.*top_k"),
+    ({"cifar100": True, "cifar100_architecture": "alexnet"}, "cifar100_.*alexnet"),
+    ({"device": "tpu"}, "device"),
+])
+def test_bad_config_values_are_named(bad, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        ImageNetConfig(**{**TINY, **bad})
+
+
+def test_the_cifar100_rows_are_the_table1_protocol_with_the_sections_values():
+    c = ImageNetConfig(**{**TINY, "cifar100": True, "cifar100_n_seeds": 2, "cifar100_test_points_per_kind": 3}).cifar100_config()
+    assert c.cifar100_architectures == ("resnet18",) and c.mnist_architectures == () and c.cifar10_architectures == ()
+    assert c.weight_decays == (0.0005,) and c.n_seeds == 2 and c.test_points_per_kind == 3 and c.top_k == 40
+    assert c.retrain_fraction == 0.06 and c.estimator == "lissa" and c.compare_estimators == ()
+
+
+def test_influence_subsets_name_the_last_block_stage_and_head_of_both_resnet_kinds():
+    tv = imagenet_classifier("resnet18")
+    assert influence_prefixes(tv, "head") == ("fc",)
+    assert influence_prefixes(tv, "last_block") == ("layer4.1", "fc")
+    assert influence_prefixes(tv, "last_stage") == ("layer4.0", "layer4.1", "fc")
+    assert influence_prefixes(tv, "all") is None
+    small = build_network(ImageNetConfig(**TINY), 10, 0)
+    assert influence_prefixes(small, "last_block") == ("10", "13")  # 3 stem modules, 8 blocks, pool, flatten, linear
+    obj = Objective(small, 0.0, influence_prefixes(small, "last_block"))
+    block = sum(p.numel() for p in small[10].parameters()) + sum(p.numel() for p in small[13].parameters())
+    assert obj.num_params == block
+
+
+def test_random_test_points_are_distinct_seeded_and_change_with_the_seed():
+    a = choose_random_test_points(100, 2, seed=0)
+    assert a.tolist() == choose_random_test_points(100, 2, seed=0).tolist() and len(set(a.tolist())) == 2
+    assert any(choose_random_test_points(100, 2, seed=s).tolist() != a.tolist() for s in range(1, 4))
+    with pytest.raises(InvalidArgumentError, match="n_points"):
+        choose_random_test_points(3, 4, seed=0)
+
+
+def test_the_stand_in_is_written_once_and_an_interrupted_write_is_redone(tmp_path):
+    cfg = ImageNetConfig(**{**TINY, "cache_dir": str(tmp_path)})
+    root = ensure_stand_in(cfg)
+    assert root == stand_in_root(cfg) and (root / "COMPLETE").is_file()
+    assert len(list((root / "train").rglob("*.png"))) == 30 and len(list((root / "val").rglob("*.png"))) == 20
+    png = next((root / "train" / "digit_3").glob("*.png"))
+    stamp = png.stat().st_mtime_ns
+    ensure_stand_in(cfg)
+    assert png.stat().st_mtime_ns == stamp  # complete: not rewritten
+    (root / "COMPLETE").unlink()
+    png.unlink()
+    ensure_stand_in(cfg)
+    assert png.is_file() and (root / "COMPLETE").is_file()
+    data = load_folders(cfg)
+    assert data.stand_in and data.classes == 10 and data.train.x.shape == (30, 3, 16, 16) and "not ImageNet" in data.description
+
+
+def test_a_data_root_is_read_as_real_data_and_enters_the_job_key(tmp_path, monkeypatch):
+    write_digit_folders(tmp_path / "folder", n_train_per_class=2, n_val_per_class=1, image_size=20)
+    cfg = ImageNetConfig(**{**TINY, "data_root": str(tmp_path / "folder"), "cache_dir": str(tmp_path / "cache")})
+    data = load_folders(cfg)
+    assert not data.stand_in and str(tmp_path / "folder") in data.description and len(data.train) == 20
+    assert not (tmp_path / "cache").exists()  # no stand-in written when a root is given
+    offline = imagenet_jobs(ImageNetConfig(**TINY))[0].key
+    assert imagenet_jobs(ImageNetConfig(**{**TINY, "device": "cuda"}))[0].key == offline  # where it runs is not in the key
+    assert imagenet_jobs(ImageNetConfig(**{**TINY, "cifar100": True, "cifar100_n_seeds": 5}))[0].key == offline
+    monkeypatch.setenv("FRAGILE_IMAGENET", str(tmp_path / "folder"))
+    assert imagenet_jobs(ImageNetConfig(**TINY))[0].key != offline
+
+
+@pytest.fixture(scope="module")
+def head_job(tmp_path_factory):
+    """A whole job with exact influence over the head and fine-tuning of the head only: a convex problem on
+    frozen features, so both sides have closed forms to check against."""
+    cfg = ImageNetConfig(**{**TINY, "cache_dir": str(tmp_path_factory.mktemp("cache")), "estimator": "exact", "influence_params": "head",
+                            "retrain_params": "influence_params", "weight_decay": 0.01, "damping": 0.001})
+    return cfg, run_imagenet(cfg, seed=1)
+
+
+def _independent_theta_star(cfg):
+    data = load_folders(cfg)
+    model = build_network(cfg, data.classes, 1)
+    full = Objective(model, cfg.weight_decay)
+    n = len(data.train)
+    spec = TrainSpec("adam", lr=cfg.lr, steps=math.ceil(cfg.train_epochs * n / cfg.batch_size), batch_size=cfg.batch_size, seed=1)
+    theta = fit(full, full.initial_params(), data.train.x, data.train.y, spec, progress=False).params[0]
+    return data, model, full, theta, spec
+
+
+def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
+    cfg, out = head_job
+    data, model, full, theta, _ = _independent_theta_star(cfg)
+    params = full.unflatten(theta)
+    with torch.no_grad():
+        body = {k: v for k, v in params.items() if not k.startswith("13.")}
+        feats = lambda x: functional_call(model[:-1], {k: v for k, v in body.items()}, (x,))  # noqa: E731
+        phi, phi_test = feats(data.train.x), feats(data.val.x[torch.as_tensor(out["test_points"])])
+    w0 = torch.cat([params["13.weight"].reshape(-1), params["13.bias"]])
+    k, d = params["13.weight"].shape
+
+    def loss(w, f, y):
+        return torch.nn.functional.cross_entropy(f @ w[: k * d].view(k, d).T + w[k * d:], y, reduction="none")
+
+    n = len(data.train)
+    hessian = torch.autograd.functional.hessian(lambda w: loss(w, phi, data.train.y).mean(), w0)
+    hessian += (cfg.weight_decay + cfg.damping) * torch.eye(w0.numel(), dtype=w0.dtype)
+    g_train = torch.stack([torch.autograd.functional.jacobian(lambda w: loss(w, phi[i:i + 1], data.train.y[i:i + 1])[0], w0) for i in range(n)])
+    g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (fragile.influence's convention)
+    y_test = data.val.y[torch.as_tensor(out["test_points"])]
+    g_test = torch.stack([torch.autograd.functional.jacobian(lambda w: loss(w, phi_test[t:t + 1], y_test[t:t + 1])[0], w0) for t in range(2)])
+    closed = (g_test @ torch.linalg.solve(hessian, g_train.T) / n).numpy()
+    for t, e in enumerate(out["per_test_point"]):
+        np.testing.assert_allclose(e["predicted"], closed[t, e["chosen"]], rtol=1e-6, atol=1e-12)
+        # the top 4 by |predicted| over all training images
+        assert set(e["chosen"].tolist()) == set(np.argsort(-np.abs(closed[t]))[:4].tolist())
+    assert out["influence_params"] == ["13"] and out["influence_num_params"] == w0.numel()
+
+
+def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_control(head_job):
+    cfg, out = head_job
+    data, model, full, theta, spec = _independent_theta_star(cfg)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), full.unflatten(theta).values()):
+            p.copy_(v)
+    head = Objective(model, cfg.weight_decay, ("13",))
+    tp = torch.as_tensor(out["test_points"])
+    union = np.unique(np.concatenate([e["chosen"] for e in out["per_test_point"]]))
+    seq = loo_retrain_sequential(head, head.initial_params(), data.train.x, data.train.y, torch.as_tensor(union),
+                                 spec.replace(steps=out["retrain_steps"]), data.val.x[tp], data.val.y[tp], progress=False)
+    for t, e in enumerate(out["per_test_point"]):
+        rows = [int(np.flatnonzero(union == i)[0]) for i in e["chosen"]]
+        np.testing.assert_allclose(e["actual"], seq.actual[rows, t].numpy(), rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(out["drift"][t], seq.drift[t].item(), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(e["actual_vs_control"], e["actual"] - out["drift"][t], atol=1e-10)
+    table = drift_table([out])
+    for t, e in enumerate(out["per_test_point"]):
+        row = table.iloc[t]
+        assert row["drift"] == pytest.approx(out["drift"][t])
+        assert row["median_abs_removal_vs_control"] == pytest.approx(np.median(np.abs(e["actual_vs_control"])))
+        assert row["drift_over_removal"] == pytest.approx(abs(out["drift"][t]) / np.median(np.abs(e["actual_vs_control"])))
+
+
+def _network(spearmans, pearsons, drifts, own):
+    per = [{"test_point": t, "spearman": s, "pearson": p, "spearman_vs_control": s, "pearson_vs_control": p, "predicted": np.ones(3),
+            "actual": np.ones(3) * d + o, "actual_vs_control": np.array([o, -o, o])}
+           for t, (s, p, d, o) in enumerate(zip(spearmans, pearsons, drifts, own))]
+    return {"seed": 0, "test_losses": np.ones(len(per)), "drift": np.array(drifts), "per_test_point": per}
+
+
+def _c100(values):
+    return [{"dataset": "cifar100", "architecture": "resnet18", "weight_decay": 5e-4, "seed": s, "test_losses": np.ones(2),
+             "drift": np.zeros(2), "per_test_point": [
+                 {"test_point": kind, "spearman": v, "pearson": v, "spearman_vs_control": v, "predicted": np.ones(2), "actual": np.ones(2),
+                  "actual_vs_control": np.ones(2)} for kind, v in zip(("highest loss", "median loss"), vs)]}
+            for s, vs in enumerate(values)]
+
+
+def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
+    low = _network([0.1, -0.05], [0.12, 0.0], [-0.7, 0.07], [0.01, 0.02])
+    rows = {c["key"]: c for c in claims([low], _c100([(0.1, 0.2), (0.0, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
+    assert rows["imagenet_corr"]["verdict"] == "reproduced" and rows["imagenet_corr"]["ours_value"] == pytest.approx(0.12)
+    assert rows["imagenet_drift"]["verdict"] == "reproduced" and rows["imagenet_drift"]["ours_value"] == pytest.approx(0.07 / 0.02)
+    assert rows["cifar100"]["verdict"] == "reproduced" and rows["cifar100"]["ours_value"] == pytest.approx(0.225)
+    high = _network([0.6, 0.1], [0.2, 0.1], [-0.001, 0.07], [0.01, 0.02])
+    rows = {c["key"]: c for c in claims([high], _c100([(0.5, 0.2), (0.3, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
+    assert rows["imagenet_corr"]["verdict"] == "not reproduced" and rows["imagenet_drift"]["verdict"] == "not reproduced"
+    assert rows["cifar100"]["verdict"] == "not reproduced"
+    rows = {c["key"]: c for c in claims([low], _c100([(0.1, 0.2)]), imagenet_stand_in=True, cifar100_stand_in=True)}
+    for key in ("imagenet_corr", "imagenet_drift", "cifar100"):
+        assert rows[key]["verdict"].startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
+    rows = {c["key"]: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
+    assert all(r["verdict"].startswith("not run") for r in rows.values())
