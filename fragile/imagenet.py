@@ -197,7 +197,7 @@ class ImageNetConfig(ChapterConfig):
                 n_test=self.cifar100_n_test, dtype=self.dtype, weight_decays=(self.cifar100_weight_decay,),
                 batch_size=self.cifar100_batch_size, train_steps=self.cifar100_train_steps, top_k=self.cifar100_top_k,
                 test_points_per_kind=self.cifar100_test_points_per_kind, compare_estimators=(),
-                lissa_depth=self.cifar100_lissa_depth, lissa_batch_size=self.cifar100_lissa_batch_size, chunk_size=self.chunk_size,
+                lissa_depth=self.cifar100_lissa_depth, lissa_batch_size=self.cifar100_lissa_batch_size,
             )
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"cifar100_*: {exc} (the Table 1 field named there is cifar100_<name> here)") from None

@@ -10,12 +10,13 @@ import pytest
 from fragile import runner
 from fragile.errors import InvalidArgumentError
 from fragile.iris import IrisConfig
+from fragile.imagenet import ImageNetConfig
 from fragile.mnist_cifar10 import MnistCifar10Config
 from fragile.small_mnist import SmallMnistConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
-CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config}
+CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config, "04_imagenet": ImageNetConfig}
 
 
 def test_there_are_sections():
@@ -62,9 +63,18 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
         assert any("STAND-IN" in column for column in res["table1"])  # the stand-in says so in the table itself
         assert {c["key"] for c in res["claims"]} == {"resnet50", "varies", "vgg_wd"}
+    if section.name == "04_imagenet":
+        res = summary["results"]
+        assert res["stand_in"] == {"imagenet": True, "cifar100": True}
+        assert len(res["drift"]) == 2 and all(r["median_abs_removal_vs_control"] > 0 for r in res["drift"])  # two random test points
+        assert len({r["test_point"] for r in res["drift"]}) == 2
+        assert len(res["cifar100"]) == 2 * smoke["cifar100_test_points_per_kind"] * smoke["cifar100_n_seeds"]
+        assert {c["key"] for c in res["claims"]} == {"imagenet_corr", "imagenet_drift", "cifar100"}
+        assert all(c["verdict"].startswith("needs the real data set") for c in res["claims"])  # stand-ins confirm nothing
 
 
-@pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig), ("mnist_cifar10", MnistCifar10Config)])
+@pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig), ("mnist_cifar10", MnistCifar10Config),
+                                          ("imagenet", ImageNetConfig)])
 def test_parameters_cell_matches_its_config(name, config):
     section = runner.find_section(name, ROOT)
     fields = {f.name: f.default for f in dataclasses.fields(config)}

@@ -19,7 +19,7 @@ def _images_loaded(page):
 
 
 @pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "sections/03_mnist_cifar10.html",
-                                  "rerun.html", "provenance.html"])
+                                  "sections/04_imagenet.html", "rerun.html", "provenance.html"])
 def test_page_renders_offline_with_all_images(browser, server, path):
     page, foreign = _open(browser, f"{server}/{path}")
     assert page.locator("main h1").count() >= 1
@@ -34,7 +34,7 @@ def test_index_typesets_math_and_shows_glued_numbers(browser, server):
     page.wait_for_selector("mjx-container", timeout=15000)
     assert page.locator("mjx-container").count() >= 2
     table = page.locator("table").first.inner_text()
-    assert "not yet run" in table
+    assert "needs the real data set" in table  # stand-in chapters say so in the claims table
     assert any(v in table for v in ("reproduced", "partly reproduced", "not reproduced"))
     page.close()
 
@@ -69,6 +69,7 @@ def test_chapter_has_banner_figures_and_working_widget(browser, server, path, mi
     ("sections/01_iris.html", "note", "real data"),
     ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
     ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
+    ("sections/04_imagenet.html", "warning", "These are not ImageNet numbers"),
 ])
 def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
     page, _ = _open(browser, f"{server}/{path}")
@@ -90,8 +91,21 @@ def test_table1_is_a_rendered_table_that_names_the_stand_in(browser, server):
     page.close()
 
 
+def test_the_imagenet_chapter_shows_the_drift_beside_the_removal_effects(browser, server):
+    page, _ = _open(browser, f"{server}/sections/04_imagenet.html")
+    table = page.locator("main table", has_text="median_abs_removal_vs_control").first
+    header = table.locator("thead").inner_text()
+    assert "drift" in header and "drift_over_removal" in header
+    assert len(table.locator("tbody tr").all()) == 2  # the two random test points
+    assert any("drift.png" in src or src.startswith("data:image") for src, ok in _images_loaded(page) if ok)
+    text = page.inner_text("main")
+    assert "CIFAR-100 rows are not CIFAR-100 numbers" in text and "needs the real data set" in text
+    page.close()
+
+
 def test_book_builds_with_warnings_as_errors(built_book):
     html, log = built_book
     assert (html / "index.html").is_file() and (html / "sections" / "01_iris.html").is_file()
     assert (html / "sections" / "02_small_mnist.html").is_file() and (html / "sections" / "03_mnist_cifar10.html").is_file()
+    assert (html / "sections" / "04_imagenet.html").is_file()
     assert "build succeeded" in log or "Finished generating HTML" in log
