@@ -39,7 +39,7 @@ from fragile.metrics import correlation, select_top_k
 from fragile.mnist_cifar10 import MnistCifar10Config
 from fragile.models import build_model
 from fragile.objective import Objective
-from fragile.pretrained import imagenet_classifier
+from fragile.pretrained import imagenet_classifier, weights_file
 from fragile.sweep import Job, SweepReport, run_sweep
 from fragile.train import TrainSpec, fit
 
@@ -252,6 +252,12 @@ def load_folders(cfg: ImageNetConfig) -> FolderData:
     return FolderData(train, val, classes, desc, stand_in)
 
 
+def check_weights(cfg: ImageNetConfig) -> None:
+    """Refuse, before any work, ``weights`` that are not on this machine (they are never downloaded)."""
+    if cfg.architecture != "small_resnet18":
+        weights_file(cfg.architecture, cfg.weights)
+
+
 def build_network(cfg: ImageNetConfig, classes: int, seed: int) -> torch.nn.Module:
     """The study's network: torchvision's ResNet (eval-mode batch norm) with ``weights``, or the small ResNet-18."""
     if cfg.architecture == "small_resnet18":
@@ -406,6 +412,7 @@ def run_study(cfg: ImageNetConfig, *, progress: bool = True, client=None) -> tup
 
     if cfg.scheduler in ("in-process", "local") and client is None:
         resolve_device(cfg.device)
+    check_weights(cfg)
     if not resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET"):
         ensure_stand_in(cfg)  # once here, not by every worker at the same time
     jobs = imagenet_jobs(cfg)

@@ -29,6 +29,25 @@ def cached_weights_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(_torchvision_weights(name).url).name
 
 
+def weights_file(name: str, weights: str) -> Path | None:
+    """The file ``weights`` names for ``name`` (None for ``""``), checked to exist: call it before any work.
+
+    Raises:
+        InvalidArgumentError: an unknown name, or weights that are not on this machine.
+    """
+    check_choice("name", name, ARCHITECTURES)
+    if not weights:
+        return None
+    path = cached_weights_path(name) if weights == "torchvision" else Path(weights).expanduser()
+    if not path.is_file():
+        where = "torchvision's cache" if weights == "torchvision" else "disk"
+        raise InvalidArgumentError(
+            f"weights={weights!r} is not allowed here: {path} is not on {where}; give a state-dict file, "
+            f"'torchvision' once its weights are cached, or '' for a random initialisation"
+        )
+    return path
+
+
 def imagenet_classifier(name: str, weights: str = "", *, num_classes: int = 1000, seed: int = 0) -> nn.Module:
     """torchvision's ``name`` for ImageNet, in eval mode, with ``weights``.
 
@@ -45,18 +64,11 @@ def imagenet_classifier(name: str, weights: str = "", *, num_classes: int = 1000
     """
     from torchvision import models
 
-    check_choice("name", name, ARCHITECTURES)
+    path = weights_file(name, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(models, name)(weights=None, num_classes=num_classes)
-    if weights:
-        path = cached_weights_path(name) if weights == "torchvision" else Path(weights).expanduser()
-        if not path.is_file():
-            where = "torchvision's cache" if weights == "torchvision" else "disk"
-            raise InvalidArgumentError(
-                f"weights={weights!r} is not allowed here: {path} is not on {where}; give a state-dict file, "
-                f"'torchvision' once its weights are cached, or '' for a random initialisation"
-            )
+    if path is not None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)

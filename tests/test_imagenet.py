@@ -12,8 +12,8 @@ from fragile import Objective, TrainSpec, fit, loo_retrain_sequential
 from fragile.errors import InvalidArgumentError
 from fragile.image_folders import write_digit_folders
 from fragile.imagenet import (
-    ImageNetConfig, build_network, choose_random_test_points, claims, drift_table, ensure_stand_in, imagenet_jobs,
-    influence_prefixes, load_folders, run_imagenet, stand_in_root,
+    ImageNetConfig, build_network, check_weights, choose_random_test_points, claims, drift_table, ensure_stand_in, imagenet_jobs,
+    influence_prefixes, load_folders, run_imagenet, run_study, stand_in_root,
 )
 from fragile.pretrained import imagenet_classifier
 
@@ -200,3 +200,13 @@ def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
         assert rows[key]["verdict"].startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
     rows = {c["key"]: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
     assert all(r["verdict"].startswith("not run") for r in rows.values())
+
+
+def test_weights_that_are_not_here_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = ImageNetConfig(**{**TINY, "architecture": "resnet18", "weights": "torchvision", "train_epochs": 0, "cache_dir": str(tmp_path / "c")})
+    with pytest.raises(InvalidArgumentError, match="weights='torchvision' is not allowed here"):
+        run_study(cfg, progress=False)
+    assert not (tmp_path / "c").exists()  # refused before the stand-in was written or any job ran
+    with pytest.raises(InvalidArgumentError, match="is not on disk"):
+        check_weights(ImageNetConfig(**{**TINY, "architecture": "resnet50", "weights": str(tmp_path / "nope.pt")}))
