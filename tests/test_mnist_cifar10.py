@@ -10,9 +10,10 @@ from scipy import stats
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential, make_estimator
 from fragile.errors import InvalidArgumentError
 from fragile.metrics import choose_test_points
+from fragile.mnist_cifar10 import test_points_by_kind as points_by_kind  # not collected as a test
 from fragile.mnist_cifar10 import (
     MnistCifar10Config, build_network, claims, load_data, model_inputs, model_jobs, paper_comparison, run_model, table1,
-    test_points_by_kind,
+    lissa_depth_claim, weight_layers,
 )
 
 TINY = dict(device="cpu", mnist_architectures=("small_cnn",), cifar10_architectures=("vgg11",), width=8, n_train=20, n_test=30,
@@ -204,13 +205,13 @@ def test_measured_time_multiplies_the_benchmarks_hours_by_the_studys_size(tmp_pa
 def test_several_test_points_per_kind_are_the_highest_and_those_nearest_the_median():
     losses = np.array([5.0, 0.1, 3.0, 0.7, 9.0, 0.4, 2.0, 0.2, 1.0, 0.3, 4.0, 0.5])
     order = np.argsort(-losses)  # ranks 0..11; the median rank is 5
-    tp, kinds = test_points_by_kind(losses, 1)
+    tp, kinds = points_by_kind(losses, 1)
     np.testing.assert_array_equal(tp, choose_test_points(losses, 2))  # Table 1's pair is unchanged
-    tp, kinds = test_points_by_kind(losses, 3)
+    tp, kinds = points_by_kind(losses, 3)
     np.testing.assert_array_equal(tp, [4, 0, 10, order[4], order[5], order[6]])
     assert kinds == ["highest loss"] * 3 + ["median loss"] * 3
     with pytest.raises(InvalidArgumentError, match="per_kind"):
-        test_points_by_kind(losses, 4)
+        points_by_kind(losses, 4)
 
 
 def test_cifar100_from_a_data_root_has_100_classes_and_class_balanced_subsets(tmp_path):
@@ -241,3 +242,20 @@ def test_each_optimiser_name_is_the_training_spec_the_docstring_says(name, expec
     assert spec.seed == 3 and spec.steps == TINY["train_steps"]
     for k, v in expected.items():
         assert getattr(spec, k) == v, k
+
+
+def test_lissa_depth_claim_orders_architectures_by_their_weight_layers():
+    # counted from the networks: LeNet 2 conv + 3 fc; Koh & Liang's CNN 6 conv + 1 fc; VGG-11 8 conv + 1 fc;
+    # ResNet-18 17 conv + 3 shortcut convs + 1 fc
+    assert [weight_layers(a) for a in ("lenet", "small_cnn", "vgg11", "resnet18")] == [5, 7, 9, 21]
+
+    def m(arch, residuals):
+        return {"architecture": arch, "estimators": {"lissa": {"residuals": np.array(residuals)}}}
+
+    worse = [m("small_cnn", [0.25, 0.35]), m("lenet", [0.2]), m("vgg11", [0.5, 0.7]), m("small_cnn", [0.3])]
+    got = lissa_depth_claim(worse)
+    assert got["verdict"] == "reproduced" and got["ours_value"] == pytest.approx(1.0) and "small_cnn (7 layers) 0.30" in got["ours"]
+    better = [m("small_cnn", [0.5]), m("lenet", [0.9]), m("vgg11", [0.05])]
+    assert lissa_depth_claim(better)["verdict"] == "not reproduced" and lissa_depth_claim(better)["ours_value"] == pytest.approx(-1.0)
+    assert lissa_depth_claim([m("small_cnn", [0.9]), m("lenet", [0.5]), m("vgg11", [0.2])])["verdict"] == "partly reproduced"
+    assert lissa_depth_claim(worse[:2])["verdict"].startswith("not run")

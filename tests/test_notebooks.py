@@ -10,13 +10,14 @@ import pytest
 from fragile import runner
 from fragile.errors import InvalidArgumentError
 from fragile.iris import IrisConfig
+from fragile.appendix import AppendixConfig
 from fragile.imagenet import ImageNetConfig
 from fragile.mnist_cifar10 import MnistCifar10Config
 from fragile.small_mnist import SmallMnistConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
-CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config, "04_imagenet": ImageNetConfig}
+CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config, "04_imagenet": ImageNetConfig, "05_appendix": AppendixConfig}
 
 
 def test_there_are_sections():
@@ -62,7 +63,7 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         assert {r["test_point"] for r in rows} == {"highest loss", "median loss"}
         assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
         assert any("STAND-IN" in column for column in res["table1"])  # the stand-in says so in the table itself
-        assert {c["key"] for c in res["claims"]} == {"resnet50", "varies", "vgg_wd"}
+        assert {c["key"] for c in res["claims"]} == {"resnet50", "varies", "vgg_wd", "lissa_depth"}
     if section.name == "04_imagenet":
         res = summary["results"]
         assert res["stand_in"] == {"imagenet": True, "cifar100": True}
@@ -71,10 +72,21 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         assert len(res["cifar100"]) == 2 * smoke["cifar100_test_points_per_kind"] * smoke["cifar100_n_seeds"]
         assert {c["key"] for c in res["claims"]} == {"imagenet_corr", "imagenet_drift", "cifar100"}
         assert all(c["verdict"].startswith("needs the real data set") for c in res["claims"])  # stand-ins confirm nothing
+    if section.name == "05_appendix":
+        res = summary["results"]
+        assert res["stand_in"] == {"mnist": False, "cifar100": True}
+        assert {r["optimizer"] for r in res["optimizer"]} == {"adam", "gd", "nesterov", "rmsprop"}
+        assert {(r["architecture"], r["seed"]) for r in res["initialisation"]} == {(a, s) for a in ("small_cnn", "lenet") for s in range(smoke["init_seeds"])}
+        assert {(r["dataset"], r["architecture"]) for r in res["summed"]} == {tuple(m.split("/")) for m in smoke["summed_group_models"]}
+        assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in res["summed"] + res["groups"])
+        assert {c["key"] for c in res["claims"]} == {"optimizer", "init", "summed_mnist", "summed_cifar100", "group_mnist", "group_cifar100", "table2"}
+        verdicts = {c["key"]: c["verdict"] for c in res["claims"]}
+        assert verdicts["summed_cifar100"].startswith("needs the real data set") and verdicts["group_cifar100"].startswith("needs the real data set")
+        assert all(r["training"] > 0 for r in res["timing"])
 
 
 @pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig), ("mnist_cifar10", MnistCifar10Config),
-                                          ("imagenet", ImageNetConfig)])
+                                          ("imagenet", ImageNetConfig), ("appendix", AppendixConfig)])
 def test_parameters_cell_matches_its_config(name, config):
     section = runner.find_section(name, ROOT)
     fields = {f.name: f.default for f in dataclasses.fields(config)}

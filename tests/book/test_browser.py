@@ -19,7 +19,7 @@ def _images_loaded(page):
 
 
 @pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "sections/03_mnist_cifar10.html",
-                                  "sections/04_imagenet.html", "rerun.html", "provenance.html"])
+                                  "sections/04_imagenet.html", "sections/05_appendix.html", "rerun.html", "provenance.html"])
 def test_page_renders_offline_with_all_images(browser, server, path):
     page, foreign = _open(browser, f"{server}/{path}")
     assert page.locator("main h1").count() >= 1
@@ -35,6 +35,7 @@ def test_index_typesets_math_and_shows_glued_numbers(browser, server):
     assert page.locator("mjx-container").count() >= 2
     table = page.locator("table").first.inner_text()
     assert "needs the real data set" in table  # stand-in chapters say so in the claims table
+    assert "not yet run" not in table  # every claim has our number or says what it needs
     assert any(v in table for v in ("reproduced", "partly reproduced", "not reproduced"))
     page.close()
 
@@ -70,6 +71,7 @@ def test_chapter_has_banner_figures_and_working_widget(browser, server, path, mi
     ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
     ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
     ("sections/04_imagenet.html", "warning", "These are not ImageNet numbers"),
+    ("sections/05_appendix.html", "warning", "not CIFAR-100 numbers"),
 ])
 def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
     page, _ = _open(browser, f"{server}/{path}")
@@ -107,5 +109,5 @@ def test_book_builds_with_warnings_as_errors(built_book):
     html, log = built_book
     assert (html / "index.html").is_file() and (html / "sections" / "01_iris.html").is_file()
     assert (html / "sections" / "02_small_mnist.html").is_file() and (html / "sections" / "03_mnist_cifar10.html").is_file()
-    assert (html / "sections" / "04_imagenet.html").is_file()
+    assert (html / "sections" / "04_imagenet.html").is_file() and (html / "sections" / "05_appendix.html").is_file()
     assert "build succeeded" in log or "Finished generating HTML" in log

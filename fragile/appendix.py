@@ -1,0 +1,830 @@
+"""The paper's appendix studies (paper-brief §3.6) as one chapter, built on the Table 1 chapter's machinery.
+
+1. **Optimiser**: LeNet on MNIST trained with each of ``optimizers`` (the paper: Adam, GD, Nesterov, RMSProp), each
+   at its own learning rate; Spearman/Pearson of the highest-loss test point, mean ± sd across optimisers.
+2. **Initialisation**: each of ``init_architectures`` (the paper: small CNN and LeNet) trained from ``init_seeds``
+   seeds; the highest-loss test point's Spearman/Pearson per seed, mean ± sd over seeds.
+3. **Several test points at once**: influence on the *summed* loss of ``summed_test_points`` test points (a seeded
+   random choice) against warm-started leave-one-out retraining of the summed loss, over the top ``top_k``
+   training points by |predicted|.
+4. **Group influence**: remove groups of training points (random groups and same-class groups of each of
+   ``group_sizes``); predicted = the sum of the members' influences (first order), actual = warm-started group
+   retraining with the drift control; Spearman/Pearson over the groups of each kind and size.
+5. **Computation time** (the paper's Table 2): the seconds each job of this chapter spent training, in each
+   estimator and retraining, beside the H200 unit costs that ``benchmarks/table1_costs.py`` measured.
+
+Studies 1 and 2 are plain :mod:`fragile.mnist_cifar10` model jobs, built from :class:`MnistCifar10Config` variants
+of this chapter's config: a job with the same fields as one of the Table 1 chapter's is the same cache entry.
+Studies 3 and 4 share one sweep job per (data set, architecture, seed) that trains the network once
+(:func:`fragile.mnist_cifar10.train_model`), solves once, and retrains the top points and the groups in one stack.
+
+Linearity: influence is linear in the test loss, so the predicted change of the summed loss is the sum of the
+per-test-point predictions. The solvers LiSSA (one seed: every right-hand side sees the same minibatches),
+Arnoldi and the exact inverse are linear maps of the right-hand side, so one solve of the summed test gradient
+gives that sum to round-off (CG: to its tolerance); :func:`summed_influence` solves once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fragile import mnist_cifar10 as mc
+from fragile.chapter import ChapterConfig
+from fragile.devices import DEVICE_CHOICES, resolve_device
+from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.ground_truth import group_retrain
+from fragile.influence import InfluenceEstimator, group_influence, make_estimator
+from fragile.metrics import aggregate_over_seeds, correlation, select_top_k
+from fragile.sweep import Job, SweepReport, run_sweep
+
+log = logging.getLogger(__name__)
+
+# Part of every appendix job's key (beside mnist_cifar10's): bump when a change here alters the numbers.
+CODE_VERSION = 1
+GROUP_KINDS = ("random", "same class")
+HIGHEST = mc.TEST_POINTS[0]
+STUDIES = ("optimizer", "init", "summed_group")
+
+# The paper's appendix numbers (paper-brief §3.6, from a reading note, unchecked against the PDF).
+PAPER_OPTIMIZER = {"pearson": (0.72, 0.04), "spearman": (0.56, 0.11)}  # mean ± sd across Adam, GD, Nesterov, RMSProp
+PAPER_SUMMED = {"mnist": {"pearson": 0.91, "spearman": 0.78, "network": "small CNN (small MNIST)"},
+                "cifar100": {"pearson": 0.15, "spearman": 0.11, "network": "ResNet-18"}}
+PAPER_GROUP = {"mnist": (0.01, 0.21), "cifar100": (0.01, 0.18)}  # ResNet-18, range of the correlations
+PAPER_TABLE2 = (136, 4620)  # influence computation times, units not labelled
+# Tolerances of the verdict rules (stated in the chapter).
+CLOSE = 0.15      # a correlation within this of the paper's counts as the same
+LOW_SPREAD = 0.15  # sd over seeds at most this counts as "low variance"
+POOR = 0.3        # group correlations at most this count as "poor", as the paper's 0.01-0.21
+NAMES = {"small_cnn": "small CNN", "lenet": "LeNet", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
+DATA_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+T1 = mc.MnistCifar10Config  # the Table 1 chapter's config: this chapter's shared fields take its defaults
+
+
+@dataclass(frozen=True)
+class AppendixConfig(ChapterConfig):
+    """Every value the appendix chapter depends on; the defaults are the paper's protocol as far as it is known.
+
+    Attributes:
+        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``n_seeds`` is the number of seeds of the
+        optimiser, summed-loss and group studies; ``device`` may be ``cuda``, ``cuda:N`` or ``auto``)
+        data_root, download, verify_checksums, n_train, n_test, split_seed, width, lr, batch_size, train_steps,
+        retrain_fraction, top_k, damping, estimator, compare_estimators, lissa_depth, lissa_repeats,
+        lissa_batch_size, lissa_scale, cg_max_iter, cg_rtol, arnoldi_rank, negative_eigenvalues, data_chunk,
+        chunk_size: as in :class:`~fragile.mnist_cifar10.MnistCifar10Config` (same meaning, same defaults); ``lr``
+        is Adam's, for the initialisation, summed-loss and group studies. The summed-loss and group jobs run
+        only ``estimator`` (``compare_estimators`` serve the optimiser and initialisation studies).
+        weight_decay: L2 coefficient of every model (not stated; Table 1's 0.001).
+        optimizers: optimisers of the optimiser study (paper: Adam, GD, Nesterov, RMSProp), on LeNet and MNIST.
+        optimizer_lrs: one learning rate per optimiser, in the same order (not stated by the paper).
+        init_architectures: networks of the initialisation study (paper: small CNN and LeNet), on MNIST.
+        init_seeds: seeds of the initialisation study (``seed`` … ``seed + init_seeds − 1``; paper: several).
+            A seed sets the initialisation and the minibatch order, as in the Table 1 chapter.
+        summed_group_models: ``data set/architecture`` pairs of the summed-loss and group studies (paper: the
+            small CNN on small MNIST and ResNet-18 on CIFAR-100 for the summed loss, ResNet-18 on MNIST and on
+            CIFAR-100 for groups).
+        summed_test_points: test points whose losses are summed (paper: 8), chosen at random with ``choice_seed``.
+        choice_seed: seed of the random test points and of the groups.
+        group_kinds: ``random`` (members drawn from the whole training set) and/or ``same class`` (from one
+            class drawn at random); the paper does not say how its groups were formed.
+        group_sizes: training points per group (not stated by the paper; ours stay within one CIFAR-100 class of 500).
+        groups_per_size: groups of each kind and size; each (kind, size) cell's correlation is over these.
+    """
+
+    DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
+
+    device: str = "auto"
+    data_root: str = T1.data_root
+    download: bool = T1.download
+    verify_checksums: bool = T1.verify_checksums
+    n_train: int = T1.n_train
+    n_test: int = T1.n_test
+    split_seed: int = T1.split_seed
+    width: int = T1.width
+    weight_decay: float = 0.001
+    lr: float = T1.lr
+    batch_size: int = T1.batch_size
+    train_steps: int = T1.train_steps
+    retrain_fraction: float = T1.retrain_fraction
+    top_k: int = T1.top_k
+    damping: float = T1.damping
+    estimator: str = T1.estimator
+    compare_estimators: tuple[str, ...] = T1.compare_estimators
+    lissa_depth: int = T1.lissa_depth
+    lissa_repeats: int = T1.lissa_repeats
+    lissa_batch_size: int = T1.lissa_batch_size
+    lissa_scale: float = T1.lissa_scale
+    cg_max_iter: int = T1.cg_max_iter
+    cg_rtol: float = T1.cg_rtol
+    arnoldi_rank: int = T1.arnoldi_rank
+    negative_eigenvalues: str = T1.negative_eigenvalues
+    data_chunk: int = T1.data_chunk
+    chunk_size: int = T1.chunk_size
+    optimizers: tuple[str, ...] = ("adam", "gd", "nesterov", "rmsprop")
+    optimizer_lrs: tuple[float, ...] = (0.001, 0.1, 0.01, 0.001)
+    init_architectures: tuple[str, ...] = ("small_cnn", "lenet")
+    init_seeds: int = 5
+    summed_group_models: tuple[str, ...] = ("mnist/small_cnn", "mnist/resnet18", "cifar100/resnet18")
+    summed_test_points: int = 8
+    choice_seed: int = 0
+    group_kinds: tuple[str, ...] = GROUP_KINDS
+    group_sizes: tuple[int, ...] = (25, 100, 400)
+    groups_per_size: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_unique_choices("optimizers", self.optimizers, mc.OPTIMIZERS)
+        if len(self.optimizer_lrs) != len(self.optimizers):
+            raise InvalidArgumentError(f"optimizer_lrs has {len(self.optimizer_lrs)} values but optimizers has {len(self.optimizers)}; "
+                                       "give one learning rate per optimiser, in the same order")
+        for lr in self.optimizer_lrs:
+            check_positive("optimizer_lrs", lr)
+        _check_unique_choices("init_architectures", self.init_architectures, tuple(mc.ARCHITECTURES))
+        check_int("init_seeds", self.init_seeds, minimum=2)
+        for pair in self.summed_group_models:
+            _split_model(pair)
+        if len(set(self.summed_group_models)) != len(self.summed_group_models):
+            raise InvalidArgumentError(f"summed_group_models={list(self.summed_group_models)} repeats a model")
+        if not (self.optimizers or self.init_architectures or self.summed_group_models):
+            raise InvalidArgumentError("optimizers, init_architectures and summed_group_models are all empty; give at least one study something to run")
+        check_int("summed_test_points", self.summed_test_points, minimum=2)
+        if self.n_test and self.summed_test_points > self.n_test:
+            raise InvalidArgumentError(f"summed_test_points={self.summed_test_points} is not allowed; it must be at most n_test={self.n_test}")
+        check_int("choice_seed", self.choice_seed, minimum=0)
+        if not self.group_kinds:
+            raise InvalidArgumentError(f"group_kinds is empty; choose from {list(GROUP_KINDS)}")
+        _check_unique_choices("group_kinds", self.group_kinds, GROUP_KINDS)
+        if not self.group_sizes or len(set(self.group_sizes)) != len(self.group_sizes):
+            raise InvalidArgumentError(f"group_sizes={list(self.group_sizes)} is not allowed; give one or more distinct sizes")
+        largest = self.n_train // 10 if "same class" in self.group_kinds else self.n_train - 1
+        for size in self.group_sizes:
+            check_int("group_sizes", size, minimum=2, maximum=largest if self.n_train else None)
+        check_int("groups_per_size", self.groups_per_size, minimum=3)
+        self.table1_config(mnist_architectures=("lenet",))  # the shared fields, checked by the Table 1 config (same names)
+        for opt, lr in zip(self.optimizers, self.optimizer_lrs):
+            self.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)
+
+    @property
+    def summed_models(self) -> list[tuple[str, str]]:
+        """(data set, architecture) of the summed-loss and group studies."""
+        return [_split_model(p) for p in self.summed_group_models]
+
+    def table1_config(self, **changes: Any) -> mc.MnistCifar10Config:
+        """The Table 1 chapter's config with this chapter's shared fields, one weight decay, no architecture
+        unless ``changes`` names some, and ``changes``."""
+        values = {name: getattr(self, name) for name in SHARED_FIELDS}
+        values.update(mnist_architectures=(), cifar10_architectures=(), cifar100_architectures=(), weight_decays=(self.weight_decay,))
+        values.update(changes)
+        return mc.MnistCifar10Config(**values)
+
+
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(AppendixConfig) if f.name in {g.name for g in dataclasses.fields(T1)})
+
+
+def _check_unique_choices(name: str, values: tuple, allowed: tuple) -> None:
+    for v in values:
+        check_choice(name, v, allowed)
+    if len(set(values)) != len(values):
+        raise InvalidArgumentError(f"{name}={list(values)} repeats a value")
+
+
+def _split_model(pair: str) -> tuple[str, str]:
+    parts = pair.split("/") if isinstance(pair, str) else []
+    if len(parts) != 2 or parts[0] not in mc.DATASETS or parts[1] not in mc.ARCHITECTURES:
+        raise InvalidArgumentError(f"summed_group_models={pair!r} is not allowed; write data set/architecture with the data set one of "
+                                   f"{list(mc.DATASETS)} and the architecture one of {list(mc.ARCHITECTURES)}, e.g. 'mnist/small_cnn'")
+    return parts[0], parts[1]
+
+
+# --- studies 3 and 4: one job per (data set, architecture, seed) -------------------------------------------------
+
+
+def random_test_points(n_test: int, k: int, seed: int) -> np.ndarray:
+    """``k`` distinct test indices drawn uniformly at random with ``seed`` (the same for every model of a data set)."""
+    check_int("summed_test_points", k, minimum=1, maximum=n_test)
+    return np.random.default_rng(seed).choice(n_test, size=k, replace=False)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group of training points removed together."""
+
+    kind: str
+    size: int
+    members: np.ndarray
+
+
+def make_groups(labels: np.ndarray, kinds: tuple[str, ...], sizes: tuple[int, ...], per_size: int, seed: int) -> list[Group]:
+    """``per_size`` groups of each kind and size, drawn with ``seed``: ``random`` from the whole training set,
+    ``same class`` from one class drawn at random among those with at least ``size`` points. Members of one group
+    are distinct; different groups may share points. Deterministic.
+
+    Raises:
+        InvalidArgumentError: a size larger than the training set, or than every class for ``same class``.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 1])
+    classes, counts = np.unique(labels, return_counts=True)
+    groups = []
+    for kind in kinds:
+        check_choice("group_kinds", kind, GROUP_KINDS)
+        for size in sizes:
+            eligible = classes[counts >= size]
+            if size > labels.size or (kind == "same class" and eligible.size == 0):
+                raise InvalidArgumentError(f"group_sizes={size} is not allowed here: {labels.size} training points, "
+                                           f"at most {counts.max()} in a class")
+            for _ in range(per_size):
+                pool = np.arange(labels.size) if kind == "random" else np.flatnonzero(labels == rng.choice(eligible))
+                groups.append(Group(kind, int(size), np.sort(rng.choice(pool, size=size, replace=False))))
+    return groups
+
+
+def summed_influence(est: InfluenceEstimator, x_test: torch.Tensor, y_test: torch.Tensor) -> tuple[np.ndarray, float, float]:
+    """Predicted change of the *summed* loss of the test points when each training point is removed, (n,).
+
+    One solve of the summed test gradient: equal to the sum of :meth:`InfluenceEstimator.influences` over the test
+    points for solvers linear in the right-hand side (exact, Arnoldi, LiSSA with its one seed), to its tolerance for
+    CG. Returns the predictions, the solve's relative residual and the seconds (preparation included).
+    """
+    start = time.perf_counter()
+    est.prepare()
+    g = est.objective.sample_grads(est.theta, x_test, y_test, est.grad_chunk).sum(0, keepdim=True)
+    s, residual = est.inverse_hvps(g)
+    idxs = torch.arange(est.n)
+    step = est.grad_chunk or est.n
+    predicted = torch.cat([(s @ est.train_gradients(idxs[i : i + step]).T).cpu() for i in range(0, est.n, step)], dim=1)[0] / est.n
+    return predicted.double().numpy(), float(residual[0]), time.perf_counter() - start
+
+
+def run_summed_and_groups(cfg: mc.MnistCifar10Config, dataset: str, architecture: str, weight_decay: float, seed: int, *,
+                          summed_test_points: int, choice_seed: int, group_kinds: tuple[str, ...], group_sizes: tuple[int, ...],
+                          groups_per_size: int, device: str | None = None) -> dict[str, Any]:
+    """Studies 3 and 4 on one network: train it (:func:`~fragile.mnist_cifar10.train_model`), predict every training
+    point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
+    retrain warm-started (``cfg.retrain_steps`` steps, with the drift control) without each of the ``top_k`` points
+    by |predicted| and without each group, all in one stack. Group predictions are the sums of their members'.
+
+    Cost: the training; one solve (plus LiSSA's power iteration); ``top_k + groups + 1`` retrained models.
+    """
+    model = mc.train_model(cfg, dataset, architecture, weight_decay, seed, device)
+    objective, theta, x, y = model.objective, model.theta, model.x, model.y
+    tp = random_test_points(len(model.y_test), summed_test_points, choice_seed)
+    groups = make_groups(model.data.train.y.numpy(), group_kinds, group_sizes, groups_per_size, choice_seed)
+    idx = torch.as_tensor(tp, device=model.device)
+    x_test, y_test = model.x_test[idx], model.y_test[idx]
+    out: dict[str, Any] = {
+        "dataset": dataset, "architecture": architecture, "weight_decay": weight_decay, "seed": seed, "stand_in": model.data.stand_in,
+        "num_params": objective.num_params, "n_train": len(y), **model.stats, "train_seconds": model.seconds, "test_points": tp,
+        "test_losses": model.test_losses[tp], "estimator": cfg.estimator, "device": str(model.device),
+    }
+    est = make_estimator(cfg.estimator, objective, theta, x, y, **mc._estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params))
+    try:
+        predicted, residual, seconds = summed_influence(est, x_test, y_test)
+    except FragileError as exc:  # e.g. LiSSA diverging: reported, not hidden
+        log.warning("%s failed: %s", cfg.estimator, exc)
+        out["failed"] = f"{cfg.estimator}: {exc}"
+        return out
+    out.update({"predicted": predicted, "influence_seconds": seconds, "residual": residual})
+    if est.spectrum is not None and math.isfinite(est.spectrum.largest):
+        out["lambda_max"] = float(est.spectrum.largest)
+    chosen = select_top_k(predicted, cfg.top_k)
+    removals = [[int(i)] for i in chosen] + [g.members.tolist() for g in groups]
+    start = time.perf_counter()
+    res = group_retrain(objective, theta, x, y, removals, model.spec.replace(steps=cfg.retrain_steps), x_test, y_test,
+                        chunk_size=cfg.chunk_size, progress=False)
+    actual, vs_control = res.actual.sum(1).double().numpy(), res.actual_vs_control.sum(1).double().numpy()
+    k = len(chosen)
+    members = [g.members for g in groups]
+    out.update({
+        "retrain_seconds": time.perf_counter() - start, "retrain_models": len(removals) + 1, "retrain_steps": cfg.retrain_steps,
+        "drift": float(res.drift.sum()), "control_grad_norm": res.control_grad_norm,
+        "summed": {"chosen": chosen, "predicted": predicted[chosen], "actual": actual[:k], "actual_vs_control": vs_control[:k]},
+        "groups": {"kind": [g.kind for g in groups], "size": [g.size for g in groups], "members": members,
+                   "predicted": group_influence(torch.as_tensor(predicted)[None], members)[0].numpy(),
+                   "actual": actual[k:], "actual_vs_control": vs_control[k:]},
+    })
+    return out
+
+
+def summed_group_job(code_version: int, appendix_code_version: int, dataset: str, architecture: str, model_weight_decay: float,
+                     model_seed: int, summed_test_points: int, choice_seed: int, group_kinds: list[str], group_sizes: list[int],
+                     groups_per_size: int, device: str | None = None, **fields: Any) -> dict[str, Any]:
+    """One sweep job of studies 3 and 4: :func:`run_summed_and_groups` for the config :func:`study_jobs` keyed it by."""
+    if code_version != mc.CODE_VERSION or appendix_code_version != CODE_VERSION:
+        raise InvalidArgumentError(f"job made by code versions {code_version}/{appendix_code_version}, this is {mc.CODE_VERSION}/{CODE_VERSION}")
+    return run_summed_and_groups(mc.MnistCifar10Config(**fields), dataset, architecture, model_weight_decay, model_seed,
+                                 summed_test_points=summed_test_points, choice_seed=choice_seed, group_kinds=tuple(group_kinds),
+                                 group_sizes=tuple(group_sizes), groups_per_size=groups_per_size, device=device)
+
+
+# --- the sweep -------------------------------------------------------------------------------------------------
+
+
+def study_jobs(cfg: AppendixConfig) -> dict[str, list[tuple[dict[str, Any], Job]]]:
+    """Each study's jobs, with labels: ``optimizer`` and ``init`` are Table 1 model jobs (a job with the fields of
+    one of the Table 1 chapter's has its name and key, so it is the same cache entry); ``summed_group`` are
+    :func:`summed_group_job` jobs named ``appendix/…``. The same job may serve two studies."""
+    out: dict[str, list[tuple[dict[str, Any], Job]]] = {s: [] for s in STUDIES}
+    for opt, lr in zip(cfg.optimizers, cfg.optimizer_lrs):
+        for job in mc.model_jobs(cfg.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)):
+            if opt == "adam" and lr != cfg.lr:  # Adam at another lr than the other studies' Adam: another model
+                job = dataclasses.replace(job, name=f"{job.name}-lr{lr:g}")
+            out["optimizer"].append(({"optimizer": opt, "lr": lr}, job))
+    if cfg.init_architectures:
+        for job in mc.model_jobs(cfg.table1_config(mnist_architectures=cfg.init_architectures, n_seeds=cfg.init_seeds)):
+            out["init"].append(({}, job))
+    extra = {"appendix_code_version": CODE_VERSION, "summed_test_points": cfg.summed_test_points, "choice_seed": cfg.choice_seed,
+             "group_kinds": list(cfg.group_kinds), "group_sizes": list(cfg.group_sizes), "groups_per_size": cfg.groups_per_size}
+    for dataset, arch in cfg.summed_models:
+        variant = cfg.table1_config(compare_estimators=(), **{f"{dataset}_architectures": (arch,)})
+        for job in mc.model_jobs(variant):
+            out["summed_group"].append(({}, Job(job.name.replace("mnist_cifar10/", "appendix/", 1), summed_group_job,
+                                                {**job.config, **extra}, cost=2 * job.cost, runtime=job.runtime)))
+    return out
+
+
+def unique_jobs(studies: dict[str, list[tuple[dict[str, Any], Job]]]) -> list[Job]:
+    """Every distinct job once (a job two studies share runs once); a name given to two different keys is an error."""
+    seen: dict[str, Job] = {}
+    for entries in studies.values():
+        for _, job in entries:
+            if job.name in seen and seen[job.name].key != job.key:
+                raise FragileError(f"two different jobs are named {job.name}: {seen[job.name].key} and {job.key}")
+            seen.setdefault(job.name, job)
+    return list(seen.values())
+
+
+def run_study(cfg: AppendixConfig, *, progress: bool = True, client=None) -> tuple[dict[str, list[dict[str, Any]]], SweepReport]:
+    """Every study's jobs through one sweep; returns each study's finished results (labelled) and the report."""
+    if cfg.scheduler in ("in-process", "local") and client is None:
+        resolve_device(cfg.device)  # the jobs run here: a CUDA device that is not here is refused before any starts
+    studies = study_jobs(cfg)
+    report = run_sweep(unique_jobs(studies), cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
+                       n_workers=cfg.n_workers or None, client=client, progress=progress)
+    results = {s: [{**report.results[j.name], **label, "job": j.name} for label, j in entries if j.name in report.results]
+               for s, entries in studies.items()}
+    return results, report
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+
+def _test_point_rows(models: list[dict[str, Any]], labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    rows = []
+    for m in models:
+        lam = next((e["lambda_max"] for e in m.get("estimators", {}).values() if "lambda_max" in e), math.nan)
+        for t, e in enumerate(m.get("per_test_point", [])):
+            actual_sd = float(np.std(e["actual"], ddof=1)) if len(e.get("actual", [])) > 1 else math.nan
+            predicted_sd = float(np.std(e["predicted"], ddof=1)) if len(e.get("predicted", [])) > 1 else math.nan
+            drift = float(m["drift"][t]) if "drift" in m else math.nan
+            rows.append({**{k: m[k] for k in labels}, "architecture": m["architecture"], "seed": m["seed"], "test_point": e["test_point"],
+                         "spearman": e["spearman"], "pearson": e["pearson"],
+                         "train_accuracy": m["train_accuracy"], "test_accuracy": m["test_accuracy"], "grad_norm": m["grad_norm"],
+                         "lambda_max": lam, "drift": drift, "actual_sd": actual_sd, "drift_over_sd": drift / actual_sd,
+                         "actual_sd_over_predicted_sd": actual_sd / predicted_sd})
+    return rows
+
+
+def optimizer_table(models: list[dict[str, Any]]):
+    """One row per (optimiser, seed, test point): the fit (accuracies, final gradient norm, λmax and, for GD,
+    lr × λmax, which must stay below 2 for GD to converge), the correlations, and the drift of the control (the
+    test loss's change when retraining removes nothing) beside the spread (sd) of the leave-one-out changes."""
+    import pandas as pd
+
+    table = pd.DataFrame(_test_point_rows(models, ("optimizer", "lr")))
+    if len(table):
+        table["lr_x_lambda_max"] = table["lr"] * table["lambda_max"]
+    return table
+
+
+def init_table(models: list[dict[str, Any]]):
+    """One row per (architecture, seed, test point) of the initialisation study."""
+    import pandas as pd
+
+    return pd.DataFrame(_test_point_rows(models))
+
+
+def spread(table, by: str, test_point: str = HIGHEST) -> dict[str, dict[str, Any]]:
+    """Per value of ``by``: Spearman and Pearson of ``test_point`` over seeds (mean, sd, values), from a study table."""
+    out = {}
+    if not len(table):
+        return out
+    sub = table[table["test_point"] == test_point]
+    for key, g in sub.groupby(by, sort=False):
+        out[key] = {s: aggregate_over_seeds(list(g[s])).as_dict() for s in ("spearman", "pearson")}
+    return out
+
+
+def across(per: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean ± sd *across* the entries of :func:`spread` (each entry's mean over seeds first): the optimiser study's
+    summary, as the paper's 0.72 ± 0.04."""
+    if not per:
+        return {}
+    return {s: aggregate_over_seeds([v[s]["mean"] for v in per.values()]).as_dict() for s in ("spearman", "pearson")}
+
+
+def summed_table(results: list[dict[str, Any]]):
+    """One row per network of the summed-loss study: Spearman/Pearson of the summed loss over the top points, the
+    summed drift (the control's change: every retrained model shares it, so it shifts the actual changes without
+    changing a correlation), the spread (sd) of the actual changes it is compared with, and the solve residual."""
+    import pandas as pd
+
+    rows = []
+    for m in results:
+        row = {"dataset": m["dataset"], "architecture": m["architecture"], "seed": m["seed"], "stand_in": m["stand_in"],
+               "test_accuracy": m["test_accuracy"], "grad_norm": m["grad_norm"], "failed": m.get("failed", "")}
+        if "summed" in m:
+            s = m["summed"]
+            row.update({"points": len(s["chosen"]), "spearman": correlation(s["predicted"], s["actual"], "spearman"),
+                        "pearson": correlation(s["predicted"], s["actual"], "pearson"),
+                        "drift": m["drift"], "actual_sd": float(np.std(s["actual"], ddof=1)),
+                        "drift_over_sd": m["drift"] / float(np.std(s["actual"], ddof=1)), "residual": m["residual"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def group_table(results: list[dict[str, Any]]):
+    """One row per (network, group kind, group size), and one per (network, kind) over all sizes (size "all"):
+    Spearman/Pearson between predicted and actual group removals, and the mean predicted and actual change (the
+    actual also without the drift: against the control model)."""
+    import pandas as pd
+
+    rows = []
+    for m in results:
+        if "groups" not in m:
+            continue
+        g = m["groups"]
+        kinds, sizes = np.array(g["kind"]), np.array(g["size"])
+        for kind in dict.fromkeys(g["kind"]):
+            cells = [(str(s), (kinds == kind) & (sizes == s)) for s in dict.fromkeys(g["size"])] + [("all", kinds == kind)]
+            for size, mask in cells:
+                p, a, c = g["predicted"][mask], g["actual"][mask], g["actual_vs_control"][mask]
+                rows.append({"dataset": m["dataset"], "architecture": m["architecture"], "seed": m["seed"], "stand_in": m["stand_in"],
+                             "kind": kind, "size": size, "groups": int(mask.sum()), "spearman": correlation(p, a, "spearman"),
+                             "pearson": correlation(p, a, "pearson"), "mean_predicted": float(np.mean(p)),
+                             "mean_actual": float(np.mean(a)), "mean_actual_vs_control": float(np.mean(c))})
+    return pd.DataFrame(rows)
+
+
+def timing_table(results: dict[str, list[dict[str, Any]]]):
+    """The paper's Table 2 from this chapter's jobs: seconds per job spent training, in each estimator and
+    retraining (in all and per retrained model), one row per distinct job; NaN where a job's record has no time
+    (a cache entry made before the times were recorded)."""
+    import pandas as pd
+
+    rows, seen = [], set()
+    for study in STUDIES:
+        for m in results.get(study, []):
+            if m["job"] in seen:
+                continue
+            seen.add(m["job"])
+            row = {"job": m["job"], "study": study, "dataset": m["dataset"], "stand_in": bool(m.get("stand_in", False)), "architecture": m["architecture"],
+                   "optimizer": m.get("optimizer", "adam"), "seed": m["seed"], "num_params": m["num_params"],
+                   "training": m.get("train_seconds", math.nan)}
+            if "estimators" in m:
+                for name, est in m["estimators"].items():
+                    row[name] = est.get("seconds", math.nan)
+                models = m.get("loo_models", 0) + 1
+                row["retraining"] = m.get("loo_seconds", math.nan)
+            else:
+                row[m["estimator"] + " (summed)"] = m.get("influence_seconds", math.nan)
+                models = m.get("retrain_models", 0)
+                row["retraining"] = m.get("retrain_seconds", math.nan)
+            row["retrained models"] = models
+            row["per retrained model"] = row["retraining"] / models if models else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table2(timing):
+    """Mean seconds per (data set, architecture) and method, over the jobs of :func:`timing_table`."""
+    if not len(timing):
+        return timing
+    methods = [c for c in timing.columns if c not in ("job", "study", "dataset", "stand_in", "architecture", "optimizer", "seed", "num_params",
+                                                       "retrained models")]
+    grouped = timing.groupby(["dataset", "architecture"], sort=False)
+    out = grouped[methods].mean()
+    out.insert(0, "stand-in", grouped["stand_in"].any())
+    out.insert(1, "jobs", grouped.size())
+    out.insert(2, "parameters", grouped["num_params"].first())
+    return out
+
+
+def gpu_table(path: str | Path):
+    """The H200 unit costs of ``benchmarks/table1_costs.py --json`` (the Table 1 chapter's measurement), or None."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        return None, {}
+    record = json.loads(path.read_text())
+    frame = pd.DataFrame([{"architecture": r["architecture"], "parameters": r["params"], "Adam step of 128 images (ms)": 1e3 * r["adam_step_s"],
+                           "step of 8 stacked leave-one-out models (ms)": 1e3 * r["loo_stack8_step_s"],
+                           "hours per Table 1 model (paper profile)": r["hours_per_model"]} for r in record["rows"]])
+    return frame, {k: record[k] for k in ("device", "torch", "date", "script")}
+
+
+def paper_estimate_markdown(cfg: AppendixConfig, costs_path: str | Path) -> str:
+    """The GPU time ``cfg``'s jobs take, from the hours per Table 1 model that ``benchmarks/table1_costs.py --json``
+    measured (each job counted as one Table 1 model of its architecture; a summed-loss/group job trains once and
+    solves once but retrains ``top_k`` + groups + 1 models); empty when there is no measurement."""
+    path = Path(costs_path)
+    if not path.is_file():
+        return ""
+    record = json.loads(path.read_text())
+    hours = {r["architecture"]: r["hours_per_model"] for r in record["rows"]}
+    counts: dict[str, int] = {}
+    for job in unique_jobs(study_jobs(cfg)):
+        counts[job.config["architecture"]] = counts.get(job.config["architecture"], 0) + 1
+    rows = ["| architecture | jobs | hours per Table 1 model | hours |", "|---|---|---|---|"]
+    rows += [f"| {NAMES[a]} | {c} | {hours.get(a, math.nan):.2f} | {c * hours.get(a, math.nan):.1f} |" for a, c in counts.items()]
+    total = sum(c * hours.get(a, math.nan) for a, c in counts.items())
+    return ("\n".join(rows) + f"\n\nOn one {record['device']} ({record['script']}, {record['date']}): **about {total:,.0f} GPU-hours** "
+            f"for {sum(counts.values())} jobs.")
+
+
+# --- verdicts --------------------------------------------------------------------------------------------------
+
+
+def _close(ours: float, paper: float) -> bool:
+    return math.isfinite(ours) and abs(ours - paper) <= CLOSE
+
+
+def _fmt(summary: dict[str, Any]) -> str:
+    if not math.isfinite(summary["mean"]):
+        return "–"
+    return f"{summary['mean']:.2f}" + (f" ± {summary['std']:.2f}" if summary["n"] > 1 and math.isfinite(summary["std"]) else "")
+
+
+def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool]) -> list[dict[str, Any]]:
+    """The appendix claims, our number beside the paper's, and a verdict by a stated rule.
+
+    Rules (stated in the chapter): a correlation claim is *reproduced* when our Pearson and our Spearman are both
+    within :data:`CLOSE` (0.15) of the paper's, *partly* when one is; *variance across seeds is low* is reproduced
+    when every architecture's sd of Spearman over seeds is at most :data:`LOW_SPREAD` (0.15), partly when at most
+    twice that; *group influence is poor* is reproduced when every (kind, size) cell's Spearman is at most
+    :data:`POOR` (0.3), partly when their median is. A claim about a network other than the paper's says which
+    one in its verdict; one computed on a stand-in data set is never "reproduced": its verdict says it needs the
+    real data set.
+    """
+    out = []
+    # 1. optimiser
+    opt = across(spread(optimizer_table(results.get("optimizer", [])), "optimizer"))
+    paper = f"Pearson {PAPER_OPTIMIZER['pearson'][0]:.2f} ± {PAPER_OPTIMIZER['pearson'][1]:.2f}, Spearman {PAPER_OPTIMIZER['spearman'][0]:.2f} ± {PAPER_OPTIMIZER['spearman'][1]:.2f}"
+    claim = "Optimiser (LeNet, MNIST; Adam, GD, Nesterov, RMSProp): Pearson and Spearman, mean ± sd across optimisers"
+    if opt and opt["spearman"]["n"] >= 2:
+        hits = _close(opt["pearson"]["mean"], PAPER_OPTIMIZER["pearson"][0]) + _close(opt["spearman"]["mean"], PAPER_OPTIMIZER["spearman"][0])
+        out.append({"key": "optimizer", "claim": claim, "paper": paper, "ours": f"Pearson {_fmt(opt['pearson'])}, Spearman {_fmt(opt['spearman'])}",
+                    "ours_value": opt["spearman"]["mean"], "verdict": ("not reproduced", "partly reproduced", "reproduced")[hits]})
+    else:
+        out.append({"key": "optimizer", "claim": claim, "paper": paper, "ours": "not run", "ours_value": math.nan,
+                    "verdict": "not run: needs two or more optimisers"})
+    # 2. initialisation
+    init = spread(init_table(results.get("init", [])), "architecture")
+    claim = ("Initialisation (small CNN, LeNet; top 40 of the highest-loss test point): variance across seeds is low (sd of Spearman "
+             "over seeds; the claim's other half, that correlations are inconsistent, is not a number: see each network's mean)")
+    if init:
+        sds = [v["spearman"]["std"] for v in init.values()]
+        worst = max(sds) if all(math.isfinite(s) for s in sds) else math.nan
+        verdict = "reproduced" if worst <= LOW_SPREAD else ("partly reproduced" if worst <= 2 * LOW_SPREAD else "not reproduced")
+        ours = "; ".join(f"{NAMES[a]} Spearman {_fmt(v['spearman'])}" for a, v in init.items())
+        out.append({"key": "init", "claim": claim, "paper": "qualitative (low variance, inconsistent)",
+                    "ours": f"{ours} (largest sd {worst:.2f})", "ours_value": worst, "verdict": verdict if math.isfinite(worst) else "not run"})
+    else:
+        out.append({"key": "init", "claim": claim, "paper": "qualitative", "ours": "not run", "ours_value": math.nan, "verdict": "not run"})
+    # 3. summed loss
+    summed = summed_table(results.get("summed_group", []))
+    paper_arch = {"mnist": "small_cnn", "cifar100": "resnet18"}
+    for ds in ("mnist", "cifar100"):
+        p = PAPER_SUMMED[ds]
+        claim = f"{DATA_NAMES[ds]}, {p['network']}: influence on the summed loss of 8 test points vs leave-one-out (Pearson / Spearman)"
+        rows = summed[(summed["dataset"] == ds) & summed["spearman"].notna()] if "spearman" in summed else summed.iloc[0:0]
+        if not len(rows):
+            out.append({"key": f"summed_{ds}", "claim": claim, "paper": f"{p['pearson']:.2f} / {p['spearman']:.2f}", "ours": "not run",
+                        "ours_value": math.nan, "verdict": f"not run: add {ds}/{paper_arch[ds]} to summed_group_models"})
+            continue
+        same = rows[rows["architecture"] == paper_arch[ds]]
+        use = same if len(same) else rows
+        arch = use["architecture"].iloc[0]
+        use = use[use["architecture"] == arch]
+        pe, sp = aggregate_over_seeds(list(use["pearson"])), aggregate_over_seeds(list(use["spearman"]))
+        hits = _close(pe.mean, p["pearson"]) + _close(sp.mean, p["spearman"])
+        verdict = ("not reproduced", "partly reproduced", "reproduced")[hits]
+        if arch != paper_arch[ds]:
+            verdict += f" with {NAMES[arch]}, not {NAMES[paper_arch[ds]]}"
+        label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
+        if stand_in.get(ds):
+            verdict = "needs the real data set: run with `--profile paper`"
+        out.append({"key": f"summed_{ds}", "claim": claim, "paper": f"{p['pearson']:.2f} / {p['spearman']:.2f}",
+                    "ours": f"{_fmt(pe.as_dict())} / {_fmt(sp.as_dict())} ({NAMES[arch]}){label}", "ours_value": sp.mean, "verdict": verdict})
+    # 4. groups
+    groups = group_table(results.get("summed_group", []))
+    for ds in ("mnist", "cifar100"):
+        lo, hi = PAPER_GROUP[ds]
+        claim = f"Group influence, {DATA_NAMES[ds]}, ResNet-18: correlation between predicted and actual group removals (range)"
+        cells = groups[(groups["dataset"] == ds) & (groups["size"] != "all")] if len(groups) else groups
+        if not len(cells) or not cells["spearman"].notna().any():
+            out.append({"key": f"group_{ds}", "claim": claim, "paper": f"{lo:.2f} to {hi:.2f}", "ours": "not run", "ours_value": math.nan,
+                        "verdict": f"not run: add {ds}/resnet18 to summed_group_models"})
+            continue
+        arch = "resnet18" if (cells["architecture"] == "resnet18").any() else cells["architecture"].iloc[0]
+        cells = cells[cells["architecture"] == arch]
+        by_cell = cells.groupby(["kind", "size"], sort=False)["spearman"].mean().dropna()
+        verdict = "reproduced" if (by_cell <= POOR).all() else ("partly reproduced" if by_cell.median() <= POOR else "not reproduced")
+        if arch != "resnet18":
+            verdict += f" with {NAMES[arch]}, not ResNet-18"
+        label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
+        if stand_in.get(ds):
+            verdict = "needs the real data set: run with `--profile paper`"
+        out.append({"key": f"group_{ds}", "claim": claim, "paper": f"{lo:.2f} to {hi:.2f}",
+                    "ours": f"Spearman {by_cell.min():.2f} to {by_cell.max():.2f} over {len(by_cell)} kind × size cells ({NAMES[arch]}){label}",
+                    "ours_value": float(by_cell.max()), "verdict": verdict})
+    # 5. Table 2
+    timing = timing_table(results)
+    method_cols = [c for c in timing.columns if c in ("lissa", "cg", "arnoldi", "exact") or c.endswith("(summed)")] if len(timing) else []
+    values = timing[method_cols].to_numpy(dtype=float).ravel() if method_cols else np.array([])
+    values = values[np.isfinite(values)]
+    out.append({"key": "table2", "claim": "Table 2: influence computation time per model", "paper": f"about {PAPER_TABLE2[0]:,} to {PAPER_TABLE2[1]:,} (units not stated)",
+                "ours": f"{values.min():.1f} s to {values.max():.1f} s per estimator and model on this machine" if values.size else "not run",
+                "ours_value": float(values.max()) if values.size else math.nan,
+                "verdict": "not comparable: the paper states neither units nor hardware; ours are seconds on this machine's scaled-down models"})
+    return out
+
+
+def observations(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What this run's numbers say beside each other, as sentences computed from them (for the discussion):
+    the optimisers' spread against the seeds' spread of the same network, and the summed-loss and group
+    correlations against the same network's single-test-point correlation."""
+    out = []
+    opt_t, init_t = optimizer_table(results.get("optimizer", [])), init_table(results.get("init", []))
+    opt, init = across(spread(opt_t, "optimizer")), spread(init_t, "architecture")
+    if opt and opt["spearman"]["n"] >= 2 and "lenet" in init and math.isfinite(init["lenet"]["spearman"]["std"]):
+        x, y = opt["spearman"]["std"], init["lenet"]["spearman"]["std"]
+        relation = "larger than" if x > 2 * y else "not clearly larger than"
+        out.append(f"**Optimiser against seed.** Across optimisers LeNet's Spearman has sd {x:.2f}; with Adam alone, over "
+                   f"{init['lenet']['spearman']['n']} seeds, it has sd {y:.2f}. The optimisers' spread is {relation} the seeds' "
+                   f"(our rule of thumb: larger when more than twice), so with {'one seed' if opt_t['seed'].nunique() == 1 else 'these seeds'} "
+                   "per optimiser the optimiser's own effect is " + ("visible." if x > 2 * y else "not separated from the seed's."))
+    if len(opt_t):
+        by = opt_t[opt_t["test_point"] == HIGHEST].groupby("optimizer", sort=False)
+        drift = by["drift_over_sd"].apply(lambda v: float(np.nanmean(np.abs(v))))
+        scale = by["actual_sd_over_predicted_sd"].apply(lambda v: float(np.nanmean(v)))
+        if drift.notna().any():
+            out.append("**Drift and scale by optimiser** (highest-loss test point). Continued training with nothing removed moves the "
+                       "test loss by " + ", ".join(f"{r:.1f}× ({o})" for o, r in drift.items()) + " the spread of the leave-one-out "
+                       "changes, and those changes spread " + ", ".join(f"{r:.1f}× ({o})" for o, r in scale.items()) + " as widely "
+                       "as the predictions. Retraining restarts the optimiser's state at θ\\* (moment estimates from zero for Adam and "
+                       "RMSProp, no momentum for Nesterov); where either ratio is large, the removal's own effect is a small part of "
+                       "what the retrained models measure.")
+    single = {a: v["spearman"]["mean"] for a, v in init.items()}
+    s_table, g_table = summed_table(results.get("summed_group", [])), group_table(results.get("summed_group", []))
+    for m in results.get("summed_group", []):
+        arch, ds = m["architecture"], m["dataset"]
+        if ds != "mnist" or arch not in single or "summed" not in m:
+            continue
+        row = s_table[(s_table["dataset"] == ds) & (s_table["architecture"] == arch) & (s_table["seed"] == m["seed"])].iloc[0]
+        cells = g_table[(g_table["dataset"] == ds) & (g_table["architecture"] == arch) & (g_table["seed"] == m["seed"]) & (g_table["size"] != "all")]
+        groups = (f"; its group correlations range from {cells['spearman'].min():.2f} to {cells['spearman'].max():.2f}"
+                  if len(cells) and cells["spearman"].notna().any() else "")
+        out.append(f"**Summed loss and groups against one test point ({NAMES[arch]}, MNIST, seed {m['seed']}).** The summed-loss "
+                   f"Spearman is {row['spearman']:.2f} against {single[arch]:.2f} for the highest-loss test point alone (mean over "
+                   f"seeds){groups}. The paper's poor group correlations are ResNet-18's; a network on which single-point influence "
+                   "works is expected to do better.")
+    return out
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+
+
+def _panels(n: int, ncols: int = 4, size: tuple[float, float] = (2.7, 2.5)):
+    import matplotlib.pyplot as plt
+
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _small(ax) -> None:
+    ax.title.set_fontsize(7)
+    ax.set_xlabel("actual Δ loss", fontsize=7)
+    ax.set_ylabel("predicted Δ loss", fontsize=7)
+    ax.tick_params(labelsize=6)
+
+
+def predicted_vs_actual_panels(items: list[tuple[str, np.ndarray, np.ndarray]]):
+    """One predicted-vs-actual scatter (:func:`fragile.plotting.predicted_vs_actual`) per (title, predicted, actual)."""
+    from fragile import plotting
+
+    fig, axes = _panels(len(items))
+    for ax, (title, predicted, actual) in zip(axes, items):
+        plotting.predicted_vs_actual(predicted, actual, ax=ax, title=title)
+        _small(ax)
+    fig.tight_layout()
+    return fig
+
+
+def optimizer_panels(models: list[dict[str, Any]], seed: int):
+    """Predicted against actual loss change of the highest-loss test point, one panel per optimiser (first seed)."""
+    items = []
+    for m in models:
+        if m["seed"] == seed and m.get("per_test_point"):
+            e = m["per_test_point"][0]
+            items.append((f"{m['optimizer']} (lr {m['lr']:g})", e["predicted"], e["actual"]))
+    return predicted_vs_actual_panels(items)
+
+
+def correlation_strip(table, *, by: str, title: str, paper: dict[str, tuple[float, float]] | None = None):
+    """Spearman and Pearson of the highest-loss test point, every seed a dot and mean ± sd a bar, per value of ``by``;
+    ``paper`` draws the paper's mean ± sd as a shaded band per statistic."""
+    import matplotlib.pyplot as plt
+
+    sub = table[table["test_point"] == HIGHEST]
+    keys = list(dict.fromkeys(sub[by]))
+    fig, ax = plt.subplots(figsize=(1.3 * len(keys) + 3, 3.6))
+    colours = {"spearman": "#2166ac", "pearson": "#d6604d"}
+    for j, stat in enumerate(("spearman", "pearson")):
+        offset = -0.12 if j == 0 else 0.12
+        if paper and stat in paper:
+            mean, sd = paper[stat]
+            ax.axhspan(mean - sd, mean + sd, color=colours[stat], alpha=0.12, label=f"paper {stat}: {mean:.2f} ± {sd:.2f}")
+        for i, key in enumerate(keys):
+            vals = sub[sub[by] == key][stat].to_numpy(dtype=float)
+            ax.scatter(np.full(vals.size, i + offset), vals, s=14, alpha=0.5, color=colours[stat])
+            if np.isfinite(vals).any():
+                ax.errorbar(i + offset, np.nanmean(vals), yerr=np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else None,
+                            color=colours[stat], marker="o", capsize=3, label=stat if i == 0 else None)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xticks(range(len(keys)), [NAMES.get(k, k) for k in keys])
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("correlation with leave-one-out")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _model_title(m: dict[str, Any]) -> str:
+    return f"{NAMES[m['architecture']]}, {DATA_NAMES[m['dataset']]}" + (" STAND-IN" if m["stand_in"] else "") + f", seed {m['seed']}"
+
+
+def summed_panels(results: list[dict[str, Any]]):
+    """Predicted against actual change of the summed test loss over the top points, one panel per network."""
+    return predicted_vs_actual_panels([(_model_title(m) + "\nsummed loss", m["summed"]["predicted"], m["summed"]["actual"])
+                                       for m in results if "summed" in m])
+
+
+def group_panels(results: list[dict[str, Any]]):
+    """Predicted against actual change of the summed test loss when each group is removed, one panel per network;
+    colour = kind, marker size = group size."""
+    shown = [m for m in results if "groups" in m]
+    fig, axes = _panels(len(shown), ncols=3, size=(3.4, 3.0))
+    colours = {"random": "#1b7837", "same class": "#762a83"}
+    for ax, m in zip(axes, shown):
+        g = m["groups"]
+        kinds, sizes = np.array(g["kind"]), np.array(g["size"], dtype=float)
+        for kind in dict.fromkeys(g["kind"]):
+            mask = kinds == kind
+            ax.scatter(g["actual"][mask], g["predicted"][mask], s=8 + 40 * sizes[mask] / sizes.max(), alpha=0.6, color=colours[kind], label=kind)
+        lo = float(min(np.min(g["actual"]), np.min(g["predicted"])))
+        hi = float(max(np.max(g["actual"]), np.max(g["predicted"])))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{_model_title(m)}\nall groups: Spearman {correlation(g['predicted'], g['actual'], 'spearman'):.2f}", fontsize=7)
+        ax.set_xlabel("actual Δ summed loss (group retraining)", fontsize=7)
+        ax.set_ylabel("predicted (sum of influences)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.ticklabel_format(style="sci", scilimits=(-3, 3))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def timing_bars(t2):
+    """Mean seconds per method, one group of bars per (data set, architecture); a stand-in data set says so."""
+    import matplotlib.pyplot as plt
+
+    methods = [c for c in t2.columns if c not in ("stand-in", "jobs", "parameters", "per retrained model")]
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    width = 0.8 / max(1, len(methods))
+    labels = [f"{NAMES[a]}\n{DATA_NAMES[d]}" + (" STAND-IN" if t2.loc[(d, a), "stand-in"] else "") for d, a in t2.index]
+    for j, method in enumerate(methods):
+        vals = t2[method].to_numpy(dtype=float)
+        ax.bar(np.arange(len(t2)) + j * width - 0.4 + width / 2, np.where(np.isfinite(vals), vals, 0), width, label=method)
+    ax.set_xticks(range(len(t2)), labels, fontsize=7)
+    ax.set_ylabel("seconds (this machine, one core per job)")
+    ax.set_title("Time per job by method (mean over this chapter's jobs)", fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
