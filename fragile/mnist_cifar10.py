@@ -635,7 +635,7 @@ def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[d
                     "paper": f"{paper_mean:.2f} (0.22, 0.19 with wd; 0.13 without)", "ours": f"{ours:.2f}", "ours_value": ours, "verdict": verdict})
     else:
         out.append({"key": "resnet50", "claim": "ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
-                    "paper": f"{paper_mean:.2f}", "ours": "not run", "ours_value": math.nan, "verdict": "not run: ResNet-50 is not in mnist_architectures (too slow for a CPU; `--profile paper` on a GPU)"})
+                    "paper": f"{paper_mean:.2f}", "ours": "not run", "ours_value": math.nan, "verdict": "needs the real data set and a GPU: run with `--profile paper` (ResNet-50 is not in this profile's mnist_architectures: too slow for a CPU)"})
     if len(table):
         cell_means = table.groupby(["dataset", "architecture", "weight_decay", "test_point"])["spearman"].mean().dropna()
         span = float(cell_means.max() - cell_means.min()) if len(cell_means) else math.nan
@@ -654,7 +654,7 @@ def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[d
                     "ours": f"{higher} of {len(by)} VGG test points higher without", "ours_value": float(higher), "verdict": verdict})
     else:
         out.append({"key": "vgg_wd", "claim": claim, "paper": "qualitative (some higher without)", "ours": "not run",
-                    "ours_value": math.nan, "verdict": "not run: needs VGG on CIFAR-10 with and without weight decay (`--profile paper`)"})
+                    "ours_value": math.nan, "verdict": "needs the real data set: run with `--profile paper` (VGG on CIFAR-10, with and without weight decay)"})
     out.append(lissa_depth_claim(models))
     return out
 

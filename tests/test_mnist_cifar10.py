@@ -176,7 +176,8 @@ def test_claims_follow_the_stated_rules():
     got = {c["key"]: c for c in claims(good, stand_in={})}
     assert got["resnet50"]["verdict"] == "not reproduced" and got["varies"]["verdict"] == "not reproduced"
     assert got["vgg_wd"]["verdict"] == "not reproduced"
-    assert {c["key"]: c for c in claims(good[1:], stand_in={})}["resnet50"]["verdict"].startswith("not run")
+    assert {c["key"]: c for c in claims(good[1:], stand_in={})}["resnet50"]["verdict"].startswith("needs the real data set and a GPU: run with `--profile paper`")
+    assert {c["key"]: c for c in claims(good[:1], stand_in={})}["vgg_wd"]["verdict"].startswith("needs the real data set: run with `--profile paper`")
 
 
 def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch):
