@@ -364,8 +364,26 @@ class ArnoldiInfluence(InfluenceEstimator):
         return self.options["negative"] != "keep" or self.rank < self.p
 
 
+class GradientDotInfluence(InfluenceEstimator):
+    """Plain gradient dot products: the identity in place of ``(H + λI)⁻¹``, so
+    ``predicted[t, i] = (1/n)·∇ℓ(z_t)ᵀ∇L(z_i)`` (a baseline, and TracIn at a single checkpoint with unit step).
+
+    No solve: cost is the per-example gradients. The residual against ``H + λI`` (one HVP per test point) is large
+    by design; it says how far the identity is from the damped Hessian.
+    """
+
+    method = "grad_dot"
+
+    def inverse_hvp(self, v: torch.Tensor) -> Solve:
+        return Solve(v.clone(), relative_residual(self.hvp, self.damping, v, v), 0)
+
+    @property
+    def residual_by_design(self) -> bool:
+        return True
+
+
 ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
-    cls.method: cls for cls in (ExactInfluence, CGInfluence, LissaInfluence, ArnoldiInfluence)
+    cls.method: cls for cls in (ExactInfluence, CGInfluence, LissaInfluence, ArnoldiInfluence, GradientDotInfluence)
 }
 METHODS = tuple(ESTIMATORS)
 
