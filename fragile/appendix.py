@@ -260,9 +260,7 @@ def summed_influence(est: InfluenceEstimator, x_test: torch.Tensor, y_test: torc
     est.prepare()
     g = est.objective.sample_grads(est.theta, x_test, y_test, est.grad_chunk).sum(0, keepdim=True)
     s, residual = est.inverse_hvps(g)
-    idxs = torch.arange(est.n)
-    step = est.grad_chunk or est.n
-    predicted = torch.cat([(s @ est.train_gradients(idxs[i : i + step]).T).cpu() for i in range(0, est.n, step)], dim=1)[0] / est.n
+    predicted = est.train_scores(s, torch.arange(est.n))[0]
     return predicted.double().numpy(), float(residual[0]), time.perf_counter() - start
 
 

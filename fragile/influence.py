@@ -179,16 +179,23 @@ class InfluenceEstimator(ABC):
         self.prepare()
         g_test = self.objective.sample_grads(self.theta, x_test, y_test, self.grad_chunk)
         s_test, residuals = self.inverse_hvps(g_test)
-        step = self.grad_chunk or idxs.numel()
-        predicted = torch.cat([
-            (s_test @ self.train_gradients(idxs[i : i + step]).T).cpu() for i in range(0, idxs.numel(), step)
-        ], dim=1) / self.n
+        predicted = self.train_scores(s_test, idxs)
         worst = float(residuals.max())
         if worst > 1e-3 and not self.residual_by_design:
             log.warning("%s: inverse-HVP relative residual up to %.3g (see InfluenceResult.residuals)", self.method, worst)
         return InfluenceResult(
             predicted, idxs, self.method, self.damping, residuals, self._spectrum, time.perf_counter() - start, self._details()
         )
+
+    def train_scores(self, solutions: torch.Tensor, train_idxs: torch.Tensor) -> torch.Tensor:
+        """``(1/n)·solutionsᵀ∇L(z_i)`` for each row of ``solutions`` (m, p) and training index: (m, k) on the CPU.
+
+        The training gradients are taken ``grad_chunk`` at a time, dotted and dropped: memory O(grad_chunk·p).
+        """
+        step = self.grad_chunk or train_idxs.numel()
+        return torch.cat([
+            (solutions @ self.train_gradients(train_idxs[i : i + step]).T).cpu() for i in range(0, train_idxs.numel(), step)
+        ], dim=1) / self.n
 
     def predicted_param_changes(self, train_idxs: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Predicted ``θ₋ᵢ − θ*`` for each index: ``(1/n)(H+λI)⁻¹∇L(z_i)``, shape (k, p). One solve per point."""
