@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jacrev, jvp, vmap
 
 from fragile.errors import InvalidArgumentError, check_int
 from fragile.objective import Objective
@@ -86,6 +86,41 @@ def hessian_matrix(
     for sl in tqdm(blocks, desc="Hessian rows", disable=not progress, leave=False):
         rows.append(hvp(objective, theta, x, y, eye[sl], data_chunk=data_chunk))
     return torch.cat(rows, dim=0)
+
+
+def gauss_newton_matrix(
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    data_chunk: int | None = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Materialise the Gauss–Newton matrix of the mean training objective (regulariser included),
+
+        G = (1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i + weight_decay · I,
+
+    with ``J_i`` the Jacobian of example i's logits and ``p_i`` its softmax: the Hessian with the network
+    linearised in its parameters (for softmax cross-entropy it is also the true Fisher). It is positive
+    semi-definite, and the Hessian of the PBRF's objective at θ* (:func:`fragile.ground_truth.pbrf_retrain`).
+    ``diag p − ppᵀ = AᵀA`` with ``A = diag(√p) − √p pᵀ`` (as Σp = 1), so G is accumulated as a sum of
+    ``BᵀB`` over chunks of ``B = A J``. Cost: one Jacobian (C vector-Jacobian products) per example and
+    O(n·C·p²) for the products; memory O(p² + data_chunk·C·p).
+    """
+    from tqdm.auto import tqdm
+
+    n, p = x.shape[0], objective.num_params
+    jac = vmap(jacrev(lambda t, xi: objective.logits(t, xi.unsqueeze(0))[0]), in_dims=(None, 0))
+    g = objective.weight_decay * torch.eye(p, dtype=theta.dtype, device=theta.device)
+    for sl in tqdm(list(_chunks(n, data_chunk)), desc="Gauss-Newton", disable=not progress, leave=False):
+        with torch.no_grad():
+            prob = torch.softmax(objective.logits(theta, x[sl]), -1)
+        j = jac(theta.detach(), x[sl])  # (c, C, p)
+        root = prob.sqrt()
+        a = torch.diag_embed(root) - root[:, :, None] * prob[:, None, :]
+        b = torch.bmm(a, j).reshape(-1, p)
+        g = g + (b.T @ b) / n
+    return g
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,25 @@ def _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size) -> t
     return check_indices("remove", remove, x.shape[0])
 
 
+def removal_example_weight(removal_weight: float | None, n: int) -> float:
+    """The example weight that gives a removed point removal weight ε in a weighted-mean objective.
+
+    Down-weighting point m by ε, ``(1/n)Σ_j L(z_j) − ε·L(z_m)`` with ``L`` a point's share of the objective
+    (loss plus ``wd/2‖θ‖²``), is ``(1 − ε)`` times the weighted mean with weight ``1 − nε`` on m and 1
+    elsewhere, plus the regulariser: the same minimiser. ε = 1/n (None) is a removal, weight 0.
+
+    Raises:
+        InvalidArgumentError: unless 0 < ε <= 1/n.
+    """
+    if removal_weight is None:
+        return 0.0
+    if not 0 < removal_weight <= 1.0 / n:
+        raise InvalidArgumentError(
+            f"removal_weight={removal_weight!r} is not allowed; it must be in (0, 1/n] = (0, {1.0 / n:.6g}] (1/n is a removal)"
+        )
+    return 1.0 - n * removal_weight
+
+
 @dataclass(frozen=True)
 class LOOTask:
     """One trained model's leave-one-out job, for :func:`loo_retrain_many`.
@@ -109,6 +128,7 @@ def loo_retrain(
     chunk_size: int = 64,
     keep_params: bool = False,
     progress: bool = True,
+    removal_weight: float | None = None,
 ) -> LOOResult:
     """Batched warm-started leave-one-out retraining with the drift control.
 
@@ -126,9 +146,12 @@ def loo_retrain(
         x_test, y_test: points whose loss change is measured.
         chunk_size: models trained together.
         keep_params: also return the retrained parameters (K·p memory).
+        removal_weight: ε, how much of each point is removed (:func:`removal_example_weight`); None = 1/n,
+            the whole point. Small ε probes the first-order response that influence functions linearise.
     """
     task = LOOTask(theta_star, remove, x_test, y_test)
-    return loo_retrain_many(objective, [task], x, y, spec, chunk_size=chunk_size, keep_params=keep_params, progress=progress)[0]
+    return loo_retrain_many(objective, [task], x, y, spec, chunk_size=chunk_size, keep_params=keep_params,
+                            progress=progress, removal_weight=removal_weight)[0]
 
 
 def loo_retrain_many(
@@ -141,6 +164,7 @@ def loo_retrain_many(
     chunk_size: int = 64,
     keep_params: bool = False,
     progress: bool = True,
+    removal_weight: float | None = None,
 ) -> list[LOOResult]:
     """:func:`loo_retrain` for several trained models (seeds, weight decays) in the same stacks.
 
@@ -154,6 +178,7 @@ def loo_retrain_many(
     for t in tasks:
         if t.weight_decay is not None and not t.weight_decay >= 0:
             raise InvalidArgumentError(f"LOOTask.weight_decay={t.weight_decay!r} is not allowed; it must be >= 0")
+    removed_weight = removal_example_weight(removal_weight, n)
     dtype, device = tasks[0].theta_star.dtype, tasks[0].theta_star.device
     starts, removed_rows, wds = [], [], []
     for t, ix in zip(tasks, idxs):
@@ -172,7 +197,7 @@ def loo_retrain_many(
         rows = rows_all[sl]
         weights = torch.ones(rows.numel(), n, dtype=dtype, device=device)
         hit = rows >= 0
-        weights[torch.nonzero(hit).flatten(), rows[hit]] = 0.0
+        weights[torch.nonzero(hit).flatten(), rows[hit]] = removed_weight
         res = fit(
             objective, start_all[sl], x, y, spec, weights=weights, weight_decay=wd_all[sl],
             progress=progress and len(chunks) == 1, desc="leave-one-out",
@@ -202,23 +227,25 @@ def loo_retrain_sequential(
     *,
     keep_params: bool = False,
     progress: bool = True,
+    removal_weight: float | None = None,
 ) -> LOOResult:
     """The plain loop: the control and each leave-one-out model trained on their own, one after another.
 
     Same arguments and result as :func:`loo_retrain`; K+1 times the single-model cost. For full-batch
-    gradient descent the removed point is deleted from the data; for minibatch optimisers it is
-    weighted 0 so that the minibatch order matches the batched version.
+    gradient descent a removed point is deleted from the data; for minibatch optimisers, and for a partial
+    ``removal_weight``, it is weighted instead, so that the minibatch order matches the batched version.
     """
     idxs = _check(objective, theta_star, x, y, remove, x_test, y_test, 1)
     n = x.shape[0]
+    removed_weight = removal_example_weight(removal_weight, n)
     params = [fit(objective, theta_star, x, y, spec, progress=False).params[0]]
     for i in tqdm(idxs.tolist(), desc="leave-one-out (sequential)", disable=not progress):
-        if spec.batch_size is None:
+        if spec.batch_size is None and removal_weight is None:
             keep = torch.arange(n, device=x.device) != i
             res = fit(objective, theta_star, x[keep], y[keep], spec, progress=False)
         else:
             w = torch.ones(n, dtype=theta_star.dtype, device=theta_star.device)
-            w[i] = 0.0
+            w[i] = removed_weight
             res = fit(objective, theta_star, x, y, spec, weights=w, progress=False)
         params.append(res.params[0])
     control_grad = float(objective.grad(params[0], x, y).norm())
@@ -301,6 +328,37 @@ def group_retrain(
     return GroupResult(**{f: getattr(base, f) for f in base.__dataclass_fields__}, groups=[m.cpu() for m in members])
 
 
+def _against_control(res: LOOResult) -> LOOResult:
+    """The same retraining measured against its control: ``actual`` is then ``L(θ₋ᵢ) − L(θ_control)``, drift 0."""
+    return LOOResult(res.removed, res.test_loss_control, res.test_loss_control, res.test_loss_removed,
+                     res.param_change_vs_control, res.param_change_vs_control, res.control_grad_norm, res.params_removed)
+
+
+def loo_drift_corrected(
+    objective: Objective,
+    theta_star: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    remove: Sequence[int] | torch.Tensor,
+    spec: TrainSpec,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    progress: bool = True,
+    removal_weight: float | None = None,
+) -> LOOResult:
+    """Warm-started leave-one-out with the drift correction: the paper's retraining (:func:`loo_retrain`), each
+    model measured against the control that trained the same steps from θ* with nothing removed.
+
+    ``actual`` of the result is ``L(θ₋ᵢ) − L(θ_control)`` (``LOOResult.actual_vs_control`` of the paper's run),
+    ``drift`` is zero and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``. What continued training does on its own
+    (an unconverged θ*, minibatch noise) cancels; what the removal does remains. Cost: as :func:`loo_retrain`.
+    """
+    return _against_control(loo_retrain(objective, theta_star, x, y, remove, spec, x_test, y_test, chunk_size=chunk_size,
+                                        progress=progress, removal_weight=removal_weight))
+
+
 def loo_cold_start(
     objective: Objective,
     theta_init: torch.Tensor,
@@ -313,6 +371,7 @@ def loo_cold_start(
     *,
     chunk_size: int = 64,
     progress: bool = True,
+    removal_weight: float | None = None,
 ) -> LOOResult:
     """Cold-started leave-one-out (Bae et al. 2022): retrain from the *initialisation* θ₀ with the same
     minibatch order (``spec.seed``) and length as the original training, once without each point.
@@ -322,9 +381,8 @@ def loo_cold_start(
     ``actual`` is the cold-start change and ``drift`` is zero) and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``.
     Cost: as :func:`loo_retrain` with ``spec.steps`` (the whole training) per model.
     """
-    res = loo_retrain(objective, theta_init, x, y, remove, spec, x_test, y_test, chunk_size=chunk_size, progress=progress)
-    return LOOResult(res.removed, res.test_loss_control, res.test_loss_control, res.test_loss_removed,
-                     res.param_change_vs_control, res.param_change_vs_control, res.control_grad_norm)
+    return _against_control(loo_retrain(objective, theta_init, x, y, remove, spec, x_test, y_test, chunk_size=chunk_size,
+                                        progress=progress, removal_weight=removal_weight))
 
 
 def bregman_cross_entropy(logits: torch.Tensor, logits_star: torch.Tensor) -> torch.Tensor:
@@ -337,13 +395,70 @@ def bregman_cross_entropy(logits: torch.Tensor, logits_star: torch.Tensor) -> to
 
 @dataclass
 class PBRFResult(LOOResult):
-    """:class:`LOOResult` of :func:`pbrf_retrain` (no control: ``test_loss_control`` is θ*'s, so ``drift`` is 0).
+    """:class:`LOOResult` of the proximal response functions (no control: ``test_loss_control`` is θ*'s, so
+    ``drift`` is 0).
 
     Attributes:
         objective_grad_norm: (K,) ‖∇F‖ of each proximal objective at its returned minimiser (how well it was solved).
     """
 
     objective_grad_norm: torch.Tensor | None = None
+
+
+def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, damping, epsilon, max_iter, tolerance,
+                     fit_term: str) -> PBRFResult:
+    idx = _check(objective, theta_star, x, y, remove, x_test, y_test, 1)
+    if not damping >= 0:
+        raise InvalidArgumentError(f"damping={damping!r} is not allowed; it must be >= 0")
+    n = x.shape[0]
+    eps = 1.0 / n if epsilon is None else epsilon
+    if not eps > 0:
+        raise InvalidArgumentError(f"epsilon={epsilon!r} is not allowed; it must be > 0 (1/n is a removal)")
+    check_int("max_iter", max_iter, minimum=1)
+    theta_star = theta_star.detach()
+    with torch.no_grad():
+        z_star = objective.logits(theta_star, x)
+        loss_star = objective.sample_losses(theta_star, x_test, y_test)
+    if fit_term == "bregman":
+        # The regulariser's Bregman divergence is (wd/2)‖θ − θ*‖²: it joins the damping in one proximity term.
+        proximity = objective.weight_decay + damping
+
+        def fit_value(theta: torch.Tensor) -> torch.Tensor:
+            return bregman_cross_entropy(objective.logits(theta, x), z_star).mean()
+    else:
+        proximity = damping
+
+        def fit_value(theta: torch.Tensor) -> torch.Tensor:
+            return objective.train_loss(theta, x, y)
+
+    losses, changes, grad_norms = [], [], []
+    for m in idx.tolist():
+        xm, ym = x[m : m + 1], y[m : m + 1]
+
+        def f(theta: torch.Tensor) -> torch.Tensor:
+            diff = theta - theta_star
+            removed = objective.sample_losses(theta, xm, ym)[0] + objective.regulariser(theta)
+            return fit_value(theta) + 0.5 * proximity * (diff * diff).sum() - eps * removed
+
+        theta = theta_star.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=0.0,
+                                history_size=50, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = f(theta)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        theta = theta.detach()
+        grad_norms.append(float(torch.func.grad(f)(theta).norm()))
+        with torch.no_grad():
+            losses.append(objective.sample_losses(theta, x_test, y_test))
+            changes.append((theta - theta_star).norm())
+    change = torch.stack(changes)
+    return PBRFResult(idx, loss_star, loss_star.clone(), torch.stack(losses), change, change, float("nan"),
+                      objective_grad_norm=torch.tensor(grad_norms))
 
 
 def pbrf_retrain(
@@ -376,46 +491,35 @@ def pbrf_retrain(
     Raises:
         InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
     """
-    idx = _check(objective, theta_star, x, y, remove, x_test, y_test, 1)
-    if not damping >= 0:
-        raise InvalidArgumentError(f"damping={damping!r} is not allowed; it must be >= 0")
-    n = x.shape[0]
-    eps = 1.0 / n if epsilon is None else epsilon
-    if not eps > 0:
-        raise InvalidArgumentError(f"epsilon={epsilon!r} is not allowed; it must be > 0 (1/n is a removal)")
-    check_int("max_iter", max_iter, minimum=1)
-    theta_star = theta_star.detach()
-    proximity = objective.weight_decay + damping
-    with torch.no_grad():
-        z_star = objective.logits(theta_star, x)
-        loss_star = objective.sample_losses(theta_star, x_test, y_test)
-    losses, changes, grad_norms = [], [], []
-    for m in idx.tolist():
-        xm, ym = x[m : m + 1], y[m : m + 1]
+    return _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, damping=damping, epsilon=epsilon,
+                            max_iter=max_iter, tolerance=tolerance, fit_term="bregman")
 
-        def f(theta: torch.Tensor) -> torch.Tensor:
-            diff = theta - theta_star
-            removed = objective.sample_losses(theta, xm, ym)[0] + objective.regulariser(theta)
-            return bregman_cross_entropy(objective.logits(theta, x), z_star).mean() + 0.5 * proximity * (diff * diff).sum() - eps * removed
 
-        theta = theta_star.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=0.0,
-                                history_size=50, line_search_fn="strong_wolfe")
+def proximal_response(
+    objective: Objective,
+    theta_star: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    remove: Sequence[int] | torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    damping: float,
+    epsilon: float | None = None,
+    max_iter: int = 500,
+    tolerance: float = 1e-10,
+) -> PBRFResult:
+    """Bae et al.'s proximal response function: leave-one-out solved to convergence from θ*, kept near θ* by the damping,
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            value = f(theta)
-            value.backward()
-            return value
+        θ_m = argmin_θ  J(θ) + (damping/2) ‖θ − θ*‖² − ε · L(z_m, θ),
 
-        opt.step(closure)
-        theta = theta.detach()
-        grad = torch.func.grad(f)(theta)
-        grad_norms.append(float(grad.norm()))
-        with torch.no_grad():
-            losses.append(objective.sample_losses(theta, x_test, y_test))
-            changes.append((theta - theta_star).norm())
-    removed_losses = torch.stack(losses)
-    change = torch.stack(changes)
-    return PBRFResult(idx, loss_star, loss_star.clone(), removed_losses, change, change, float("nan"),
-                      objective_grad_norm=torch.tensor(grad_norms))
+    with J the training objective itself (mean loss plus weight decay). It is the step between warm-started
+    leave-one-out (damping 0, trained to convergence rather than for a fixed number of steps) and the PBRF,
+    which replaces J by its Bregman divergence around θ*: the two differ by J's gradient at θ* (non-convergence)
+    and by the loss's curvature beyond the logits' Gauss–Newton part. Cost and solver: as :func:`pbrf_retrain`.
+
+    Raises:
+        InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
+    """
+    return _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, damping=damping, epsilon=epsilon,
+                            max_iter=max_iter, tolerance=tolerance, fit_term="loss")

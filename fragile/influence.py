@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fragile.curvature import Spectrum, hessian_matrix, hvp, top_eigenvalue
+from fragile.curvature import Spectrum, gauss_newton_matrix, hessian_matrix, hvp, top_eigenvalue
 from fragile.errors import InvalidArgumentError, check_choice, check_dataset, check_indices, check_int, check_positive
 from fragile.objective import Objective
 from fragile.solvers import Solve, arnoldi_eigenpairs, cg_solve, lissa_ihvp, relative_residual, spectral_inverse_weights
@@ -34,6 +34,7 @@ from fragile.solvers import Solve, arnoldi_eigenpairs, cg_solve, lissa_ihvp, rel
 log = logging.getLogger(__name__)
 
 NEGATIVE_POLICIES = ("keep", "clip", "abs")
+CURVATURES = ("hessian", "gauss_newton")
 
 
 @dataclass
@@ -213,21 +214,29 @@ class ExactInfluence(InfluenceEstimator):
 
     Materialises the p×p Hessian: O(p²) memory, p HVPs over the data and an O(p³) eigendecomposition.
     Options: ``negative`` — policy for negative eigenvalues (``keep``: as they are, the paper's practice;
-    ``clip``: set to 0; ``abs``: use magnitudes); ``vector_chunk`` — HVPs vmapped together.
+    ``clip``: set to 0; ``abs``: use magnitudes); ``vector_chunk`` — HVPs vmapped together; ``curvature`` —
+    ``hessian`` (the paper's) or ``gauss_newton`` (:func:`~fragile.curvature.gauss_newton_matrix`, the
+    linearised-network curvature that the PBRF's influence uses; positive semi-definite, so ``negative`` is moot).
+    With ``gauss_newton``, ``hessian`` and the residuals refer to G, the matrix actually inverted.
     """
 
     method = "exact"
-    OPTIONS = {"negative": "keep", "vector_chunk": 64}
+    OPTIONS = {"negative": "keep", "vector_chunk": 64, "curvature": "hessian"}
 
     def _check_options(self) -> None:
         check_choice("negative", self.options["negative"], NEGATIVE_POLICIES)
         check_int("vector_chunk", self.options["vector_chunk"], minimum=1)
+        check_choice("curvature", self.options["curvature"], CURVATURES)
 
     def _prepare(self) -> None:
-        h = hessian_matrix(
-            self.objective, self.theta, self.x_train, self.y_train,
-            data_chunk=self.data_chunk, vector_chunk=self.options["vector_chunk"], progress=self.progress,
-        )
+        if self.options["curvature"] == "gauss_newton":
+            h = gauss_newton_matrix(self.objective, self.theta, self.x_train, data_chunk=self.data_chunk or 256,
+                                    progress=self.progress)
+        else:
+            h = hessian_matrix(
+                self.objective, self.theta, self.x_train, self.y_train,
+                data_chunk=self.data_chunk, vector_chunk=self.options["vector_chunk"], progress=self.progress,
+            )
         self.hessian = 0.5 * (h + h.T)
         self.asymmetry = float((h - h.T).abs().max())
         # float64 whatever the model's dtype: the inverse amplifies eigenvalue errors by 1/(λ_i + damping)².

@@ -9,7 +9,9 @@ import torch
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.data import synthetic_classification
 from fragile.errors import InvalidArgumentError
-from fragile.ground_truth import bregman_cross_entropy, loo_cold_start, pbrf_retrain
+from fragile.ground_truth import (
+    bregman_cross_entropy, loo_cold_start, loo_drift_corrected, loo_retrain, pbrf_retrain, proximal_response,
+)
 
 
 def _trained(depth, seed=0, n=40, wd=0.01, steps=3000):
@@ -117,3 +119,104 @@ def test_gradient_dot_products_are_the_training_and_test_gradients_dotted():
     h = torch.func.hessian(lambda t: obj.train_loss(t, data.x, data.y))(theta)
     expected = ((h + 0.1 * torch.eye(h.shape[0], dtype=h.dtype)) @ g_test.T - g_test.T).norm(dim=0) / g_test.norm(dim=1)
     torch.testing.assert_close(res.residuals, expected, rtol=1e-6, atol=1e-9)
+
+
+def _convex_trained(n=40, wd=0.05, steps=1500):
+    """Softmax regression trained by full-batch GD to its optimum: the cold-start control reaches θ* itself."""
+    data = synthetic_classification(n=n, num_features=4, num_classes=3, seed=4)
+    obj = Objective(build_model("mlp", seed=4, in_features=4, num_classes=3, depth=0), wd)
+    spec = TrainSpec("gd", lr=1.0, steps=steps)
+    theta0 = obj.initial_params()
+    theta = fit(obj, theta0, data.x, data.y, spec, progress=False).params[0]
+    return data, obj, theta0, theta, spec
+
+
+def test_all_four_ground_truths_meet_the_exact_influence_as_the_removal_weight_vanishes():
+    data, obj, theta0, theta, spec = _convex_trained()
+    assert obj.grad(theta, data.x, data.y).norm() < 1e-12  # converged: warm starts have nothing left to drift
+    n, remove = data.x.shape[0], [3, 11, 25]
+    x_test, y_test = data.x[-4:], data.y[-4:]
+    exact = make_estimator("exact", obj, theta, data.x, data.y, progress=False).influences(x_test, y_test, remove)
+    warm_spec = spec.replace(steps=800)
+    errors = {}
+    for scale in (1.0, 0.01):
+        eps = scale / n
+        truths = {
+            "warm": loo_retrain(obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test, progress=False,
+                                removal_weight=eps).actual,
+            "drift-corrected": loo_drift_corrected(obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test,
+                                                   progress=False, removal_weight=eps).actual,
+            "cold": loo_cold_start(obj, theta0, data.x, data.y, remove, spec, x_test, y_test, progress=False,
+                                   removal_weight=eps).actual,
+            "pbrf": pbrf_retrain(obj, theta, data.x, data.y, remove, x_test, y_test, damping=0.0, epsilon=eps,
+                                 tolerance=1e-14, max_iter=2000).actual,
+        }
+        for name, actual in truths.items():  # (K, n_test) per unit of removal vs (n_test, K) predicted for ε = 1/n
+            rel = float((actual.T / (n * eps) - exact.predicted).abs().max() / exact.predicted.abs().max())
+            errors.setdefault(name, []).append(rel)
+    for name, errs in errors.items():
+        assert errs[0] > 1e-4, (name, errs)  # a whole removal is not first order: the comparison can fail
+        assert errs[1] < 5e-3 and errs[1] < 0.03 * errs[0], (name, errs)  # the gap shrinks like ε: first order
+
+
+def test_partial_removal_weights_batched_as_sequential_and_refused_outside_the_range():
+    data, obj, theta0, theta, spec = _convex_trained(steps=50)
+    short = spec.replace(steps=30)
+    x_test, y_test = data.x[:2], data.y[:2]
+    n = data.x.shape[0]
+    batched = loo_retrain(obj, theta, data.x, data.y, [2, 9], short, x_test, y_test, progress=False, removal_weight=0.3 / n)
+    seq = loo_retrain_sequential(obj, theta, data.x, data.y, [2, 9], short, x_test, y_test, progress=False,
+                                 removal_weight=0.3 / n)
+    torch.testing.assert_close(batched.test_loss_removed, seq.test_loss_removed, rtol=1e-10, atol=1e-13)
+    # by hand: the weighted mean with weight 1 − nε on the point is (1/n)Σ L − ε L(z_m), rescaled
+    w = torch.ones(n, dtype=theta.dtype)
+    w[2] = 0.7
+    by_hand = fit(obj, theta, data.x, data.y, short, weights=w, progress=False).params[0]
+    torch.testing.assert_close(batched.test_loss_removed[0], obj.sample_losses(by_hand, x_test, y_test), rtol=1e-10, atol=1e-13)
+    for bad in (0.0, -0.1, 2.0 / n):
+        with pytest.raises(InvalidArgumentError, match="removal_weight"):
+            loo_retrain(obj, theta, data.x, data.y, [2], short, x_test, y_test, progress=False, removal_weight=bad)
+
+
+def test_drift_corrected_leave_one_out_is_measured_against_the_control():
+    data = synthetic_classification(n=30, num_features=4, num_classes=3, seed=5)
+    obj = Objective(build_model("mlp", seed=5, in_features=4, num_classes=3, depth=1, width=5), 0.01)
+    spec = TrainSpec("sgd", lr=0.1, steps=40, batch_size=10, seed=1)
+    theta = fit(obj, obj.initial_params(), data.x, data.y, spec, progress=False).params[0]  # far from converged
+    paper = loo_retrain(obj, theta, data.x, data.y, [0, 7], spec, data.x[:3], data.y[:3], progress=False)
+    corrected = loo_drift_corrected(obj, theta, data.x, data.y, [0, 7], spec, data.x[:3], data.y[:3], progress=False)
+    torch.testing.assert_close(corrected.actual, paper.actual - paper.drift, rtol=0, atol=1e-12)
+    assert paper.drift.abs().max() > 1e-3 and torch.equal(corrected.drift, torch.zeros_like(corrected.drift))
+
+
+def test_the_proximal_response_is_the_damped_influence_at_an_optimum_and_sees_non_convergence_elsewhere():
+    data, obj, theta0, theta, spec = _convex_trained()
+    n, m, damping = data.x.shape[0], 6, 0.3
+    x_test, y_test = data.x[-3:], data.y[-3:]
+    eps = 1e-3 / n
+    damped = make_estimator("exact", obj, theta, data.x, data.y, damping=damping, progress=False).influences(x_test, y_test, [m])
+    prox = proximal_response(obj, theta, data.x, data.y, [m], x_test, y_test, damping=damping, epsilon=eps, tolerance=1e-14)
+    np.testing.assert_allclose(prox.actual[0].numpy() / (n * eps), damped.predicted[:, 0].numpy(), rtol=2e-3)
+    # away from the optimum the proximal response moves θ even for a vanishing removal; the PBRF does not
+    early = fit(obj, theta0, data.x, data.y, spec.replace(steps=5), progress=False).params[0]
+    g = obj.grad(early, data.x, data.y)
+    prox0 = proximal_response(obj, early, data.x, data.y, [m], x_test, y_test, damping=damping, epsilon=1e-9)
+    pbrf0 = pbrf_retrain(obj, early, data.x, data.y, [m], x_test, y_test, damping=damping, epsilon=1e-9)
+    h = torch.func.hessian(lambda t: obj.train_loss(t, data.x, data.y))(early)
+    newton = torch.linalg.solve(h + damping * torch.eye(h.shape[0], dtype=h.dtype), g).norm()
+    assert float(prox0.param_change[0]) > 0.3 * float(newton) and float(pbrf0.param_change[0]) < 1e-6
+
+
+def test_exact_influence_on_the_gauss_newton_matrix():
+    data, obj, theta = _trained(depth=1, steps=300)
+    est = make_estimator("exact", obj, theta, data.x, data.y, damping=0.1, curvature="gauss_newton", progress=False).prepare()
+    expected = _gauss_newton(obj, theta, data.x) + obj.weight_decay * torch.eye(obj.num_params, dtype=theta.dtype)
+    torch.testing.assert_close(est.hessian, expected, rtol=1e-9, atol=1e-12)
+    h = torch.func.hessian(lambda t: obj.train_loss(t, data.x, data.y))(theta)
+    assert (est.hessian - h).abs().max() > 1e-3  # a hidden layer: the Gauss-Newton matrix is not the Hessian
+    data0, obj0, theta_lin = _trained(depth=0)  # softmax regression: it is
+    est0 = make_estimator("exact", obj0, theta_lin, data0.x, data0.y, curvature="gauss_newton", progress=False).prepare()
+    torch.testing.assert_close(est0.hessian, torch.func.hessian(lambda t: obj0.train_loss(t, data0.x, data0.y))(theta_lin),
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(InvalidArgumentError, match="curvature"):
+        make_estimator("exact", obj, theta, data.x, data.y, curvature="fisher")
