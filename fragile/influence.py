@@ -398,8 +398,14 @@ class GradientDotInfluence(InfluenceEstimator):
         return True
 
 
+# ekfac and tracin import InfluenceEstimator from here, so they are imported once it exists (at the top: an import cycle).
+from fragile.ekfac import EKFACInfluence
+from fragile.tracin import TracInInfluence
+
 ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
-    cls.method: cls for cls in (ExactInfluence, CGInfluence, LissaInfluence, ArnoldiInfluence, GradientDotInfluence)
+    cls.method: cls for cls in (
+        ExactInfluence, CGInfluence, LissaInfluence, ArnoldiInfluence, GradientDotInfluence, EKFACInfluence, TracInInfluence,
+    )
 }
 METHODS = tuple(ESTIMATORS)
 

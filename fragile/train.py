@@ -85,11 +85,16 @@ class TrainResult:
         losses: objective value of each model before each step, (steps, K) (minibatch values for
             minibatch optimisers).
         grad_norm: norm of each model's full-batch objective gradient at the end, (K,).
+        checkpoints: with ``fit(checkpoint_every=e)``, the parameters after steps ``0, e, 2e, …`` and after the
+            last step, (C, K, p) (``checkpoints[0]`` is the start, ``checkpoints[-1]`` equals ``params``); else None.
+        checkpoint_steps: the step count at which each checkpoint was taken (C ints); None without checkpoints.
     """
 
     params: torch.Tensor
     losses: torch.Tensor
     grad_norm: torch.Tensor
+    checkpoints: torch.Tensor | None = None
+    checkpoint_steps: list[int] | None = None
 
 
 def _batches(n: int, spec: TrainSpec):
@@ -115,6 +120,7 @@ def fit(
     weight_decay: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "train",
+    checkpoint_every: int | None = None,
 ) -> TrainResult:
     """Train a stack of K models that share architecture, data and minibatch order.
 
@@ -128,13 +134,18 @@ def fit(
         weight_decay: (K,) per-model L2 coefficients overriding ``objective.weight_decay`` (so that
             runs with and without weight decay share one stack).
         progress: show a tqdm bar (also off when ``TQDM_DISABLE=1``).
+        checkpoint_every: keep a copy of the parameters every this many steps (the start included) and after the
+            last step, in :attr:`TrainResult.checkpoints` (what TracIn sums over); None keeps none. Storing copies
+            changes no update: the parameters are the same with and without checkpoints.
 
     Returns:
         A :class:`TrainResult` with (K, p) parameters, even for a single (p,) start.
 
-    Cost: ``steps`` stacked forward/backward passes; memory O(K·batch·activations). Deterministic on
-    CPU for a given seed.
+    Cost: ``steps`` stacked forward/backward passes; memory O(K·batch·activations), plus O(C·K·p) for C
+    checkpoints. Deterministic on CPU for a given seed.
     """
+    if checkpoint_every is not None:
+        check_int("checkpoint_every", checkpoint_every, minimum=1)
     check_dataset("x", x, "y", y)
     if params.ndim == 1:
         params = params.unsqueeze(0)
@@ -153,7 +164,12 @@ def fit(
     v = torch.zeros_like(theta) if spec.optimizer in ("adam", "rmsprop") else None
     b1, b2 = spec.betas
     stream = _batches(n, spec)
+    saved: list[torch.Tensor] = []
+    saved_steps: list[int] = []
     for step in tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False):
+        if checkpoint_every is not None and step % checkpoint_every == 0:
+            saved.append(theta.clone())
+            saved_steps.append(step)
         idx = next(stream)
         if idx is None:
             g, val = objective.stacked_grads(theta, x, y, weights, weight_decay)
@@ -183,7 +199,13 @@ def fit(
             raise InvalidArgumentError(
                 f"training diverged at step {step} (non-finite loss for models {bad[:5]}); lower lr={spec.lr}"
             )
-    return TrainResult(theta, losses, _full_batch_grads(objective, theta, x, y, weights, weight_decay).norm(dim=1))
+    if checkpoint_every is not None:
+        saved.append(theta.clone())
+        saved_steps.append(spec.steps)
+    return TrainResult(
+        theta, losses, _full_batch_grads(objective, theta, x, y, weights, weight_decay).norm(dim=1),
+        torch.stack(saved) if checkpoint_every is not None else None, saved_steps if checkpoint_every is not None else None,
+    )
 
 
 def _full_batch_grads(objective, theta, x, y, weights, weight_decay, chunk: int = 1024) -> torch.Tensor:
