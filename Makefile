@@ -7,7 +7,7 @@ VENDOR  := book/_vendor
 NPMDIR  := .cache/npm
 PROFILE ?= default
 
-.PHONY: venv vendor browser test test-unit bench book book-html clean
+.PHONY: venv vendor browser test test-unit bench bench-peers book book-html clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,21 @@ bench: venv
 	$(PY) benchmarks/loo_batched.py
 	$(PY) benchmarks/sweep_scaling.py
 	$(PY) benchmarks/exact_hessian.py
+
+# The league table against other influence libraries (benchmarks/peers.py: about 10 minutes on 2 cores). The peers
+# are the optional extra `peers`; `make book` and `make test` never need them. torch is pinned in pyproject.toml, so
+# installing them cannot replace it (checked after the install). torch-influence is not on PyPI: give its source,
+# e.g. TORCH_INFLUENCE_SRC=git+https://github.com/alstonlo/torch-influence, to install it too (--no-deps: it needs
+# only numpy, scipy and torch).
+TORCH_INFLUENCE_SRC ?=
+PEERS_OUT ?= results/06_estimands/peers.json
+
+bench-peers: venv
+	$(PY) -m pip install --quiet -e '.[peers]'
+	$(if $(TORCH_INFLUENCE_SRC),$(PY) -m pip install --quiet --no-deps '$(TORCH_INFLUENCE_SRC)')
+	$(PY) -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.14.1', 'torch changed to ' + v"
+	$(PY) benchmarks/peers.py --check
+	$(PY) benchmarks/peers.py --out $(PEERS_OUT)
 
 # Execute every chapter with $(PROFILE) into book/sections/, then build the HTML (warnings are errors).
 book: venv vendor
