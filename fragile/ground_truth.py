@@ -406,8 +406,8 @@ class PBRFResult(LOOResult):
 
 
 def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, damping, epsilon, max_iter, tolerance,
-                     fit_term: str) -> PBRFResult:
-    idx = _check(objective, theta_star, x, y, remove, x_test, y_test, 1)
+                     fit_term: str, chunk_size: int) -> PBRFResult:
+    idx = _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size)
     if not damping >= 0:
         raise InvalidArgumentError(f"damping={damping!r} is not allowed; it must be >= 0")
     n = x.shape[0]
@@ -419,46 +419,46 @@ def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, dam
     with torch.no_grad():
         z_star = objective.logits(theta_star, x)
         loss_star = objective.sample_losses(theta_star, x_test, y_test)
-    if fit_term == "bregman":
-        # The regulariser's Bregman divergence is (wd/2)‖θ − θ*‖²: it joins the damping in one proximity term.
-        proximity = objective.weight_decay + damping
+    stacked_logits = torch.func.vmap(objective.logits, in_dims=(0, None))
+    point_loss = torch.func.vmap(lambda t, xm, ym: objective.sample_losses(t, xm.unsqueeze(0), ym.unsqueeze(0))[0])
+    # The regulariser's Bregman divergence is (wd/2)‖θ − θ*‖²: in the PBRF it joins the damping in one proximity term.
+    proximity = objective.weight_decay + damping if fit_term == "bregman" else damping
 
-        def fit_value(theta: torch.Tensor) -> torch.Tensor:
-            return bregman_cross_entropy(objective.logits(theta, x), z_star).mean()
-    else:
-        proximity = damping
-
-        def fit_value(theta: torch.Tensor) -> torch.Tensor:
-            return objective.train_loss(theta, x, y)
+    def fit_values(thetas: torch.Tensor) -> torch.Tensor:
+        if fit_term == "bregman":
+            return bregman_cross_entropy(stacked_logits(thetas, x), z_star).mean(-1)
+        return objective.stacked_train_losses(thetas, x, y)
 
     losses, changes, grad_norms = [], [], []
-    for m in idx.tolist():
-        xm, ym = x[m : m + 1], y[m : m + 1]
+    for start in range(0, idx.numel(), chunk_size):
+        rows = idx[start : start + chunk_size]
+        xm, ym = x[rows], y[rows]
 
-        def f(theta: torch.Tensor) -> torch.Tensor:
-            diff = theta - theta_star
-            removed = objective.sample_losses(theta, xm, ym)[0] + objective.regulariser(theta)
-            return fit_value(theta) + 0.5 * proximity * (diff * diff).sum() - eps * removed
+        def f(thetas: torch.Tensor) -> torch.Tensor:
+            diff = thetas - theta_star
+            removed = point_loss(thetas, xm, ym) + objective.regulariser(thetas)
+            return fit_values(thetas) + 0.5 * proximity * (diff * diff).sum(-1) - eps * removed
 
-        theta = theta_star.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=0.0,
+        # The problems are independent, so their sum is minimised where each one is: one L-BFGS run on the stack.
+        thetas = theta_star.expand(rows.numel(), -1).clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([thetas], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=0.0,
                                 history_size=50, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            value = f(theta)
+            value = f(thetas).sum()
             value.backward()
             return value
 
         opt.step(closure)
-        theta = theta.detach()
-        grad_norms.append(float(torch.func.grad(f)(theta).norm()))
+        thetas = thetas.detach()
+        grad_norms.append(torch.func.grad(lambda t: f(t).sum())(thetas).norm(dim=1))
         with torch.no_grad():
-            losses.append(objective.sample_losses(theta, x_test, y_test))
-            changes.append((theta - theta_star).norm())
-    change = torch.stack(changes)
-    return PBRFResult(idx, loss_star, loss_star.clone(), torch.stack(losses), change, change, float("nan"),
-                      objective_grad_norm=torch.tensor(grad_norms))
+            losses.append(torch.stack([objective.sample_losses(t, x_test, y_test) for t in thetas]))
+            changes.append((thetas - theta_star).norm(dim=1))
+    change = torch.cat(changes)
+    return PBRFResult(idx.cpu(), loss_star.cpu(), loss_star.cpu().clone(), torch.cat(losses).cpu(), change.cpu(), change.cpu(),
+                      float("nan"), objective_grad_norm=torch.cat(grad_norms).cpu())
 
 
 def pbrf_retrain(
@@ -474,6 +474,7 @@ def pbrf_retrain(
     epsilon: float | None = None,
     max_iter: int = 500,
     tolerance: float = 1e-10,
+    chunk_size: int = 64,
 ) -> PBRFResult:
     """The proximal Bregman response function (Bae et al. 2022), the quantity damped Gauss–Newton influence
     functions provably approximate: for each removed point m,
@@ -485,14 +486,16 @@ def pbrf_retrain(
     removed point's share of the objective (``fragile.influence``'s convention). ``epsilon`` defaults to 1/n,
     a removal; to first order θ_m − θ* = ε (G + (wd + λ) I)⁻¹ ∇L(z_m), G the Gauss–Newton matrix at θ*.
 
-    Each point is one full-batch L-BFGS solve (strong-Wolfe line search) from θ*: ``max_iter`` iterations at most,
-    each a few forward/backward passes over the training set; memory of one model.
+    The points' problems are solved together, ``chunk_size`` at a time, as one full-batch L-BFGS run (strong-Wolfe
+    line search) on the stack of their parameters from θ* (the problems are independent, so the stack's minimiser
+    is each one's): ``max_iter`` iterations at most, each a few vmapped forward/backward passes over the training
+    set; memory of ``chunk_size`` models. ``objective_grad_norm`` reports each problem's own final gradient.
 
     Raises:
         InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
     """
     return _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, damping=damping, epsilon=epsilon,
-                            max_iter=max_iter, tolerance=tolerance, fit_term="bregman")
+                            max_iter=max_iter, tolerance=tolerance, fit_term="bregman", chunk_size=chunk_size)
 
 
 def proximal_response(
@@ -508,6 +511,7 @@ def proximal_response(
     epsilon: float | None = None,
     max_iter: int = 500,
     tolerance: float = 1e-10,
+    chunk_size: int = 64,
 ) -> PBRFResult:
     """Bae et al.'s proximal response function: leave-one-out solved to convergence from θ*, kept near θ* by the damping,
 
@@ -522,4 +526,4 @@ def proximal_response(
         InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
     """
     return _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, damping=damping, epsilon=epsilon,
-                            max_iter=max_iter, tolerance=tolerance, fit_term="loss")
+                            max_iter=max_iter, tolerance=tolerance, fit_term="loss", chunk_size=chunk_size)

@@ -11,13 +11,15 @@ from fragile import runner
 from fragile.errors import InvalidArgumentError
 from fragile.iris import IrisConfig
 from fragile.appendix import AppendixConfig
+from fragile.estimands import GROUND_TRUTHS, EstimandsConfig
 from fragile.imagenet import ImageNetConfig
 from fragile.mnist_cifar10 import MnistCifar10Config
 from fragile.small_mnist import SmallMnistConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
-CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config, "04_imagenet": ImageNetConfig, "05_appendix": AppendixConfig}
+CONFIGS = {"01_iris": IrisConfig, "02_small_mnist": SmallMnistConfig, "03_mnist_cifar10": MnistCifar10Config, "04_imagenet": ImageNetConfig, "05_appendix": AppendixConfig,
+           "06_estimands": EstimandsConfig}
 
 
 def test_there_are_sections():
@@ -83,10 +85,21 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         verdicts = {c["key"]: c["verdict"] for c in res["claims"]}
         assert verdicts["summed_cifar100"].startswith("needs the real data set") and verdicts["group_cifar100"].startswith("needs the real data set")
         assert all(r["training"] > 0 for r in res["timing"])
+    if section.name == "06_estimands":
+        res = summary["results"]
+        assert res["stand_in"] is True  # the offline digits, not Koh & Liang's small MNIST
+        settings = {r["setting"] for r in res["grid"]}
+        assert settings == {f"iris/d{d}" for d in smoke["iris_depths"]} | {"mnist"}
+        assert {r["ground_truth"] for r in res["grid"]} == set(GROUND_TRUTHS)
+        assert {r["estimator"] for r in res["grid"] if r["setting"] == "mnist"} == set(EstimandsConfig().mnist_estimators)
+        assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in res["grid"])
+        assert {c["key"] for c in res["pbrf_claims"]} <= {"iris_headline_with_wd", "iris_depth_drop", "smnist_range"}
+        assert {r["gap"] for r in res["chain"]} >= {"warm start", "linearisation", "non-convergence of θ*"}
 
 
 @pytest.mark.parametrize("name, config", [("iris", IrisConfig), ("small_mnist", SmallMnistConfig), ("mnist_cifar10", MnistCifar10Config),
-                                          ("imagenet", ImageNetConfig), ("appendix", AppendixConfig)])
+                                          ("imagenet", ImageNetConfig), ("appendix", AppendixConfig),
+                                          ("estimands", EstimandsConfig)])
 def test_parameters_cell_matches_its_config(name, config):
     section = runner.find_section(name, ROOT)
     fields = {f.name: f.default for f in dataclasses.fields(config)}

@@ -19,7 +19,8 @@ def _images_loaded(page):
 
 
 @pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "sections/03_mnist_cifar10.html",
-                                  "sections/04_imagenet.html", "sections/05_appendix.html", "rerun.html", "provenance.html"])
+                                  "sections/04_imagenet.html", "sections/05_appendix.html", "sections/06_estimands.html", "rerun.html",
+                                  "provenance.html"])
 def test_page_renders_offline_with_all_images(browser, server, path):
     page, foreign = _open(browser, f"{server}/{path}")
     assert page.locator("main h1").count() >= 1
@@ -72,6 +73,7 @@ def test_chapter_has_banner_figures_and_working_widget(browser, server, path, mi
     ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
     ("sections/04_imagenet.html", "warning", "These are not ImageNet numbers"),
     ("sections/05_appendix.html", "warning", "not CIFAR-100 numbers"),
+    ("sections/06_estimands.html", "warning", "not Koh & Liang"),
 ])
 def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
     page, _ = _open(browser, f"{server}/{path}")
@@ -106,9 +108,34 @@ def test_the_imagenet_chapter_shows_the_drift_beside_the_removal_effects(browser
     page.close()
 
 
+def test_the_estimands_chapter_shows_the_grid_the_chain_and_the_league_table(browser, server):
+    page, _ = _open(browser, f"{server}/sections/06_estimands.html")
+    grid = page.locator("main table", has_text="PBRF").first
+    header = grid.locator("thead").inner_text()
+    assert "cold-start LOO" in header and "proximal response" in header
+    rows = [r.inner_text() for r in grid.locator("tbody tr").all()]
+    assert any(r.startswith("exact") and "±" in r for r in rows)  # mean ± sd over seeds
+    assert page.locator("main table", has_text="linearisation").count() >= 1  # Bae et al.'s decomposition
+    league = page.locator("main table", has_text="kronfluence").first
+    assert "dattri" in league.inner_text() and "×ours" in league.locator("thead").inner_text()
+    assert len([1 for src, ok in _images_loaded(page) if ok and "/_images/" in src]) >= 4
+    page.close()
+
+
+def test_the_claims_table_has_a_column_against_the_pbrf(browser, server):
+    page, _ = _open(browser, f"{server}/index.html")
+    table = page.locator("table").first
+    assert "against the PBRF" in table.locator("thead").inner_text()
+    cells = [r.locator("td").last.inner_text() for r in table.locator("tbody tr").all()]
+    numbers = [c for c in cells if "warm-start LOO here" in c]
+    assert len(numbers) == 3 and all(c == "—" for c in cells if c not in numbers)
+    page.close()
+
+
 def test_book_builds_with_warnings_as_errors(built_book):
     html, log = built_book
     assert (html / "index.html").is_file() and (html / "sections" / "01_iris.html").is_file()
     assert (html / "sections" / "02_small_mnist.html").is_file() and (html / "sections" / "03_mnist_cifar10.html").is_file()
     assert (html / "sections" / "04_imagenet.html").is_file() and (html / "sections" / "05_appendix.html").is_file()
+    assert (html / "sections" / "06_estimands.html").is_file()
     assert "build succeeded" in log or "Finished generating HTML" in log
