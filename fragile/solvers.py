@@ -2,6 +2,11 @@
 
 Each solver returns its relative residual ``‖(H+λI)x − v‖/‖v‖`` computed with an exact matvec after
 it stops, so a caller can always tell a converged solve from a truncated one.
+
+CG and LiSSA come batched (:func:`cg_solve_many`, :func:`lissa_ihvps`): the m right-hand sides run their own
+recursions side by side, with one batched matvec per iteration for all of them (a vmapped HVP costs less per
+vector than m separate ones: fewer calls and larger kernels). The one-vector :func:`cg_solve` and
+:func:`lissa_ihvp` are the batched solvers with m = 1.
 """
 
 from __future__ import annotations
@@ -29,51 +34,149 @@ class Solve:
     iterations: int
 
 
+@dataclass
+class Solves:
+    """Solutions of ``(H+λI)x_i = v_i`` for the rows of a batch, each with its relative residual and iteration count.
+
+    Attributes:
+        x: (m, p) solutions, row i solving right-hand side i.
+        residuals: (m,) relative residuals ``‖(H+λI)x_i − v_i‖/‖v_i‖``, in the right-hand sides' dtype.
+        iterations: (m,) iterations each row took (a column frozen at convergence stops counting).
+    """
+
+    x: torch.Tensor
+    residuals: torch.Tensor
+    iterations: torch.Tensor
+
+    def __getitem__(self, i: int) -> Solve:
+        return Solve(self.x[i], float(self.residuals[i]), int(self.iterations[i]))
+
+
 def relative_residual(matvec: MatVec, damping: float, x: torch.Tensor, v: torch.Tensor) -> float:
     """``‖(H+λI)x − v‖ / ‖v‖`` with one exact matvec."""
     r = matvec(x) + damping * x - v
     return float(r.norm() / v.norm().clamp_min(torch.finfo(v.dtype).tiny))
 
 
+def relative_residuals(matvecs: MatVec, damping: float, xs: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``‖(H+λI)x_i − v_i‖ / ‖v_i‖`` for (m, p) ``xs`` and ``vs``, with one batched matvec ``(m, p) → (m, p)``.
+
+    The same quantity as :func:`relative_residual` row by row; returned as an (m,) tensor in ``vs``'s dtype.
+    """
+    r = matvecs(xs) + damping * xs - vs
+    return r.norm(dim=1) / vs.norm(dim=1).clamp_min(torch.finfo(vs.dtype).tiny)
+
+
+def _single(matvec: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A one-vector matvec ``(p,) → (p,)`` as a batched one on a (1, p) batch, so that any callable a user passes to the
+    one-vector solvers keeps working without having to accept a batch."""
+    return lambda z, *rest: matvec(z[0], *rest).unsqueeze(0)
+
+
+def _check_rhs(name: str, vs: torch.Tensor) -> None:
+    if not isinstance(vs, torch.Tensor) or vs.ndim != 2 or vs.shape[0] == 0 or vs.shape[1] == 0:
+        shape = tuple(vs.shape) if isinstance(vs, torch.Tensor) else type(vs).__name__
+        raise InvalidArgumentError(f"{name} has shape {shape}; it must be a non-empty (m, p) tensor, one right-hand side per row")
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Summed in the iterates' dtype, then float64 for the step lengths: CG formed α and β from Python floats before it
+    # was batched, and a float32 quotient of two float32 sums would round them once more for nothing.
+    return (a * b).sum(dim=1).double()
+
+
+def solve_in_chunks(solve: Callable[[torch.Tensor], Solves], vs: torch.Tensor, chunk: int) -> Solves:
+    """Run a batched solver (e.g. a partial :func:`cg_solve_many`) on ``chunk`` rows of ``vs`` (m, p) at a time and join
+    the results in row order.
+
+    The rows of a batched solve are independent (CG) or share only their seeded minibatch draws, which every call
+    repeats from the seed (LiSSA), so chunking changes no result; it bounds memory to ``chunk`` rows' iterates and
+    one matvec vmapped over ``chunk`` vectors.
+    """
+    _check_rhs("vs", vs)
+    check_int("vector_chunk", chunk, minimum=1)
+    parts = [solve(vs[i : i + chunk]) for i in range(0, vs.shape[0], chunk)]
+    return Solves(*(torch.cat([getattr(s, f) for s in parts]) for f in ("x", "residuals", "iterations")))
+
+
 def cg_solve(matvec: MatVec, v: torch.Tensor, *, damping: float = 0.0, rtol: float = 1e-10, max_iter: int | None = None) -> Solve:
-    """Conjugate gradient on ``H + λI``.
+    """Conjugate gradient on ``H + λI`` for one right-hand side ``v`` (p,): :func:`cg_solve_many` with m = 1.
+
+    ``matvec`` maps (p,) to (p,). Cost: one matvec per iteration, at most ``max_iter`` (default ``2·p``)
+    iterations, plus one for the residual; memory O(p).
+    """
+    return cg_solve_many(_single(matvec), v.unsqueeze(0), damping=damping, rtol=rtol, max_iter=max_iter)[0]
+
+
+def cg_solve_many(
+    matvecs: MatVec, vs: torch.Tensor, *, damping: float = 0.0, rtol: float = 1e-10, max_iter: int | None = None
+) -> Solves:
+    """Conjugate gradient on ``H + λI`` for the m rows of ``vs`` (m, p) together.
+
+    Each row runs its own CG recursion (its own step lengths α and β) and stops on its own when its residual
+    ``‖r_i‖ <= rtol·‖v_i‖``; a converged row is frozen and leaves the batch, so it costs no more matvecs and
+    its iterate is the one a one-at-a-time solve returns (up to the round-off of a batched matvec, which can move
+    the step at which a row crosses ``rtol`` by one). Each iteration makes one batched matvec
+    ``matvecs(D)`` on the (k, p) search directions of the k rows still running (e.g.
+    :func:`fragile.curvature.hvp`, which vmaps a batch): one call for all rows instead of one per row.
 
     Assumes ``H + λI`` is symmetric positive definite; a direction of non-positive curvature
-    (``dᵀ(H+λI)d <= 0``) means it is not, and raises :class:`SolverDivergedError` naming the damping
-    rather than returning a meaningless iterate. Cost: one matvec per iteration, at most
-    ``max_iter`` (default ``2·p``) iterations.
+    (``dᵀ(H+λI)d <= 0``) in any running row means it is not, and raises :class:`SolverDivergedError` naming the
+    row and the damping rather than returning a meaningless iterate.
+
+    Args:
+        matvecs: ``(k, p) → (k, p)``, ``H`` applied to each row.
+        vs: (m, p) right-hand sides.
+        damping: λ >= 0.
+        rtol: relative residual at which a row stops.
+        max_iter: iterations at most (default ``2·p``); rows not converged by then are returned as they are,
+            and their residuals say so.
+
+    Returns:
+        :class:`Solves` with each row's residual from one exact batched matvec after the iteration stops.
+
+    Cost: at most ``max_iter`` batched matvecs (each over the rows still running) plus one for the residuals.
+    Memory: O(m·p) per iterate (x, r, d and the matvec's output), plus what one batched matvec needs.
     """
     check_positive("damping", damping, allow_zero=True)
     check_positive("rtol", rtol)
-    p = v.numel()
+    _check_rhs("vs", vs)
+    m, p = vs.shape
     max_iter = 2 * p if max_iter is None else max_iter
     check_int("max_iter", max_iter, minimum=1)
 
-    def a(z: torch.Tensor) -> torch.Tensor:
-        return matvec(z) + damping * z
-
-    x = torch.zeros_like(v)
-    r = v.clone()
+    x = torch.zeros_like(vs)
+    r = vs.clone()
     d = r.clone()
-    rs = float(r @ r)
-    target = (rtol * float(v.norm())) ** 2
+    rs = _rowdot(r, r)
+    target = (rtol * vs.norm(dim=1).double()) ** 2
+    iterations = torch.zeros(m, dtype=torch.long, device=vs.device)
+    running = torch.nonzero(rs > target).squeeze(1)  # rows not yet converged (a zero or non-finite v never runs)
     it = 0
-    while it < max_iter and rs > target:
-        ad = a(d)
-        curv = float(d @ ad)
-        if not curv > 0 or not math.isfinite(curv):
+    while it < max_iter and running.numel():
+        dk = d[running]
+        ad = matvecs(dk) + damping * dk
+        curv = _rowdot(dk, ad)
+        bad = ~(curv > 0) | ~torch.isfinite(curv)
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            row = f"right-hand side {int(running[k])} of {m}, " if m > 1 else ""
             raise SolverDivergedError(
-                f"cg: H + damping·I is not positive definite (curvature {curv:.3g} along a search direction, "
-                f"iteration {it}); increase damping (now {damping}) or use method='exact' with a negative-eigenvalue policy"
+                f"cg: H + damping·I is not positive definite (curvature {float(curv[k]):.3g} along a search direction, "
+                f"{row}iteration {it}); increase damping (now {damping}) or use method='exact' with a negative-eigenvalue policy"
             )
-        alpha = rs / curv
-        x = x + alpha * d
-        r = r - alpha * ad
-        rs_new = float(r @ r)
-        d = r + (rs_new / rs) * d
-        rs = rs_new
+        rs_k = rs[running]
+        alpha = (rs_k / curv).to(vs.dtype).unsqueeze(1)
+        x[running] = x[running] + alpha * dk
+        r_k = r[running] - alpha * ad
+        rs_new = _rowdot(r_k, r_k)
+        d[running] = r_k + (rs_new / rs_k).to(vs.dtype).unsqueeze(1) * dk
+        r[running] = r_k
+        rs[running] = rs_new
+        iterations[running] += 1
         it += 1
-    return Solve(x, relative_residual(matvec, damping, x, v), it)
+        running = running[rs_new > target[running]]
+    return Solves(x, relative_residuals(matvecs, damping, x, vs), iterations)
 
 
 def lissa_ihvp(
@@ -90,18 +193,52 @@ def lissa_ihvp(
     growth_tolerance: float = 10.0,
     exact_matvec: MatVec | None = None,
 ) -> Solve:
-    """The stochastic Neumann-series inverse HVP of Agarwal et al. (LiSSA) as used by Koh & Liang.
+    """LiSSA for one right-hand side ``v`` (p,): :func:`lissa_ihvps` with m = 1 (see there for the recursion).
 
-    Recursion: ``h₀ = v``, ``h_j = v + h_{j−1} − (H_b + λI) h_{j−1} / s`` with ``H_b`` the Hessian on a
+    ``batch_matvec`` maps ``((p,), index tensor or None)`` to (p,), ``exact_matvec`` (p,) to (p,).
+    Cost: ``depth·repeats`` minibatch matvecs plus one full-data matvec for the residual; memory O(p).
+    """
+    return lissa_ihvps(
+        _single(batch_matvec), v.unsqueeze(0), n=n, damping=damping, scale=scale, depth=depth, repeats=repeats,
+        batch_size=batch_size, seed=seed, growth_tolerance=growth_tolerance,
+        exact_matvec=None if exact_matvec is None else _single(exact_matvec),
+    )[0]
+
+
+def lissa_ihvps(
+    batch_matvecs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    vs: torch.Tensor,
+    *,
+    n: int,
+    damping: float,
+    scale: float,
+    depth: int,
+    repeats: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    growth_tolerance: float = 10.0,
+    exact_matvec: MatVec | None = None,
+) -> Solves:
+    """The stochastic Neumann-series inverse HVP of Agarwal et al. (LiSSA) as used by Koh & Liang, for the m rows
+    of ``vs`` together.
+
+    Recursion, per row: ``h₀ = v``, ``h_j = v + h_{j−1} − (H_b + λI) h_{j−1} / s`` with ``H_b`` the Hessian on a
     random minibatch; ``x = h_depth / s`` is averaged over ``repeats``. Its fixed point is
     ``(H+λI)⁻¹v``; it converges when every eigenvalue of ``H+λI`` lies in ``(0, 2s)``.
 
+    All rows take the same minibatch at each step, drawn from one generator seeded with ``seed`` in the same
+    order as a one-row run draws them, so each row's result is the one :func:`lissa_ihvp` returns for it alone
+    (up to the round-off of a batched matvec); each step makes one batched call ``batch_matvecs(h, idx)`` on
+    the (m, p) iterates (e.g. :func:`fragile.curvature.hvp`, which vmaps a batch) instead of m calls.
+
     Divergence is detected, not returned: a non-finite iterate, or ``‖h_j‖ > growth_tolerance·(j+1)·‖v‖``
-    (a convergent recursion satisfies ``‖h_j‖ <= (j+1)‖v‖``), raises :class:`SolverDivergedError`.
+    in any row (a convergent recursion satisfies ``‖h_j‖ <= (j+1)‖v‖``), raises :class:`SolverDivergedError`
+    naming the row.
 
     Args:
-        batch_matvec: ``(vector, index tensor or None) -> H_b·vector`` for a minibatch (None = all data).
-        v: right-hand side, (p,).
+        batch_matvecs: ``((m, p) iterates, index tensor or None) -> H_b`` applied to each row, for a minibatch
+            (None = all data).
+        vs: (m, p) right-hand sides.
         n: number of training points the minibatches are drawn from.
         damping: λ >= 0.
         scale: s > 0; should exceed ``λmax(H+λI)/2`` and is usually set just above ``λmax``.
@@ -109,9 +246,14 @@ def lissa_ihvp(
         repeats: independent recursions averaged.
         batch_size: examples per Hessian sample; None uses the full batch (deterministic).
         seed: seed of the minibatch draws.
-        exact_matvec: full-data ``H·x`` for the residual (defaults to ``batch_matvec(x, None)``).
+        growth_tolerance: the divergence test's factor (above).
+        exact_matvec: full-data ``(m, p) → (m, p)`` matvec for the residuals (defaults to ``batch_matvecs(x, None)``).
 
-    Cost: ``depth·repeats`` minibatch HVPs.
+    Returns:
+        :class:`Solves`; every row's iteration count is ``depth·repeats``.
+
+    Cost: ``depth·repeats`` batched minibatch matvecs plus one full-data batched matvec for the residuals.
+    Memory: O(m·p) per iterate (v, h, the running sum and the matvec's output), plus what one batched matvec needs.
     """
     check_positive("damping", damping, allow_zero=True)
     check_positive("scale", scale)
@@ -119,25 +261,32 @@ def lissa_ihvp(
     check_int("repeats", repeats, minimum=1)
     if batch_size is not None:
         check_int("batch_size", batch_size, minimum=1, maximum=n)
+    _check_rhs("vs", vs)
+    m = vs.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    v_norm = float(v.norm())
-    total = torch.zeros_like(v)
+    # Norms in float64, as the one-row test takes them (Python floats): the floor 1e-300 is 0 in float32.
+    v_norm = vs.norm(dim=1).double()
+    v_floor = v_norm.clamp_min(1e-300)
+    total = torch.zeros_like(vs)
     for rep in range(repeats):
-        h = v.clone()
+        h = vs.clone()
         for j in range(1, depth + 1):
             idx = None if batch_size is None else torch.randint(0, n, (batch_size,), generator=gen)
-            h = v + h - (batch_matvec(h, idx) + damping * h) / scale
-            h_norm = float(h.norm())
-            if not math.isfinite(h_norm) or h_norm > growth_tolerance * (j + 1) * max(v_norm, 1e-300):
+            h = vs + h - (batch_matvecs(h, idx) + damping * h) / scale
+            h_norm = h.norm(dim=1).double()
+            bad = ~torch.isfinite(h_norm) | (h_norm > growth_tolerance * (j + 1) * v_floor)
+            if bool(bad.any()):
+                k = int(torch.nonzero(bad)[0])
+                row = f" of right-hand side {k} of {m}" if m > 1 else ""
                 raise SolverDivergedError(
-                    f"lissa diverged at recursion step {j} of repeat {rep} (‖h‖={h_norm:.3g}, ‖v‖={v_norm:.3g}): "
-                    f"scale={scale:.4g} must exceed about half the largest eigenvalue of H + damping·I and every "
-                    f"eigenvalue must be positive; raise scale or damping (now {damping})"
+                    f"lissa diverged at recursion step {j} of repeat {rep}{row} (‖h‖={float(h_norm[k]):.3g}, "
+                    f"‖v‖={float(v_norm[k]):.3g}): scale={scale:.4g} must exceed about half the largest eigenvalue of "
+                    f"H + damping·I and every eigenvalue must be positive; raise scale or damping (now {damping})"
                 )
         total += h / scale
     x = total / repeats
-    matvec = exact_matvec if exact_matvec is not None else (lambda z: batch_matvec(z, None))
-    return Solve(x, relative_residual(matvec, damping, x, v), depth * repeats)
+    matvecs = exact_matvec if exact_matvec is not None else (lambda z: batch_matvecs(z, None))
+    return Solves(x, relative_residuals(matvecs, damping, x, vs), torch.full((m,), depth * repeats, dtype=torch.long, device=vs.device))
 
 
 def arnoldi_eigenpairs(
