@@ -171,12 +171,7 @@ class InfluenceEstimator(ABC):
             x_test, y_test: test inputs (same feature shape as ``x_train``) and labels.
             train_idxs: training points to score; None means all of them.
         """
-        check_dataset("x_test", x_test, "y_test", y_test)
-        if tuple(x_test.shape[1:]) != tuple(self.x_train.shape[1:]):
-            raise InvalidArgumentError(
-                f"x_test rows have shape {tuple(x_test.shape[1:])} but x_train rows have {tuple(self.x_train.shape[1:])}"
-            )
-        idxs = torch.arange(self.n) if train_idxs is None else check_indices("train_idxs", train_idxs, self.n)
+        idxs = self._check_query(x_test, y_test, train_idxs)
         start = time.perf_counter()
         self.prepare()
         g_test = self.objective.sample_grads(self.theta, x_test, y_test, self.grad_chunk)
@@ -188,6 +183,15 @@ class InfluenceEstimator(ABC):
         return InfluenceResult(
             predicted, idxs, self.method, self.damping, residuals, self._spectrum, time.perf_counter() - start, self._details()
         )
+
+    def _check_query(self, x_test: torch.Tensor, y_test: torch.Tensor, train_idxs) -> torch.Tensor:
+        """Check an :meth:`influences` call's arguments before any work; returns the training indices to score."""
+        check_dataset("x_test", x_test, "y_test", y_test)
+        if tuple(x_test.shape[1:]) != tuple(self.x_train.shape[1:]):
+            raise InvalidArgumentError(
+                f"x_test rows have shape {tuple(x_test.shape[1:])} but x_train rows have {tuple(self.x_train.shape[1:])}"
+            )
+        return torch.arange(self.n) if train_idxs is None else check_indices("train_idxs", train_idxs, self.n)
 
     def train_scores(self, solutions: torch.Tensor, train_idxs: torch.Tensor) -> torch.Tensor:
         """``(1/n)·solutionsᵀ∇L(z_i)`` for each row of ``solutions`` (m, p) and training index: (m, k) on the CPU.

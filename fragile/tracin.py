@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fragile.errors import InvalidArgumentError, check_dataset, check_indices
+from fragile.errors import InvalidArgumentError
 from fragile.influence import InfluenceEstimator, InfluenceResult
 from fragile.solvers import Solve
 
@@ -98,12 +98,7 @@ class TracInInfluence(InfluenceEstimator):
             x_test, y_test: test inputs (same feature shape as ``x_train``) and labels.
             train_idxs: training points to score; None means all of them.
         """
-        check_dataset("x_test", x_test, "y_test", y_test)
-        if tuple(x_test.shape[1:]) != tuple(self.x_train.shape[1:]):
-            raise InvalidArgumentError(
-                f"x_test rows have shape {tuple(x_test.shape[1:])} but x_train rows have {tuple(self.x_train.shape[1:])}"
-            )
-        idxs = torch.arange(self.n) if train_idxs is None else check_indices("train_idxs", train_idxs, self.n)
+        idxs = self._check_query(x_test, y_test, train_idxs)
         start = time.perf_counter()
         predicted = None
         for theta_k, lr in zip(self.checkpoints, self.lrs):
