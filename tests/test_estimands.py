@@ -102,7 +102,7 @@ def test_depth_statistics_by_hand():
 def test_job_keys_hold_what_the_numbers_depend_on():
     base = {j.name: j.key for j in E.study_jobs(E.EstimandsConfig())}
     assert set(base) == {"estimands/iris-d1", "estimands/iris-d2", "estimands/iris-d3", "estimands/mnist-s0", "estimands/mnist-s1"}
-    moved = {j.name: j.key for j in E.study_jobs(E.EstimandsConfig(mnist_lr=0.01, scheduler="in-process", cache_dir="/tmp/x"))}
+    moved = {j.name: j.key for j in E.study_jobs(E.EstimandsConfig(mnist_lr=0.01, scheduler="in-process", cache_dir="elsewhere"))}
     assert all(moved[n] == base[n] for n in base if "iris" in n)  # a small-MNIST value leaves the Iris jobs cached
     assert all(moved[n] != base[n] for n in base if "mnist" in n)
     deeper = {j.name: j.key for j in E.study_jobs(E.EstimandsConfig(iris_retrain_steps=10))}
