@@ -110,7 +110,7 @@ def test_the_imagenet_chapter_shows_the_drift_beside_the_removal_effects(browser
 
 def test_the_estimands_chapter_shows_the_grid_the_chain_and_the_league_table(browser, server):
     page, _ = _open(browser, f"{server}/sections/06_estimands.html")
-    grid = page.locator("main table", has_text="PBRF").first
+    grid = page.locator("main table.dataframe", has_text="PBRF").first  # the first pandas table: estimator × ground truth
     header = grid.locator("thead").inner_text()
     assert "cold-start LOO" in header and "proximal response" in header
     rows = [r.inner_text() for r in grid.locator("tbody tr").all()]
