@@ -694,12 +694,12 @@ def peers_markdown(report: dict[str, Any]) -> str:
         f"`{report['git']['commit'][:10]}`{' (with uncommitted changes)' if report['git'].get('dirty') else ''}, on "
         f"{mach['cpu_count']} CPU cores with {mach['torch_threads']} torch thread"
         + (f" (load average {load[0]:.1f} → {load[1]:.1f})" if load else "") + f"; {report['total_seconds']:.0f} s in all.",
-        f"Model: the {m['num_params']:,}-parameter CNN on {m['data']}; gradient norm {m['grad_norm']:.3g} (not converged); "
-        f"damping {st['damping']}, {st['dtype']}, LiSSA depth {st['lissa_depth']}, CG at most {st['cg_max_iter']} iterations, "
-        f"Arnoldi rank {st['arnoldi_rank']}. Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        "*×ours* is the peer's seconds over ours for the same method (above 1: ours is faster); *agreement* is against "
-        "our `exact` over every (test point, training point) entry; *same-method error* against our result of the same "
-        "method, which is where a different definition would show.",
+        (f"Model: the {m['num_params']:,}-parameter CNN on {m['data']}; gradient norm {m['grad_norm']:.3g} (not converged); "
+         f"damping {st['damping']}, {st['dtype']}, LiSSA depth {st['lissa_depth']}, CG at most {st['cg_max_iter']} iterations, "
+         f"Arnoldi rank {st['arnoldi_rank']}. Versions: ") + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        ("*×ours* is the peer's seconds over ours for the same method (above 1: ours is faster); *agreement* is against "
+         "our `exact` over every (test point, training point) entry; *same-method error* against our result of the same "
+         "method, which is where a different definition would show."),
         "| library | method | seconds | ×ours | Pearson | Spearman | max rel. error vs exact | same-method error | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

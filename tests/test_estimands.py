@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import stats
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
