@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fragile.chapter import NOT_IN_JOB_KEY, ChapterConfig
+from fragile.chapter import ChapterConfig
 from fragile.config import to_dict
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
@@ -350,20 +350,16 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
             "stand_in": data.stand_in, "data": data.description}
 
 
-_IRIS_FIELDS = ("seed", "n_seeds", "selection", "iris_width", "iris_activation", "iris_lr", "iris_train_steps",
-                "iris_retrain_steps", "iris_weight_decay", "iris_damping", "iris_top_k", "iris_estimators", "lissa_depth",
-                "lissa_batch_size", "cg_max_iter", "arnoldi_rank", "tracin_checkpoints", "pbrf_max_iter", "chunk_size")
+# Settings of the estimators and ground truths that both kinds of job depend on.
+_SHARED_FIELDS = ("selection", "lissa_depth", "lissa_batch_size", "cg_max_iter", "arnoldi_rank", "tracin_checkpoints",
+                  "pbrf_max_iter", "chunk_size")
 
 
 def _key(cfg: EstimandsConfig, prefix: str) -> dict[str, Any]:
     d = to_dict(cfg)
-    shared = ("selection", "lissa_depth", "lissa_batch_size", "cg_max_iter", "arnoldi_rank", "tracin_checkpoints",
-              "pbrf_max_iter", "chunk_size")
-    if prefix == "iris":
-        fields = _IRIS_FIELDS
-    else:
-        fields = shared + tuple(f for f in d if f.startswith("mnist_"))
-    return {"code_version": CODE_VERSION, **{f: d[f] for f in fields if f not in NOT_IN_JOB_KEY}}
+    stack = ("seed", "n_seeds") if prefix == "iris" else ()  # an Iris job trains all its seeds as one stack
+    own = tuple(f for f in d if f.startswith(prefix + "_") and f != "iris_depths")  # a job carries its own depth
+    return {"code_version": CODE_VERSION, **{f: d[f] for f in stack + _SHARED_FIELDS + own}}
 
 
 def iris_job(code_version: int, depth: int, **fields: Any) -> dict[str, Any]:
