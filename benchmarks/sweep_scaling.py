@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from fragile import iris, runner
+from fragile.chapters import iris
+from fragile.run import runner
 
 
 def config(profile: str, overrides: dict) -> iris.IrisConfig:

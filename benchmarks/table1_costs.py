@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from fragile.curvature import hvp
-from fragile.devices import resolve_device
-from fragile.mnist_cifar10 import MnistCifar10Config, build_network, load_data, model_inputs
-from fragile.objective import Objective
-from fragile.train import TrainSpec, fit
+from fragile.core.curvature import hvp
+from fragile.run.devices import resolve_device
+from fragile.chapters.mnist_cifar10 import MnistCifar10Config, build_network, load_data, model_inputs
+from fragile.core.objective import Objective
+from fragile.core.train import TrainSpec, fit
 
 
 def timed(fn, device, repeats=3):

@@ -1,3 +1,3 @@
-from fragile.cli import main
+from fragile.run.cli import main
 
 main()

@@ -19,6 +19,9 @@ from fragile.errors import InvalidArgumentError
 
 T = TypeVar("T")
 
+# The parameter profiles of book/params/: tests and CI, a reader's laptop, the paper's protocol on a GPU.
+PROFILES = ("smoke", "default", "paper")
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     pass

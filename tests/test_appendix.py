@@ -10,13 +10,14 @@ import pytest
 import torch
 from brute_force import newton_minimise
 
-from fragile import Objective, correlation, fit, loo_retrain_sequential, make_estimator, runner
-from fragile.appendix import (
+from fragile import Objective, correlation, fit, loo_retrain_sequential, make_estimator
+from fragile.run import runner
+from fragile.chapters.appendix import (
     AppendixConfig, claims, group_table, gpu_table, make_groups, random_test_points, study_jobs, summed_influence, summed_table,
     table2, timing_table, unique_jobs,
 )
 from fragile.errors import InvalidArgumentError
-from fragile.mnist_cifar10 import MnistCifar10Config, build_network, load_data, model_jobs
+from fragile.chapters.mnist_cifar10 import MnistCifar10Config, build_network, load_data, model_jobs
 
 TINY = dict(device="cpu", width=8, n_train=20, n_test=30, batch_size=10, train_steps=60, top_k=4, lissa_depth=20, lissa_batch_size=10,
             cg_max_iter=10, arnoldi_rank=5, init_seeds=2, summed_group_models=("mnist/small_cnn",), summed_test_points=4,
@@ -283,7 +284,7 @@ def test_claims_follow_the_stated_rules_both_ways():
 
 
 def test_observations_compare_the_studies_with_each_other():
-    from fragile.appendix import observations
+    from fragile.chapters.appendix import observations
 
     opt = [_tp_model(f"o{i}", "lenet", 0, s, 0.5, optimizer=n) for i, (n, s) in enumerate(zip(("adam", "gd"), (0.1, 0.9)))]
     for m, drift in zip(opt, (-8.0, 0.5)):  # the control's change at each test point; the changes' sd is 1 at the first
@@ -301,7 +302,7 @@ def test_observations_compare_the_studies_with_each_other():
 def test_the_paper_profiles_gpu_time_counts_its_jobs(tmp_path):
     import json
 
-    from fragile.appendix import paper_estimate_markdown
+    from fragile.chapters.appendix import paper_estimate_markdown
 
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"device": "GPU X", "torch": "2", "date": "d", "script": "s", "rows": [

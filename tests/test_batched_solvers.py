@@ -23,9 +23,9 @@ from fragile import (
     make_estimator,
     synthetic_classification,
 )
-from fragile.curvature import hessian_matrix, hvp
+from fragile.core.curvature import hessian_matrix, hvp
 from fragile.errors import InvalidArgumentError
-from fragile.solvers import (
+from fragile.core.solvers import (
     cg_solve,
     cg_solve_many,
     lissa_ihvp,

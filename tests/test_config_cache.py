@@ -3,10 +3,10 @@ import os
 import pytest
 import torch
 
-from fragile.cache import CacheMismatchError, ResultCache
+from fragile.run.cache import CacheMismatchError, ResultCache
 from fragile.config import from_dict, load_yaml
 from fragile.errors import InvalidArgumentError
-from fragile.iris import IrisConfig
+from fragile.chapters.iris import IrisConfig
 
 
 def test_from_dict_is_strict():
@@ -66,7 +66,7 @@ def test_disabled_cache_always_computes(tmp_path):
 
 
 def test_truncated_entry_is_detected_and_recomputed(tmp_path):
-    from fragile.cache import CacheCorruptError
+    from fragile.run.cache import CacheCorruptError
 
     cache = ResultCache(tmp_path)
     cache.save("x", {"a": 1}, {"t": torch.arange(1000)})
@@ -85,8 +85,8 @@ def test_truncated_entry_is_detected_and_recomputed(tmp_path):
     ({"scheduler": "carrier-pigeon"}, "scheduler"), ({"n_workers": -2}, "n_workers"), ({"n_seeds": 0}, "n_seeds"),
 ])
 def test_every_chapter_config_checks_the_common_fields_by_name(bad, name):
-    from fragile.chapter import ChapterConfig
-    from fragile.small_mnist import SmallMnistConfig
+    from fragile.book.chapter import ChapterConfig
+    from fragile.chapters.small_mnist import SmallMnistConfig
 
     for cls in (IrisConfig, SmallMnistConfig):
         assert issubclass(cls, ChapterConfig)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fragile import Objective, build_model, hessian_matrix, hvp, top_eigenvalue
-from fragile.curvature import Spectrum
+from fragile.core.curvature import Spectrum
 
 
 def test_hvp_matches_finite_differences_of_gradients(mlp_problem):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from data_roots import write_mnist_root
 
-from fragile.data import load_small_mnist, resolve_data_root
+from fragile.data.datasets import load_small_mnist, resolve_data_root
 from fragile.errors import InvalidArgumentError
 
 
@@ -44,7 +44,7 @@ def test_missing_root_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_class_balanced_split_of_the_offline_digits():
-    from fragile.data import load_mnist_digits, split_by_class
+    from fragile.data.datasets import load_mnist_digits, split_by_class
 
     digits = load_mnist_digits(dtype=torch.float32)
     train, test = split_by_class(digits, 40, 10, seed=3)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fragile.devices import resolve_device
+from fragile.run.devices import resolve_device
 from fragile.errors import InvalidArgumentError
 
 

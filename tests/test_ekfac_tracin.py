@@ -28,7 +28,7 @@ def _ggn(objective, theta, x):
 
 
 def _block_index(f):
-    """Indices into θ of a layer's [W | b] block, read row-major (the vec convention of fragile.ekfac)."""
+    """Indices into θ of a layer's [W | b] block, read row-major (the vec convention of fragile.estimators.ekfac)."""
     idx = torch.arange(f.weight_slice.start, f.weight_slice.stop).reshape(f.out_features, -1)
     if f.bias_slice is not None:
         idx = torch.cat([idx, torch.arange(f.bias_slice.start, f.bias_slice.stop)[:, None]], dim=1)

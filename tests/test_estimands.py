@@ -1,4 +1,4 @@
-"""The estimator × ground-truth chapter (fragile.estimands): config errors by name, one Iris job's ground truths
+"""The estimator × ground-truth chapter (fragile.chapters.estimands): config errors by name, one Iris job's ground truths
 against the ground-truth functions called on their own (sequential retraining, one proximal problem at a time), its
 tables against correlations computed by hand, the job keys, and the league-table rendering."""
 
@@ -10,11 +10,11 @@ import pytest
 from scipy import stats
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
-from fragile import estimands as E
+from fragile.chapters import estimands as E
 from fragile.errors import InvalidArgumentError
-from fragile.ground_truth import pbrf_retrain, proximal_response
-from fragile.iris import split_iris
-from fragile.metrics import select_top_k
+from fragile.core.ground_truth import pbrf_retrain, proximal_response
+from fragile.chapters.iris import split_iris
+from fragile.core.metrics import select_top_k
 
 TINY = dict(n_seeds=1, iris_depths=(1,), iris_train_steps=300, iris_retrain_steps=40, iris_top_k=6, mnist_test_points=0,
             tracin_checkpoints=3, pbrf_max_iter=200, lissa_depth=20,

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
-from fragile.data import synthetic_classification
+from fragile.data.datasets import synthetic_classification
 from fragile.errors import InvalidArgumentError
-from fragile.ground_truth import (
+from fragile.core.ground_truth import (
     bregman_cross_entropy, loo_cold_start, loo_drift_corrected, loo_retrain, pbrf_retrain, proximal_response,
 )
 

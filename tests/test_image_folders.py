@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from fragile.errors import InvalidArgumentError
-from fragile.image_folders import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, write_digit_folders
+from fragile.data.image_folders import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, write_digit_folders
 
 
 def test_the_stand_in_is_written_in_imagenets_layout_and_read_back_pixel_for_pixel(tmp_path):

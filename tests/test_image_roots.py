@@ -6,7 +6,7 @@ import torch
 from data_roots import write_cifar_root, write_mnist_root
 
 from fragile.errors import InvalidArgumentError
-from fragile.image_roots import NORMALISATION, digits_as_cifar, load_image_set
+from fragile.data.image_roots import NORMALISATION, digits_as_cifar, load_image_set
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -49,7 +49,7 @@ def test_bad_input_is_named(tmp_path, name, bad, match):
 
 def test_digits_stand_in_for_cifar_keep_the_digits():
     stand_in = digits_as_cifar(normalise=False, dtype=torch.float64)
-    from fragile.data import load_mnist_digits
+    from fragile.data.datasets import load_mnist_digits
 
     digits = load_mnist_digits(torch.float64)
     assert stand_in.x.shape == (5000, 3, 32, 32) and torch.equal(stand_in.y, digits.y)

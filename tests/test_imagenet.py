@@ -10,12 +10,12 @@ from torch.func import functional_call
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential
 from fragile.errors import InvalidArgumentError
-from fragile.image_folders import write_digit_folders
-from fragile.imagenet import (
+from fragile.data.image_folders import write_digit_folders
+from fragile.chapters.imagenet import (
     ImageNetConfig, build_network, check_weights, choose_random_test_points, claims, drift_table, ensure_stand_in, imagenet_jobs,
     influence_prefixes, load_folders, run_imagenet, run_study, stand_in_root,
 )
-from fragile.pretrained import imagenet_classifier
+from fragile.models.pretrained import imagenet_classifier
 
 TINY = dict(device="cpu", architecture="small_resnet18", width=8, weights="", image_size=16, stand_in_train_per_class=3,
             stand_in_val_per_class=2, batch_size=10, lr=1e-3, train_epochs=3, retrain_epochs=1, top_k=4, lissa_depth=5,
@@ -135,7 +135,7 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
     hessian = torch.autograd.functional.hessian(lambda w: loss(w, phi, data.train.y).mean(), w0)
     hessian += (cfg.weight_decay + cfg.damping) * torch.eye(w0.numel(), dtype=w0.dtype)
     g_train = torch.stack([torch.autograd.functional.jacobian(lambda w: loss(w, phi[i:i + 1], data.train.y[i:i + 1])[0], w0) for i in range(n)])
-    g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (fragile.influence's convention)
+    g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (fragile.estimators.base's convention)
     y_test = data.val.y[torch.as_tensor(out["test_points"])]
     g_test = torch.stack([torch.autograd.functional.jacobian(lambda w: loss(w, phi_test[t:t + 1], y_test[t:t + 1])[0], w0) for t in range(2)])
     closed = (g_test @ torch.linalg.solve(hessian, g_train.T) / n).numpy()

@@ -9,9 +9,9 @@ from scipy import stats
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential, make_estimator
 from fragile.errors import InvalidArgumentError
-from fragile.metrics import choose_test_points
-from fragile.mnist_cifar10 import test_points_by_kind as points_by_kind  # not collected as a test
-from fragile.mnist_cifar10 import (
+from fragile.core.metrics import choose_test_points
+from fragile.chapters.mnist_cifar10 import test_points_by_kind as points_by_kind  # not collected as a test
+from fragile.chapters.mnist_cifar10 import (
     MnistCifar10Config, build_network, claims, load_data, model_inputs, model_jobs, paper_comparison, run_model, table1,
     lissa_depth_claim, weight_layers,
 )
@@ -181,7 +181,7 @@ def test_claims_follow_the_stated_rules():
 
 
 def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch):
-    from fragile.mnist_cifar10 import run_study
+    from fragile.chapters.mnist_cifar10 import run_study
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = MnistCifar10Config(**{**TINY, "device": "cuda", "cache_dir": str(tmp_path)})
@@ -193,7 +193,7 @@ def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch)
 def test_measured_time_multiplies_the_benchmarks_hours_by_the_studys_size(tmp_path):
     import json
 
-    from fragile.mnist_cifar10 import measured_time_markdown
+    from fragile.chapters.mnist_cifar10 import measured_time_markdown
 
     path = tmp_path / "costs.json"
     path.write_text(json.dumps({"device": "GPU X", "torch": "2", "date": "d", "script": "s",

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fragile import runner
+from fragile.run import runner
 from fragile.errors import InvalidArgumentError
-from fragile.iris import IrisConfig
-from fragile.appendix import AppendixConfig
-from fragile.estimands import GROUND_TRUTHS, EstimandsConfig
-from fragile.imagenet import ImageNetConfig
-from fragile.mnist_cifar10 import MnistCifar10Config
-from fragile.small_mnist import SmallMnistConfig
+from fragile.chapters.iris import IrisConfig
+from fragile.chapters.appendix import AppendixConfig
+from fragile.chapters.estimands import GROUND_TRUTHS, EstimandsConfig
+from fragile.chapters.imagenet import ImageNetConfig
+from fragile.chapters.mnist_cifar10 import MnistCifar10Config
+from fragile.chapters.small_mnist import SmallMnistConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
@@ -184,7 +184,7 @@ def test_section_on_a_local_cluster_started_by_the_runner(tmp_path):
     import subprocess
     import sys
 
-    from fragile import iris
+    from fragile.chapters import iris
 
     small = {"n_seeds": 1, "depths": [1], "widths": [8]}
     cli = [sys.executable, "-m", "fragile", "run", "iris", "--profile", "smoke", "--scheduler", "local", "--workers", "2",

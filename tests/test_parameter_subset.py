@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fragile import Objective, build_model, make_estimator, synthetic_classification
-from fragile.curvature import hessian_matrix
+from fragile.core.curvature import hessian_matrix
 from fragile.errors import InvalidArgumentError
 
 HEAD = ("net.4",)

@@ -5,7 +5,7 @@ import torch
 
 from fragile import Objective
 from fragile.errors import InvalidArgumentError
-from fragile.pretrained import cached_weights_path, imagenet_classifier
+from fragile.models.pretrained import cached_weights_path, imagenet_classifier
 
 
 def test_weights_come_from_a_file_or_torchvisions_cache(tmp_path, monkeypatch):

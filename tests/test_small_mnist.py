@@ -8,8 +8,8 @@ from data_roots import write_mnist_root
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.errors import InvalidArgumentError
-from fragile.metrics import choose_test_points
-from fragile.small_mnist import SmallMnistConfig, claims, load_data, model_jobs, run_model
+from fragile.core.metrics import choose_test_points
+from fragile.chapters.small_mnist import SmallMnistConfig, claims, load_data, model_jobs, run_model
 
 TINY = dict(n_train=20, n_test=50, weight_decays=(0.001, 0.1), lr=0.001, batch_size=10, train_steps=60, retrain_steps=8,
             n_test_points=2, top_k=4, band_k=4, cg_max_iter=60, lissa_depth=10, lissa_batch_size=10, arnoldi_rank=10,

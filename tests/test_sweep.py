@@ -7,9 +7,9 @@ import pytest
 import torch
 from sweep_jobs import always_die, die_once, fail_if, sleep_span, train_small
 
-from fragile import iris
+from fragile.chapters import iris
 from fragile.errors import InvalidArgumentError
-from fragile.sweep import Job, close, connect, run_sweep
+from fragile.run.sweep import Job, close, connect, run_sweep
 
 
 def _grid(steps=60):
@@ -115,7 +115,7 @@ def test_sigkill_midway_then_resume(tmp_path):
         "import sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from sweep_jobs import train_small\n"
-        "from fragile.sweep import Job, run_sweep\n"
+        "from fragile.run.sweep import Job, run_sweep\n"
         "jobs = [Job(f't/{s}', train_small, {'seed': s, 'width': 3, 'steps': 40, 'sleep': 0.4}) for s in range(10)]\n"
         f"run_sweep(jobs, cache_dir={str(tmp_path / 'cache')!r}, progress=False)\n"
     )
@@ -200,7 +200,7 @@ def test_jobs_keep_freed_memory_in_glibc_processes():
     import resource
     import sys
 
-    from fragile.allocator import keep_freed_memory
+    from fragile.run.allocator import keep_freed_memory
 
     glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
     if not glibc:

@@ -109,7 +109,7 @@ def test_each_optimiser_follows_its_torch_optim_namesake_step_for_step(setup, sp
 
 
 def test_the_final_gradient_norm_is_the_same_in_chunks(setup):
-    from fragile.train import _full_batch_grads
+    from fragile.core.train import _full_batch_grads
 
     objective, data = setup
     thetas = objective.initial_params().expand(3, -1).contiguous() + 0.1

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fragile import Objective, TrainSpec, build_model, fit, synthetic_classification
-from fragile.devices import resolve_device
-from fragile.ground_truth import loo_retrain
-from fragile.influence import make_estimator
+from fragile.run.devices import resolve_device
+from fragile.core.ground_truth import loo_retrain
+from fragile.estimators.base import make_estimator
 
 CUDA = torch.device("cuda")
 
@@ -69,7 +69,7 @@ def test_leave_one_out_on_the_gpu_matches_the_cpu(problem):
 def test_a_table1_job_on_the_gpu_gives_the_cpus_numbers():
     import numpy as np
 
-    from fragile.mnist_cifar10 import MnistCifar10Config, run_model
+    from fragile.chapters.mnist_cifar10 import MnistCifar10Config, run_model
 
     cfg = MnistCifar10Config(device="cpu", mnist_architectures=("lenet",), cifar10_architectures=(), dtype="float64", n_train=20,
                              n_test=30, batch_size=10, train_steps=40, top_k=4, lissa_depth=20, lissa_batch_size=10,

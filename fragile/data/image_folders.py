@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fragile.atomic import atomic_write_bytes
-from fragile.data import Dataset, load_mnist_digits, split_by_class
+from fragile.data.datasets import Dataset, load_mnist_digits, split_by_class
 from fragile.errors import InvalidArgumentError, check_int
 
 # ImageNet's per-channel statistics (training split, pixels in [0, 1]): what torchvision's weights expect.

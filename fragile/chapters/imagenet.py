@@ -12,7 +12,7 @@ the same fine-tuning with nothing removed. The paper's finding is that the contr
 losses (−0.679 and +0.066), which swamps the removal signal; the job returns both, so the chapter shows them
 side by side.
 
-CIFAR-100 runs the Table 1 protocol (:mod:`fragile.mnist_cifar10`) with its ResNet-18, weight decay 5e-4,
+CIFAR-100 runs the Table 1 protocol (:mod:`fragile.chapters.mnist_cifar10`) with its ResNet-18, weight decay 5e-4,
 several highest- and median-loss test points and several initialisations.
 """
 
@@ -27,26 +27,26 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile.chapter import NOT_IN_JOB_KEY, ChapterConfig
+from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.config import to_dict
-from fragile.data import Dataset, resolve_data_root
-from fragile.devices import DEVICE_CHOICES, resolve_device
+from fragile.data.datasets import Dataset, resolve_data_root
+from fragile.run.devices import DEVICE_CHOICES, resolve_device
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.ground_truth import loo_retrain
-from fragile.image_folders import load_image_folder, write_digit_folders
-from fragile.influence import make_estimator
-from fragile.metrics import correlation, select_top_k
-from fragile.mnist_cifar10 import MnistCifar10Config
-from fragile.models import build_model
-from fragile.objective import Objective
-from fragile.pretrained import imagenet_classifier, weights_file
-from fragile.sweep import Job, SweepReport, run_sweep
-from fragile.train import TrainSpec, fit
+from fragile.core.ground_truth import loo_retrain
+from fragile.data.image_folders import load_image_folder, write_digit_folders
+from fragile.estimators.base import make_estimator
+from fragile.core.metrics import correlation, select_top_k
+from fragile.chapters.mnist_cifar10 import MnistCifar10Config
+from fragile.models.small import build_model
+from fragile.core.objective import Objective
+from fragile.models.pretrained import imagenet_classifier, weights_file
+from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
 # torchvision's ImageNet ResNets (batch norm in eval mode, ImageNet weights when given) and a ResNet-18 for
-# small images (fragile.vision_models: 3×3 stem, group norm, ``width`` channels) for the offline stand-in.
+# small images (fragile.models.vision: 3×3 stem, group norm, ``width`` channels) for the offline stand-in.
 ARCHITECTURES = ("resnet50", "resnet18", "small_resnet18")
 # Which parameters make up θ for influence: the classifier, the last residual block and the classifier, the
 # whole last stage and the classifier, or all of them.
@@ -67,7 +67,7 @@ class ImageNetConfig(ChapterConfig):
     """Every value the ImageNet & CIFAR-100 section depends on. Values the paper does not state are marked so.
 
     Attributes:
-        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``device`` may be ``cuda``, ``cuda:N``
+        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` may be ``cuda``, ``cuda:N``
         or ``auto`` here)
         data_root: an ImageFolder root with ``train/<class>/*`` and ``val/<class>/*`` (ImageNet's layout;
             for ImageNet itself a class-balanced subset folder: every image is held in memory); empty means
@@ -231,7 +231,7 @@ def ensure_stand_in(cfg: ImageNetConfig) -> Path:
     if not marker.is_file():
         write_digit_folders(root, n_train_per_class=cfg.stand_in_train_per_class, n_val_per_class=cfg.stand_in_val_per_class,
                             image_size=64, seed=0)
-        marker.write_text("written by fragile.imagenet.ensure_stand_in\n")
+        marker.write_text("written by fragile.chapters.imagenet.ensure_stand_in\n")
     return root
 
 
@@ -408,7 +408,7 @@ def run_study(cfg: ImageNetConfig, *, progress: bool = True, client=None) -> tup
 
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
     """
-    from fragile.mnist_cifar10 import model_jobs
+    from fragile.chapters.mnist_cifar10 import model_jobs
 
     if cfg.scheduler in ("in-process", "local") and client is None:
         resolve_device(cfg.device)
@@ -447,7 +447,7 @@ def drift_table(models: list[dict[str, Any]]):
 
 def cifar100_table(models: list[dict[str, Any]]):
     """Per CIFAR-100 network and test point: kind, loss, Spearman and Pearson against leave-one-out."""
-    from fragile.mnist_cifar10 import correlations_table
+    from fragile.chapters.mnist_cifar10 import correlations_table
 
     table = correlations_table(models)
     return table[["seed", "test_point", "test_loss", "spearman", "pearson", "spearman_vs_control", "drift"]] if len(table) else table

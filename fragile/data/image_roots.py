@@ -2,7 +2,7 @@
 standard splits and normalisation, and the offline stand-in for CIFAR built from real digits.
 
 Nothing here downloads unless asked (``download=True``, which needs internet). The data root is the
-``data_root`` argument, else the ``FRAGILE_DATA`` environment variable (see :func:`fragile.data.resolve_data_root`).
+``data_root`` argument, else the ``FRAGILE_DATA`` environment variable (see :func:`fragile.data.datasets.resolve_data_root`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fragile.data import Dataset, load_mnist_digits
+from fragile.data.datasets import Dataset, load_mnist_digits
 from fragile.errors import InvalidArgumentError, check_choice
 
 # The per-channel statistics everyone uses for these data sets (training split, pixels in [0, 1]).

@@ -25,17 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from fragile.chapter import NOT_IN_JOB_KEY, ChapterConfig
+from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.config import to_dict
-from fragile.data import Dataset, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
+from fragile.data.datasets import Dataset, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.ground_truth import loo_retrain
-from fragile.influence import METHODS, NEGATIVE_POLICIES, make_estimator
-from fragile.metrics import choose_test_points, correlation, select_quantile_band, select_top_k
-from fragile.models import build_model
-from fragile.objective import Objective
-from fragile.sweep import Job, SweepReport, run_sweep
-from fragile.train import TrainSpec, fit
+from fragile.core.ground_truth import loo_retrain
+from fragile.estimators.base import METHODS, NEGATIVE_POLICIES, make_estimator
+from fragile.core.metrics import choose_test_points, correlation, select_quantile_band, select_top_k
+from fragile.models.small import build_model
+from fragile.core.objective import Objective
+from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class SmallMnistConfig(ChapterConfig):
     """Every value the small-MNIST section depends on. Values the paper does not state are marked so.
 
     Attributes:
-        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``device`` is the CPU here)
+        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` is the CPU here)
         data_root: a torchvision MNIST data root for Koh & Liang's exact small MNIST; empty means the
             ``FRAGILE_DATA`` environment variable, and if that is unset too, the 5,000 offline digits.
         download: let torchvision download MNIST into ``data_root`` (needs internet).

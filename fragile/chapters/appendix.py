@@ -13,10 +13,10 @@
 5. **Computation time** (the paper's Table 2): the seconds each job of this chapter spent training, in each
    estimator and retraining, beside the H200 unit costs that ``benchmarks/table1_costs.py`` measured.
 
-Studies 1 and 2 are plain :mod:`fragile.mnist_cifar10` model jobs, built from :class:`MnistCifar10Config` variants
+Studies 1 and 2 are plain :mod:`fragile.chapters.mnist_cifar10` model jobs, built from :class:`MnistCifar10Config` variants
 of this chapter's config: a job with the same fields as one of the Table 1 chapter's is the same cache entry.
 Studies 3 and 4 share one sweep job per (data set, architecture, seed) that trains the network once
-(:func:`fragile.mnist_cifar10.train_model`), solves once, and retrains the top points and the groups in one stack.
+(:func:`fragile.chapters.mnist_cifar10.train_model`), solves once, and retrains the top points and the groups in one stack.
 
 Linearity: influence is linear in the test loss, so the predicted change of the summed loss is the sum of the
 per-test-point predictions. The solvers LiSSA (one seed: every right-hand side sees the same minibatches),
@@ -38,14 +38,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile import mnist_cifar10 as mc
-from fragile.chapter import ChapterConfig
-from fragile.devices import DEVICE_CHOICES, resolve_device
+from fragile.chapters import mnist_cifar10 as mc
+from fragile.book.chapter import ChapterConfig
+from fragile.run.devices import DEVICE_CHOICES, resolve_device
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.ground_truth import group_retrain
-from fragile.influence import InfluenceEstimator, group_influence, make_estimator
-from fragile.metrics import aggregate_over_seeds, correlation, select_top_k
-from fragile.sweep import Job, SweepReport, run_sweep
+from fragile.core.ground_truth import group_retrain
+from fragile.estimators.base import InfluenceEstimator, group_influence, make_estimator
+from fragile.core.metrics import aggregate_over_seeds, correlation, select_top_k
+from fragile.run.sweep import Job, SweepReport, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ class AppendixConfig(ChapterConfig):
     """Every value the appendix chapter depends on; the defaults are the paper's protocol as far as it is known.
 
     Attributes:
-        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``n_seeds`` is the number of seeds of the
+        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``n_seeds`` is the number of seeds of the
         optimiser, summed-loss and group studies; ``device`` may be ``cuda``, ``cuda:N`` or ``auto``)
         data_root, download, verify_checksums, n_train, n_test, split_seed, width, lr, batch_size, train_steps,
         retrain_fraction, top_k, damping, estimator, compare_estimators, lissa_depth, lissa_repeats,
         lissa_batch_size, lissa_scale, cg_max_iter, cg_rtol, arnoldi_rank, negative_eigenvalues, data_chunk,
-        chunk_size: as in :class:`~fragile.mnist_cifar10.MnistCifar10Config` (same meaning, same defaults); ``lr``
+        chunk_size: as in :class:`~fragile.chapters.mnist_cifar10.MnistCifar10Config` (same meaning, same defaults); ``lr``
         is Adam's, for the initialisation, summed-loss and group studies. The summed-loss and group jobs run
         only ``estimator`` (``compare_estimators`` serve the optimiser and initialisation studies).
         weight_decay: L2 coefficient of every model (not stated; Table 1's 0.001).
@@ -267,7 +267,7 @@ def summed_influence(est: InfluenceEstimator, x_test: torch.Tensor, y_test: torc
 def run_summed_and_groups(cfg: mc.MnistCifar10Config, dataset: str, architecture: str, weight_decay: float, seed: int, *,
                           summed_test_points: int, choice_seed: int, group_kinds: tuple[str, ...], group_sizes: tuple[int, ...],
                           groups_per_size: int, device: str | None = None) -> dict[str, Any]:
-    """Studies 3 and 4 on one network: train it (:func:`~fragile.mnist_cifar10.train_model`), predict every training
+    """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.mnist_cifar10.train_model`), predict every training
     point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
     retrain warm-started (``cfg.retrain_steps`` steps, with the drift control) without each of the ``top_k`` points
     by |predicted| and without each group, all in one stack. Group predictions are the sums of their members'.
@@ -723,8 +723,8 @@ def _small(ax) -> None:
 
 
 def predicted_vs_actual_panels(items: list[tuple[str, np.ndarray, np.ndarray]]):
-    """One predicted-vs-actual scatter (:func:`fragile.plotting.predicted_vs_actual`) per (title, predicted, actual)."""
-    from fragile import plotting
+    """One predicted-vs-actual scatter (:func:`fragile.book.plotting.predicted_vs_actual`) per (title, predicted, actual)."""
+    from fragile.book import plotting
 
     fig, axes = _panels(len(items))
     for ax, (title, predicted, actual) in zip(axes, items):

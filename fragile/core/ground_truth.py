@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fragile.errors import InvalidArgumentError, check_dataset, check_indices, check_int
-from fragile.objective import Objective
-from fragile.train import TrainSpec, fit
+from fragile.core.objective import Objective
+from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +483,7 @@ def pbrf_retrain(
 
     with D the cross-entropy's Bregman divergence on the logits (:func:`bregman_cross_entropy`), the
     regulariser's own Bregman divergence folded into the proximity term, and ``L(z_m) = ℓ(z_m) + (wd/2)‖θ‖²`` the
-    removed point's share of the objective (``fragile.influence``'s convention). ``epsilon`` defaults to 1/n,
+    removed point's share of the objective (``fragile.estimators.base``'s convention). ``epsilon`` defaults to 1/n,
     a removal; to first order θ_m − θ* = ε (G + (wd + λ) I)⁻¹ ∇L(z_m), G the Gauss–Newton matrix at θ*.
 
     The points' problems are solved together, ``chunk_size`` at a time, as one full-batch L-BFGS run (strong-Wolfe

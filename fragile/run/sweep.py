@@ -1,7 +1,7 @@
 """Run a grid of independent jobs through Dask distributed, cached per job and resumable.
 
 A :class:`Job` is a pure function of a JSON-serialisable config. Each finished job is published to the
-:class:`~fragile.cache.ResultCache` atomically by whichever process ran it, so a sweep that is killed
+:class:`~fragile.run.cache.ResultCache` atomically by whichever process ran it, so a sweep that is killed
 midway recomputes only the jobs that had not finished; a corrupt entry is detected by its digest and
 recomputed. A job that raises is reported with its config and traceback while the others go on.
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fragile.allocator import keep_freed_memory
-from fragile.cache import CacheCorruptError, ResultCache, config_key
+from fragile.run.allocator import keep_freed_memory
+from fragile.run.cache import CacheCorruptError, ResultCache, config_key
 from fragile.errors import InvalidArgumentError, check_int
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any, floa
     The job runs on one torch thread wherever it runs: the thread count changes the order of
     floating-point reductions, and the same job must give the same bits in-process and on any worker.
     Parallelism comes from running jobs side by side. Freed memory stays in the process
-    (:func:`~fragile.allocator.keep_freed_memory`): changes no number, only the time.
+    (:func:`~fragile.run.allocator.keep_freed_memory`): changes no number, only the time.
     """
     keep_freed_memory()
     threads = torch.get_num_threads()

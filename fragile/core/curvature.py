@@ -1,4 +1,4 @@
-"""Second-order information of an :class:`~fragile.objective.Objective`: Hessian-vector products, the
+"""Second-order information of an :class:`~fragile.core.objective.Objective`: Hessian-vector products, the
 materialised Hessian and its spectrum, and the largest eigenvalue from HVPs alone."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vmap
 
 from fragile.errors import InvalidArgumentError, check_int
-from fragile.objective import Objective
+from fragile.core.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def gauss_newton_matrix(
 
     with ``J_i`` the Jacobian of example i's logits and ``p_i`` its softmax: the Hessian with the network
     linearised in its parameters (for softmax cross-entropy it is also the true Fisher). It is positive
-    semi-definite, and the Hessian of the PBRF's objective at θ* (:func:`fragile.ground_truth.pbrf_retrain`).
+    semi-definite, and the Hessian of the PBRF's objective at θ* (:func:`fragile.core.ground_truth.pbrf_retrain`).
     ``diag p − ppᵀ = AᵀA`` with ``A = diag(√p) − √p pᵀ`` (as Σp = 1), so G is accumulated as a sum of
     ``BᵀB`` over chunks of ``B = A J``. Cost: one Jacobian (C vector-Jacobian products) per example and
     O(n·C·p²) for the products; memory O(p² + data_chunk·C·p).

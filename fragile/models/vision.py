@@ -1,7 +1,7 @@
 """The deeper image networks of the paper's Table 1 (LeNet, VGG, ResNet), sized for 28×28 and 32×32 inputs.
 
 Influence needs each example's loss to depend on that example only, and the flat-parameter code
-(:mod:`fragile.objective`) needs a network without mutable state. Batch normalisation breaks both (batch
+(:mod:`fragile.core.objective`) needs a network without mutable state. Batch normalisation breaks both (batch
 statistics, running-average buffers), so these networks have none: VGG is torchvision's configuration
 without batch norm, and ResNet uses group normalisation (32 groups, or fewer for narrow layers), a
 common choice for per-example gradients. The paper does not say which normalisation it used.

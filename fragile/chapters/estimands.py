@@ -5,7 +5,7 @@ Bae et al. (2022) argue that damped influence functions approximate the proximal
 comparison on the paper's two smallest settings: the Iris depth sweep (paper-brief §3.1) and the small-MNIST
 CNN (§3.2). Per trained model and test point:
 
-* **estimators** (:data:`fragile.influence.METHODS`, plus ``exact_gn``: the exact influence on the
+* **estimators** (:data:`fragile.estimators.base.METHODS`, plus ``exact_gn``: the exact influence on the
   Gauss–Newton matrix) predict the loss change of removing every training point;
 * ``top_k`` points are chosen, by |prediction| of the first estimator (the paper's protocol) or at random
   (Bae et al.'s), and their removal is measured by the five **ground truths** of :data:`GROUND_TRUTHS`;
@@ -28,18 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fragile.chapter import ChapterConfig
+from fragile.book.chapter import ChapterConfig
 from fragile.config import to_dict
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
-from fragile.influence import METHODS, make_estimator
-from fragile.iris import IrisConfig, split_iris
-from fragile.metrics import correlation, select_top_k
-from fragile.models import build_model
-from fragile.objective import Objective
-from fragile.small_mnist import SmallMnistConfig, load_data
-from fragile.sweep import Job, SweepReport, run_sweep
-from fragile.train import TrainSpec, fit
+from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
+from fragile.estimators.base import METHODS, make_estimator
+from fragile.chapters.iris import IrisConfig, split_iris
+from fragile.core.metrics import correlation, select_top_k
+from fragile.models.small import build_model
+from fragile.core.objective import Objective
+from fragile.chapters.small_mnist import SmallMnistConfig, load_data
+from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class EstimandsConfig(ChapterConfig):
     """Every value the chapter depends on.
 
     Attributes:
-        (the common fields of :class:`~fragile.chapter.ChapterConfig`; the CPU only: the models are small)
+        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; the CPU only: the models are small)
         n_seeds: models per Iris depth and small-MNIST seeds.
         selection: ``top`` (the ``top_k`` largest |prediction| of the first estimator, the paper's protocol)
             or ``random`` (Bae et al.'s).

@@ -35,9 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fragile.errors import InvalidArgumentError, check_int
-from fragile.influence import InfluenceEstimator
-from fragile.objective import Objective
-from fragile.solvers import Solve, relative_residual
+from fragile.estimators.base import InfluenceEstimator
+from fragile.core.objective import Objective
+from fragile.core.solvers import Solve, relative_residual
 
 log = logging.getLogger(__name__)
 

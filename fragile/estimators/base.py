@@ -7,7 +7,7 @@ when training point ``i`` is removed,
 
 with ``H`` the Hessian of the mean training objective (weight decay included), ``λ`` the damping,
 ``ℓ(z_t)`` the test loss (no regulariser) and ``L(z_i) = ℓ(z_i) + (weight_decay/2)‖θ‖²`` a training
-point's share of the objective (see :meth:`~fragile.objective.Objective.point_grads`). Positive means that removing the point raises
+point's share of the objective (see :meth:`~fragile.core.objective.Objective.point_grads`). Positive means that removing the point raises
 the test loss. The predicted parameter change on removal is ``+(1/n)(H+λI)⁻¹∇L(z_i)``.
 
 Example:
@@ -26,10 +26,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from fragile.curvature import Spectrum, gauss_newton_matrix, hessian_matrix, hvp, top_eigenvalue
+from fragile.core.curvature import Spectrum, gauss_newton_matrix, hessian_matrix, hvp, top_eigenvalue
 from fragile.errors import InvalidArgumentError, check_choice, check_dataset, check_indices, check_int, check_positive
-from fragile.objective import Objective
-from fragile.solvers import (Solve, arnoldi_eigenpairs, cg_solve, cg_solve_many, lissa_ihvp, lissa_ihvps, relative_residual,
+from fragile.core.objective import Objective
+from fragile.core.solvers import (Solve, arnoldi_eigenpairs, cg_solve, cg_solve_many, lissa_ihvp, lissa_ihvps, relative_residual,
                              solve_in_chunks, spectral_inverse_weights)
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class ExactInfluence(InfluenceEstimator):
     Materialises the p×p Hessian: O(p²) memory, p HVPs over the data and an O(p³) eigendecomposition.
     Options: ``negative`` — policy for negative eigenvalues (``keep``: as they are, the paper's practice;
     ``clip``: set to 0; ``abs``: use magnitudes); ``vector_chunk`` — HVPs vmapped together; ``curvature`` —
-    ``hessian`` (the paper's) or ``gauss_newton`` (:func:`~fragile.curvature.gauss_newton_matrix`, the
+    ``hessian`` (the paper's) or ``gauss_newton`` (:func:`~fragile.core.curvature.gauss_newton_matrix`, the
     linearised-network curvature that the PBRF's influence uses; positive semi-definite, so ``negative`` is moot).
     With ``gauss_newton``, ``hessian`` and the residuals refer to G, the matrix actually inverted.
     """
@@ -275,7 +275,7 @@ class CGInfluence(InfluenceEstimator):
     """Conjugate gradient on ``H + λI`` with exact HVPs; needs ``H + λI`` positive definite.
 
     :meth:`inverse_hvps` (hence :meth:`influences`) solves ``vector_chunk`` right-hand sides together
-    (:func:`~fragile.solvers.cg_solve_many`): each keeps its own step lengths and stops at its own convergence,
+    (:func:`~fragile.core.solvers.cg_solve_many`): each keeps its own step lengths and stops at its own convergence,
     and every iteration is one HVP vmapped over the chunk's unconverged rows. Cost: up to ``max_iter`` such HVPs
     over the data per chunk (about as many vector-HVPs as one at a time, in fewer, cheaper-per-vector calls);
     memory O(vector_chunk·p) for the iterates plus ``vector_chunk`` times one HVP's activations.
@@ -310,7 +310,7 @@ class LissaInfluence(InfluenceEstimator):
     """Koh & Liang's stochastic estimator (LiSSA): a truncated Neumann series with minibatch HVPs.
 
     :meth:`inverse_hvps` (hence :meth:`influences`) runs ``vector_chunk`` right-hand sides' recursions together
-    (:func:`~fragile.solvers.lissa_ihvps`): the same minibatches, in the same seeded order, as each would draw
+    (:func:`~fragile.core.solvers.lissa_ihvps`): the same minibatches, in the same seeded order, as each would draw
     alone, with one HVP vmapped over the chunk per step. Cost: ``depth·repeats`` such HVPs per chunk; memory
     O(vector_chunk·p) for the iterates plus ``vector_chunk`` times one minibatch HVP's activations.
     Options: ``depth``, ``repeats``, ``batch_size`` (None = full batch, deterministic), ``scale`` (None: set to
@@ -438,8 +438,8 @@ class GradientDotInfluence(InfluenceEstimator):
 
 
 # ekfac and tracin import InfluenceEstimator from here, so they are imported once it exists (at the top: an import cycle).
-from fragile.ekfac import EKFACInfluence
-from fragile.tracin import TracInInfluence
+from fragile.estimators.ekfac import EKFACInfluence
+from fragile.estimators.tracin import TracInInfluence
 
 ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
     cls.method: cls for cls in (

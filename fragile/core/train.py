@@ -2,7 +2,7 @@
 
 One code path serves single models (K=1), seed sweeps and leave-one-out retraining: the K models'
 objectives are summed, so one backward pass gives every model its own gradient (see
-:meth:`~fragile.objective.Objective.stacked_grads`).
+:meth:`~fragile.core.objective.Objective.stacked_grads`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fragile.curvature import objective_top_eigenvalue
+from fragile.core.curvature import objective_top_eigenvalue
 from fragile.errors import InvalidArgumentError, check_choice, check_dataset, check_int, check_positive
-from fragile.objective import Objective, check_weights
+from fragile.core.objective import Objective, check_weights
 
 log = logging.getLogger(__name__)
 

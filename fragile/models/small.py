@@ -1,7 +1,7 @@
 """Model architectures used by the paper's experiments.
 
 Every model is an ordinary ``torch.nn.Module``; the influence code treats it as a pure function of its
-flattened parameters through ``torch.func.functional_call`` (see :mod:`fragile.objective`).
+flattened parameters through ``torch.func.functional_call`` (see :mod:`fragile.core.objective`).
 """
 
 from __future__ import annotations
@@ -117,11 +117,11 @@ def build_model(name: str, *, seed: int, dtype: torch.dtype = torch.float64, **k
         dtype: parameter dtype; float64 by default so that exact Hessians and the equality checks of
             batched retraining are not limited by float32 round-off.
         **kwargs: the architecture's own arguments (see :class:`MLP`, :class:`KohLiangCNN` and
-            :mod:`fragile.vision_models`).
+            :mod:`fragile.models.vision`).
     """
     check_choice("name", name, MODEL_NAMES)
     check_int("seed", seed, minimum=0)
-    from fragile.vision_models import VGG, LeNet, resnet
+    from fragile.models.vision import VGG, LeNet, resnet
 
     cls = {
         "mlp": MLP, "koh_liang_cnn": KohLiangCNN, "lenet": LeNet,

@@ -6,7 +6,7 @@ initialisation (with and without weight decay, in one stack), take the held-out 
 highest loss, compute exact influence (materialised Hessian) on every training point, select the top
 ``selection_fraction`` by |predicted influence|, retrain each of them warm-started from θ* for
 ``retrain_steps`` steps with the drift control, and correlate predicted with actual loss changes.
-Each architecture is one job of a :mod:`fragile.sweep` (its seeds train as one vectorised stack, which is
+Each architecture is one job of a :mod:`fragile.run.sweep` (its seeds train as one vectorised stack, which is
 faster than spreading them over processes); jobs run on Dask workers, are cached one by one, and an
 interrupted run resumes where it stopped.
 """
@@ -20,17 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from fragile.chapter import ChapterConfig
+from fragile.book.chapter import ChapterConfig
 from fragile.config import to_dict
-from fragile.data import Dataset, load_iris
+from fragile.data.datasets import Dataset, load_iris
 from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.ground_truth import LOOTask, loo_retrain_many
-from fragile.influence import NEGATIVE_POLICIES, make_estimator
-from fragile.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation, select_top_k
-from fragile.models import ACTIVATIONS, build_model
-from fragile.objective import Objective
-from fragile.sweep import Job, SweepReport, run_sweep
-from fragile.train import TrainSpec, fit
+from fragile.core.ground_truth import LOOTask, loo_retrain_many
+from fragile.estimators.base import NEGATIVE_POLICIES, make_estimator
+from fragile.core.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation, select_top_k
+from fragile.models.small import ACTIVATIONS, build_model
+from fragile.core.objective import Objective
+from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class IrisConfig(ChapterConfig):
     """Every value the Iris section depends on. Values the paper does not state are marked so.
 
     Attributes:
-        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``device`` is the CPU only here:
+        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` is the CPU only here:
         the models are tiny)
         n_seeds: seeds per configuration (the paper reports single runs).
         depths: hidden-layer counts of the depth sweep, at width ``headline_width``.

@@ -26,26 +26,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fragile.chapter import NOT_IN_JOB_KEY, ChapterConfig
+from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.config import to_dict
-from fragile.data import Dataset, load_mnist_digits, resolve_data_root, split_by_class
-from fragile.devices import DEVICE_CHOICES, resolve_device
+from fragile.data.datasets import Dataset, load_mnist_digits, resolve_data_root, split_by_class
+from fragile.run.devices import DEVICE_CHOICES, resolve_device
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.ground_truth import loo_retrain
-from fragile.image_roots import NORMALISATION, digits_as_cifar, load_image_set, standard_normalise
-from fragile.influence import NEGATIVE_POLICIES, make_estimator
-from fragile.metrics import aggregate_over_seeds, correlation, select_top_k
-from fragile.models import build_model
-from fragile.objective import Objective
-from fragile.sweep import Job, SweepReport, run_sweep
-from fragile.train import TrainSpec, fit
+from fragile.core.ground_truth import loo_retrain
+from fragile.data.image_roots import NORMALISATION, digits_as_cifar, load_image_set, standard_normalise
+from fragile.estimators.base import NEGATIVE_POLICIES, make_estimator
+from fragile.core.metrics import aggregate_over_seeds, correlation, select_top_k
+from fragile.models.small import build_model
+from fragile.core.objective import Objective
+from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 # Classes of each data set on a data root (the offline stand-ins have 10: they are digits).
 CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
-# Our name of each Table 1 architecture → fragile.models name.
+# Our name of each Table 1 architecture → fragile.models.small name.
 ARCHITECTURES = {"small_cnn": "koh_liang_cnn", "lenet": "lenet", "vgg11": "vgg11", "vgg13": "vgg13",
                  "resnet18": "resnet18", "resnet50": "resnet50"}
 ESTIMATORS = ("lissa", "cg", "arnoldi", "exact")
@@ -69,7 +69,7 @@ class MnistCifar10Config(ChapterConfig):
     """Every value the MNIST/CIFAR-10 section depends on. Values the paper does not state are marked so.
 
     Attributes:
-        (the common fields of :class:`~fragile.chapter.ChapterConfig`; ``device`` may be ``cuda``,
+        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` may be ``cuda``,
         ``cuda:N`` or ``auto`` here)
         data_root: a torchvision data root holding ``MNIST/raw`` and ``cifar-10-batches-py``; empty means the
             ``FRAGILE_DATA`` environment variable, and if that is unset too, the offline stand-ins (MNIST: the

@@ -12,7 +12,7 @@ WD_COLOURS = {"with weight decay": "#1b7837", "without weight decay": "#b2182b"}
 
 def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, *, title: str, ax=None):
     """Scatter of predicted against actual loss changes with the y = x line and the Spearman/Pearson."""
-    from fragile.metrics import correlation
+    from fragile.core.metrics import correlation
 
     fig = None
     if ax is None:

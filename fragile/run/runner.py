@@ -5,7 +5,7 @@ A section is a template ``notebooks/NN_<name>.ipynb`` with one ``parameters`` ce
 ``book/sections/NN_<name>.ipynb``; ad-hoc runs write under ``runs/`` and never touch the book. Output is
 written to a temporary file and moved into place only when the whole notebook succeeded.
 
-Sections run their grids through :mod:`fragile.sweep`. When a section's ``scheduler`` is ``local``, the
+Sections run their grids through :mod:`fragile.run.sweep`. When a section's ``scheduler`` is ``local``, the
 runner starts one Dask ``LocalCluster`` for the whole call, logs its dashboard address, and hands the
 section its address, so every chapter of a book run shares the same workers.
 """
@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from fragile.atomic import atomic_write_bytes
-from fragile.config import load_yaml
+from fragile.config import PROFILES, load_yaml
 from fragile.errors import FragileError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("smoke", "default", "paper")
 COMMON_PARAMETERS = ("seed", "profile", "device", "use_cache", "results_dir", "scheduler", "n_workers")
 # Where and how a section computes, not what: left out of the digest that says whether the book is current.
 EXECUTION_PARAMETERS = ("scheduler", "n_workers")
@@ -146,7 +145,7 @@ class Schedulers:
         self._stack, self._n_workers, self._seen = stack, n_workers, {}
 
     def resolve(self, scheduler: str) -> str:
-        from fragile.sweep import shared_scheduler
+        from fragile.run.sweep import shared_scheduler
 
         if scheduler == "in-process":
             return scheduler

@@ -4,8 +4,8 @@
 
 over saved parameters ``θ_k`` with step sizes ``η_k``, where ``ℓ(z_t)`` is the test loss and
 ``L(z_i) = ℓ(z_i) + (weight_decay/2)‖θ‖²`` the training point's share of the objective (as for every estimator
-in :mod:`fragile.influence`). With one checkpoint at θ* and unit step it is
-:class:`~fragile.influence.GradientDotInfluence` exactly.
+in :mod:`fragile.estimators.base`). With one checkpoint at θ* and unit step it is
+:class:`~fragile.estimators.base.GradientDotInfluence` exactly.
 
 Why these conventions. Full-batch gradient descent on ``L(θ) = (1/n)·Σ_i L(z_i; θ)`` takes the step
 ``θ_{k+1} − θ_k = −η_k·(1/n)·Σ_i ∇L(z_i; θ_k)``, so to first order in the step the test loss changes by
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from fragile.errors import InvalidArgumentError
-from fragile.influence import InfluenceEstimator, InfluenceResult
-from fragile.solvers import Solve
+from fragile.estimators.base import InfluenceEstimator, InfluenceResult
+from fragile.core.solvers import Solve
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class TracInInfluence(InfluenceEstimator):
 
     Options:
         checkpoints: (C, p) tensor of saved parameter vectors θ_k, required (one model of a
-            :attr:`~fragile.train.TrainResult.checkpoints` stack: ``result.checkpoints[:, k]``).
+            :attr:`~fragile.core.train.TrainResult.checkpoints` stack: ``result.checkpoints[:, k]``).
         lrs: C step sizes η_k > 0 (a sequence or a 1-D tensor, whose values are used as stored: a float32 tensor
             gives 0.3 as 0.30000001); None means all 1.0.
 
@@ -109,7 +109,7 @@ class TracInInfluence(InfluenceEstimator):
 
     def _scores(self, theta: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
         """``(1/n)·∇ℓ(z_t; θ)·∇L(z_i; θ)`` at one checkpoint, (n_test, k) on the CPU; the same chunked products as
-        :meth:`~fragile.influence.InfluenceEstimator.train_scores`, at ``theta`` instead of θ*."""
+        :meth:`~fragile.estimators.base.InfluenceEstimator.train_scores`, at ``theta`` instead of θ*."""
         g_test = self.objective.sample_grads(theta, x_test, y_test, self.grad_chunk)
         step = self.grad_chunk or idxs.numel()
         return torch.cat([

@@ -118,7 +118,7 @@ def cg_solve_many(
     its iterate is the one a one-at-a-time solve returns (up to the round-off of a batched matvec, which can move
     the step at which a row crosses ``rtol`` by one). Each iteration makes one batched matvec
     ``matvecs(D)`` on the (k, p) search directions of the k rows still running (e.g.
-    :func:`fragile.curvature.hvp`, which vmaps a batch): one call for all rows instead of one per row.
+    :func:`fragile.core.curvature.hvp`, which vmaps a batch): one call for all rows instead of one per row.
 
     Assumes ``H + λI`` is symmetric positive definite; a direction of non-positive curvature
     (``dᵀ(H+λI)d <= 0``) in any running row means it is not, and raises :class:`SolverDivergedError` naming the
@@ -229,7 +229,7 @@ def lissa_ihvps(
     All rows take the same minibatch at each step, drawn from one generator seeded with ``seed`` in the same
     order as a one-row run draws them, so each row's result is the one :func:`lissa_ihvp` returns for it alone
     (up to the round-off of a batched matvec); each step makes one batched call ``batch_matvecs(h, idx)`` on
-    the (m, p) iterates (e.g. :func:`fragile.curvature.hvp`, which vmaps a batch) instead of m calls.
+    the (m, p) iterates (e.g. :func:`fragile.core.curvature.hvp`, which vmaps a batch) instead of m calls.
 
     Divergence is detected, not returned: a non-finite iterate, or ``‖h_j‖ > growth_tolerance·(j+1)·‖v‖``
     in any row (a convergent recursion satisfies ``‖h_j‖ <= (j+1)‖v‖``), raises :class:`SolverDivergedError`

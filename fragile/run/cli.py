@@ -8,7 +8,7 @@ import sys
 import click
 import yaml
 
-from fragile import runner, sweep
+from fragile.run import runner, sweep
 from fragile.errors import FragileError
 
 
@@ -23,7 +23,7 @@ def main(verbose: bool) -> None:
     """Reproduce "Influence Functions in Deep Learning Are Fragile" section by section."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Which section runs and where the Dask dashboard is are worth seeing without -v.
-    logging.getLogger("fragile.runner").setLevel(logging.INFO)
+    logging.getLogger("fragile.run.runner").setLevel(logging.INFO)
 
 
 def _fail(exc: Exception) -> None:

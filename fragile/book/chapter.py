@@ -8,12 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from fragile.config import from_dict, to_dict
-from fragile.devices import DEVICE_CHOICES, check_device_name
+from fragile.config import PROFILES, from_dict, to_dict
+from fragile.run.devices import DEVICE_CHOICES, check_device_name
 from fragile.errors import check_choice, check_int
-from fragile.provenance import collect, write_summary
-from fragile.runner import PROFILES
-from fragile.sweep import check_scheduler
+from fragile.run.provenance import collect, write_summary
+from fragile.run.sweep import check_scheduler
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""Influence estimators behind one interface (:func:`make_estimator`)."""

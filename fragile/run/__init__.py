@@ -1,0 +1,1 @@
+"""Running: the job cache, Dask sweeps, the papermill runner, the ``fragile`` command, provenance and devices."""
