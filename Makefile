@@ -1,4 +1,5 @@
-# One venv, made with pip (the torch wheels lie on this machine's disk; see ../shared/design.md §2).
+# One venv, made with pip under the exact pins of constraints.txt (the torch wheels lie on this machine's disk; see
+# docs/conventions.md#stack).
 PYTHON  ?= python3.11
 VENV    := .venv
 PY      := $(VENV)/bin/python
@@ -7,14 +8,14 @@ VENDOR  := book/_vendor
 NPMDIR  := .cache/npm
 PROFILE ?= default
 
-.PHONY: venv vendor browser test test-unit bench bench-peers book book-html clean
+.PHONY: venv vendor browser lint test test-unit bench bench-peers book book-html clean clean-cache
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[book,test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[book,test]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -35,7 +36,12 @@ $(VENDOR)/.done:
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: venv vendor browser
+# ruff (its version pinned in constraints.txt, its rules in pyproject.toml): lint, then formatting, both read-only.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv vendor browser lint
 	TQDM_DISABLE=1 $(PY) -m pytest -q
 
 test-unit: venv
@@ -47,17 +53,18 @@ bench: venv
 	$(PY) benchmarks/exact_hessian.py
 
 # The league table against other influence libraries (benchmarks/peers.py: about 10 minutes on 2 cores). The peers
-# are the optional extra `peers`; `make book` and `make test` never need them. torch is pinned in pyproject.toml, so
-# installing them cannot replace it (checked after the install). torch-influence is not on PyPI: give its source,
+# are the optional extra `peers`; `make book` and `make test` never need them. They are installed under
+# constraints.txt, which pins torch, so installing them cannot replace it (checked after the install). torch-influence is not on PyPI: give its source,
 # e.g. TORCH_INFLUENCE_SRC=git+https://github.com/alstonlo/torch-influence, to install it too (--no-deps: it needs
 # only numpy, scipy and torch).
 TORCH_INFLUENCE_SRC ?=
 PEERS_OUT ?= results/06_estimands/peers.json
 
 bench-peers: venv
-	$(PY) -m pip install --quiet -e '.[peers]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[peers]'
 	$(if $(TORCH_INFLUENCE_SRC),$(PY) -m pip install --quiet --no-deps '$(TORCH_INFLUENCE_SRC)')
-	$(PY) -c "import torch; v = torch.__version__.split('+')[0]; assert v == '2.14.1', 'torch changed to ' + v"
+	$(PY) -c "import re, torch; pin = re.search(r'^torch==(\S+)', open('constraints.txt').read(), re.M).group(1); \
+	    v = torch.__version__.split('+')[0]; assert v == pin, 'torch changed to ' + v + ', constraints.txt pins ' + pin"
 	$(PY) benchmarks/peers.py --check
 	$(PY) benchmarks/peers.py --out $(PEERS_OUT)
 
@@ -70,5 +77,10 @@ book: venv vendor
 book-html: venv vendor
 	$(VENV)/bin/fragile book --no-run
 
+# Keeps .cache/ (the finished sweep jobs: hours of work, reused by every rerun); `make clean-cache` removes it.
 clean:
-	rm -rf $(VENV) .cache book/_build $(VENDOR) .pytest_cache
+	rm -rf $(VENV) book/_build $(VENDOR) .pytest_cache
+
+# Removes .cache/: every finished job (hours of CPU) and the npm download of `make vendor`; the next run recomputes all.
+clean-cache:
+	rm -rf .cache

@@ -60,7 +60,7 @@ def exact_influence_rest(objective: Objective, theta: torch.Tensor, x: torch.Ten
     """What an ``exact`` influence costs besides the Hessian: per-example gradients, eigendecomposition, solve."""
     p = objective.num_params
     t0 = time.perf_counter()
-    grads = objective.point_grads(theta, x, y, chunk_size=500)
+    grads = objective.point_grads(theta, x, y, grad_chunk=500)
     t_grads = time.perf_counter() - t0
     a = torch.randn(p, p, dtype=theta.dtype)
     sym = a @ a.T / p + torch.eye(p, dtype=theta.dtype)  # eigh's cost does not depend on the values

@@ -32,8 +32,11 @@ def iris_loo(steps: int, points: int, train_steps: int) -> None:
     pred = make_estimator("exact", objective, theta, xtr, ytr, progress=False).influences(xte, yte).predicted[0]
     remove = torch.argsort(pred.abs(), descending=True)[:points]
     spec = TrainSpec("gd", lr=0.1, steps=steps)
-    compare_loo((objective, theta, xtr, ytr, remove, spec, xte, yte),
-                f"Iris MLP (1x5 ReLU, p={objective.num_params}), {points} leave-one-out models + control, {steps} GD steps each", rtol=1e-5)
+    compare_loo(
+        (objective, theta, xtr, ytr, remove, spec, xte, yte),
+        f"Iris MLP (1x5 ReLU, p={objective.num_params}), {points} leave-one-out models + control, {steps} GD steps each",
+        rtol=1e-5,
+    )
 
 
 def compare_loo(args: tuple, header: str, rtol: float) -> None:

@@ -18,7 +18,7 @@ Agreement is measured against OUR exact influence over all entries of the (n_tes
 Spearman and the max relative error ``max|a − b| / max|b|``; a second error column compares a peer with our
 estimator of the same method (where the definitions match, this is where a convention mistake would show).
 
-The quantity (ours, ``fragile.estimators.base``): ``predicted[t, i] = +(1/n)·∇ℓ(z_t)ᵀ(H + λI)⁻¹∇L(z_i)``, the predicted
+The quantity (ours, ``fragile.estimators``): ``predicted[t, i] = +(1/n)·∇ℓ(z_t)ᵀ(H + λI)⁻¹∇L(z_i)``, the predicted
 change of test point t's loss when training point i is removed, with H the Hessian of the mean training objective
 ``(1/n)Σℓ_i + (wd/2)‖θ‖²`` and ``L(z_i) = ℓ_i + (wd/2)‖θ‖²`` a point's share of it.
 
@@ -66,7 +66,7 @@ Conventions of the peers, read from their source (site-packages), and how each i
   matching estimand is ours with ``∇ℓ_i`` in place of ``∇L(z_i)``, i.e. our exact minus the per-test-point constant
   ``(1/n)·s_tᵀ(wd·θ)`` (``s_t = (H+λI)⁻¹∇ℓ_t``); kronfluence is scored against that. EK-FAC approximates the
   Gauss-Newton part of H block by block, so it agrees with exact only loosely by design. When this repository has
-  ``make_estimator("ekfac")`` (``"ekfac" in fragile.estimators.base.METHODS`` at run time), kronfluence is also compared
+  ``make_estimator("ekfac")`` (``"ekfac" in fragile.estimators.METHODS`` at run time), kronfluence is also compared
   with it (the same loss-only shift, with ours' own EK-FAC inverse) and timed against it; otherwise its ratio is
   against our exact and says so. Ours takes the Fisher's expectation over labels exactly (K backward passes per
   image), kronfluence samples one label per image: row ``ekfac`` is kronfluence as it is used; row ``ekfac-exp``
@@ -122,8 +122,8 @@ from fragile import Objective, TrainSpec, build_model, fit, load_iris, load_mnis
 from fragile.run.allocator import keep_freed_memory
 from fragile.atomic import atomic_write_json
 from fragile.data.datasets import split_by_class
-from fragile.estimators.base import METHODS, make_estimator
-from fragile.core.metrics import choose_test_points
+from fragile.estimators import METHODS, make_estimator
+from fragile.core.selection import choose_test_points
 from fragile.run.provenance import git_commit
 
 OUR_METHODS = ("exact", "cg", "lissa", "arnoldi")

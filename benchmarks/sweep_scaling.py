@@ -62,8 +62,11 @@ def main() -> None:
         one_cfg = dataclasses.replace(base, cache_dir=os.path.join(tmp, "one"))
         many_cfg = dataclasses.replace(base, cache_dir=os.path.join(tmp, "many"))
         jobs = len(iris.architectures(base))
-        print(f"Iris '{args.profile}' grid: {jobs} architecture jobs, {base.n_seeds} seeds x 2 weight-decay settings each, "
-              f"{base.train_steps} training + {base.retrain_steps} retraining steps; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+        print(
+            f"Iris '{args.profile}' grid: {jobs} architecture jobs, {base.n_seeds} seeds x 2 weight-decay settings each, "
+            f"{base.train_steps} training + {base.retrain_steps} retraining steps; "
+            f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+        )
         t_one, g_one, r_one = timed_sweep(one_cfg, 1)
         t_many, g_many, r_many = timed_sweep(many_cfg, args.workers)
         t_warm, g_warm, r_warm = timed_sweep(many_cfg, args.workers)
@@ -75,7 +78,10 @@ def main() -> None:
     print(f"  {args.workers} workers, warm cache: {t_warm:8.3f} s   ({r_warm.summary()})")
     print(f"  speed-up, {args.workers} vs 1 workers : {t_one / t_many:8.2f}x")
     print(f"  warm cache vs cold  : {t_many / t_warm:8.1f}x faster")
-    print(f"  same bits on 1 and {args.workers} workers: {'yes' if same else 'NO'}; warm cache returns the same bits: {'yes' if warm_same else 'NO'}")
+    print(
+        f"  same bits on 1 and {args.workers} workers: {'yes' if same else 'NO'}; "
+        f"warm cache returns the same bits: {'yes' if warm_same else 'NO'}"
+    )
 
 
 if __name__ == "__main__":

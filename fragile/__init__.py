@@ -1,7 +1,7 @@
 """fragile: the executable edition of "Influence Functions in Deep Learning Are Fragile" (Basu, Pope & Feizi, ICLR 2021).
 
 The pieces, in the order data flows through them: :mod:`fragile.data.datasets`, :mod:`fragile.models.small`,
-:mod:`fragile.core.objective`, :mod:`fragile.core.train`, :mod:`fragile.estimators.base` (estimators),
+:mod:`fragile.core.objective`, :mod:`fragile.core.train`, :mod:`fragile.estimators` (estimators),
 :mod:`fragile.core.ground_truth` (leave-one-out retraining) and :mod:`fragile.core.metrics`.
 """
 
@@ -9,8 +9,9 @@ from fragile.core.curvature import Spectrum, hessian_matrix, hvp, top_eigenvalue
 from fragile.data.datasets import Dataset, load_iris, load_mnist_digits, synthetic_classification
 from fragile.errors import FragileError, InvalidArgumentError, SolverDivergedError
 from fragile.core.ground_truth import LOOResult, LOOTask, loo_retrain, loo_retrain_many, loo_retrain_sequential
-from fragile.estimators.base import METHODS, InfluenceEstimator, InfluenceResult, make_estimator
-from fragile.core.metrics import Selection, aggregate_over_seeds, bootstrap_ci, correlation, correlations, spearman_over
+from fragile.estimators import METHODS, InfluenceEstimator, InfluenceResult, make_estimator
+from fragile.core.metrics import aggregate_over_seeds, bootstrap_ci, correlation, correlations, spearman_over
+from fragile.core.selection import Selection
 from fragile.models.small import MLP, KohLiangCNN, build_model, count_parameters
 from fragile.core.objective import Objective
 from fragile.core.train import ConvergenceReport, TrainResult, TrainSpec, convergence_report, fit

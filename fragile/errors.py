@@ -47,17 +47,39 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
         raise InvalidArgumentError(f"{name}={value} is not allowed; it must be <= {maximum}")
 
 
-def check_dataset(x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor) -> None:
-    """Raise unless ``x`` and ``y`` are non-empty tensors with one label per row of ``x``."""
+TARGET_KINDS = ("labels", "values", "any")
+
+
+def check_dataset(x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor, *, targets: str = "labels") -> None:
+    """Raise unless ``x`` and ``y`` are non-empty tensors with one target per row of ``x``.
+
+    ``targets`` says what ``y`` must hold: ``"labels"`` — integer class labels, 1-D (cross-entropy); ``"values"`` —
+    floats, (n,) or (n, d) (regression); ``"any"`` — any tensor whose first dimension is n (a user's loss).
+    """
+    check_choice("targets", targets, TARGET_KINDS)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise InvalidArgumentError(f"{x_name} and {y_name} must be torch tensors")
     if x.ndim < 1 or x.shape[0] == 0:
         raise InvalidArgumentError(f"{x_name} is empty; it needs at least one row")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+    if targets == "labels":
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise InvalidArgumentError(
+                f"{y_name} has shape {tuple(y.shape)} but {x_name} has {x.shape[0]} rows; "
+                f"{y_name} must be 1-D with one label per row of {x_name}"
+            )
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise InvalidArgumentError(
+                f"{y_name} has dtype {y.dtype}; class labels must be integers (float targets need loss='mse' or a callable loss)"
+            )
+        return
+    if y.ndim < 1 or y.shape[0] != x.shape[0] or (targets == "values" and y.ndim > 2):
+        allowed = "(n,) or (n, d)" if targets == "values" else "(n, ...)"
         raise InvalidArgumentError(
-            f"{y_name} has shape {tuple(y.shape)} but {x_name} has {x.shape[0]} rows; "
-            f"{y_name} must be 1-D with one label per row of {x_name}"
+            f"{y_name} has shape {tuple(y.shape)} but {x_name} has {x.shape[0]} rows; {y_name} must be {allowed} with one "
+            f"target per row of {x_name}"
         )
+    if targets == "values" and not y.is_floating_point():
+        raise InvalidArgumentError(f"{y_name} has dtype {y.dtype}; regression targets must be floating point")
 
 
 def check_indices(name: str, idxs: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:

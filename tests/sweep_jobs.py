@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,3 +43,26 @@ def sleep_span(index: int, seconds: float) -> dict:
     start = time.time()
     time.sleep(seconds)
     return {"start": start, "end": time.time()}
+
+
+def train_small_after_gate(seed: int, width: int, steps: int, gate: str, first_gated: int) -> dict:
+    """:func:`train_small`, except that a job with ``seed >= first_gated`` first waits until the file ``gate``
+    exists. A sweep run in-process, in order, and killed while it waits has finished exactly the jobs below
+    ``first_gated``: the kill lands midway by construction, not by timing."""
+    while seed >= first_gated and not os.path.exists(gate):
+        time.sleep(0.02)
+    return train_small(seed, width, steps)
+
+
+def meet(index: int, folder: str, others: int, patience_s: float = 300.0) -> dict:
+    """Announce this job in ``folder``, then wait until ``others`` other jobs have announced themselves too:
+    ``met`` is True only if they all ran at the same time as this one. ``patience_s`` is a guard against a
+    hang (a job that never meets the others returns ``met=False`` then), not a measure of speed."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"job-{index}").touch()
+    give_up = time.monotonic() + patience_s
+    while len(list(Path(folder).glob("job-*"))) < others + 1:
+        if time.monotonic() > give_up:
+            return {"index": index, "met": False}
+        time.sleep(0.02)
+    return {"index": index, "met": True}

@@ -13,11 +13,12 @@ from brute_force import newton_minimise
 from fragile import Objective, correlation, fit, loo_retrain_sequential, make_estimator
 from fragile.run import runner
 from fragile.chapters.appendix import (
-    AppendixConfig, claims, group_table, gpu_table, make_groups, random_test_points, study_jobs, summed_influence, summed_table,
+    AppendixConfig, claims, group_table, gpu_table, make_groups, study_jobs, summed_influence, summed_table,
     table2, timing_table, unique_jobs,
 )
 from fragile.errors import InvalidArgumentError
-from fragile.chapters.mnist_cifar10 import MnistCifar10Config, build_network, load_data, model_jobs
+from fragile.chapters.table1_protocol import Table1Config as MnistCifar10Config, build_network, load_data, model_jobs
+from fragile.core.selection import random_test_points
 
 TINY = dict(device="cpu", width=8, n_train=20, n_test=30, batch_size=10, train_steps=60, top_k=4, lissa_depth=20, lissa_batch_size=10,
             cg_max_iter=10, arnoldi_rank=5, init_seeds=2, summed_group_models=("mnist/small_cnn",), summed_test_points=4,
@@ -62,14 +63,14 @@ def test_optimiser_and_initialisation_jobs_are_the_table1_chapters_jobs():
     # Initialisation: the Table 1 chapter's jobs of a run with both networks, both weight decays and two seeds.
     t1 = {j.name: j.key for j in model_jobs(_table1(cfg, mnist_architectures=("small_cnn", "lenet"), weight_decays=(0.001, 0.0), n_seeds=2))}
     init = {j.name: j.key for _, j in studies["init"]}
-    assert sorted(init) == sorted(f"mnist_cifar10/mnist-{a}-wd0.001-seed{s}" for a in ("small_cnn", "lenet") for s in (0, 1))
+    assert sorted(init) == sorted(f"table1/mnist-{a}-wd0.001-seed{s}" for a in ("small_cnn", "lenet") for s in (0, 1))
     assert all(t1[name] == key for name, key in init.items())
     # Optimisers: each the Table 1 job of that optimiser and learning rate; Adam's is the initialisation study's LeNet.
     opt = {label["optimizer"]: j for label, j in studies["optimizer"]}
     for name, lr in zip(cfg.optimizers, cfg.optimizer_lrs):
         (expected,) = model_jobs(_table1(cfg, mnist_architectures=("lenet",), weight_decays=(0.001,), optimizer=name, lr=lr))
         assert (opt[name].name, opt[name].key) == (expected.name, expected.key)
-    assert opt["adam"].name == "mnist_cifar10/mnist-lenet-wd0.001-seed0" and opt["gd"].name.endswith("-gd")
+    assert opt["adam"].name == "table1/mnist-lenet-wd0.001-seed0" and opt["gd"].name.endswith("-gd")
     assert len(unique_jobs(studies)) == 4 + 4 - 1 + 1  # Adam's LeNet serves both studies; one summed/group job
     # Adam at another learning rate than the other studies' is another model, with another name.
     other = study_jobs(AppendixConfig(**{**TINY, "optimizer_lrs": (0.01, 0.1, 0.01, 0.001)}))
@@ -83,7 +84,7 @@ def test_with_the_table1_chapters_default_settings_the_shared_job_is_its_cache_e
     cfg = AppendixConfig(**shared, init_seeds=2, group_sizes=(2,))
     t1_jobs = {j.name: j.key for j in model_jobs(t1_cfg)}
     ours = {j.name: j.key for _, j in study_jobs(cfg)["optimizer"] + study_jobs(cfg)["init"]}
-    for name in ("mnist_cifar10/mnist-lenet-wd0.001-seed0", "mnist_cifar10/mnist-small_cnn-wd0.001-seed0"):
+    for name in ("table1/mnist-lenet-wd0.001-seed0", "table1/mnist-small_cnn-wd0.001-seed0"):
         assert ours[name] == t1_jobs[name]
 
 
@@ -225,11 +226,11 @@ def _summed_model(ds, arch, sign, group_sign, stand_in=False):
 
 
 def test_table2_has_each_jobs_seconds_once_and_the_mean_per_network():
-    shared = _tp_model("mnist_cifar10/mnist-lenet-seed0", "lenet", 0, 0.5, 0.5, optimizer="adam", seconds=3.0)
-    results = {"optimizer": [shared], "init": [{**shared}, _tp_model("mnist_cifar10/mnist-lenet-seed1", "lenet", 1, 0.5, 0.5)],
+    shared = _tp_model("table1/mnist-lenet-seed0", "lenet", 0, 0.5, 0.5, optimizer="adam", seconds=3.0)
+    results = {"optimizer": [shared], "init": [{**shared}, _tp_model("table1/mnist-lenet-seed1", "lenet", 1, 0.5, 0.5)],
                "summed_group": [_summed_model("mnist", "small_cnn", 1, 1)]}
     timing = timing_table(results)
-    assert list(timing["job"]) == ["mnist_cifar10/mnist-lenet-seed0", "mnist_cifar10/mnist-lenet-seed1", "appendix/mnist-small_cnn"]
+    assert list(timing["job"]) == ["table1/mnist-lenet-seed0", "table1/mnist-lenet-seed1", "appendix/mnist-small_cnn"]
     first = timing.iloc[0]
     assert (first["training"], first["lissa"], first["cg"], first["retraining"], first["per retrained model"]) == (3.0, 2.0, 1.0, 9.0, 3.0)
     assert math.isnan(timing.iloc[1]["training"])  # a record without the time (an older cache entry)
@@ -258,29 +259,29 @@ def test_claims_follow_the_stated_rules_both_ways():
         return {"optimizer": models, "init": init, "summed_group": summed}
 
     close = [(0.5, 0.7), (0.6, 0.75), (0.55, 0.7), (0.6, 0.72)]  # Spearman mean 0.56, Pearson mean 0.72
-    got = {c["key"]: c for c in claims(results(close, 0.05, 1, -1), stand_in={"mnist": False, "cifar100": True})}
-    assert got["optimizer"]["verdict"] == "reproduced" and got["optimizer"]["ours_value"] == pytest.approx(0.5625)
-    assert got["init"]["verdict"] == "reproduced" and got["init"]["ours_value"] == pytest.approx(np.std([0.55, 0.45], ddof=1))
-    assert got["summed_mnist"]["verdict"] == "reproduced" and got["summed_mnist"]["ours"].startswith("0.97 / 0.76")
-    assert got["summed_cifar100"]["verdict"] == "needs the real data set: run with `--profile paper`"
-    assert "STAND-IN" in got["summed_cifar100"]["ours"] and "STAND-IN" in got["group_cifar100"]["ours"]
-    assert got["group_mnist"]["verdict"] == "reproduced with small CNN, not ResNet-18"  # every cell's Spearman is -1
-    assert got["group_cifar100"]["verdict"] == "needs the real data set: run with `--profile paper`"
-    assert got["table2"]["verdict"].startswith("not comparable")
+    got = {c.key: c for c in claims(results(close, 0.05, 1, -1), stand_in={"mnist": False, "cifar100": True})}
+    assert got["optimizer"].verdict == "reproduced" and got["optimizer"].value == pytest.approx(0.5625)
+    assert got["init"].verdict == "reproduced" and got["init"].value == pytest.approx(np.std([0.55, 0.45], ddof=1))
+    assert got["summed_mnist"].verdict == "reproduced" and got["summed_mnist"].ours.startswith("0.97 / 0.76")
+    assert got["summed_cifar100"].verdict == "needs the real data set: run with `--profile paper`"
+    assert "STAND-IN" in got["summed_cifar100"].ours and "STAND-IN" in got["group_cifar100"].ours
+    assert got["group_mnist"].verdict == "reproduced with small CNN, not ResNet-18"  # every cell's Spearman is -1
+    assert got["group_cifar100"].verdict == "needs the real data set: run with `--profile paper`"
+    assert got["table2"].verdict.startswith("not comparable")
 
     far = [(0.9, 0.1), (0.95, 0.1), (0.9, 0.2), (0.92, 0.15)]
-    got = {c["key"]: c for c in claims(results(far, 0.4, -1, 1, stand_in=False, c100_arch="resnet18"), stand_in={"mnist": False, "cifar100": False})}
-    assert got["optimizer"]["verdict"] == "not reproduced" and got["init"]["verdict"] == "not reproduced"
-    assert got["summed_mnist"]["verdict"] == "not reproduced"
-    assert got["summed_cifar100"]["verdict"] == "not reproduced"  # real data, ResNet-18: -0.97 / -0.76 against 0.15 / 0.11
-    assert got["group_mnist"]["verdict"] == "not reproduced with small CNN, not ResNet-18"  # every cell's Spearman is 1
-    assert got["group_cifar100"]["verdict"] == "not reproduced"
+    got = {c.key: c for c in claims(results(far, 0.4, -1, 1, stand_in=False, c100_arch="resnet18"), stand_in={"mnist": False, "cifar100": False})}
+    assert got["optimizer"].verdict == "not reproduced" and got["init"].verdict == "not reproduced"
+    assert got["summed_mnist"].verdict == "not reproduced"
+    assert got["summed_cifar100"].verdict == "not reproduced"  # real data, ResNet-18: -0.97 / -0.76 against 0.15 / 0.11
+    assert got["group_mnist"].verdict == "not reproduced with small CNN, not ResNet-18"  # every cell's Spearman is 1
+    assert got["group_cifar100"].verdict == "not reproduced"
 
     half = [(0.56, 0.1), (0.56, 0.1), (0.56, 0.1), (0.56, 0.1)]  # Spearman on the paper's mean, Pearson far from it
-    assert {c["key"]: c for c in claims(results(half, 0.25, 1, 1), stand_in={})}["optimizer"]["verdict"] == "partly reproduced"
-    assert {c["key"]: c for c in claims(results(half, 0.25, 1, 1), stand_in={})}["init"]["verdict"] == "not reproduced"  # sd 0.35 > 0.3
-    empty = {c["key"]: c for c in claims({"optimizer": [], "init": [], "summed_group": []}, stand_in={})}
-    assert all(c["verdict"].startswith(("not run", "not comparable")) for c in empty.values())
+    assert {c.key: c for c in claims(results(half, 0.25, 1, 1), stand_in={})}["optimizer"].verdict == "partly reproduced"
+    assert {c.key: c for c in claims(results(half, 0.25, 1, 1), stand_in={})}["init"].verdict == "not reproduced"  # sd 0.35 > 0.3
+    empty = {c.key: c for c in claims({"optimizer": [], "init": [], "summed_group": []}, stand_in={})}
+    assert all(c.verdict.startswith(("not run", "not comparable")) for c in empty.values())
 
 
 def test_observations_compare_the_studies_with_each_other():

@@ -306,8 +306,8 @@ def test_influences_unchanged(mlp, method, options):
         before = [_cg_reference(est.hvp, g, damping=DAMPING, rtol=options["rtol"])[0] for g in g_test]
     else:
         o = est.options
-        before = [_lissa_reference(est._batch_hvp, g, n=est.n, damping=DAMPING, scale=est.scale, depth=o["depth"], repeats=o["repeats"],
-                                   batch_size=o["batch_size"], seed=o["seed"], exact_matvec=est.hvp)[0] for g in g_test]
+        before = [_lissa_reference(est._batch_hvp, g, n=est.n, damping=DAMPING, scale=est.scale, depth=o.depth, repeats=o.repeats,
+                                   batch_size=o.batch_size, seed=o.seed, exact_matvec=est.hvp)[0] for g in g_test]
     assert _rel(res.predicted, est.train_scores(torch.stack(before), idxs)) <= RTOL
     assert res.residuals.device.type == "cpu" and res.residuals.dtype == g_test.dtype
 

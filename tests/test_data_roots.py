@@ -19,10 +19,10 @@ def test_small_mnist_is_koh_and_liangs_split(mnist_root):
     root, arrays = mnist_root
     small = load_small_mnist(root)
     # Koh & Liang's load_small_mnist, step by step with NumPy's global legacy generator, as they wrote it.
-    np.random.seed(0)
+    np.random.seed(0)  # noqa: NPY002 - the legacy global generator is what Koh & Liang used
     rest_images, rest_labels = arrays["train_images"][5000:], arrays["train_labels"][5000:]
     perm = np.arange(len(rest_labels))
-    np.random.shuffle(perm)
+    np.random.shuffle(perm)  # noqa: NPY002 - as above
     perm = perm[: int(len(rest_labels) / 10)]
     assert len(small.train) == 5500 and len(small.test) == 10_000
     assert torch.equal(small.train.x[:, 0], torch.as_tensor(rest_images[perm], dtype=torch.float64) / 255)

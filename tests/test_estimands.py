@@ -13,8 +13,7 @@ from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequenti
 from fragile.chapters import estimands as E
 from fragile.errors import InvalidArgumentError
 from fragile.core.ground_truth import pbrf_retrain, proximal_response
-from fragile.chapters.iris import split_iris
-from fragile.core.metrics import select_top_k
+from fragile.core.selection import select_top_k
 
 TINY = dict(n_seeds=1, iris_depths=(1,), iris_train_steps=300, iris_retrain_steps=40, iris_top_k=6, mnist_test_points=0,
             tracin_checkpoints=3, pbrf_max_iter=200, lissa_depth=20,
@@ -45,7 +44,7 @@ def iris_run():
 def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(iris_run):
     cfg, res = iris_run
     (rec,) = res["records"]
-    train, test = split_iris(cfg.iris_config())
+    train, test = cfg.iris_data()
     obj = Objective(build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="relu"), cfg.iris_weight_decay)
     theta0 = obj.initial_params()
     spec = TrainSpec("gd", lr=cfg.iris_lr, steps=cfg.iris_train_steps)

@@ -1,6 +1,7 @@
-"""The ground truths beyond warm-started leave-one-out (issue 8): the proximal Bregman response function against
-closed forms (the exact leave-one-out optimum of a convex model; the damped Gauss-Newton influence of a small
-network to first order), cold-started leave-one-out against sequential retraining, and plain gradient dot products."""
+"""The ground truths beyond warm-started leave-one-out (docs/conventions.md#ground-truth): the proximal Bregman
+response function against closed forms (the exact leave-one-out optimum of a convex model; the damped Gauss-Newton
+influence of a small network to first order), cold-started leave-one-out against sequential retraining, and plain
+gradient dot products."""
 
 import numpy as np
 import pytest
@@ -9,9 +10,8 @@ import torch
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.data.datasets import synthetic_classification
 from fragile.errors import InvalidArgumentError
-from fragile.core.ground_truth import (
-    bregman_cross_entropy, loo_cold_start, loo_drift_corrected, loo_retrain, pbrf_retrain, proximal_response,
-)
+from fragile.core.ground_truth import loo_cold_start, loo_drift_corrected, loo_retrain, pbrf_retrain, proximal_response
+from fragile.core.objective import bregman_cross_entropy
 
 
 def _trained(depth, seed=0, n=40, wd=0.01, steps=3000):

@@ -14,7 +14,7 @@ def test_the_stand_in_is_written_in_imagenets_layout_and_read_back_pixel_for_pix
     assert sorted(p.name for p in (root / "train").iterdir()) == [f"digit_{d}" for d in range(10)]
     assert len(list((root / "val" / "digit_7").glob("*.png"))) == 2
     raw = load_image_folder(root, "train", image_size=32, normalise=False, dtype=torch.float64)
-    assert raw.x.shape == (30, 3, 32, 32) and raw.y.tolist() == sorted([d for d in range(10)] * 3)
+    assert raw.x.shape == (30, 3, 32, 32) and raw.y.tolist() == sorted(list(range(10)) * 3)
     first = np.asarray(Image.open(root / "train" / "digit_0" / "00000.png").convert("RGB"), dtype=np.float64) / 255
     assert torch.equal(raw.x[0], torch.as_tensor(first).permute(2, 0, 1))
     normed = load_image_folder(root, "val", image_size=16, dtype=torch.float64)

@@ -123,7 +123,7 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
     params = full.unflatten(theta)
     with torch.no_grad():
         body = {k: v for k, v in params.items() if not k.startswith("13.")}
-        feats = lambda x: functional_call(model[:-1], {k: v for k, v in body.items()}, (x,))  # noqa: E731
+        feats = lambda x: functional_call(model[:-1], dict(body), (x,))  # noqa: E731
         phi, phi_test = feats(data.train.x), feats(data.val.x[torch.as_tensor(out["test_points"])])
     w0 = torch.cat([params["13.weight"].reshape(-1), params["13.bias"]])
     k, d = params["13.weight"].shape
@@ -134,10 +134,10 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
     n = len(data.train)
     hessian = torch.autograd.functional.hessian(lambda w: loss(w, phi, data.train.y).mean(), w0)
     hessian += (cfg.weight_decay + cfg.damping) * torch.eye(w0.numel(), dtype=w0.dtype)
-    g_train = torch.stack([torch.autograd.functional.jacobian(lambda w: loss(w, phi[i:i + 1], data.train.y[i:i + 1])[0], w0) for i in range(n)])
-    g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (fragile.estimators.base's convention)
+    g_train = torch.stack([torch.autograd.functional.jacobian(lambda w, i=i: loss(w, phi[i:i + 1], data.train.y[i:i + 1])[0], w0) for i in range(n)])
+    g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (the estimators' convention)
     y_test = data.val.y[torch.as_tensor(out["test_points"])]
-    g_test = torch.stack([torch.autograd.functional.jacobian(lambda w: loss(w, phi_test[t:t + 1], y_test[t:t + 1])[0], w0) for t in range(2)])
+    g_test = torch.stack([torch.autograd.functional.jacobian(lambda w, t=t: loss(w, phi_test[t:t + 1], y_test[t:t + 1])[0], w0) for t in range(2)])
     closed = (g_test @ torch.linalg.solve(hessian, g_train.T) / n).numpy()
     for t, e in enumerate(out["per_test_point"]):
         np.testing.assert_allclose(e["predicted"], closed[t, e["chosen"]], rtol=1e-6, atol=1e-12)
@@ -187,18 +187,18 @@ def _c100(values):
 
 def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
     low = _network([0.1, -0.05], [0.12, 0.0], [-0.7, 0.07], [0.01, 0.02])
-    rows = {c["key"]: c for c in claims([low], _c100([(0.1, 0.2), (0.0, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
-    assert rows["imagenet_corr"]["verdict"] == "reproduced" and rows["imagenet_corr"]["ours_value"] == pytest.approx(0.12)
-    assert rows["imagenet_drift"]["verdict"] == "reproduced" and rows["imagenet_drift"]["ours_value"] == pytest.approx(0.07 / 0.02)
-    assert rows["cifar100"]["verdict"] == "reproduced" and rows["cifar100"]["ours_value"] == pytest.approx(0.225)
+    rows = {c.key: c for c in claims([low], _c100([(0.1, 0.2), (0.0, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
+    assert rows["imagenet_corr"].verdict == "reproduced" and rows["imagenet_corr"].value == pytest.approx(0.12)
+    assert rows["imagenet_drift"].verdict == "reproduced" and rows["imagenet_drift"].value == pytest.approx(0.07 / 0.02)
+    assert rows["cifar100"].verdict == "reproduced" and rows["cifar100"].value == pytest.approx(0.225)
     high = _network([0.6, 0.1], [0.2, 0.1], [-0.001, 0.07], [0.01, 0.02])
-    rows = {c["key"]: c for c in claims([high], _c100([(0.5, 0.2), (0.3, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
-    assert rows["imagenet_corr"]["verdict"] == "not reproduced" and rows["imagenet_drift"]["verdict"] == "not reproduced"
-    assert rows["cifar100"]["verdict"] == "not reproduced"
-    rows = {c["key"]: c for c in claims([low], _c100([(0.1, 0.2)]), imagenet_stand_in=True, cifar100_stand_in=True)}
+    rows = {c.key: c for c in claims([high], _c100([(0.5, 0.2), (0.3, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
+    assert rows["imagenet_corr"].verdict == "not reproduced" and rows["imagenet_drift"].verdict == "not reproduced"
+    assert rows["cifar100"].verdict == "not reproduced"
+    rows = {c.key: c for c in claims([low], _c100([(0.1, 0.2)]), imagenet_stand_in=True, cifar100_stand_in=True)}
     for key in ("imagenet_corr", "imagenet_drift", "cifar100"):
-        assert rows[key]["verdict"].startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
-    rows = {c["key"]: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
+        assert rows[key].verdict.startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
+    rows = {c.key: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
     assert all(r["verdict"].startswith("not run") for r in rows.values())
 
 

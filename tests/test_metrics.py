@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from fragile import InvalidArgumentError, Selection, aggregate_over_seeds, bootstrap_ci, correlation, correlations, spearman_over
-from fragile.core.metrics import select_quantile_band, select_top_k
+from fragile.core.selection import select_quantile_band, select_top_k
 
 
 def test_correlations_against_hand_computed_values():

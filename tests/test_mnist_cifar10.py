@@ -9,12 +9,10 @@ from scipy import stats
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential, make_estimator
 from fragile.errors import InvalidArgumentError
-from fragile.core.metrics import choose_test_points
-from fragile.chapters.mnist_cifar10 import test_points_by_kind as points_by_kind  # not collected as a test
-from fragile.chapters.mnist_cifar10 import (
-    MnistCifar10Config, build_network, claims, load_data, model_inputs, model_jobs, paper_comparison, run_model, table1,
-    lissa_depth_claim, weight_layers,
-)
+from fragile.core.selection import choose_test_points
+from fragile.core.selection import test_points_by_kind as points_by_kind  # not collected as a test
+from fragile.chapters.mnist_cifar10 import MnistCifar10Config, claims, lissa_depth_claim, paper_comparison, table1, weight_layers
+from fragile.chapters.table1_protocol import build_network, load_data, model_inputs, model_jobs, run_model
 
 TINY = dict(device="cpu", mnist_architectures=("small_cnn",), cifar10_architectures=("vgg11",), width=8, n_train=20, n_test=30,
             batch_size=10, train_steps=50, top_k=4, lissa_depth=10, lissa_batch_size=10, cg_max_iter=10, arnoldi_rank=5,
@@ -167,17 +165,17 @@ def test_table1_cells_give_spearman_pearson_and_the_spread_over_seeds():
 def test_claims_follow_the_stated_rules():
     poor = [_model("mnist", "resnet50", 0.001, 0, [0.2, 0.2]), _model("mnist", "resnet50", 0.0, 0, [0.1, 0.2]),
             _model("cifar10", "vgg11", 0.001, 0, [0.3, 0.9], stand_in=True), _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.2], stand_in=True)]
-    got = {c["key"]: c for c in claims(poor, stand_in={"cifar10": True})}
-    assert got["resnet50"]["verdict"] == "reproduced" and got["resnet50"]["ours_value"] == pytest.approx(0.175)
-    assert got["varies"]["verdict"] == "reproduced" and got["varies"]["ours_value"] == pytest.approx(0.8)
-    assert got["vgg_wd"]["verdict"] == "reproduced on the stand-in (not CIFAR-10)" and got["vgg_wd"]["ours_value"] == 1
+    got = {c.key: c for c in claims(poor, stand_in={"cifar10": True})}
+    assert got["resnet50"].verdict == "reproduced" and got["resnet50"].value == pytest.approx(0.175)
+    assert got["varies"].verdict == "reproduced" and got["varies"].value == pytest.approx(0.8)
+    assert got["vgg_wd"].verdict == "reproduced on the stand-in (not CIFAR-10)" and got["vgg_wd"].value == 1
     good = [_model("mnist", "resnet50", 0.001, 0, [0.9, 0.85]), _model("cifar10", "vgg11", 0.001, 0, [0.9, 0.9]),
             _model("cifar10", "vgg11", 0.0, 0, [0.8, 0.85])]
-    got = {c["key"]: c for c in claims(good, stand_in={})}
-    assert got["resnet50"]["verdict"] == "not reproduced" and got["varies"]["verdict"] == "not reproduced"
-    assert got["vgg_wd"]["verdict"] == "not reproduced"
-    assert {c["key"]: c for c in claims(good[1:], stand_in={})}["resnet50"]["verdict"].startswith("needs the real data set and a GPU: run with `--profile paper`")
-    assert {c["key"]: c for c in claims(good[:1], stand_in={})}["vgg_wd"]["verdict"].startswith("needs the real data set: run with `--profile paper`")
+    got = {c.key: c for c in claims(good, stand_in={})}
+    assert got["resnet50"].verdict == "not reproduced" and got["varies"].verdict == "not reproduced"
+    assert got["vgg_wd"].verdict == "not reproduced"
+    assert {c.key: c for c in claims(good[1:], stand_in={})}["resnet50"].verdict.startswith("needs the real data set and a GPU: run with `--profile paper`")
+    assert {c.key: c for c in claims(good[:1], stand_in={})}["vgg_wd"].verdict.startswith("needs the real data set: run with `--profile paper`")
 
 
 def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch):
@@ -255,8 +253,8 @@ def test_lissa_depth_claim_orders_architectures_by_their_weight_layers():
 
     worse = [m("small_cnn", [0.25, 0.35]), m("lenet", [0.2]), m("vgg11", [0.5, 0.7]), m("small_cnn", [0.3])]
     got = lissa_depth_claim(worse)
-    assert got["verdict"] == "reproduced" and got["ours_value"] == pytest.approx(1.0) and "small_cnn (7 layers) 0.30" in got["ours"]
+    assert got.verdict == "reproduced" and got.value == pytest.approx(1.0) and "small_cnn (7 layers) 0.30" in got.ours
     better = [m("small_cnn", [0.5]), m("lenet", [0.9]), m("vgg11", [0.05])]
-    assert lissa_depth_claim(better)["verdict"] == "not reproduced" and lissa_depth_claim(better)["ours_value"] == pytest.approx(-1.0)
+    assert lissa_depth_claim(better).verdict == "not reproduced" and lissa_depth_claim(better).value == pytest.approx(-1.0)
     assert lissa_depth_claim([m("small_cnn", [0.9]), m("lenet", [0.5]), m("vgg11", [0.2])])["verdict"] == "partly reproduced"
     assert lissa_depth_claim(worse[:2])["verdict"].startswith("not run")

@@ -8,7 +8,7 @@ from data_roots import write_mnist_root
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.errors import InvalidArgumentError
-from fragile.core.metrics import choose_test_points
+from fragile.core.selection import choose_test_points
 from fragile.chapters.small_mnist import SmallMnistConfig, claims, load_data, model_jobs, run_model
 
 TINY = dict(n_train=20, n_test=50, weight_decays=(0.001, 0.1), lr=0.001, batch_size=10, train_steps=60, retrain_steps=8,
@@ -122,12 +122,12 @@ def test_claims_follow_the_stated_rules():
         return {"seed": 0, "weight_decay": wd, "headline": headline, "bands": bands, "test_points": np.arange(len(top)),
                 "test_losses": np.ones(len(top)), "drift": np.zeros(len(top))}
     models = [model(0.001, True, [0.9, 0.45], [0.1, 0.0]), model(0.01, False, [0.8, 0.6]), model(0.1, False, [0.3, 0.2])]
-    got = {c["key"]: c for c in claims(models, 0.001)}
-    assert got["range"]["verdict"] == "reproduced" and got["range"]["ours"] == "0.90 – 0.45"
-    assert got["band"]["verdict"] == "reproduced" and got["band"]["ours_value"] == pytest.approx(0.625)
-    assert got["wd_fall"]["verdict"] == "reproduced" and got["wd_fall"]["ours_value"] == pytest.approx(0.45)
+    got = {c.key: c for c in claims(models, 0.001)}
+    assert got["range"].verdict == "reproduced" and got["range"].ours == "0.90 – 0.45"
+    assert got["band"].verdict == "reproduced" and got["band"].value == pytest.approx(0.625)
+    assert got["wd_fall"].verdict == "reproduced" and got["wd_fall"].value == pytest.approx(0.45)
     models = [model(0.001, True, [0.5, 0.4], [0.6, 0.5]), model(0.01, False, [0.3, 0.3]), model(0.1, False, [0.5, 0.5])]
-    got = {c["key"]: c for c in claims(models, 0.001)}
-    assert got["range"]["verdict"] == "not reproduced" and got["band"]["verdict"] == "not reproduced"
-    assert got["wd_fall"]["verdict"] == "not reproduced"
-    assert {c["key"]: c for c in claims(models[:1], 0.001)}["wd_fall"]["verdict"].startswith("not run")
+    got = {c.key: c for c in claims(models, 0.001)}
+    assert got["range"].verdict == "not reproduced" and got["band"].verdict == "not reproduced"
+    assert got["wd_fall"].verdict == "not reproduced"
+    assert {c.key: c for c in claims(models[:1], 0.001)}["wd_fall"].verdict.startswith("not run")

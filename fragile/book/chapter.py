@@ -1,11 +1,13 @@
-"""Helpers every chapter notebook uses: strict config from the parameters cell, the "how this page was
-made" banner at the top, and the provenance block at the end."""
+"""What every chapter shares: its declaration (:class:`Chapter`: name, number, title, config, jobs, results),
+the common config fields (:class:`ChapterConfig`), strict config from the parameters cell, the "how this page
+was made" banner at the top, and the provenance summary at the end."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from fragile.config import PROFILES, from_dict, to_dict
@@ -64,9 +66,52 @@ class ChapterConfig:
         return list(range(self.seed, self.seed + self.n_seeds))
 
 
+# The fields every chapter's config has, and so every notebook's parameters cell declares.
+COMMON_FIELDS = tuple(f.name for f in dataclasses.fields(ChapterConfig))
+# Where and how a chapter computes, not what: they change no number and do not make the book stale.
+EXECUTION_PARAMETERS = ("scheduler", "n_workers")
 # Fields that change no number of a job: where it runs and how it is cached (``device`` moves numbers by
-# round-off only; the CPU is the reference).
-NOT_IN_JOB_KEY = ("profile", "device", "use_cache", "results_dir", "cache_dir", "scheduler", "n_workers")
+# round-off only; the CPU is the reference). The seeds are not here: each job carries its own.
+NOT_IN_JOB_KEY = tuple(name for name in COMMON_FIELDS if name not in ("seed", "n_seeds"))
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """A chapter of the book, declared once by its module; the runner, the table of contents, the tests, the
+    glue keys and the results path all read it.
+
+    Attributes:
+        name: the short name the CLI takes (``iris``) and the module's name under :mod:`fragile.chapters`.
+        number: its place in the book: the notebook is ``notebooks/<NN>_<name>.ipynb``.
+        title: the chapter's title.
+        part: the caption of the book part it belongs to.
+        config: its config class; the notebook's ``parameters`` cell declares exactly its fields.
+        glue_prefix: the prefix of every number it glues for other pages (``{glue:text}`sections/…::<prefix>_…```).
+        jobs: the sweep jobs a config expands into.
+        run: the chapter's study: runs those jobs and collects their results (``(results…, report)``).
+    """
+
+    name: str
+    number: int
+    title: str
+    part: str
+    config: type[ChapterConfig]
+    glue_prefix: str
+    jobs: Callable[..., Any]
+    run: Callable[..., Any]
+
+    @property
+    def notebook(self) -> str:
+        """The notebook's stem: ``01_iris``; also the executed chapter's and the results folder's name."""
+        return f"{self.number:02d}_{self.name}"
+
+    def results_path(self, cfg: ChapterConfig) -> str:
+        """Where a run of ``cfg`` writes its summary and figures: ``<results_dir>/<notebook>/<profile>``."""
+        return f"{cfg.results_dir}/{self.notebook}/{cfg.profile}"
+
+
+PAPER_PART = "The paper, section by section"
+BEYOND_PART = "Beyond the paper"
 
 
 def config_from_namespace(cls: type[T], namespace: dict[str, Any]) -> T:
@@ -98,10 +143,18 @@ class Timer:
         self.started = time.time()
 
 
-def finish(config: Any, *, section: str, dataset: str, timer: Timer, results: dict[str, Any]) -> dict[str, Any]:
-    """Write ``<results_dir>/<section>/<profile>/summary.json`` (atomically) and return its content."""
+def finish(
+    config: Any, *, section: str, dataset: str, timer: Timer, results: dict[str, Any], device: str | None = None
+) -> dict[str, Any]:
+    """Write ``<results_dir>/<section>/<profile>/summary.json`` (atomically) and return its content.
+
+    ``device`` is where the work ran, e.g. :func:`~fragile.run.provenance.devices_used` of the devices
+    the jobs report; by default ``config.device``, with ``auto`` resolved in this kernel. The code digest
+    recorded is that of the module defining ``config``'s class (the chapter's).
+    """
     params = to_dict(config)
-    prov = collect(params, profile=config.profile, dataset=dataset, device=config.device, started=timer.started, finished=time.time())
+    prov = collect(params, profile=config.profile, dataset=dataset, device=device or config.device,
+                   code_module=type(config).__module__, started=timer.started, finished=time.time())
     summary = {"section": section, "results": results, "provenance": prov}
     path = write_summary(config.results_dir, section, config.profile, summary)
     summary["path"] = str(path)

@@ -1,5 +1,5 @@
 """Kernel-free interactive panels: controls ``jslink``-ed to ``Stack.selected_index`` over precomputed
-images, so the page works as static HTML where no Python callback can run (design.md §2)."""
+images, so the page works as static HTML where no Python callback can run (docs/conventions.md#stack)."""
 
 from __future__ import annotations
 

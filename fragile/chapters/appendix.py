@@ -1,4 +1,4 @@
-"""The paper's appendix studies (paper-brief §3.6) as one chapter, built on the Table 1 chapter's machinery.
+"""The paper's appendix studies (docs/protocol.md#appendix) as one chapter, built on the Table 1 chapter's machinery.
 
 1. **Optimiser**: LeNet on MNIST trained with each of ``optimizers`` (the paper: Adam, GD, Nesterov, RMSProp), each
    at its own learning rate; Spearman/Pearson of the highest-loss test point, mean ± sd across optimisers.
@@ -13,10 +13,12 @@
 5. **Computation time** (the paper's Table 2): the seconds each job of this chapter spent training, in each
    estimator and retraining, beside the H200 unit costs that ``benchmarks/table1_costs.py`` measured.
 
-Studies 1 and 2 are plain :mod:`fragile.chapters.mnist_cifar10` model jobs, built from :class:`MnistCifar10Config` variants
-of this chapter's config: a job with the same fields as one of the Table 1 chapter's is the same cache entry.
-Studies 3 and 4 share one sweep job per (data set, architecture, seed) that trains the network once
-(:func:`fragile.chapters.mnist_cifar10.train_model`), solves once, and retrains the top points and the groups in one stack.
+Studies 1 and 2 are plain Table 1 model jobs (:mod:`fragile.chapters.table1_protocol`), built from
+:class:`~fragile.chapters.table1_protocol.Table1Config` variants of this chapter's config: a job with the same fields as
+one of the Table 1 chapter's is the same cache entry. Studies 3 and 4 share one sweep job per (data set,
+architecture, seed) that trains the network once
+(:func:`~fragile.chapters.table1_protocol.train_table1_model`), solves once, and retrains the top points and the
+groups in one stack.
 
 Linearity: influence is linear in the test loss, so the predicted change of the summed loss is the sum of the
 per-test-point predictions. The solvers LiSSA (one seed: every right-hand side sees the same minibatches),
@@ -38,24 +40,35 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile.chapters import mnist_cifar10 as mc
-from fragile.book.chapter import ChapterConfig
+from fragile.book.claims import Claim
+from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.chapters.protocol import run_jobs
+from fragile.chapters.table1_protocol import (
+    ARCHITECTURES,
+    DATASETS,
+    OPTIMIZERS,
+    TEST_POINTS,
+    Table1Config,
+    check_device_here,
+    estimator_kwargs,
+    model_jobs,
+    train_table1_model,
+)
 from fragile.run.devices import DEVICE_CHOICES, resolve_device
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.ground_truth import group_retrain
-from fragile.estimators.base import InfluenceEstimator, group_influence, make_estimator
-from fragile.core.metrics import aggregate_over_seeds, correlation, select_top_k
-from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.estimators import SolvingEstimator, group_influence, make_estimator
+from fragile.core.metrics import aggregate_over_seeds, correlation
+from fragile.core.selection import random_test_points, select_top_k
+from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
 
-# Part of every appendix job's key (beside mnist_cifar10's): bump when a change here alters the numbers.
-CODE_VERSION = 1
 GROUP_KINDS = ("random", "same class")
-HIGHEST = mc.TEST_POINTS[0]
+HIGHEST = TEST_POINTS[0]
 STUDIES = ("optimizer", "init", "summed_group")
 
-# The paper's appendix numbers (paper-brief §3.6, from a reading note, unchecked against the PDF).
+# The paper's appendix numbers (docs/protocol.md#appendix: from a reading note [note], unchecked against the PDF).
 PAPER_OPTIMIZER = {"pearson": (0.72, 0.04), "spearman": (0.56, 0.11)}  # mean ± sd across Adam, GD, Nesterov, RMSProp
 PAPER_SUMMED = {"mnist": {"pearson": 0.91, "spearman": 0.78, "network": "small CNN (small MNIST)"},
                 "cifar100": {"pearson": 0.15, "spearman": 0.11, "network": "ResNet-18"}}
@@ -67,7 +80,7 @@ LOW_SPREAD = 0.15  # sd over seeds at most this counts as "low variance"
 POOR = 0.3        # group correlations at most this count as "poor", as the paper's 0.01-0.21
 NAMES = {"small_cnn": "small CNN", "lenet": "LeNet", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 DATA_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-T1 = mc.MnistCifar10Config  # the Table 1 chapter's config: this chapter's shared fields take its defaults
+T1 = Table1Config  # the Table 1 protocol's config: this chapter's shared fields take its defaults
 
 
 @dataclass(frozen=True)
@@ -143,13 +156,13 @@ class AppendixConfig(ChapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        _check_unique_choices("optimizers", self.optimizers, mc.OPTIMIZERS)
+        _check_unique_choices("optimizers", self.optimizers, OPTIMIZERS)
         if len(self.optimizer_lrs) != len(self.optimizers):
             raise InvalidArgumentError(f"optimizer_lrs has {len(self.optimizer_lrs)} values but optimizers has {len(self.optimizers)}; "
                                        "give one learning rate per optimiser, in the same order")
         for lr in self.optimizer_lrs:
             check_positive("optimizer_lrs", lr)
-        _check_unique_choices("init_architectures", self.init_architectures, tuple(mc.ARCHITECTURES))
+        _check_unique_choices("init_architectures", self.init_architectures, tuple(ARCHITECTURES))
         check_int("init_seeds", self.init_seeds, minimum=2)
         for pair in self.summed_group_models:
             _split_model(pair)
@@ -179,13 +192,13 @@ class AppendixConfig(ChapterConfig):
         """(data set, architecture) of the summed-loss and group studies."""
         return [_split_model(p) for p in self.summed_group_models]
 
-    def table1_config(self, **changes: Any) -> mc.MnistCifar10Config:
+    def table1_config(self, **changes: Any) -> Table1Config:
         """The Table 1 chapter's config with this chapter's shared fields, one weight decay, no architecture
         unless ``changes`` names some, and ``changes``."""
         values = {name: getattr(self, name) for name in SHARED_FIELDS}
         values.update(mnist_architectures=(), cifar10_architectures=(), cifar100_architectures=(), weight_decays=(self.weight_decay,))
         values.update(changes)
-        return mc.MnistCifar10Config(**values)
+        return Table1Config(**values)
 
 
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(AppendixConfig) if f.name in {g.name for g in dataclasses.fields(T1)})
@@ -200,19 +213,13 @@ def _check_unique_choices(name: str, values: tuple, allowed: tuple) -> None:
 
 def _split_model(pair: str) -> tuple[str, str]:
     parts = pair.split("/") if isinstance(pair, str) else []
-    if len(parts) != 2 or parts[0] not in mc.DATASETS or parts[1] not in mc.ARCHITECTURES:
+    if len(parts) != 2 or parts[0] not in DATASETS or parts[1] not in ARCHITECTURES:
         raise InvalidArgumentError(f"summed_group_models={pair!r} is not allowed; write data set/architecture with the data set one of "
-                                   f"{list(mc.DATASETS)} and the architecture one of {list(mc.ARCHITECTURES)}, e.g. 'mnist/small_cnn'")
+                                   f"{list(DATASETS)} and the architecture one of {list(ARCHITECTURES)}, e.g. 'mnist/small_cnn'")
     return parts[0], parts[1]
 
 
 # --- studies 3 and 4: one job per (data set, architecture, seed) -------------------------------------------------
-
-
-def random_test_points(n_test: int, k: int, seed: int) -> np.ndarray:
-    """``k`` distinct test indices drawn uniformly at random with ``seed`` (the same for every model of a data set)."""
-    check_int("summed_test_points", k, minimum=1, maximum=n_test)
-    return np.random.default_rng(seed).choice(n_test, size=k, replace=False)
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ def make_groups(labels: np.ndarray, kinds: tuple[str, ...], sizes: tuple[int, ..
     return groups
 
 
-def summed_influence(est: InfluenceEstimator, x_test: torch.Tensor, y_test: torch.Tensor) -> tuple[np.ndarray, float, float]:
+def summed_influence(est: SolvingEstimator, x_test: torch.Tensor, y_test: torch.Tensor) -> tuple[np.ndarray, float, float]:
     """Predicted change of the *summed* loss of the test points when each training point is removed, (n,).
 
     One solve of the summed test gradient: equal to the sum of :meth:`InfluenceEstimator.influences` over the test
@@ -264,28 +271,29 @@ def summed_influence(est: InfluenceEstimator, x_test: torch.Tensor, y_test: torc
     return predicted.double().numpy(), float(residual[0]), time.perf_counter() - start
 
 
-def run_summed_and_groups(cfg: mc.MnistCifar10Config, dataset: str, architecture: str, weight_decay: float, seed: int, *,
+def run_summed_and_groups(cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, *,
                           summed_test_points: int, choice_seed: int, group_kinds: tuple[str, ...], group_sizes: tuple[int, ...],
                           groups_per_size: int, device: str | None = None) -> dict[str, Any]:
-    """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.mnist_cifar10.train_model`), predict every training
+    """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.table1_protocol.train_table1_model`), predict every training
     point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
     retrain warm-started (``cfg.retrain_steps`` steps, with the drift control) without each of the ``top_k`` points
     by |predicted| and without each group, all in one stack. Group predictions are the sums of their members'.
 
     Cost: the training; one solve (plus LiSSA's power iteration); ``top_k + groups + 1`` retrained models.
     """
-    model = mc.train_model(cfg, dataset, architecture, weight_decay, seed, device)
+    run = train_table1_model(cfg, dataset, architecture, weight_decay, seed, device)
+    model = run.trained
     objective, theta, x, y = model.objective, model.theta, model.x, model.y
-    tp = random_test_points(len(model.y_test), summed_test_points, choice_seed)
-    groups = make_groups(model.data.train.y.numpy(), group_kinds, group_sizes, groups_per_size, choice_seed)
-    idx = torch.as_tensor(tp, device=model.device)
+    tp = random_test_points(len(model.y_test), summed_test_points, choice_seed, name="summed_test_points")
+    groups = make_groups(run.data.train.y.numpy(), group_kinds, group_sizes, groups_per_size, choice_seed)
+    idx = torch.as_tensor(tp, device=run.device)
     x_test, y_test = model.x_test[idx], model.y_test[idx]
     out: dict[str, Any] = {
-        "dataset": dataset, "architecture": architecture, "weight_decay": weight_decay, "seed": seed, "stand_in": model.data.stand_in,
+        "dataset": dataset, "architecture": architecture, "weight_decay": weight_decay, "seed": seed, "stand_in": run.data.stand_in,
         "num_params": objective.num_params, "n_train": len(y), **model.stats, "train_seconds": model.seconds, "test_points": tp,
-        "test_losses": model.test_losses[tp], "estimator": cfg.estimator, "device": str(model.device),
+        "test_losses": model.test_losses[tp], "estimator": cfg.estimator, "device": str(run.device),
     }
-    est = make_estimator(cfg.estimator, objective, theta, x, y, **mc._estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params))
+    est = make_estimator(cfg.estimator, objective, theta, x, y, **estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params))
     try:
         predicted, residual, seconds = summed_influence(est, x_test, y_test)
     except FragileError as exc:  # e.g. LiSSA diverging: reported, not hidden
@@ -314,13 +322,11 @@ def run_summed_and_groups(cfg: mc.MnistCifar10Config, dataset: str, architecture
     return out
 
 
-def summed_group_job(code_version: int, appendix_code_version: int, dataset: str, architecture: str, model_weight_decay: float,
+def summed_group_job(dataset: str, architecture: str, model_weight_decay: float,
                      model_seed: int, summed_test_points: int, choice_seed: int, group_kinds: list[str], group_sizes: list[int],
                      groups_per_size: int, device: str | None = None, **fields: Any) -> dict[str, Any]:
     """One sweep job of studies 3 and 4: :func:`run_summed_and_groups` for the config :func:`study_jobs` keyed it by."""
-    if code_version != mc.CODE_VERSION or appendix_code_version != CODE_VERSION:
-        raise InvalidArgumentError(f"job made by code versions {code_version}/{appendix_code_version}, this is {mc.CODE_VERSION}/{CODE_VERSION}")
-    return run_summed_and_groups(mc.MnistCifar10Config(**fields), dataset, architecture, model_weight_decay, model_seed,
+    return run_summed_and_groups(Table1Config(**fields), dataset, architecture, model_weight_decay, model_seed,
                                  summed_test_points=summed_test_points, choice_seed=choice_seed, group_kinds=tuple(group_kinds),
                                  group_sizes=tuple(group_sizes), groups_per_size=groups_per_size, device=device)
 
@@ -334,20 +340,19 @@ def study_jobs(cfg: AppendixConfig) -> dict[str, list[tuple[dict[str, Any], Job]
     :func:`summed_group_job` jobs named ``appendix/…``. The same job may serve two studies."""
     out: dict[str, list[tuple[dict[str, Any], Job]]] = {s: [] for s in STUDIES}
     for opt, lr in zip(cfg.optimizers, cfg.optimizer_lrs):
-        for job in mc.model_jobs(cfg.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)):
+        for job in model_jobs(cfg.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)):
             if opt == "adam" and lr != cfg.lr:  # Adam at another lr than the other studies' Adam: another model
                 job = dataclasses.replace(job, name=f"{job.name}-lr{lr:g}")
             out["optimizer"].append(({"optimizer": opt, "lr": lr}, job))
     if cfg.init_architectures:
-        for job in mc.model_jobs(cfg.table1_config(mnist_architectures=cfg.init_architectures, n_seeds=cfg.init_seeds)):
+        for job in model_jobs(cfg.table1_config(mnist_architectures=cfg.init_architectures, n_seeds=cfg.init_seeds)):
             out["init"].append(({}, job))
-    extra = {"appendix_code_version": CODE_VERSION, "summed_test_points": cfg.summed_test_points, "choice_seed": cfg.choice_seed,
+    extra = {"summed_test_points": cfg.summed_test_points, "choice_seed": cfg.choice_seed,
              "group_kinds": list(cfg.group_kinds), "group_sizes": list(cfg.group_sizes), "groups_per_size": cfg.groups_per_size}
     for dataset, arch in cfg.summed_models:
         variant = cfg.table1_config(compare_estimators=(), **{f"{dataset}_architectures": (arch,)})
-        for job in mc.model_jobs(variant):
-            out["summed_group"].append(({}, Job(job.name.replace("mnist_cifar10/", "appendix/", 1), summed_group_job,
-                                                {**job.config, **extra}, cost=2 * job.cost, runtime=job.runtime)))
+        for job in model_jobs(variant, prefix="appendix", fn=summed_group_job, extra=extra, cost_factor=2.0):
+            out["summed_group"].append(({}, job))
     return out
 
 
@@ -364,11 +369,9 @@ def unique_jobs(studies: dict[str, list[tuple[dict[str, Any], Job]]]) -> list[Jo
 
 def run_study(cfg: AppendixConfig, *, progress: bool = True, client=None) -> tuple[dict[str, list[dict[str, Any]]], SweepReport]:
     """Every study's jobs through one sweep; returns each study's finished results (labelled) and the report."""
-    if cfg.scheduler in ("in-process", "local") and client is None:
-        resolve_device(cfg.device)  # the jobs run here: a CUDA device that is not here is refused before any starts
+    check_device_here(cfg, client)
     studies = study_jobs(cfg)
-    report = run_sweep(unique_jobs(studies), cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
-                       n_workers=cfg.n_workers or None, client=client, progress=progress)
+    _, report = run_jobs(cfg, unique_jobs(studies), progress=progress, client=client)
     results = {s: [{**report.results[j.name], **label, "job": j.name} for label, j in entries if j.name in report.results]
                for s, entries in studies.items()}
     return results, report
@@ -564,7 +567,7 @@ def _fmt(summary: dict[str, Any]) -> str:
     return f"{summary['mean']:.2f}" + (f" ± {summary['std']:.2f}" if summary["n"] > 1 and math.isfinite(summary["std"]) else "")
 
 
-def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool]) -> list[dict[str, Any]]:
+def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool]) -> list[Claim]:
     """The appendix claims, our number beside the paper's, and a verdict by a stated rule.
 
     Rules (stated in the chapter): a correlation claim is *reproduced* when our Pearson and our Spearman are both
@@ -582,11 +585,11 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     claim = "Optimiser (LeNet, MNIST; Adam, GD, Nesterov, RMSProp): Pearson and Spearman, mean ± sd across optimisers"
     if opt and opt["spearman"]["n"] >= 2:
         hits = _close(opt["pearson"]["mean"], PAPER_OPTIMIZER["pearson"][0]) + _close(opt["spearman"]["mean"], PAPER_OPTIMIZER["spearman"][0])
-        out.append({"key": "optimizer", "claim": claim, "paper": paper, "ours": f"Pearson {_fmt(opt['pearson'])}, Spearman {_fmt(opt['spearman'])}",
-                    "ours_value": opt["spearman"]["mean"], "verdict": ("not reproduced", "partly reproduced", "reproduced")[hits]})
+        out.append(Claim(key="optimizer", claim=claim, paper=paper, ours=f"Pearson {_fmt(opt['pearson'])}, Spearman {_fmt(opt['spearman'])}",
+                    value=opt["spearman"]["mean"], verdict=("not reproduced", "partly reproduced", "reproduced")[hits]))
     else:
-        out.append({"key": "optimizer", "claim": claim, "paper": paper, "ours": "not run", "ours_value": math.nan,
-                    "verdict": "not run: needs two or more optimisers"})
+        out.append(Claim(key="optimizer", claim=claim, paper=paper, ours="not run", value=math.nan,
+                    verdict="not run: needs two or more optimisers"))
     # 2. initialisation
     init = spread(init_table(results.get("init", [])), "architecture")
     claim = ("Initialisation (small CNN, LeNet; top 40 of the highest-loss test point): variance across seeds is low (sd of Spearman "
@@ -596,10 +599,10 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         worst = max(sds) if all(math.isfinite(s) for s in sds) else math.nan
         verdict = "reproduced" if worst <= LOW_SPREAD else ("partly reproduced" if worst <= 2 * LOW_SPREAD else "not reproduced")
         ours = "; ".join(f"{NAMES[a]} Spearman {_fmt(v['spearman'])}" for a, v in init.items())
-        out.append({"key": "init", "claim": claim, "paper": "qualitative (low variance, inconsistent)",
-                    "ours": f"{ours} (largest sd {worst:.2f})", "ours_value": worst, "verdict": verdict if math.isfinite(worst) else "not run"})
+        out.append(Claim(key="init", claim=claim, paper="qualitative (low variance, inconsistent)",
+                    ours=f"{ours} (largest sd {worst:.2f})", value=worst, verdict=verdict if math.isfinite(worst) else "not run"))
     else:
-        out.append({"key": "init", "claim": claim, "paper": "qualitative", "ours": "not run", "ours_value": math.nan, "verdict": "not run"})
+        out.append(Claim(key="init", claim=claim, paper="qualitative", ours="not run", value=math.nan, verdict="not run"))
     # 3. summed loss
     summed = summed_table(results.get("summed_group", []))
     paper_arch = {"mnist": "small_cnn", "cifar100": "resnet18"}
@@ -608,8 +611,8 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         claim = f"{DATA_NAMES[ds]}, {p['network']}: influence on the summed loss of 8 test points vs leave-one-out (Pearson / Spearman)"
         rows = summed[(summed["dataset"] == ds) & summed["spearman"].notna()] if "spearman" in summed else summed.iloc[0:0]
         if not len(rows):
-            out.append({"key": f"summed_{ds}", "claim": claim, "paper": f"{p['pearson']:.2f} / {p['spearman']:.2f}", "ours": "not run",
-                        "ours_value": math.nan, "verdict": f"not run: add {ds}/{paper_arch[ds]} to summed_group_models"})
+            out.append(Claim(key=f"summed_{ds}", claim=claim, paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}", ours="not run",
+                        value=math.nan, verdict=f"not run: add {ds}/{paper_arch[ds]} to summed_group_models"))
             continue
         same = rows[rows["architecture"] == paper_arch[ds]]
         use = same if len(same) else rows
@@ -623,8 +626,8 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
         if stand_in.get(ds):
             verdict = "needs the real data set: run with `--profile paper`"
-        out.append({"key": f"summed_{ds}", "claim": claim, "paper": f"{p['pearson']:.2f} / {p['spearman']:.2f}",
-                    "ours": f"{_fmt(pe.as_dict())} / {_fmt(sp.as_dict())} ({NAMES[arch]}){label}", "ours_value": sp.mean, "verdict": verdict})
+        out.append(Claim(key=f"summed_{ds}", claim=claim, paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}",
+                    ours=f"{_fmt(pe.as_dict())} / {_fmt(sp.as_dict())} ({NAMES[arch]}){label}", value=sp.mean, verdict=verdict))
     # 4. groups
     groups = group_table(results.get("summed_group", []))
     for ds in ("mnist", "cifar100"):
@@ -632,8 +635,8 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         claim = f"Group influence, {DATA_NAMES[ds]}, ResNet-18: correlation between predicted and actual group removals (range)"
         cells = groups[(groups["dataset"] == ds) & (groups["size"] != "all")] if len(groups) else groups
         if not len(cells) or not cells["spearman"].notna().any():
-            out.append({"key": f"group_{ds}", "claim": claim, "paper": f"{lo:.2f} to {hi:.2f}", "ours": "not run", "ours_value": math.nan,
-                        "verdict": f"not run: add {ds}/resnet18 to summed_group_models"})
+            out.append(Claim(key=f"group_{ds}", claim=claim, paper=f"{lo:.2f} to {hi:.2f}", ours="not run", value=math.nan,
+                        verdict=f"not run: add {ds}/resnet18 to summed_group_models"))
             continue
         arch = "resnet18" if (cells["architecture"] == "resnet18").any() else cells["architecture"].iloc[0]
         cells = cells[cells["architecture"] == arch]
@@ -644,18 +647,18 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
         if stand_in.get(ds):
             verdict = "needs the real data set: run with `--profile paper`"
-        out.append({"key": f"group_{ds}", "claim": claim, "paper": f"{lo:.2f} to {hi:.2f}",
-                    "ours": f"Spearman {by_cell.min():.2f} to {by_cell.max():.2f} over {len(by_cell)} kind × size cells ({NAMES[arch]}){label}",
-                    "ours_value": float(by_cell.max()), "verdict": verdict})
+        out.append(Claim(key=f"group_{ds}", claim=claim, paper=f"{lo:.2f} to {hi:.2f}",
+                    ours=f"Spearman {by_cell.min():.2f} to {by_cell.max():.2f} over {len(by_cell)} kind × size cells ({NAMES[arch]}){label}",
+                    value=float(by_cell.max()), verdict=verdict))
     # 5. Table 2
     timing = timing_table(results)
     method_cols = [c for c in timing.columns if c in ("lissa", "cg", "arnoldi", "exact") or c.endswith("(summed)")] if len(timing) else []
     values = timing[method_cols].to_numpy(dtype=float).ravel() if method_cols else np.array([])
     values = values[np.isfinite(values)]
-    out.append({"key": "table2", "claim": "Table 2: influence computation time per model", "paper": f"about {PAPER_TABLE2[0]:,} to {PAPER_TABLE2[1]:,} (units not stated)",
-                "ours": f"{values.min():.1f} s to {values.max():.1f} s per estimator and model on this machine" if values.size else "not run",
-                "ours_value": float(values.max()) if values.size else math.nan,
-                "verdict": "not comparable: the paper states neither units nor hardware; ours are seconds on this machine's scaled-down models"})
+    out.append(Claim(key="table2", claim="Table 2: influence computation time per model", paper=f"about {PAPER_TABLE2[0]:,} to {PAPER_TABLE2[1]:,} (units not stated)",
+                ours=f"{values.min():.1f} s to {values.max():.1f} s per estimator and model on this machine" if values.size else "not run",
+                value=float(values.max()) if values.size else math.nan,
+                verdict="not comparable: the paper states neither units nor hardware; ours are seconds on this machine's scaled-down models"))
     return out
 
 
@@ -826,3 +829,7 @@ def timing_bars(t2):
     ax.legend(fontsize=7, ncol=3)
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+CHAPTER = Chapter(name="appendix", number=5, title="Appendix studies: optimiser, initialisation, several test points, groups, and cost", part=PAPER_PART, config=AppendixConfig, glue_prefix="app",
+                  jobs=study_jobs, run=run_study)

@@ -2,10 +2,10 @@
 
 Bae et al. (2022) argue that damped influence functions approximate the proximal Bregman response function
 (PBRF), not leave-one-out retraining, and split the gap between the two into steps. This module runs that
-comparison on the paper's two smallest settings: the Iris depth sweep (paper-brief §3.1) and the small-MNIST
-CNN (§3.2). Per trained model and test point:
+comparison on the paper's two smallest settings: the Iris depth sweep (docs/protocol.md#iris) and the
+small-MNIST CNN (docs/protocol.md#small-mnist). Per trained model and test point:
 
-* **estimators** (:data:`fragile.estimators.base.METHODS`, plus ``exact_gn``: the exact influence on the
+* **estimators** (:data:`fragile.estimators.METHODS`, plus ``exact_gn``: the exact influence on the
   Gauss–Newton matrix) predict the loss change of removing every training point;
 * ``top_k`` points are chosen, by |prediction| of the first estimator (the paper's protocol) or at random
   (Bae et al.'s), and their removal is measured by the five **ground truths** of :data:`GROUND_TRUTHS`;
@@ -28,22 +28,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fragile.book.chapter import ChapterConfig
+from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
+from fragile.chapters.protocol import DTYPES, SmallMnistData, estimate, iris_split, run_jobs, small_mnist_data
+from fragile.data.datasets import Dataset
 from fragile.config import to_dict
 from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
-from fragile.estimators.base import METHODS, make_estimator
-from fragile.chapters.iris import IrisConfig, split_iris
-from fragile.core.metrics import correlation, select_top_k
+from fragile.estimators import METHODS, make_estimator
+from fragile.core.metrics import correlation
+from fragile.core.selection import highest_loss, select_top_k
 from fragile.models.small import build_model
 from fragile.core.objective import Objective
-from fragile.chapters.small_mnist import SmallMnistConfig, load_data
-from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.run.sweep import Job, SweepReport
 from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = 1
+# The Iris chapter's default split: this chapter's Iris models see the same training and test flowers.
+IRIS_TEST_FRACTION = 0.2
+IRIS_SPLIT_SEED = 0
 ESTIMATORS = ("exact", "exact_gn") + tuple(m for m in METHODS if m != "exact")
 GROUND_TRUTHS = ("warm", "warm_corrected", "cold", "proximal", "pbrf")
 TRUTH_NAMES = {
@@ -154,16 +157,14 @@ class EstimandsConfig(ChapterConfig):
         if self.iris_weight_decay + self.iris_damping <= 0 or self.mnist_weight_decay + self.mnist_damping <= 0:
             raise InvalidArgumentError("weight decay + damping must be > 0 for each data set (the PBRF's proximity term)")
 
-    def iris_config(self) -> IrisConfig:
-        """The Iris chapter's config with this chapter's values (for its split and defaults)."""
-        return IrisConfig(seed=self.seed, n_seeds=self.n_seeds, headline_width=self.iris_width, activation=self.iris_activation,
-                          lr=self.iris_lr, train_steps=self.iris_train_steps, retrain_steps=self.iris_retrain_steps)
+    def iris_data(self) -> tuple[Dataset, Dataset]:
+        """The Iris chapter's split (its default test fraction and split seed)."""
+        return iris_split(IRIS_TEST_FRACTION, IRIS_SPLIT_SEED)
 
-    def mnist_config(self) -> SmallMnistConfig:
-        """The small-MNIST chapter's config with this chapter's values (for its data, split and precision)."""
-        return SmallMnistConfig(seed=self.seed, n_train=self.mnist_n_train, n_test=self.mnist_n_test, dtype=self.mnist_dtype,
-                                top_k=min(self.mnist_top_k, self.mnist_n_train), band_k=min(self.mnist_top_k, self.mnist_n_train),
-                                batch_size=self.mnist_batch_size, lissa_batch_size=self.mnist_batch_size)
+    def mnist_data(self) -> SmallMnistData:
+        """The small-MNIST digits as the small-MNIST chapter takes them offline (its default split seed)."""
+        return small_mnist_data(data_root="", download=False, n_train=self.mnist_n_train, n_test=self.mnist_n_test,
+                                split_seed=0, dtype=DTYPES[self.mnist_dtype])
 
 
 def _estimator_kwargs(cfg: EstimandsConfig, method: str, damping: float, checkpoints: torch.Tensor, lr_per_checkpoint: float):
@@ -184,18 +185,16 @@ def _estimator_kwargs(cfg: EstimandsConfig, method: str, damping: float, checkpo
 
 
 def _estimates(cfg, methods, objective, theta, x, y, x_test, y_test, damping, checkpoints, lr_per_checkpoint) -> dict:
-    """Every estimator's predictions (n_test, n) and seconds; a failed solver is reported, not hidden."""
+    """Every estimator's predictions (n_test, n), seconds and worst solve residual; a failed solver is reported, not hidden."""
     out = {}
     for m in methods:
         name, kwargs = _estimator_kwargs(cfg, m, damping, checkpoints, lr_per_checkpoint)
-        try:
-            res = make_estimator(name, objective, theta, x, y, **kwargs).influences(x_test, y_test)
-        except FragileError as exc:
-            log.warning("%s failed: %s", m, exc)
-            out[m] = {"failed": str(exc)}
+        res = estimate(name, objective, theta, x, y, x_test, y_test, **kwargs)
+        if "failed" in res:
+            out[m] = res
             continue
-        out[m] = {"predicted": res.predicted.double().numpy(), "seconds": res.seconds,
-                  "residual": float(res.residuals.double().max()) if res.residuals.numel() else math.nan}
+        out[m] = {"predicted": res["predicted"], "seconds": res["seconds"],
+                  "residual": float(res["residuals"].max()) if res["residuals"].size else math.nan}
     return out
 
 
@@ -279,7 +278,7 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> dict[str, Any]:
     stack (``iris_retrain_steps``) and a cold stack (``iris_train_steps``) of ``iris_top_k + 1`` models and
     2·``iris_top_k`` L-BFGS solves.
     """
-    train, test = split_iris(cfg.iris_config())
+    train, test = cfg.iris_data()
     n = len(train)
     k = min(cfg.iris_top_k, n)
     models = [build_model("mlp", seed=s, in_features=4, num_classes=3, depth=depth, width=cfg.iris_width,
@@ -316,7 +315,7 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> dict[str, Any]:
 def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
     """One small-MNIST CNN (float64): train by Adam, its ``mnist_test_points`` highest-loss test points,
     every estimator, the chosen points per test point, the five ground truths over their union."""
-    data = load_data(cfg.mnist_config())
+    data = cfg.mnist_data()
     x, y = data.train.x, data.train.y
     n = x.shape[0]
     k = min(cfg.mnist_top_k, n)
@@ -330,7 +329,7 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     theta = trained.params[0]
     losses = objective.sample_losses(theta, data.test.x, data.test.y)
-    tps = torch.argsort(losses, descending=True)[: cfg.mnist_test_points]
+    tps = torch.as_tensor(highest_loss(losses.detach().double().numpy(), cfg.mnist_test_points))
     x_t, y_t = data.test.x[tps], data.test.y[tps]
     est = _estimates(cfg, cfg.mnist_estimators, objective, theta, x, y, x_t, y_t, cfg.mnist_damping,
                      trained.checkpoints[-cfg.tracin_checkpoints:, 0], cfg.mnist_lr * every)
@@ -359,20 +358,16 @@ def _key(cfg: EstimandsConfig, prefix: str) -> dict[str, Any]:
     d = to_dict(cfg)
     stack = ("seed", "n_seeds") if prefix == "iris" else ()  # an Iris job trains all its seeds as one stack
     own = tuple(f for f in d if f.startswith(prefix + "_") and f != "iris_depths")  # a job carries its own depth
-    return {"code_version": CODE_VERSION, **{f: d[f] for f in stack + _SHARED_FIELDS + own}}
+    return {f: d[f] for f in stack + _SHARED_FIELDS + own}
 
 
-def iris_job(code_version: int, depth: int, **fields: Any) -> dict[str, Any]:
+def iris_job(depth: int, **fields: Any) -> dict[str, Any]:
     """Sweep job: :func:`run_iris_depth` for the fields :func:`study_jobs` keyed it by."""
-    if code_version != CODE_VERSION:
-        raise InvalidArgumentError(f"job made by code version {code_version}, this is version {CODE_VERSION}")
     return run_iris_depth(EstimandsConfig(**fields), depth)
 
 
-def mnist_job(code_version: int, model_seed: int, **fields: Any) -> dict[str, Any]:
+def mnist_job(model_seed: int, **fields: Any) -> dict[str, Any]:
     """Sweep job: :func:`run_mnist_seed` for the fields :func:`study_jobs` keyed it by."""
-    if code_version != CODE_VERSION:
-        raise InvalidArgumentError(f"job made by code version {code_version}, this is version {CODE_VERSION}")
     return run_mnist_seed(EstimandsConfig(**fields), model_seed)
 
 
@@ -386,10 +381,7 @@ def study_jobs(cfg: EstimandsConfig) -> list[Job]:
 
 def run_study(cfg: EstimandsConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
     """Every job through the sweep layer; returns the finished jobs' results (in job order) and the report."""
-    jobs = study_jobs(cfg)
-    report = run_sweep(jobs, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
-                       n_workers=cfg.n_workers or None, client=client, progress=progress)
-    return [report.results[j.name] for j in jobs if j.name in report.results], report
+    return run_jobs(cfg, study_jobs(cfg), progress=progress, client=client)
 
 
 # -- tables --------------------------------------------------------------------------------------------------
@@ -708,3 +700,7 @@ def peers_markdown(report: dict[str, Any]) -> str:
             f"| {r['library']} | {r['method']} | {num(r['seconds'], '.1f')} | {num(r['ratio'], '.2f')} | {num(r['pearson'], '.3f')} "
             f"| {num(r['spearman'], '.3f')} | {num(r['max_rel_err'], '.2e')} | {num(r['max_rel_err_same'], '.2e')} | {r['note'][:80]} |")
     return "\n\n".join(head[:3]) + "\n\n" + "\n".join(head[3:])
+
+
+CHAPTER = Chapter(name="estimands", number=6, title="Beyond the paper: what do influence functions estimate?", part=BEYOND_PART, config=EstimandsConfig, glue_prefix="est",
+                  jobs=study_jobs, run=run_study)

@@ -1,5 +1,6 @@
-"""The ImageNet and CIFAR-100 section (paper-brief §3.4–3.5): at ImageNet scale, leave-one-out ground truth is
-itself unreliable, and on CIFAR-100 a ResNet-18's influence stays poor across test points and initialisations.
+"""The ImageNet and CIFAR-100 section (docs/protocol.md#imagenet, docs/protocol.md#cifar-100): at ImageNet
+scale, leave-one-out ground truth is itself unreliable, and on CIFAR-100 a ResNet-18's influence stays poor
+across test points and initialisations.
 
 ImageNet protocol, one sweep job per seed: a ResNet on an ``ImageFolder`` root (ImageNet's ``train``/``val``
 layout) — torchvision's ResNet-50 with its ImageNet weights in the paper, or trained here from a seeded
@@ -12,7 +13,7 @@ the same fine-tuning with nothing removed. The paper's finding is that the contr
 losses (−0.679 and +0.066), which swamps the removal signal; the job returns both, so the chapter shows them
 side by side.
 
-CIFAR-100 runs the Table 1 protocol (:mod:`fragile.chapters.mnist_cifar10`) with its ResNet-18, weight decay 5e-4,
+CIFAR-100 runs the Table 1 protocol (:mod:`fragile.chapters.table1_protocol`) with its ResNet-18, weight decay 5e-4,
 several highest- and median-loss test points and several initialisations.
 """
 
@@ -27,21 +28,21 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
-from fragile.config import to_dict
-from fragile.data.datasets import Dataset, resolve_data_root
-from fragile.run.devices import DEVICE_CHOICES, resolve_device
-from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.core.ground_truth import loo_retrain
-from fragile.data.image_folders import load_image_folder, write_digit_folders
-from fragile.estimators.base import make_estimator
-from fragile.core.metrics import correlation, select_top_k
-from fragile.chapters.mnist_cifar10 import MnistCifar10Config
-from fragile.models.small import build_model
+from fragile.book.claims import Claim
+from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.chapters.protocol import DTYPES, agreement, finished, job_fields, retrain_chosen, run_jobs
+from fragile.chapters.table1_protocol import Table1Config, correlations_table, model_jobs
 from fragile.core.objective import Objective
-from fragile.models.pretrained import imagenet_classifier, weights_file
-from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.core.selection import random_test_points, select_top_k
 from fragile.core.train import TrainSpec, fit
+from fragile.data.datasets import Dataset, resolve_data_root
+from fragile.data.image_folders import load_image_folder, write_digit_folders
+from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.estimators import make_estimator
+from fragile.models.pretrained import imagenet_classifier, weights_file
+from fragile.models.small import build_model
+from fragile.run.devices import DEVICE_CHOICES, resolve_device
+from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,8 @@ ARCHITECTURES = ("resnet50", "resnet18", "small_resnet18")
 INFLUENCE_PARAMS = ("head", "last_block", "last_stage", "all")
 RETRAIN_PARAMS = ("all", "influence_params")
 ESTIMATORS = ("lissa", "arnoldi", "cg", "exact")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Part of every cache key: bump when a change to this module alters the numbers it produces.
-CODE_VERSION = 1
 
-# paper-brief §3.5 [N]: continuing training with nothing removed moved the two test losses by these amounts.
+# docs/protocol.md#imagenet [note]: continuing training with nothing removed moved the two test losses by these amounts.
 PAPER_DRIFT = (-0.679, 0.066)
 PAPER_MAX_CORRELATION = 0.15  # Pearson and Spearman below this for both test points
 
@@ -186,10 +184,10 @@ class ImageNetConfig(ChapterConfig):
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def cifar100_config(self) -> MnistCifar10Config:
+    def cifar100_config(self) -> Table1Config:
         """The CIFAR-100 rows as a Table 1 config: the fields here, the rest Table 1's protocol."""
         try:
-            return MnistCifar10Config(
+            return Table1Config(
                 seed=self.seed, profile=self.profile, device=self.device, use_cache=self.use_cache, results_dir=self.results_dir,
                 cache_dir=self.cache_dir, scheduler=self.scheduler, n_workers=self.n_workers, n_seeds=self.cifar100_n_seeds,
                 data_root=self.cifar100_data_root, mnist_architectures=(), cifar10_architectures=(),
@@ -290,9 +288,8 @@ def influence_prefixes(model: torch.nn.Module, which: str) -> tuple[str, ...] | 
 
 
 def choose_random_test_points(n_val: int, n_points: int, seed: int) -> np.ndarray:
-    """``n_points`` distinct validation indices drawn at random with ``seed`` (the paper: two at random)."""
-    check_int("n_points", n_points, minimum=1, maximum=n_val)
-    return np.sort(np.random.default_rng(seed).choice(n_val, size=n_points, replace=False))
+    """``n_points`` distinct validation indices drawn at random with ``seed``, ascending (the paper: two at random)."""
+    return np.sort(random_test_points(n_val, n_points, seed, name="n_points"))
 
 
 def _steps(epochs: int, n: int, batch_size: int) -> int:
@@ -362,44 +359,38 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> d
     predicted = res.predicted.double().numpy()
     out.update({"estimator_seconds": res.seconds, "residuals": res.residuals.double().numpy()})
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
-    union = np.unique(np.concatenate(chosen))
     retrain_obj, retrain_theta = (full, theta) if cfg.retrain_params == "all" else (subset, theta_sub)
     retrain_spec = train_spec.replace(steps=_steps(cfg.retrain_epochs, n, cfg.batch_size))
-    loo = loo_retrain(retrain_obj, retrain_theta, x, y, torch.as_tensor(union), retrain_spec, x_test, y_test,
-                      chunk_size=cfg.chunk_size, progress=False)
-    actual_all, vs_control_all = loo.actual.double().numpy(), loo.actual_vs_control.double().numpy()
-    position = {int(i): j for j, i in enumerate(union)}
-    out.update({"loo_models": int(union.size), "retrain_steps": retrain_spec.steps, "drift": loo.drift.double().numpy(),
+    loo = retrain_chosen(retrain_obj, retrain_theta, x, y, chosen, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size)
+    out.update({"loo_models": int(loo.union.size), "retrain_steps": retrain_spec.steps, "drift": loo.drift,
                 "control_grad_norm": loo.control_grad_norm})
     per_tp = []
     for t in range(len(tp)):
-        rows = [position[int(i)] for i in chosen[t]]
-        pred, actual, vs_control = predicted[t, chosen[t]], actual_all[rows, t], vs_control_all[rows, t]
+        rows = loo.rows(chosen[t])
+        pred, actual, vs_control = predicted[t, chosen[t]], loo.actual[rows, t], loo.actual_vs_control[rows, t]
+        against_control = agreement(pred, vs_control)
         per_tp.append({"test_point": int(tp[t]), "chosen": chosen[t], "predicted": pred, "actual": actual, "actual_vs_control": vs_control,
-                       "spearman": correlation(pred, actual, "spearman"), "pearson": correlation(pred, actual, "pearson"),
-                       "spearman_vs_control": correlation(pred, vs_control, "spearman"),
-                       "pearson_vs_control": correlation(pred, vs_control, "pearson")})
+                       **agreement(pred, actual), "spearman_vs_control": against_control["spearman"],
+                       "pearson_vs_control": against_control["pearson"]})
     out["per_test_point"] = per_tp
     return out
 
 
-def imagenet_job(code_version: int, model_seed: int, device: str | None = None, **fields: Any) -> dict[str, Any]:
+def imagenet_job(model_seed: int, device: str | None = None, **fields: Any) -> dict[str, Any]:
     """One sweep job: :func:`run_imagenet` for the config :func:`imagenet_jobs` keyed it by."""
-    if code_version != CODE_VERSION:
-        raise InvalidArgumentError(f"job made by code version {code_version}, this is version {CODE_VERSION}")
     return run_imagenet(ImageNetConfig(**fields), model_seed, device=device)
 
 
 # Besides where a job runs: the seeds (each job has its own) and the CIFAR-100 rows (jobs of their own).
-_NOT_IN_KEY = (*NOT_IN_JOB_KEY, "seed", "n_seeds", "cifar100", *(f for f in ImageNetConfig.__dataclass_fields__ if f.startswith("cifar100_")))
+_NOT_IN_KEY = ("seed", "n_seeds", "cifar100", *(f for f in ImageNetConfig.__dataclass_fields__ if f.startswith("cifar100_")))
 
 
 def imagenet_jobs(cfg: ImageNetConfig) -> list[Job]:
     """The ImageNet study as sweep jobs, one per seed, keyed by what its numbers depend on (the data root
     resolved, so that ``FRAGILE_IMAGENET`` enters the key)."""
-    fields = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_KEY}
+    fields = job_fields(cfg, exclude=_NOT_IN_KEY)
     fields["data_root"] = str(resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET") or "")
-    return [Job(f"imagenet/{cfg.architecture}-seed{s}", imagenet_job, {"code_version": CODE_VERSION, "model_seed": s, **fields},
+    return [Job(f"imagenet/{cfg.architecture}-seed{s}", imagenet_job, {"model_seed": s, **fields},
                 runtime={"device": cfg.device}) for s in cfg.seeds]
 
 
@@ -408,8 +399,6 @@ def run_study(cfg: ImageNetConfig, *, progress: bool = True, client=None) -> tup
 
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
     """
-    from fragile.chapters.mnist_cifar10 import model_jobs
-
     if cfg.scheduler in ("in-process", "local") and client is None:
         resolve_device(cfg.device)
     check_weights(cfg)
@@ -417,10 +406,8 @@ def run_study(cfg: ImageNetConfig, *, progress: bool = True, client=None) -> tup
         ensure_stand_in(cfg)  # once here, not by every worker at the same time
     jobs = imagenet_jobs(cfg)
     c100 = model_jobs(cfg.cifar100_config()) if cfg.cifar100 else []
-    report = run_sweep(jobs + c100, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
-                       n_workers=cfg.n_workers or None, client=client, progress=progress)
-    done = lambda js: [report.results[j.name] for j in js if j.name in report.results]  # noqa: E731
-    return done(jobs), done(c100), report
+    _, report = run_jobs(cfg, jobs + c100, progress=progress, client=client)
+    return finished(report, jobs), finished(report, c100), report
 
 
 def drift_table(models: list[dict[str, Any]]):
@@ -447,14 +434,12 @@ def drift_table(models: list[dict[str, Any]]):
 
 def cifar100_table(models: list[dict[str, Any]]):
     """Per CIFAR-100 network and test point: kind, loss, Spearman and Pearson against leave-one-out."""
-    from fragile.chapters.mnist_cifar10 import correlations_table
-
     table = correlations_table(models)
     return table[["seed", "test_point", "test_loss", "spearman", "pearson", "spearman_vs_control", "drift"]] if len(table) else table
 
 
 def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, imagenet_stand_in: bool,
-           cifar100_stand_in: bool) -> list[dict[str, Any]]:
+           cifar100_stand_in: bool) -> list[Claim]:
     """The section's claims, our numbers beside the paper's, and a verdict by a stated rule.
 
     Rules (stated in the chapter): *ImageNet correlations are low* is reproduced when Pearson and Spearman are
@@ -480,10 +465,10 @@ def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, im
         verdict = verdict_d = "not run: no ImageNet network finished"
     if imagenet_stand_in and len(drift):
         verdict, verdict_d = f"{real} (on the stand-in: {verdict})", f"{real} (on the stand-in: {verdict_d})"
-    out.append({"key": "imagenet_corr", "claim": "ImageNet, ResNet-50: Pearson and Spearman below 0.15 for both random test points",
-                "paper": "< 0.15", "ours": ours, "ours_value": top, "verdict": verdict})
-    out.append({"key": "imagenet_drift", "claim": "ImageNet: fine-tuning with nothing removed already moves the test losses, swamping the leave-one-out signal",
-                "paper": "drift −0.679, +0.066", "ours": ours_d, "ours_value": ratio, "verdict": verdict_d})
+    out.append(Claim(key="imagenet_corr", claim="ImageNet, ResNet-50: Pearson and Spearman below 0.15 for both random test points",
+                paper="< 0.15", ours=ours, value=top, verdict=verdict))
+    out.append(Claim(key="imagenet_drift", claim="ImageNet: fine-tuning with nothing removed already moves the test losses, swamping the leave-one-out signal",
+                paper="drift −0.679, +0.066", ours=ours_d, value=ratio, verdict=verdict_d))
     table = cifar100_table(cifar100)
     claim = "CIFAR-100, ResNet-18 (wd 5e-4): poor across high- and median-loss test points and initialisations (mean Spearman)"
     if len(table):
@@ -496,5 +481,9 @@ def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, im
         value = float(means.max())
     else:
         ours, verdict, value = "not run", "not run: cifar100 is off in this profile", math.nan
-    out.append({"key": "cifar100", "claim": claim, "paper": "poor (values not confirmed)", "ours": ours, "ours_value": value, "verdict": verdict})
+    out.append(Claim(key="cifar100", claim=claim, paper="poor (values not confirmed)", ours=ours, value=value, verdict=verdict))
     return out
+
+
+CHAPTER = Chapter(name="imagenet", number=4, title="ImageNet and CIFAR-100: when the ground truth itself is unreliable", part=PAPER_PART, config=ImageNetConfig, glue_prefix="inet",
+                  jobs=imagenet_jobs, run=run_study)

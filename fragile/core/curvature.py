@@ -98,27 +98,35 @@ def gauss_newton_matrix(
 ) -> torch.Tensor:
     """Materialise the Gauss–Newton matrix of the mean training objective (regulariser included),
 
-        G = (1/n) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i + weight_decay · I,
+        G = (1/n) Σ_i J_iᵀ Λ_i J_i + weight_decay · I,
 
-    with ``J_i`` the Jacobian of example i's logits and ``p_i`` its softmax: the Hessian with the network
-    linearised in its parameters (for softmax cross-entropy it is also the true Fisher). It is positive
+    with ``J_i`` the Jacobian of example i's outputs and ``Λ_i`` the loss's Hessian in them: the Hessian with the
+    network linearised in its parameters. For softmax cross-entropy ``Λ_i = diag p_i − p_i p_iᵀ`` with ``p_i`` the
+    softmax (G is then also the true Fisher); for ``loss="mse"`` (½ the squared error) ``Λ_i = I``. It is positive
     semi-definite, and the Hessian of the PBRF's objective at θ* (:func:`fragile.core.ground_truth.pbrf_retrain`).
     ``diag p − ppᵀ = AᵀA`` with ``A = diag(√p) − √p pᵀ`` (as Σp = 1), so G is accumulated as a sum of
-    ``BᵀB`` over chunks of ``B = A J``. Cost: one Jacobian (C vector-Jacobian products) per example and
-    O(n·C·p²) for the products; memory O(p² + data_chunk·C·p).
+    ``BᵀB`` over chunks of ``B = A J`` (``B = J`` for mse). Cost: one Jacobian (C vector-Jacobian products, C
+    outputs) per example and O(n·C·p²) for the products; memory O(p² + data_chunk·C·p).
+
+    Raises:
+        InvalidArgumentError: for a callable loss (its ``Λ_i`` has no closed form here), before any work.
     """
     from tqdm.auto import tqdm
 
+    objective.require_loss(("cross_entropy", "mse"), "the Gauss-Newton matrix")
     n, p = x.shape[0], objective.num_params
     jac = vmap(jacrev(lambda t, xi: objective.logits(t, xi.unsqueeze(0))[0]), in_dims=(None, 0))
     g = objective.weight_decay * torch.eye(p, dtype=theta.dtype, device=theta.device)
     for sl in tqdm(list(_chunks(n, data_chunk)), desc="Gauss-Newton", disable=not progress, leave=False):
-        with torch.no_grad():
-            prob = torch.softmax(objective.logits(theta, x[sl]), -1)
         j = jac(theta.detach(), x[sl])  # (c, C, p)
-        root = prob.sqrt()
-        a = torch.diag_embed(root) - root[:, :, None] * prob[:, None, :]
-        b = torch.bmm(a, j).reshape(-1, p)
+        if objective.loss_name == "mse":
+            b = j.reshape(-1, p)
+        else:
+            with torch.no_grad():
+                prob = torch.softmax(objective.logits(theta, x[sl]), -1)
+            root = prob.sqrt()
+            a = torch.diag_embed(root) - root[:, :, None] * prob[:, None, :]
+            b = torch.bmm(a, j).reshape(-1, p)
         g = g + (b.T @ b) / n
     return g
 

@@ -1,6 +1,6 @@
 """Leave-one-out ground truth: retrain warm-started from θ* with one point removed, plus the drift control.
 
-The paper's protocol (paper-brief §2): each leave-one-out model starts at θ* and trains a fixed number
+The paper's protocol (docs/protocol.md#definitions): each leave-one-out model starts at θ* and trains a fixed number
 of steps without point ``i``; the control trains the same steps with nothing removed. We report both
 ``L(θ₋ᵢ) − L(θ*)`` (the paper's "actual" change) and ``L(θ₋ᵢ) − L(θ_control)``, which removes the
 drift that continued training causes on its own.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fragile.errors import InvalidArgumentError, check_dataset, check_indices, check_int
 from fragile.core.objective import Objective
+from fragile.errors import InvalidArgumentError, check_indices, check_int
 from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ class LOOResult:
 
 
 def _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size) -> torch.Tensor:
-    check_dataset("x", x, "y", y)
-    check_dataset("x_test", x_test, "y_test", y_test)
+    objective.check_data("x", x, "y", y)
+    objective.check_data("x_test", x_test, "y_test", y_test)
     objective.check_params("theta_star", theta_star)
     if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
         raise InvalidArgumentError(f"x_test rows have shape {tuple(x_test.shape[1:])} but x rows have {tuple(x.shape[1:])}")
@@ -254,8 +254,8 @@ def loo_retrain_sequential(
 
 def _summarise(objective, theta_star, idxs, params, control_grad_norm, x_test, y_test, keep_params) -> LOOResult:
     with torch.no_grad():
-        loss_star = objective.sample_losses(theta_star, x_test, y_test)
-        losses = torch.stack([objective.sample_losses(t, x_test, y_test) for t in params])
+        loss_star = objective.measurements(theta_star, x_test, y_test)
+        losses = torch.stack([objective.measurements(t, x_test, y_test) for t in params])
     control, removed = params[0], params[1:]
     return LOOResult(  # on the CPU whatever the device: these are small and every caller reads them as numbers
         removed=idxs.cpu(),
@@ -385,14 +385,6 @@ def loo_cold_start(
                                         progress=progress, removal_weight=removal_weight))
 
 
-def bregman_cross_entropy(logits: torch.Tensor, logits_star: torch.Tensor) -> torch.Tensor:
-    """Bregman divergence of the cross-entropy as a function of the logits, between ``logits`` and ``logits_star``
-    (per row): ``logsumexp(z) − logsumexp(z*) − softmax(z*)ᵀ(z − z*)``, which is KL(softmax(z*) ‖ softmax(z)).
-    The label cancels; it is zero with zero gradient at ``z = z*`` and its Hessian there is the softmax's."""
-    return (torch.logsumexp(logits, -1) - torch.logsumexp(logits_star, -1)
-            - (torch.softmax(logits_star, -1) * (logits - logits_star)).sum(-1))
-
-
 @dataclass
 class PBRFResult(LOOResult):
     """:class:`LOOResult` of the proximal response functions (no control: ``test_loss_control`` is θ*'s, so
@@ -418,7 +410,7 @@ def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, dam
     theta_star = theta_star.detach()
     with torch.no_grad():
         z_star = objective.logits(theta_star, x)
-        loss_star = objective.sample_losses(theta_star, x_test, y_test)
+        loss_star = objective.measurements(theta_star, x_test, y_test)
     stacked_logits = torch.func.vmap(objective.logits, in_dims=(0, None))
     point_loss = torch.func.vmap(lambda t, xm, ym: objective.sample_losses(t, xm.unsqueeze(0), ym.unsqueeze(0))[0])
     # The regulariser's Bregman divergence is (wd/2)‖θ − θ*‖²: in the PBRF it joins the damping in one proximity term.
@@ -426,7 +418,7 @@ def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, dam
 
     def fit_values(thetas: torch.Tensor) -> torch.Tensor:
         if fit_term == "bregman":
-            return bregman_cross_entropy(stacked_logits(thetas, x), z_star).mean(-1)
+            return objective.output_bregman(stacked_logits(thetas, x), z_star, y).mean(-1)
         return objective.stacked_train_losses(thetas, x, y)
 
     losses, changes, grad_norms = [], [], []
@@ -454,7 +446,7 @@ def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, dam
         thetas = thetas.detach()
         grad_norms.append(torch.func.grad(lambda t: f(t).sum())(thetas).norm(dim=1))
         with torch.no_grad():
-            losses.append(torch.stack([objective.sample_losses(t, x_test, y_test) for t in thetas]))
+            losses.append(torch.stack([objective.measurements(t, x_test, y_test) for t in thetas]))
             changes.append((thetas - theta_star).norm(dim=1))
     change = torch.cat(changes)
     return PBRFResult(idx.cpu(), loss_star.cpu(), loss_star.cpu().clone(), torch.cat(losses).cpu(), change.cpu(), change.cpu(),
@@ -481,10 +473,11 @@ def pbrf_retrain(
 
         θ_m = argmin_θ  (1/n) Σ_j D(z_j(θ), z_j(θ*)) + ((weight_decay + damping)/2) ‖θ − θ*‖² − ε · L(z_m, θ),
 
-    with D the cross-entropy's Bregman divergence on the logits (:func:`bregman_cross_entropy`), the
+    with D the loss's Bregman divergence in the model outputs (:meth:`~fragile.core.objective.Objective.output_bregman`;
+    for cross-entropy :func:`~fragile.core.objective.bregman_cross_entropy`, the KL of the softmaxes), the
     regulariser's own Bregman divergence folded into the proximity term, and ``L(z_m) = ℓ(z_m) + (wd/2)‖θ‖²`` the
-    removed point's share of the objective (``fragile.estimators.base``'s convention). ``epsilon`` defaults to 1/n,
-    a removal; to first order θ_m − θ* = ε (G + (wd + λ) I)⁻¹ ∇L(z_m), G the Gauss–Newton matrix at θ*.
+    removed point's share of the objective (the estimators' convention, :mod:`fragile.estimators.base`). ``epsilon``
+    defaults to 1/n, a removal; to first order θ_m − θ* = ε (G + (wd + λ) I)⁻¹ ∇L(z_m), G the Gauss–Newton matrix at θ*.
 
     The points' problems are solved together, ``chunk_size`` at a time, as one full-batch L-BFGS run (strong-Wolfe
     line search) on the stack of their parameters from θ* (the problems are independent, so the stack's minimiser

@@ -1,11 +1,23 @@
 """The training objective as a pure function of a flat parameter vector.
 
 Everything downstream (training, influence, leave-one-out retraining) sees a model only through an
-:class:`Objective`: the mean cross-entropy over the training set plus ``(weight_decay/2)·‖θ‖²``. The
+:class:`Objective`: the mean per-example loss over the training set plus ``(weight_decay/2)·‖θ‖²``. The
 regulariser is part of the objective, so its Hessian includes ``weight_decay·I``.
+
+The per-example loss ``ℓ(f(x), y)`` of the model's outputs ``f(x)`` and the targets ``y`` is one of
+
+* ``"cross_entropy"`` (the default, the paper's): softmax cross-entropy of (n, K) logits and integer labels (n,);
+* ``"mse"``: half the squared error summed over the output dimensions, ``ℓ = ½·Σ_j (f_j(x) − y_j)²``, for float
+  targets (n, d), or (n,) with a model of one output (whose (n, 1) outputs are then read as (n,)). The ½ makes
+  the loss's Hessian in the outputs the identity, so for a linear model the Hessian of the objective is
+  ``XᵀX/n + weight_decay·I`` (the ridge normal equations);
+* any callable ``per_example_loss(outputs, targets) -> (n,)`` tensor, differentiable in the outputs, that
+  treats the rows independently (it is evaluated on single rows for per-example gradients).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +26,63 @@ from torch.func import functional_call, grad, vmap
 
 from fragile.errors import InvalidArgumentError, check_dataset, check_positive
 
+PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Loss = str | PerExampleLoss
+
+LOSSES = ("cross_entropy", "mse")
+"""The losses known by name; any callable is accepted too."""
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example softmax cross-entropy of (n, K) logits and (n,) integer labels, shape (n,)."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example ``½·Σ_j (f_j − y_j)²``, shape (n,), of outputs (n, d) and float targets (n, d), or of (n, 1) outputs
+    and (n,) targets."""
+    if targets.ndim == 1 and outputs.ndim == 2 and outputs.shape[1] == 1:
+        outputs = outputs[:, 0]
+    if outputs.shape != targets.shape:
+        raise InvalidArgumentError(
+            f"loss='mse' needs outputs and targets of one shape; the model gives {tuple(outputs.shape)} for targets of "
+            f"shape {tuple(targets.shape)}"
+        )
+    diff = outputs - targets
+    return 0.5 * (diff * diff).reshape(diff.shape[0], -1).sum(1)
+
+
+def bregman_cross_entropy(logits: torch.Tensor, logits_star: torch.Tensor) -> torch.Tensor:
+    """Bregman divergence of the cross-entropy as a function of the logits, between ``logits`` and ``logits_star``
+    (per row): ``logsumexp(z) − logsumexp(z*) − softmax(z*)ᵀ(z − z*)``, which is KL(softmax(z*) ‖ softmax(z)).
+    The label cancels; it is zero with zero gradient at ``z = z*`` and its Hessian there is the softmax's."""
+    return (torch.logsumexp(logits, -1) - torch.logsumexp(logits_star, -1)
+            - (torch.softmax(logits_star, -1) * (logits - logits_star)).sum(-1))
+
+
+_NAMED: dict[str, PerExampleLoss] = {"cross_entropy": cross_entropy, "mse": half_squared_error}
+# What check_dataset asks of the targets: class labels, float values, or anything with one row per input.
+_TARGETS = {"cross_entropy": "labels", "mse": "values"}
+
+
+def _checked(fn: PerExampleLoss, name: str) -> PerExampleLoss:
+    """A user's per-example function, with its result's shape checked (a mean over the batch instead of one value per
+    row would otherwise train silently on the wrong objective)."""
+
+    def call(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        values = fn(outputs, targets)
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != (outputs.shape[0],):
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise InvalidArgumentError(
+                f"{name}={fn!r} returned {got}; it must return one value per row, shape ({outputs.shape[0]},)"
+            )
+        return values
+
+    return call
+
 
 class Objective:
-    """``L(θ) = Σ_i w_i·ℓ(z_i, θ) / Σ_i w_i + (weight_decay/2)·‖θ‖²`` for a model and cross-entropy ``ℓ``.
+    """``L(θ) = Σ_i w_i·ℓ(z_i, θ) / Σ_i w_i + (weight_decay/2)·‖θ‖²`` for a model and a per-example loss ``ℓ``.
 
     Equivalently ``(1/n)·Σ_i L(z_i, θ)`` with each point's share ``L(z, θ) = ℓ(z, θ) + (weight_decay/2)·‖θ‖²``
     (Koh & Liang's convention): removing a point removes its share of the regulariser too, which is
@@ -36,10 +102,35 @@ class Objective:
         weight_decay: coefficient of the L2 term (>= 0).
         trainable: name prefixes of the parameters that make up θ; None means every parameter that
             requires a gradient.
+        loss: the per-example training loss: ``"cross_entropy"``, ``"mse"`` or a callable (module doc). The training
+            objective, its gradients and Hessian, and every training point's share ``L(z_i)`` always use it.
+        measurement: the test-time quantity whose change the influence of a training point predicts, a callable
+            ``(outputs, targets) -> (n,)``; None means the loss itself (the paper's: the test loss). It enters
+            :meth:`sample_grads` and :meth:`measurements`, that is the test points' side only.
     """
 
-    def __init__(self, model: nn.Module, weight_decay: float = 0.0, trainable: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        weight_decay: float = 0.0,
+        trainable: tuple[str, ...] | None = None,
+        *,
+        loss: Loss = "cross_entropy",
+        measurement: PerExampleLoss | None = None,
+    ):
         check_positive("weight_decay", weight_decay, allow_zero=True)
+        if isinstance(loss, str) and loss in _NAMED:
+            self._loss = _NAMED[loss]
+        elif callable(loss) and not isinstance(loss, str):
+            self._loss = _checked(loss, "loss")
+        else:
+            raise InvalidArgumentError(f"loss={loss!r} is not allowed; choose one of {list(LOSSES)} or pass a callable "
+                                       "per_example_loss(outputs, targets) -> (n,) tensor")
+        if measurement is not None and not callable(measurement):
+            raise InvalidArgumentError(f"measurement={measurement!r} is not allowed; pass a callable (outputs, targets) -> (n,) "
+                                       "tensor, or None for the loss itself")
+        self.loss, self.measurement = loss, measurement
+        self._measure = self._loss if measurement is None else _checked(measurement, "measurement")
         self.model = model
         self.weight_decay = float(weight_decay)
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
@@ -64,6 +155,25 @@ class Objective:
         self.num_params = sum(self.numels)
         self.dtype = named[0][1].dtype
 
+    @property
+    def loss_name(self) -> str:
+        """``"cross_entropy"``, ``"mse"``, or ``"callable"`` for a loss given as a function."""
+        return self.loss if isinstance(self.loss, str) else "callable"
+
+    def require_loss(self, allowed: tuple[str, ...], what: str) -> None:
+        """Raise unless :attr:`loss_name` is one of ``allowed``: for computations that need the loss's Hessian in the
+        outputs in closed form (``what`` names the computation for the message)."""
+        if self.loss_name not in allowed:
+            raise InvalidArgumentError(
+                f"loss={self.loss!r} is not supported by {what}, which needs the loss's Hessian in the model outputs in "
+                f"closed form; use loss in {list(allowed)} or another method"
+            )
+
+    def check_data(self, x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor) -> None:
+        """:func:`~fragile.errors.check_dataset` with the targets this loss takes: integer labels (n,) for cross-entropy,
+        float values (n,) or (n, d) for ``mse``, any tensor with one row per input for a callable."""
+        check_dataset(x_name, x, y_name, y, targets=_TARGETS.get(self.loss_name, "any"))
+
     # -- parameters -------------------------------------------------------------------------------
     def initial_params(self) -> torch.Tensor:
         """The template model's parameters as a flat vector (a copy)."""
@@ -84,12 +194,39 @@ class Objective:
 
     # -- values -----------------------------------------------------------------------------------
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Model outputs at parameters ``theta`` for inputs ``x`` (batch first)."""
+        """Model outputs at parameters ``theta`` for inputs ``x`` (batch first): the logits, for cross-entropy."""
         return functional_call(self.model, {**self._fixed, **self.unflatten(theta)}, (x,))
 
     def sample_losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-example cross-entropy ``ℓ(z_i, θ)``, shape (n,); no regulariser."""
-        return F.cross_entropy(self.logits(theta, x), y, reduction="none")
+        """Per-example training loss ``ℓ(z_i, θ)``, shape (n,); no regulariser."""
+        return self._loss(self.logits(theta, x), y)
+
+    def measurements(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example measurement (by default the loss) at test points, shape (n,): the quantity whose change
+        influence predicts."""
+        return self._measure(self.logits(theta, x), y)
+
+    def output_bregman(self, outputs: torch.Tensor, outputs_star: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Bregman divergence of the loss in the model outputs, ``ℓ(f) − ℓ(f*) − ∂ℓ(f*)ᵀ(f − f*)``, per model and example.
+
+        ``outputs`` are a stack of K models' outputs (K, n, ·), ``outputs_star`` (n, ·) the outputs at θ* and ``y`` the
+        targets; the result is (K, n). For cross-entropy it is :func:`bregman_cross_entropy` and for ``mse``
+        ``½‖f − f*‖²`` (the targets cancel in both); a callable loss is differentiated at ``outputs_star`` (one backward
+        pass over the n rows per call).
+        """
+        if self.loss_name == "cross_entropy":
+            return bregman_cross_entropy(outputs, outputs_star)
+        k, n = outputs.shape[:2]
+        diff = outputs - outputs_star
+        if self.loss_name == "mse":
+            return 0.5 * (diff * diff).reshape(k, n, -1).sum(-1)
+        slope = torch.func.grad(lambda z: self._loss(z, y).sum())(outputs_star.detach())
+        return self._stacked_loss(outputs, y) - self._loss(outputs_star, y) - (slope * diff).reshape(k, n, -1).sum(-1)
+
+    def _stacked_loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example losses of K models' outputs (K, n, ·) on the same targets, (K, n): one call on the K·n rows."""
+        k = z.shape[0]
+        return self._loss(z.reshape(-1, *z.shape[2:]), y.repeat(k, *([1] * (y.ndim - 1)))).view(k, -1)
 
     def regulariser(self, theta: torch.Tensor, weight_decay: torch.Tensor | None = None) -> torch.Tensor:
         """``(weight_decay/2)·‖θ‖²`` (per row for a stack; ``weight_decay`` (K,) overrides per row)."""
@@ -116,9 +253,8 @@ class Objective:
         vmapped over the stack; the sum of the result has the K models' gradients as its gradient,
         which is how :func:`stacked_grads` gets them from one backward pass.
         """
-        k = thetas.shape[0]
         z = vmap(self.logits, in_dims=(0, None))(thetas, x)  # (K, n, C)
-        losses = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.repeat(k), reduction="none").view(k, -1)
+        losses = self._stacked_loss(z, y)
         return _weighted_mean(losses, weights) + self.regulariser(thetas, weight_decay)
 
     # -- derivatives ------------------------------------------------------------------------------
@@ -141,29 +277,33 @@ class Objective:
             (g,) = torch.autograd.grad(values.sum(), thetas)
         return g, values.detach()
 
-    def sample_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = 256) -> torch.Tensor:
-        """Per-example gradients ``∇ℓ(z_i, θ)`` without the regulariser, shape (n, p) (test-loss gradients).
+    def sample_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, grad_chunk: int | None = 256) -> torch.Tensor:
+        """Per-example gradients of the measurement (by default ``∇ℓ(z_i, θ)``) without the regulariser, shape (n, p):
+        the test points' gradients.
 
-        Memory: O(n·p) for the result plus ``chunk_size`` examples' activations at a time.
+        Memory: O(n·p) for the result plus ``grad_chunk`` examples' activations at a time (None: all at once).
         """
+        return self._per_example_grads(self._measure, theta, x, y, grad_chunk)
 
-        def one(t: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(self.logits(t, xi.unsqueeze(0)), yi.unsqueeze(0))
+    def with_weight_decay(self, weight_decay: float) -> Objective:
+        """The same model, loss and measurement with another L2 coefficient."""
+        return Objective(self.model, weight_decay, self.trainable, loss=self.loss, measurement=self.measurement)
 
-        return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(theta, x, y)
-
-    def with_weight_decay(self, weight_decay: float) -> "Objective":
-        """The same model and loss with another L2 coefficient."""
-        return Objective(self.model, weight_decay, self.trainable)
-
-    def point_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = 256) -> torch.Tensor:
-        """Gradients of each training point's share ``∇L(z_i, θ) = ∇ℓ(z_i, θ) + weight_decay·θ``, (n, p).
+    def point_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, grad_chunk: int | None = 256) -> torch.Tensor:
+        """Gradients of each training point's share ``∇L(z_i, θ) = ∇ℓ(z_i, θ) + weight_decay·θ``, (n, p), of the loss
+        (never the measurement); memory as :meth:`sample_grads`.
 
         Retraining on n−1 points with the mean loss plus the same regulariser moves θ by
         ``≈ (1/(n−1))·H⁻¹∇L(z_i, θ*)``; the regulariser term is the same for every point, so it shifts
         all predictions of one test point equally (it matters for signs and parameter changes, not ranks).
         """
-        return self.sample_grads(theta, x, y, chunk_size) + self.weight_decay * theta
+        return self._per_example_grads(self._loss, theta, x, y, grad_chunk) + self.weight_decay * theta
+
+    def _per_example_grads(self, fn: PerExampleLoss, theta, x, y, grad_chunk: int | None) -> torch.Tensor:
+        def one(t: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return fn(self.logits(t, xi.unsqueeze(0)), yi.unsqueeze(0))[0]
+
+        return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=grad_chunk)(theta, x, y)
 
 
 def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -186,4 +326,6 @@ def check_weights(name: str, weights: torch.Tensor | None, n: int, k: int | None
         raise InvalidArgumentError(f"{name} must be finite and >= 0")
 
 
-__all__ = ["Objective", "check_weights", "check_dataset"]
+__all__ = [
+    "LOSSES", "Objective", "bregman_cross_entropy", "check_dataset", "check_weights", "cross_entropy", "half_squared_error",
+]

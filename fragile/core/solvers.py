@@ -85,17 +85,17 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1).double()
 
 
-def solve_in_chunks(solve: Callable[[torch.Tensor], Solves], vs: torch.Tensor, chunk: int) -> Solves:
-    """Run a batched solver (e.g. a partial :func:`cg_solve_many`) on ``chunk`` rows of ``vs`` (m, p) at a time and join
-    the results in row order.
+def solve_in_chunks(solve: Callable[[torch.Tensor], Solves], vs: torch.Tensor, vector_chunk: int) -> Solves:
+    """Run a batched solver (e.g. a partial :func:`cg_solve_many`) on ``vector_chunk`` rows of ``vs`` (m, p) at a time and
+    join the results in row order.
 
     The rows of a batched solve are independent (CG) or share only their seeded minibatch draws, which every call
-    repeats from the seed (LiSSA), so chunking changes no result; it bounds memory to ``chunk`` rows' iterates and
-    one matvec vmapped over ``chunk`` vectors.
+    repeats from the seed (LiSSA), so chunking changes no result; it bounds memory to ``vector_chunk`` rows' iterates
+    and one matvec vmapped over ``vector_chunk`` vectors.
     """
     _check_rhs("vs", vs)
-    check_int("vector_chunk", chunk, minimum=1)
-    parts = [solve(vs[i : i + chunk]) for i in range(0, vs.shape[0], chunk)]
+    check_int("vector_chunk", vector_chunk, minimum=1)
+    parts = [solve(vs[i : i + vector_chunk]) for i in range(0, vs.shape[0], vector_chunk)]
     return Solves(*(torch.cat([getattr(s, f) for s in parts]) for f in ("x", "residuals", "iterations")))
 
 

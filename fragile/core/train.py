@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fragile.core.curvature import objective_top_eigenvalue
-from fragile.errors import InvalidArgumentError, check_choice, check_dataset, check_int, check_positive
+from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.objective import Objective, check_weights
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def fit(
     Args:
         objective: the training objective (weight decay included).
         params: starting parameters, (p,) for one model or (K, p) for a stack.
-        x, y: training inputs and integer labels.
+        x, y: training inputs and targets (integer labels for cross-entropy: :meth:`~fragile.core.objective.Objective.check_data`).
         spec: optimiser settings.
         weights: per-example weights, (n,) shared or (K, n) per model; 0 removes an example from a
             model's objective (how leave-one-out retraining is batched). None means all ones.
@@ -146,7 +146,7 @@ def fit(
     """
     if checkpoint_every is not None:
         check_int("checkpoint_every", checkpoint_every, minimum=1)
-    check_dataset("x", x, "y", y)
+    objective.check_data("x", x, "y", y)
     if params.ndim == 1:
         params = params.unsqueeze(0)
     objective.check_params("params", params, stacked=True)
@@ -252,7 +252,7 @@ class ConvergenceReport:
 def convergence_report(
     objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, lr: float | None = None, data_chunk: int | None = None
 ) -> ConvergenceReport:
-    """Diagnostics recorded with every trained model (design.md §4). Cost: one gradient and up to a few
+    """Diagnostics recorded with every trained model (docs/conventions.md#convergence). Cost: one gradient and up to a few
     hundred HVPs."""
     objective.check_params("theta", theta)
     g = objective.grad(theta, x, y)

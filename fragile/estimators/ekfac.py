@@ -3,8 +3,9 @@
 George et al. (2018), "Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis"; used for
 influence functions by Grosse et al. (2023), "Studying Large Language Model Generalization with Influence
 Functions". The curvature of the mean training objective is approximated layer by layer (block-diagonal over
-layers, zero between them) by the Gauss–Newton matrix of the softmax cross-entropy, which for this loss equals
-the *true Fisher*: the expectation over labels drawn from the model's own predictive distribution.
+layers, zero between them) by the Gauss–Newton matrix of the loss: for the softmax cross-entropy it equals
+the *true Fisher*, the expectation over labels drawn from the model's own predictive distribution; for
+``loss="mse"`` (½ the squared error, whose Hessian in the outputs is the identity) it is ``E[JᵀJ]``.
 
 For a layer ``s = W ā`` with input ``ā = [a, 1]`` (the constant 1 carries the bias, so one block covers
 ``[W | b]``) and output gradient ``g = ∂ℓ/∂s``, the per-example weight gradient is ``G = g āᵀ``. K-FAC
@@ -16,7 +17,8 @@ is the best diagonal in that basis in Frobenius norm. The estimator's matrix is 
 ``weight_decay·I``, unchanged by any rotation, so it adds to every eigenvalue exactly, as does the damping λ.
 
 Expectations over labels are exact, not sampled: for each example and each of the K classes, the backward pass
-of the loss with label ``c`` is weighted by ``softmax(z)_c`` (K backward passes per chunk; deterministic).
+of the loss with label ``c`` is weighted by ``softmax(z)_c`` (K backward passes per chunk; deterministic). For
+``mse`` the K output directions ``e_c`` play the labels' part: ``Σ_c e_c e_cᵀ = I`` is the output Hessian exactly.
 
 Vectorisation convention: a block ``V`` (out × cols) is read row-major, ``vec(V)[o·cols + i] = V[o, i]``, so
 ``vec(Q_Sᵀ V Q_A) = (Q_S ⊗ Q_A)ᵀ vec(V)`` with ``⊗`` as in :func:`torch.kron`.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fragile.errors import InvalidArgumentError, check_int
-from fragile.estimators.base import InfluenceEstimator
 from fragile.core.objective import Objective
 from fragile.core.solvers import Solve, relative_residual
+from fragile.errors import InvalidArgumentError, check_int
+from fragile.estimators.base import EstimatorOptions, SolvingEstimator
+from fragile.estimators.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,19 @@ def _layer_blocks(objective: Objective) -> dict[str, LayerFactors]:
     return layers
 
 
-class EKFACInfluence(InfluenceEstimator):
+@dataclass(frozen=True)
+class EKFACOptions(EstimatorOptions):
+    """Options of :class:`EKFACInfluence`."""
+
+    vector_chunk: int = field(default=64, metadata={"help": (
+        "vectors whose residual HVPs against H + λI are vmapped together (memory grows with it); an integer >= 1")})
+
+    def __post_init__(self) -> None:
+        check_int("vector_chunk", self.vector_chunk, minimum=1)
+
+
+@register
+class EKFACInfluence(SolvingEstimator):
     """Influence through the EK-FAC approximation of the damped Gauss–Newton matrix (see the module doc).
 
     ``inverse_hvp(v)`` applies, per layer block ``V`` of ``v``, ``Q_S [(Q_Sᵀ V Q_A) / (Λ + weight_decay + λ)] Q_Aᵀ``:
@@ -154,7 +169,8 @@ class EKFACInfluence(InfluenceEstimator):
     Assumptions: every parameter of θ is the weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` (groups=1, zero
     padding given as numbers) that the model calls exactly once per forward pass as a module (forward hooks capture
     its input and output); examples do not interact in the forward pass (no batch-norm in training mode); the
-    model's output is (n, K) logits of the softmax cross-entropy. Any other parameter in θ raises
+    model's output is (n, K): logits of the softmax cross-entropy, or the K outputs of ``loss="mse"`` (a callable
+    loss raises, naming ``loss``). Any other parameter in θ raises
     :class:`~fragile.errors.InvalidArgumentError` at construction, before any work; a layer that runs twice, or not
     as a module, raises in the first forward pass of :meth:`prepare`. The training labels do not enter the
     curvature (the true Fisher takes labels from the model), only the training gradients.
@@ -165,20 +181,21 @@ class EKFACInfluence(InfluenceEstimator):
     gradient ``Σ_t g_t ā_tᵀ``, so the scale convention of A and S affects neither Λ nor the influences.
 
     Cost: two passes over the data, ``data_chunk`` rows at a time, each one forward and K backward passes
-    (K classes): the first accumulates A and S, the second Λ; then O(Σ_l (d_in³ + d_out³)) for the float64
+    (K classes or outputs): the first accumulates A and S, the second Λ; then O(Σ_l (d_in³ + d_out³)) for the float64
     eigendecompositions. Memory: O(Σ_l (d_in² + d_out² + d_out·d_in)) for the factors, plus a chunk's layer
     inputs (unfolded patches: ``kh·kw`` times a convolution's input) and output gradients. Per vector, O(Σ_l
     d_out·d_in·(d_out + d_in)) to apply the inverse, plus the one HVP of the residual.
 
-    Options: ``vector_chunk`` — residual HVPs vmapped together (memory grows with it). After :meth:`prepare`,
-    ``self.factors`` holds the fitted :class:`LayerFactors` by module name.
+    Options: :class:`EKFACOptions`. After :meth:`prepare`, ``self.factors`` holds the fitted :class:`LayerFactors`
+    by module name.
     """
 
     method = "ekfac"
-    OPTIONS = {"vector_chunk": 64}
+    Options = EKFACOptions
+    options: EKFACOptions
 
-    def _check_options(self) -> None:
-        check_int("vector_chunk", self.options["vector_chunk"], minimum=1)
+    def _check_problem(self) -> None:
+        self.objective.require_loss(("cross_entropy", "mse"), "method='ekfac'")
         self.factors = _layer_blocks(self.objective)
 
     @property
@@ -222,24 +239,30 @@ class EKFACInfluence(InfluenceEstimator):
                 "weights?); forward hooks cannot see them"
             )
         if logits.ndim != 2:
-            raise InvalidArgumentError(f"method='ekfac' needs (n, K) logits; the model returned shape {tuple(logits.shape)}")
+            raise InvalidArgumentError(f"method='ekfac' needs (n, K) outputs; the model returned shape {tuple(logits.shape)}")
         return logits, inputs, outputs
 
     def _label_gradients(self, x: torch.Tensor):
-        """For each class c, every layer's output gradients of the loss with label c, scaled by √softmax(z)_c.
+        """For each class c, every layer's output gradients of the loss with label c, scaled by √softmax(z)_c
+        (for ``mse``: of the output direction ``e_c``).
 
         Yields ``(inputs, {layer: (n, T, out) float64})`` once per class: summing squares over the classes gives
-        the expectation over labels drawn from the model, exactly.
+        the expectation over labels drawn from the model, exactly (for ``mse``, the output Hessian I).
         """
         logits, inputs, outputs = self._forward(x)
-        probs = torch.softmax(logits.detach(), dim=-1)
-        k = probs.shape[1]
+        mse = self.objective.loss_name == "mse"
+        probs = None if mse else torch.softmax(logits.detach(), dim=-1)
+        k = logits.shape[1]
         names = list(self.factors)
         for c in range(k):
-            # ∂ℓ(z, c)/∂z = softmax(z) − e_c; the weight √p_c enters squared.
-            direction = probs.clone()
-            direction[:, c] -= 1.0
-            direction *= probs[:, c : c + 1].sqrt()
+            if mse:
+                direction = torch.zeros_like(logits.detach())
+                direction[:, c] = 1.0
+            else:
+                # ∂ℓ(z, c)/∂z = softmax(z) − e_c; the weight √p_c enters squared.
+                direction = probs.clone()
+                direction[:, c] -= 1.0
+                direction *= probs[:, c : c + 1].sqrt()
             grads = torch.autograd.grad(logits, [outputs[nm] for nm in names], grad_outputs=direction, retain_graph=c < k - 1)
             yield inputs, {nm: _layer_output_grads(self.factors[nm].kind, g) for nm, g in zip(names, grads)}
 
@@ -287,10 +310,11 @@ class EKFACInfluence(InfluenceEstimator):
             # Λ is a mean of squares (>= 0); within its own round-off of 0 the inverse is noise.
             tol = math.sqrt(d.numel()) * torch.finfo(d.dtype).eps * max(top, 1.0)
             if float(d.min()) <= tol:
+                why = ("; softmax output gradients sum to zero over the classes, so a read-out layer has one"
+                       if self.objective.loss_name == "cross_entropy" else "")
                 raise InvalidArgumentError(
                     f"method='ekfac': the EK-FAC matrix is singular in layer {f.name!r} (an eigenvalue of {float(d.min()):.3g} "
-                    f"with weight_decay={self.objective.weight_decay} and damping={self.damping}; softmax output gradients "
-                    "sum to zero over the classes, so a read-out layer has one); increase damping"
+                    f"with weight_decay={self.objective.weight_decay} and damping={self.damping}{why}); increase damping"
                 )
 
     # -- solving ----------------------------------------------------------------------------------
@@ -310,13 +334,13 @@ class EKFACInfluence(InfluenceEstimator):
 
     def inverse_hvps(self, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xs = self.apply_inverse(vs)
-        step = self.options["vector_chunk"]
+        step = self.options.vector_chunk
         # The residuals' exact HVPs are vmapped ``vector_chunk`` at a time: one HVP each dominates the cost here.
         r = torch.cat([self.hvp(xs[i : i + step]) + self.damping * xs[i : i + step] - vs[i : i + step] for i in range(0, len(vs), step)])
         return xs, r.norm(dim=1) / vs.norm(dim=1).clamp_min(torch.finfo(vs.dtype).tiny)
 
     def _details(self) -> dict[str, Any]:
-        return {**self.options, "layers": list(self.factors)}
+        return {**self.options.to_dict(), "layers": list(self.factors)}
 
 
 def _layer_inputs(module: nn.Module, a: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -342,4 +366,4 @@ def _layer_output_grads(kind: str, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-__all__ = ["SUPPORTED_LAYERS", "EKFACInfluence", "LayerFactors"]
+__all__ = ["SUPPORTED_LAYERS", "EKFACInfluence", "EKFACOptions", "LayerFactors"]

@@ -5,7 +5,7 @@
 over saved parameters ``θ_k`` with step sizes ``η_k``, where ``ℓ(z_t)`` is the test loss and
 ``L(z_i) = ℓ(z_i) + (weight_decay/2)‖θ‖²`` the training point's share of the objective (as for every estimator
 in :mod:`fragile.estimators.base`). With one checkpoint at θ* and unit step it is
-:class:`~fragile.estimators.base.GradientDotInfluence` exactly.
+:class:`~fragile.estimators.grad_dot.GradientDotInfluence` exactly.
 
 Why these conventions. Full-batch gradient descent on ``L(θ) = (1/n)·Σ_i L(z_i; θ)`` takes the step
 ``θ_{k+1} − θ_k = −η_k·(1/n)·Σ_i ∇L(z_i; θ_k)``, so to first order in the step the test loss changes by
@@ -21,91 +21,89 @@ same sum in expectation.
 
 from __future__ import annotations
 
-import logging
 import math
-import time
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fragile.errors import InvalidArgumentError
-from fragile.estimators.base import InfluenceEstimator, InfluenceResult
-from fragile.core.solvers import Solve
-
-log = logging.getLogger(__name__)
+from fragile.estimators.base import EstimatorOptions, InfluenceEstimator
+from fragile.estimators.registry import register
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field has no single truth value
+class TracInOptions(EstimatorOptions):
+    """Options of :class:`TracInInfluence`."""
+
+    checkpoints: torch.Tensor | None = field(default=None, metadata={"help": (
+        "required: a (C, p) tensor of saved parameter vectors θ_k, C >= 1, finite (one model of a TrainResult.checkpoints "
+        "stack: result.checkpoints[:, k])")})
+    lrs: tuple[float, ...] | None = field(default=None, metadata={"help": (
+        "C step sizes η_k, finite and > 0, one per checkpoint (a sequence or a 1-D tensor, whose values are used as "
+        "stored: a float32 tensor gives 0.3 as 0.30000001); None means all 1.0. Kept as a tuple of floats")})
+
+    def __post_init__(self) -> None:
+        ck = self.checkpoints
+        if ck is None:
+            raise InvalidArgumentError(
+                "checkpoints is required for method='tracin': a (C, p) tensor of saved parameters, e.g. "
+                "fit(..., checkpoint_every=e).checkpoints[:, 0]"
+            )
+        if not isinstance(ck, torch.Tensor) or ck.ndim != 2 or ck.shape[0] < 1:
+            got = tuple(ck.shape) if isinstance(ck, torch.Tensor) else type(ck).__name__
+            raise InvalidArgumentError(f"checkpoints has shape {got}; expected (C, p) with C >= 1")
+        if not bool(torch.isfinite(ck).all()):
+            raise InvalidArgumentError("checkpoints has non-finite entries")
+        c = ck.shape[0]
+        if self.lrs is None:
+            return
+        try:
+            lrs = [float(v) for v in (self.lrs.reshape(-1).tolist() if isinstance(self.lrs, torch.Tensor) else self.lrs)]
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"lrs={self.lrs!r} is not allowed; give {c} step sizes > 0, one per checkpoint") from exc
+        if len(lrs) != c or not all(math.isfinite(v) and v > 0 for v in lrs):
+            raise InvalidArgumentError(
+                f"lrs has {len(lrs)} values {lrs[:5]}…; expected {c} finite step sizes > 0, one per checkpoint"
+            )
+        object.__setattr__(self, "lrs", tuple(lrs))  # the dataclass is frozen; this one normalisation happens here, once
+
+
+@register
 class TracInInfluence(InfluenceEstimator):
     """TracInCP over saved checkpoints (see the module doc for the formula and its sign).
 
-    Options:
-        checkpoints: (C, p) tensor of saved parameter vectors θ_k, required (one model of a
-            :attr:`~fragile.core.train.TrainResult.checkpoints` stack: ``result.checkpoints[:, k]``).
-        lrs: C step sizes η_k > 0 (a sequence or a 1-D tensor, whose values are used as stored: a float32 tensor
-            gives 0.3 as 0.30000001); None means all 1.0.
+    Options: :class:`TracInOptions` (``checkpoints``, required, and ``lrs``).
 
     ``theta`` (θ*) is used only by the base class's checks: TracIn evaluates gradients at the checkpoints alone,
-    so pass θ* among them to include it. ``damping`` is ignored: there is no Hessian. TracIn solves no system,
-    so :meth:`influences` reports NaN residuals (:attr:`residual_by_design` is True) and :meth:`inverse_hvp` raises.
+    so pass θ* among them to include it. ``damping`` is ignored: there is no Hessian. TracIn solves no system:
+    it has no inverse HVP, and :meth:`influences` reports NaN residuals (:attr:`residual_by_design` is True).
 
     Cost: per checkpoint, the test gradients and the k training gradients (``grad_chunk`` at a time, dotted
     and dropped): C·(n_test + k) per-example gradients, memory O((n_test + grad_chunk)·p).
     """
 
     method = "tracin"
-    OPTIONS = {"checkpoints": None, "lrs": None}
+    Options = TracInOptions
+    options: TracInOptions
 
-    def _check_options(self) -> None:
-        ck = self.options["checkpoints"]
-        if ck is None:
-            raise InvalidArgumentError(
-                "checkpoints is required for method='tracin': a (C, p) tensor of saved parameters, e.g. "
-                "fit(..., checkpoint_every=e).checkpoints[:, 0]"
-            )
-        if not isinstance(ck, torch.Tensor) or ck.ndim != 2 or ck.shape[0] < 1 or ck.shape[1] != self.p:
-            got = tuple(ck.shape) if isinstance(ck, torch.Tensor) else type(ck).__name__
-            raise InvalidArgumentError(f"checkpoints has shape {got}; expected (C, p) with C >= 1 and p={self.p}")
-        if not bool(torch.isfinite(ck).all()):
-            raise InvalidArgumentError("checkpoints has non-finite entries")
-        lrs = self.options["lrs"]
-        c = ck.shape[0]
-        if lrs is None:
-            lrs = [1.0] * c
-        else:
-            try:
-                lrs = [float(v) for v in (lrs.reshape(-1).tolist() if isinstance(lrs, torch.Tensor) else lrs)]
-            except (TypeError, ValueError) as exc:
-                raise InvalidArgumentError(f"lrs={lrs!r} is not allowed; give {c} step sizes > 0, one per checkpoint") from exc
-            if len(lrs) != c or not all(math.isfinite(v) and v > 0 for v in lrs):
-                raise InvalidArgumentError(f"lrs has {len(lrs)} values {lrs[:5]}…; expected {c} finite step sizes > 0, one per checkpoint")
+    def _check_problem(self) -> None:
+        ck = self.options.checkpoints
+        if ck.shape[1] != self.p:
+            raise InvalidArgumentError(f"checkpoints has shape {tuple(ck.shape)}; expected (C, p) with C >= 1 and p={self.p}")
         self.checkpoints = ck.detach().to(device=self.theta.device, dtype=self.theta.dtype)
-        self.lrs = lrs
+        self.lrs = list(self.options.lrs) if self.options.lrs is not None else [1.0] * ck.shape[0]
 
     @property
     def residual_by_design(self) -> bool:
         return True
 
-    def inverse_hvp(self, v: torch.Tensor) -> Solve:
-        raise InvalidArgumentError("method='tracin' solves no system and has no inverse HVP; use influences()")
-
-    def influences(
-        self, x_test: torch.Tensor, y_test: torch.Tensor, train_idxs: Sequence[int] | torch.Tensor | None = None
-    ) -> InfluenceResult:
-        """TracIn scores of each training point for each test point, (n_test, k) (sign and formula: module doc).
-
-        Args:
-            x_test, y_test: test inputs (same feature shape as ``x_train``) and labels.
-            train_idxs: training points to score; None means all of them.
-        """
-        idxs = self._check_query(x_test, y_test, train_idxs)
-        start = time.perf_counter()
+    def _predict(self, x_test: torch.Tensor, y_test: torch.Tensor, train_idxs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         predicted = None
         for theta_k, lr in zip(self.checkpoints, self.lrs):
-            term = lr * self._scores(theta_k, x_test, y_test, idxs)
+            term = lr * self._scores(theta_k, x_test, y_test, train_idxs)
             predicted = term if predicted is None else predicted + term
-        residuals = torch.full((x_test.shape[0],), float("nan"), dtype=predicted.dtype)
-        return InfluenceResult(predicted, idxs, self.method, self.damping, residuals, None, time.perf_counter() - start, self._details())
+        return predicted, torch.full((x_test.shape[0],), float("nan"), dtype=predicted.dtype)
 
     def _scores(self, theta: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
         """``(1/n)·∇ℓ(z_t; θ)·∇L(z_i; θ)`` at one checkpoint, (n_test, k) on the CPU; the same chunked products as
@@ -121,4 +119,4 @@ class TracInInfluence(InfluenceEstimator):
         return {"num_checkpoints": int(self.checkpoints.shape[0]), "lrs": list(self.lrs)}
 
 
-__all__ = ["TracInInfluence"]
+__all__ = ["TracInInfluence", "TracInOptions"]

@@ -95,7 +95,7 @@ def book_cmd(profile: str, no_run: bool, only: tuple[str, ...], scheduler: str |
 
 @main.command("check")
 def check_cmd() -> None:
-    """Fail if an executed chapter is missing or stale against its template and parameter profile."""
+    """Fail if an executed chapter is missing or stale against its template, parameter profile or library code."""
     try:
         problems = runner.stale_sections()
     except FragileError as exc:
@@ -104,4 +104,4 @@ def check_cmd() -> None:
         click.echo(f"stale: {p}")
     if problems:
         sys.exit(1)
-    click.echo("book is current: every chapter matches its template and profile")
+    click.echo("book is current: every chapter matches its template, profile and library code")

@@ -23,7 +23,7 @@ def resolve_device(device: str) -> torch.device:
     """The torch device a chapter computes on; checked before any work.
 
     ``auto`` is the first CUDA device when torch sees one, else the CPU. Numbers are bit-reproducible
-    on the CPU only (design.md); GPU results agree to round-off.
+    on the CPU only (docs/conventions.md#stack); GPU results agree to round-off.
 
     Raises:
         InvalidArgumentError: an unknown name, or a CUDA device that torch does not see here.

@@ -1,7 +1,9 @@
 """Run the section notebooks with papermill under a parameter profile, and check the book is current.
 
-A section is a template ``notebooks/NN_<name>.ipynb`` with one ``parameters`` cell. A profile
-``book/params/<profile>.yml`` maps section names to parameter values. Book runs write
+A section is a chapter of :mod:`fragile.chapters.registry` and its template ``notebooks/NN_<name>.ipynb`` with
+one ``parameters`` cell declaring the chapter config's fields. A profile ``book/params/<profile>.yml`` maps
+section names to parameter values; every value is checked against the chapter's config (name, type, range)
+before papermill starts. Book runs write
 ``book/sections/NN_<name>.ipynb``; ad-hoc runs write under ``runs/`` and never touch the book. Output is
 written to a temporary file and moved into place only when the whole notebook succeeded.
 
@@ -18,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from fragile.atomic import atomic_write_bytes
-from fragile.config import PROFILES, load_yaml
+from fragile.config import PROFILES, from_dict, load_yaml
+from fragile.book.chapter import COMMON_FIELDS, EXECUTION_PARAMETERS, Chapter
 from fragile.errors import FragileError, InvalidArgumentError
+from fragile.run.code import code_problem, notebook_code
 
 log = logging.getLogger(__name__)
 
-COMMON_PARAMETERS = ("seed", "profile", "device", "use_cache", "results_dir", "scheduler", "n_workers")
-# Where and how a section computes, not what: left out of the digest that says whether the book is current.
-EXECUTION_PARAMETERS = ("scheduler", "n_workers")
+# Parameters every notebook declares (``cache_dir`` and ``n_seeds`` keep their config defaults where not declared).
+COMMON_PARAMETERS = tuple(name for name in COMMON_FIELDS if name not in ("cache_dir", "n_seeds"))
 
 
 class SectionFailedError(FragileError):
@@ -54,25 +56,41 @@ def project_root(start: str | Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Section:
-    """A section template and the parameters its ``parameters`` cell declares."""
+    """A chapter, its template and the parameters its ``parameters`` cell declares."""
 
-    name: str
+    chapter: Chapter
     path: Path
     parameters: dict[str, dict[str, Any]]
 
     @property
+    def name(self) -> str:
+        return self.chapter.notebook
+
+    @property
     def short(self) -> str:
-        return re.sub(r"^\d+_", "", self.name)
+        return self.chapter.name
 
 
 def sections(root: Path | None = None) -> list[Section]:
-    """Every section template, in file-name order, with its declared parameters."""
+    """Every chapter of the registry, in book order, with its template's declared parameters.
+
+    Raises:
+        FragileError: a chapter has no template, or a template belongs to no chapter.
+    """
     import papermill as pm
+
+    from fragile.chapters.registry import CHAPTERS
 
     root = root or project_root()
     out = []
-    for path in sorted((root / "notebooks").glob("*.ipynb")):
-        out.append(Section(path.stem, path, dict(pm.inspect_notebook(str(path)))))
+    for chapter in CHAPTERS.values():
+        path = root / "notebooks" / f"{chapter.notebook}.ipynb"
+        if not path.is_file():
+            raise FragileError(f"chapter {chapter.name!r} has no template {path.relative_to(root)}")
+        out.append(Section(chapter, path, dict(pm.inspect_notebook(str(path)))))
+    orphans = sorted({p.stem for p in (root / "notebooks").glob("*.ipynb")} - {s.name for s in out})
+    if orphans:
+        raise FragileError(f"notebooks {orphans} belong to no chapter of fragile.chapters.registry")
     return out
 
 
@@ -103,8 +121,9 @@ def load_profile(profile: str, root: Path | None = None) -> dict[str, dict[str, 
 def resolve_parameters(section: Section, profile: str, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
     """The parameters a run gets: profile values, then overrides, then ``profile`` itself.
 
-    Names the notebook does not declare are refused here, before anything executes; types and ranges
-    are checked by the notebook's own strict config cell on its first lines.
+    Everything is checked here, before anything executes: names the notebook does not declare are refused, and
+    the values must make a valid config of the chapter (types and ranges, each error naming its parameter).
+    The notebook checks them again on its first lines, for runs that do not come through here.
     """
     params = dict(load_profile(profile, root).get(section.name, {}))
     params.update(overrides or {})
@@ -114,6 +133,7 @@ def resolve_parameters(section: Section, profile: str, overrides: dict[str, Any]
         raise InvalidArgumentError(
             f"unknown parameter(s) {unknown} for section {section.short!r}; declared: {sorted(section.parameters)}"
         )
+    from_dict(section.chapter.config, params)
     return params
 
 
@@ -212,6 +232,7 @@ def _execute(section: Section, profile: str, params: dict[str, Any], run_params:
     import nbformat
     import papermill as pm
 
+    code = notebook_code(section.path, root)  # read before executing: the code the chapter runs
     fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".ipynb", dir=output.parent)
     os.close(fd)
     env_before = os.environ.get("TQDM_DISABLE")
@@ -224,7 +245,7 @@ def _execute(section: Section, profile: str, params: dict[str, Any], run_params:
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata["fragile"] = {
             "section": section.name, "profile": profile, "parameters": params,
-            "template_digest": template_digest(section.path), "params_digest": params_digest(params),
+            "template_digest": template_digest(section.path), "params_digest": params_digest(params), **code,
         }
         atomic_write_bytes(output, nbformat.writes(nb).encode())
     except pm.PapermillExecutionError as exc:
@@ -271,9 +292,41 @@ def run_book_sections(
     return out
 
 
-def build_html(root: Path | None = None, *, strict: bool = True) -> Path:
-    """``jupyter-book build book`` (warnings as errors with ``strict``); returns the HTML folder."""
+# The book's own pages after the chapters: how to rerun, and how the pages were made.
+USING_THE_BOOK = ("rerun", "provenance")
+
+
+def toc_yaml() -> str:
+    """``book/_toc.yml`` as the chapter registry says: the chapters by part, in book order, then the book's
+    own pages."""
+    from fragile.chapters.registry import CHAPTERS
+
+    lines = ["# Written by fragile.run.runner.write_toc from fragile.chapters.registry: edit the registry, not this file.",
+             "format: jb-book", "root: index", "parts:"]
+    parts: dict[str, list[str]] = {}
+    for chapter in CHAPTERS.values():
+        parts.setdefault(chapter.part, []).append(f"sections/{chapter.notebook}")
+    parts["Using this book"] = list(USING_THE_BOOK)
+    for caption, files in parts.items():
+        lines += [f"  - caption: {caption}", "    chapters:", *(f"      - file: {f}" for f in files)]
+    return "\n".join(lines) + "\n"
+
+
+def write_toc(root: Path | None = None) -> Path:
+    """Write ``book/_toc.yml`` from the registry (atomically, only when it differs); returns its path."""
     root = root or project_root()
+    path = root / "book" / "_toc.yml"
+    text = toc_yaml()
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
+def build_html(root: Path | None = None, *, strict: bool = True) -> Path:
+    """``jupyter-book build book`` (warnings as errors with ``strict``), its table of contents written from the
+    chapter registry first; returns the HTML folder."""
+    root = root or project_root()
+    write_toc(root)
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(root / "book")]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
@@ -286,7 +339,9 @@ def stale_sections(root: Path | None = None) -> list[str]:
     """Problems that make the committed book out of date with its templates and parameter profiles.
 
     An executed chapter is stale when it is missing, when its template changed since it was executed,
-    or when the profile it was executed with now gives different parameters.
+    when the library code its template imports (read from ``root/fragile``, see
+    :func:`~fragile.run.code.code_problem`) changed or was not recorded, or when the profile it was
+    executed with now gives different parameters.
     """
     root = root or project_root()
     problems = []
@@ -301,6 +356,9 @@ def stale_sections(root: Path | None = None) -> list[str]:
             continue
         if meta.get("template_digest") != template_digest(section.path):
             problems.append(f"{section.name}: template changed since the chapter was executed")
+        code = code_problem(meta, section.path, root)
+        if code:
+            problems.append(f"{section.name}: {code}")
         expected = resolve_parameters(section, meta.get("profile", "default"), None, root)
         if params_digest(expected) != meta.get("params_digest"):
             problems.append(f"{section.name}: book/params/{meta.get('profile')}.yml changed since the chapter was executed")

@@ -28,14 +28,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fragile.errors import InvalidArgumentError, check_int
 from fragile.run.allocator import keep_freed_memory
 from fragile.run.cache import CacheCorruptError, ResultCache, config_key
-from fragile.errors import InvalidArgumentError, check_int
+from fragile.run.code import module_code_digest
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5
 SCHEDULER_KINDS = ("in-process", "local")
+# The entry of a job's cache config that holds the code digest of its function's module.
+CODE_KEY = "code"
 ADDRESS_PREFIXES = ("tcp://", "tls://", "inproc://", "ucx://")
 
 
@@ -59,6 +62,10 @@ class Job:
     ``cost``, a rough relative run time: jobs are submitted most expensive first, so that a long job
     does not start last and leave the other workers idle; nor is ``runtime``, keyword arguments that say
     how to compute, not what (the ``device``): passed to ``fn`` beside ``config``.
+
+    The job is cached under :attr:`cache_config`, its config plus the code digest of ``fn``'s module
+    (:func:`~fragile.run.code.module_code_digest`, computed once per process): a result computed by
+    other library code is a different entry, so it is recomputed, never reused.
     """
 
     name: str
@@ -69,8 +76,22 @@ class Job:
     runtime: dict[str, Any] | None = None
 
     @property
+    def cache_config(self) -> dict[str, Any]:
+        """``config`` plus :data:`CODE_KEY`: what the job is cached under (and its ``config.json`` records).
+
+        Raises:
+            InvalidArgumentError: ``config`` already holds :data:`CODE_KEY`, or ``fn``'s module has no source.
+        """
+        if CODE_KEY in self.config:
+            raise InvalidArgumentError(f"config of job {self.name!r} holds {CODE_KEY!r}, which is reserved for the code digest")
+        module = getattr(self.fn, "__module__", None)
+        if module is None:
+            raise InvalidArgumentError(f"fn of job {self.name!r} has no __module__; use a module-level function")
+        return {**self.config, CODE_KEY: module_code_digest(module)}
+
+    @property
     def key(self) -> str:
-        return f"{self.name}/{config_key(self.config)}"
+        return f"{self.name}/{config_key(self.cache_config)}"
 
 
 @dataclass
@@ -91,8 +112,10 @@ class SweepReport:
         return line
 
 
-def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
-    """Run one job and publish its result; never raises (a failure is returned with its traceback).
+def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
+    """Run one job and publish its result under ``cache_config`` (the driver's :attr:`Job.cache_config`,
+    so a worker never digests its own copy of the code); never raises (a failure is returned with its
+    traceback).
 
     The job runs on one torch thread wherever it runs: the thread count changes the order of
     floating-point reductions, and the same job must give the same bits in-process and on any worker.
@@ -109,7 +132,7 @@ def _execute(job: Job, cache_root: str, use_cache: bool) -> tuple[str, Any, floa
         return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    ResultCache(cache_root, enabled=use_cache).save(job.name, job.config, payload)
+    ResultCache(cache_root, enabled=use_cache).save(job.name, cache_config, payload)
     return "ok", payload, time.perf_counter() - start
 
 
@@ -201,12 +224,13 @@ def run_sweep(
     cache = ResultCache(Path(cache_dir).resolve(), enabled=use_cache)
     report = SweepReport()
     todo = []
+    keyed = {job.name: job.cache_config for job in jobs}
     for job in jobs:
         try:
-            hit = cache.load(job.name, job.config)
+            hit = cache.load(job.name, keyed[job.name])
         except CacheCorruptError as exc:
             log.warning("%s; recomputing", exc)
-            cache.discard(job.name, job.config)
+            cache.discard(job.name, keyed[job.name])
             hit = None
         if hit is None:
             todo.append(job)
@@ -227,7 +251,7 @@ def run_sweep(
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not todo)
     if todo and scheduler == "in-process" and client is None:
         for job in todo:
-            record(job, *_execute(job, str(cache.root), use_cache))
+            record(job, *_execute(job, keyed[job.name], str(cache.root), use_cache))
             bar.update()
     elif todo:
         from distributed import as_completed
@@ -239,7 +263,7 @@ def run_sweep(
             # A fresh token per sweep: the cluster may still hold an earlier sweep's task of the same job
             # (released asynchronously), and reusing it would skip publishing to this sweep's cache.
             token = uuid.uuid4().hex[:8]
-            futures = {client.submit(_execute, job, str(cache.root), use_cache, key=f"fragile-{job.key}-{token}",
+            futures = {client.submit(_execute, job, keyed[job.name], str(cache.root), use_cache, key=f"fragile-{job.key}-{token}",
                                      pure=False, retries=1, resources=job.resources): job for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]

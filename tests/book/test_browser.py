@@ -5,22 +5,53 @@ from urllib.parse import urlparse
 
 import pytest
 
+# Every wait below is for an event (a selector, a condition on the page); this is only the bound on a hang, not
+# a speed check, and generous because the test machine may be busy.
+HANG_GUARD_MS = 120_000
+
+# The panels of a kernel-free widget that are shown (Playwright's notion of visible: a box and not hidden).
+VISIBLE_PANELS_JS = """() => Array.from(document.querySelectorAll('.widget-image'))
+    .filter(i => { const r = i.getBoundingClientRect();
+                   return r.width > 0 && r.height > 0 && getComputedStyle(i).visibility !== 'hidden'; })
+    .map(i => (i.getAttribute('src') || '').slice(0, 80))"""
+
 
 def _open(browser, url):
     page = browser.new_page()
+    page.set_default_timeout(HANG_GUARD_MS)
     foreign = []
-    page.on("request", lambda r: foreign.append(r.url) if urlparse(r.url).hostname not in ("127.0.0.1", None) and not r.url.startswith("data:") else None)
+    page.on(
+        "request",
+        lambda r: (
+            foreign.append(r.url)
+            if urlparse(r.url).hostname not in ("127.0.0.1", None) and not r.url.startswith("data:")
+            else None
+        ),
+    )
     page.goto(url, wait_until="networkidle")
     return page, foreign
 
 
 def _images_loaded(page):
-    return page.evaluate("""() => Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])""")
+    return page.evaluate(
+        """() => Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete && i.naturalWidth > 0])"""
+    )
 
 
-@pytest.mark.parametrize("path", ["index.html", "sections/01_iris.html", "sections/02_small_mnist.html", "sections/03_mnist_cifar10.html",
-                                  "sections/04_imagenet.html", "sections/05_appendix.html", "sections/06_estimands.html", "rerun.html",
-                                  "provenance.html"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "index.html",
+        "sections/01_iris.html",
+        "sections/02_small_mnist.html",
+        "sections/03_mnist_cifar10.html",
+        "sections/04_imagenet.html",
+        "sections/05_appendix.html",
+        "sections/06_estimands.html",
+        "rerun.html",
+        "provenance.html",
+    ],
+)
 def test_page_renders_offline_with_all_images(browser, server, path):
     page, foreign = _open(browser, f"{server}/{path}")
     assert page.locator("main h1").count() >= 1
@@ -32,7 +63,7 @@ def test_page_renders_offline_with_all_images(browser, server, path):
 
 def test_index_typesets_math_and_shows_glued_numbers(browser, server):
     page, _ = _open(browser, f"{server}/index.html")
-    page.wait_for_selector("mjx-container", timeout=15000)
+    page.wait_for_selector("mjx-container")
     assert page.locator("mjx-container").count() >= 2
     table = page.locator("table").first.inner_text()
     assert "needs the real data set" in table  # stand-in chapters say so in the claims table
@@ -41,40 +72,57 @@ def test_index_typesets_math_and_shows_glued_numbers(browser, server):
     page.close()
 
 
-@pytest.mark.parametrize("path, min_images, controls", [
-    ("sections/01_iris.html", 6, ("depth", "weight-decay")),
-    ("sections/02_small_mnist.html", 4, ("test-point", "band")),
-])
+@pytest.mark.parametrize(
+    "path, min_images, controls",
+    [
+        ("sections/01_iris.html", 6, ("depth", "weight-decay")),
+        ("sections/02_small_mnist.html", 4, ("test-point", "band")),
+    ],
+)
 def test_chapter_has_banner_figures_and_working_widget(browser, server, path, min_images, controls):
     page, foreign = _open(browser, f"{server}/{path}")
     assert "How this page was computed" in page.inner_text("main")
     assert len([1 for _, ok in _images_loaded(page) if ok]) >= min_images
-    page.wait_for_selector(".widget-slider", timeout=20000)
-    visible = lambda: [img.get_attribute("src")[:80] for img in page.locator(".widget-image").all() if img.is_visible()]  # noqa: E731
-    before = visible()
+    page.wait_for_selector(".widget-slider")
+    page.wait_for_function(f"() => ({VISIBLE_PANELS_JS})().length === 1")  # the widget manager has rendered
+    before = page.evaluate(VISIBLE_PANELS_JS)
     assert len(before) == 1, "exactly one panel is visible"
+
+    def switched_from(panels):
+        """Wait until one panel other than ``panels`` is shown (the jslink has fired), then return what is shown."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            page.wait_for_function(
+                f"(old) => {{ const v = ({VISIBLE_PANELS_JS})(); return v.length === 1 && v[0] !== old[0]; }}", arg=panels
+            )
+        except PlaywrightTimeout:
+            pass  # the panel never switched: the assertion after the call says which control failed
+        return page.evaluate(VISIBLE_PANELS_JS)
+
     slider = page.locator(".widget-slider input, .widget-slider .noUi-handle").first
     slider.focus()
     page.keyboard.press("ArrowRight")
-    page.wait_for_timeout(300)
-    after_slider = visible()
+    after_slider = switched_from(before)
     assert len(after_slider) == 1 and after_slider != before, f"moving the {controls[0]} slider switches the panel"
     page.locator(".widget-toggle-button").nth(1).click()
-    page.wait_for_timeout(300)
-    after_toggle = visible()
+    after_toggle = switched_from(after_slider)
     assert len(after_toggle) == 1 and after_toggle != after_slider, f"the {controls[1]} buttons switch the panel"
     assert not foreign, f"requests to other hosts: {foreign[:5]}"
     page.close()
 
 
-@pytest.mark.parametrize("path, kind, says", [
-    ("sections/01_iris.html", "note", "real data"),
-    ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
-    ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
-    ("sections/04_imagenet.html", "warning", "These are not ImageNet numbers"),
-    ("sections/05_appendix.html", "warning", "not CIFAR-100 numbers"),
-    ("sections/06_estimands.html", "warning", "not Koh & Liang"),
-])
+@pytest.mark.parametrize(
+    "path, kind, says",
+    [
+        ("sections/01_iris.html", "note", "real data"),
+        ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
+        ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
+        ("sections/04_imagenet.html", "warning", "These are not ImageNet numbers"),
+        ("sections/05_appendix.html", "warning", "not CIFAR-100 numbers"),
+        ("sections/06_estimands.html", "warning", "not Koh & Liang"),
+    ],
+)
 def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
     page, _ = _open(browser, f"{server}/{path}")
     box = page.locator(f"main .admonition.{kind}").first

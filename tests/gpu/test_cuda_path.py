@@ -9,7 +9,7 @@ import torch
 from fragile import Objective, TrainSpec, build_model, fit, synthetic_classification
 from fragile.run.devices import resolve_device
 from fragile.core.ground_truth import loo_retrain
-from fragile.estimators.base import make_estimator
+from fragile.estimators import make_estimator
 
 CUDA = torch.device("cuda")
 

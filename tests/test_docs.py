@@ -1,0 +1,97 @@
+"""What the code and the docs cite is in the repository: every `docs/<page>.md#anchor` exists, and nothing points
+to notes outside it (a design document, a reproduction brief, an issue number). Reads files only."""
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+# Citations of things a reader of the repository cannot open.
+OUTSIDE = re.compile(r"design\.md|paper-brief|\.\./shared/|/work/shared|\b[Ii]ssue [0-9]+")
+CITATION = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
+
+
+@functools.cache
+def _texts() -> dict[str, str]:
+    """Every file that may cite: the package, the notebook templates (their cells), tests, benchmarks, the book's
+    own pages and profiles, the docs and the top-level files. The executed chapters in book/sections/ are copies of
+    the templates (tests/test_notebooks.py checks that they are current)."""
+    paths = [
+        *ROOT.glob("fragile/**/*.py"),
+        *ROOT.glob("tests/**/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+        *ROOT.glob("book/*.md"),
+        *ROOT.glob("book/*.yml"),
+        *ROOT.glob("book/params/*.yml"),
+        *DOCS.glob("*.md"),
+        *(
+            ROOT / name
+            for name in (
+                "README.md",
+                "Makefile",
+                "pyproject.toml",
+                "environment.yml",
+                "postBuild",
+                "constraints.txt",
+                "CITATION.cff",
+                ".ci/run",
+            )
+        ),
+    ]
+    out = {str(p.relative_to(ROOT)): p.read_text() for p in paths if p.is_file() and p != Path(__file__).resolve()}
+    for p in ROOT.glob("notebooks/*.ipynb"):
+        cells = json.loads(p.read_text())["cells"]
+        out[str(p.relative_to(ROOT))] = "\n".join("".join(c["source"]) for c in cells)
+    return out
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub and MyST give the page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", page.read_text(), flags=re.M)
+    return {re.sub(r"\s", "-", re.sub(r"[^\w\- ]", "", h.strip().lower())) for h in headings}
+
+
+def test_the_docs_pages_exist_with_their_sections():
+    assert _anchors(DOCS / "protocol.md") >= {
+        "sources",
+        "definitions",
+        "iris",
+        "small-mnist",
+        "table-1",
+        "cifar-100",
+        "imagenet",
+        "appendix",
+        "estimands",
+    }
+    assert _anchors(DOCS / "conventions.md") >= {
+        "sign",
+        "ground-truth",
+        "selection",
+        "statistics",
+        "convergence",
+        "hessian",
+        "lissa",
+        "stack",
+        "pitfalls",
+    }
+
+
+def test_every_cited_docs_anchor_exists():
+    broken = []
+    for path, text in _texts().items():
+        for page, anchor in CITATION.findall(text):
+            target = DOCS / page
+            if not target.is_file() or (anchor and anchor not in _anchors(target)):
+                broken.append(f"{path}: docs/{page}" + (f"#{anchor}" if anchor else ""))
+    assert not broken, f"citations of docs that do not exist: {broken}"
+
+
+@pytest.mark.parametrize("path", sorted(_texts()))
+def test_nothing_cites_notes_outside_the_repository(path):
+    text = _texts()[path]
+    hits = [f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}" for m in OUTSIDE.finditer(text)]
+    assert not hits, f"cite docs/protocol.md or docs/conventions.md instead: {hits}"
