@@ -26,13 +26,12 @@ import resource
 import time
 
 import torch
-
 from loo_batched import compare_loo  # the script's own folder is on sys.path
 
 from fragile import Objective, TrainSpec, build_model, fit, load_mnist_digits
-from fragile.run.allocator import keep_freed_memory
 from fragile.core.curvature import hvp
 from fragile.core.solvers import spectral_inverse_weights
+from fragile.run.allocator import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -99,8 +98,11 @@ def cnn_loo(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch
     spec = TrainSpec("adam", lr=1e-3, steps=steps, batch_size=500, seed=1)
     xtr, ytr = x[:-10], y[:-10]
     remove = torch.arange(points) * 37 % len(xtr)
-    compare_loo((objective, theta, xtr, ytr, remove, spec, x[-10:], y[-10:]),
-                f"Leave-one-out on the CNN: {points} removed points + control, {steps} Adam steps of batch 500 over {len(xtr)} images", rtol=1e-4)
+    compare_loo(
+        (objective, theta, xtr, ytr, remove, spec, x[-10:], y[-10:]),
+        f"Leave-one-out on the CNN: {points} removed points + control, {steps} Adam steps of batch 500 over {len(xtr)} images",
+        rtol=1e-4,
+    )
 
 
 def main() -> None:
@@ -124,7 +126,9 @@ def main() -> None:
     x, y = data.x[: args.images], data.y[: args.images]
     objective = Objective(build_model("koh_liang_cnn", seed=0, dtype=dtype), weight_decay=0.001)
     # A briefly trained network: curvature at initialisation is not what influence sees.
-    theta = fit(objective, objective.initial_params(), x, y, TrainSpec("adam", lr=1e-3, steps=100, batch_size=500), progress=False).params[0]
+    theta = fit(
+        objective, objective.initial_params(), x, y, TrainSpec("adam", lr=1e-3, steps=100, batch_size=500), progress=False
+    ).params[0]
     print(f"{platform.processor() or platform.machine()}, 1 torch thread")
     allocator_effect(objective, theta, x[: args.alloc_images], y[: args.alloc_images], 256, 8)
     hessian_rows(objective, theta, x, y, args.rows, args.chunk)

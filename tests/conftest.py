@@ -1,5 +1,4 @@
 import pytest
-
 from brute_force import newton_minimise
 
 from fragile import Objective, TrainSpec, build_model, fit, synthetic_classification

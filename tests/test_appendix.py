@@ -11,39 +11,72 @@ import torch
 from brute_force import newton_minimise
 
 from fragile import Objective, correlation, fit, loo_retrain_sequential, make_estimator
-from fragile.run import runner
 from fragile.chapters.appendix import (
-    AppendixConfig, claims, group_table, gpu_table, make_groups, study_jobs, summed_influence, summed_table,
-    table2, timing_table, unique_jobs,
+    AppendixConfig,
+    claims,
+    gpu_table,
+    group_table,
+    make_groups,
+    study_jobs,
+    summed_influence,
+    summed_table,
+    table2,
+    timing_table,
+    unique_jobs,
 )
-from fragile.errors import InvalidArgumentError
-from fragile.chapters.table1_protocol import Table1Config as MnistCifar10Config, build_network, load_data, model_jobs
+from fragile.chapters.table1_protocol import Table1Config as MnistCifar10Config
+from fragile.chapters.table1_protocol import build_network, load_data, model_jobs
 from fragile.core.selection import random_test_points
+from fragile.errors import InvalidArgumentError
+from fragile.run import runner
 
-TINY = dict(device="cpu", width=8, n_train=20, n_test=30, batch_size=10, train_steps=60, top_k=4, lissa_depth=20, lissa_batch_size=10,
-            cg_max_iter=10, arnoldi_rank=5, init_seeds=2, summed_group_models=("mnist/small_cnn",), summed_test_points=4,
-            group_sizes=(2,), groups_per_size=3, scheduler="in-process", use_cache=False)
+TINY = dict(
+    device="cpu",
+    width=8,
+    n_train=20,
+    n_test=30,
+    batch_size=10,
+    train_steps=60,
+    top_k=4,
+    lissa_depth=20,
+    lissa_batch_size=10,
+    cg_max_iter=10,
+    arnoldi_rank=5,
+    init_seeds=2,
+    summed_group_models=("mnist/small_cnn",),
+    summed_test_points=4,
+    group_sizes=(2,),
+    groups_per_size=3,
+    scheduler="in-process",
+    use_cache=False,
+)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"optimizer_lrs": (0.001, 0.1)}, "optimizer_lrs has 2 values but optimizers has 4"),
-    ({"optimizers": ("adam", "lbfgs"), "optimizer_lrs": (0.1, 0.1)}, "optimizers='lbfgs' is not allowed"),
-    ({"optimizer_lrs": (0.001, -0.1, 0.01, 0.001)}, "optimizer_lrs=-0.1 is not allowed"),
-    ({"init_seeds": 1}, "init_seeds=1 is not allowed"),
-    ({"init_architectures": ("alexnet",)}, "init_architectures='alexnet' is not allowed"),
-    ({"summed_group_models": ("mnist-small_cnn",)}, "summed_group_models='mnist-small_cnn' is not allowed; write data set/architecture"),
-    ({"summed_group_models": ("imagenet/lenet",)}, "summed_group_models='imagenet/lenet'"),
-    ({"summed_test_points": 40}, "summed_test_points=40 is not allowed; it must be at most n_test=30"),
-    ({"group_kinds": ("clustered",)}, "group_kinds='clustered' is not allowed"),
-    ({"group_sizes": (3,)}, "group_sizes=3 is not allowed; it must be <= 2"),  # same-class groups: 2 images per class
-    ({"group_sizes": (1,), "group_kinds": ("random",)}, "group_sizes=1 is not allowed; it must be >= 2"),
-    ({"groups_per_size": 2}, "groups_per_size=2 is not allowed"),
-    ({"weight_decay": -1.0}, "weight_decay=-1.0 is not allowed"),
-    ({"lr": -1.0}, "lr=-1.0 is not allowed"),  # a shared field, checked by the Table 1 config under its own name
-    ({"top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
-    ({"optimizers": (), "optimizer_lrs": (), "init_architectures": (), "summed_group_models": ()}, "all empty"),
-    ({"device": "tpu"}, "device='tpu' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"optimizer_lrs": (0.001, 0.1)}, "optimizer_lrs has 2 values but optimizers has 4"),
+        ({"optimizers": ("adam", "lbfgs"), "optimizer_lrs": (0.1, 0.1)}, "optimizers='lbfgs' is not allowed"),
+        ({"optimizer_lrs": (0.001, -0.1, 0.01, 0.001)}, "optimizer_lrs=-0.1 is not allowed"),
+        ({"init_seeds": 1}, "init_seeds=1 is not allowed"),
+        ({"init_architectures": ("alexnet",)}, "init_architectures='alexnet' is not allowed"),
+        (
+            {"summed_group_models": ("mnist-small_cnn",)},
+            "summed_group_models='mnist-small_cnn' is not allowed; write data set/architecture",
+        ),
+        ({"summed_group_models": ("imagenet/lenet",)}, "summed_group_models='imagenet/lenet'"),
+        ({"summed_test_points": 40}, "summed_test_points=40 is not allowed; it must be at most n_test=30"),
+        ({"group_kinds": ("clustered",)}, "group_kinds='clustered' is not allowed"),
+        ({"group_sizes": (3,)}, "group_sizes=3 is not allowed; it must be <= 2"),  # same-class groups: 2 images per class
+        ({"group_sizes": (1,), "group_kinds": ("random",)}, "group_sizes=1 is not allowed; it must be >= 2"),
+        ({"groups_per_size": 2}, "groups_per_size=2 is not allowed"),
+        ({"weight_decay": -1.0}, "weight_decay=-1.0 is not allowed"),
+        ({"lr": -1.0}, "lr=-1.0 is not allowed"),  # a shared field, checked by the Table 1 config under its own name
+        ({"top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
+        ({"optimizers": (), "optimizer_lrs": (), "init_architectures": (), "summed_group_models": ()}, "all empty"),
+        ({"device": "tpu"}, "device='tpu' is not allowed"),
+    ],
+)
 def test_bad_config_values_are_named(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         AppendixConfig(**{**TINY, **bad})
@@ -51,9 +84,21 @@ def test_bad_config_values_are_named(bad, match):
 
 def _table1(cfg: AppendixConfig, **changes) -> MnistCifar10Config:
     """The Table 1 chapter's config with the same settings, written out independently of AppendixConfig."""
-    shared = dict(device=cfg.device, width=cfg.width, n_train=cfg.n_train, n_test=cfg.n_test, batch_size=cfg.batch_size,
-                  train_steps=cfg.train_steps, top_k=cfg.top_k, lissa_depth=cfg.lissa_depth, lissa_batch_size=cfg.lissa_batch_size,
-                  cg_max_iter=cfg.cg_max_iter, arnoldi_rank=cfg.arnoldi_rank, chunk_size=cfg.chunk_size, lr=cfg.lr)
+    shared = dict(
+        device=cfg.device,
+        width=cfg.width,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        batch_size=cfg.batch_size,
+        train_steps=cfg.train_steps,
+        top_k=cfg.top_k,
+        lissa_depth=cfg.lissa_depth,
+        lissa_batch_size=cfg.lissa_batch_size,
+        cg_max_iter=cfg.cg_max_iter,
+        arnoldi_rank=cfg.arnoldi_rank,
+        chunk_size=cfg.chunk_size,
+        lr=cfg.lr,
+    )
     return MnistCifar10Config(**{**shared, "cifar10_architectures": (), **changes})
 
 
@@ -61,7 +106,10 @@ def test_optimiser_and_initialisation_jobs_are_the_table1_chapters_jobs():
     cfg = AppendixConfig(**TINY)
     studies = study_jobs(cfg)
     # Initialisation: the Table 1 chapter's jobs of a run with both networks, both weight decays and two seeds.
-    t1 = {j.name: j.key for j in model_jobs(_table1(cfg, mnist_architectures=("small_cnn", "lenet"), weight_decays=(0.001, 0.0), n_seeds=2))}
+    t1 = {
+        j.name: j.key
+        for j in model_jobs(_table1(cfg, mnist_architectures=("small_cnn", "lenet"), weight_decays=(0.001, 0.0), n_seeds=2))
+    }
     init = {j.name: j.key for _, j in studies["init"]}
     assert sorted(init) == sorted(f"table1/mnist-{a}-wd0.001-seed{s}" for a in ("small_cnn", "lenet") for s in (0, 1))
     assert all(t1[name] == key for name, key in init.items())
@@ -98,7 +146,10 @@ def test_groups_are_drawn_as_stated_and_deterministically():
             assert len(set(labels[g.members].tolist())) == 1
     again = make_groups(labels, ("random", "same class"), (2, 5), 4, seed=3)
     assert all(np.array_equal(a.members, b.members) for a, b in zip(groups, again))
-    assert not all(np.array_equal(a.members, b.members) for a, b in zip(groups, make_groups(labels, ("random", "same class"), (2, 5), 4, seed=4)))
+    assert not all(
+        np.array_equal(a.members, b.members)
+        for a, b in zip(groups, make_groups(labels, ("random", "same class"), (2, 5), 4, seed=4))
+    )
     with pytest.raises(InvalidArgumentError, match="group_sizes=7 is not allowed"):
         make_groups(labels, ("same class",), (7,), 3, seed=0)
     np.testing.assert_array_equal(random_test_points(30, 4, 0), np.random.default_rng(0).choice(30, size=4, replace=False))
@@ -123,8 +174,21 @@ def test_the_summed_prediction_is_the_sum_of_per_test_point_influences(summed_jo
     assert "failed" not in out and out["num_params"] == 2616
     tp = out["test_points"]
     np.testing.assert_array_equal(tp, np.random.default_rng(cfg.choice_seed).choice(len(data.test), size=4, replace=False))
-    est = make_estimator("lissa", objective, theta, data.train.x, data.train.y, damping=0.01, data_chunk=256, depth=20, repeats=1,
-                         batch_size=10, power_rtol=1e-2, seed=0, progress=False)
+    est = make_estimator(
+        "lissa",
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        damping=0.01,
+        data_chunk=256,
+        depth=20,
+        repeats=1,
+        batch_size=10,
+        power_rtol=1e-2,
+        seed=0,
+        progress=False,
+    )
     per_point = est.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()  # four solves, one per test point
     scale = np.abs(per_point.sum(0)).max()
     np.testing.assert_allclose(out["predicted"], per_point.sum(0), rtol=1e-3, atol=1e-4 * scale)
@@ -133,8 +197,14 @@ def test_the_summed_prediction_is_the_sum_of_per_test_point_influences(summed_jo
     np.testing.assert_array_equal(out["summed"]["predicted"], out["predicted"][chosen])
 
 
-@pytest.mark.parametrize("method, options", [("lissa", {"depth": 15, "batch_size": 10, "power_rtol": 1e-2}), ("arnoldi", {"rank": 8}),
-                                             ("cg", {"rtol": 1e-9, "max_iter": 400})])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("lissa", {"depth": 15, "batch_size": 10, "power_rtol": 1e-2}),
+        ("arnoldi", {"rank": 8}),
+        ("cg", {"rtol": 1e-9, "max_iter": 400}),
+    ],
+)
 def test_one_solve_of_the_summed_gradient_is_the_sum_of_the_solves(summed_job, method, options):
     _, out, data, objective, _, theta = summed_job
     tp = out["test_points"]
@@ -151,8 +221,17 @@ def test_the_summed_actual_is_the_sum_of_sequential_leave_one_out(summed_job):
     tp = out["test_points"]
     j = int(np.argmax(np.abs(out["summed"]["predicted"])))
     i = int(out["summed"]["chosen"][j])
-    seq = loo_retrain_sequential(objective, theta, data.train.x, data.train.y, [i], spec.replace(steps=out["retrain_steps"]),
-                                 data.test.x[tp], data.test.y[tp], progress=False)
+    seq = loo_retrain_sequential(
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        [i],
+        spec.replace(steps=out["retrain_steps"]),
+        data.test.x[tp],
+        data.test.y[tp],
+        progress=False,
+    )
     assert out["retrain_steps"] == round(0.06 * 60)
     assert float(out["summed"]["actual"][j]) == pytest.approx(float(seq.actual[0].sum()), rel=1e-3, abs=1e-6)
     assert out["drift"] == pytest.approx(float(seq.drift.sum()), rel=1e-3, abs=1e-6)
@@ -169,14 +248,25 @@ def test_group_predictions_are_sums_of_influences_and_the_actual_is_group_retrai
     assert len(set(data.train.y[g["members"][last]].tolist())) == 1
     w = torch.ones(len(data.train), dtype=theta.dtype)
     w[g["members"][last]] = 0.0
-    alone = fit(objective, theta, data.train.x, data.train.y, spec.replace(steps=out["retrain_steps"]), weights=w, progress=False).params[0]
-    expected = float((objective.sample_losses(alone, data.test.x[tp], data.test.y[tp]) - objective.sample_losses(theta, data.test.x[tp], data.test.y[tp])).sum())
+    alone = fit(
+        objective, theta, data.train.x, data.train.y, spec.replace(steps=out["retrain_steps"]), weights=w, progress=False
+    ).params[0]
+    expected = float(
+        (
+            objective.sample_losses(alone, data.test.x[tp], data.test.y[tp])
+            - objective.sample_losses(theta, data.test.x[tp], data.test.y[tp])
+        ).sum()
+    )
     assert float(g["actual"][last]) == pytest.approx(expected, rel=1e-3, abs=1e-6)
     rows = group_table([out])
     cell = rows[(rows["kind"] == "same class") & (rows["size"] == "2")].iloc[0]
-    assert cell["groups"] == 3 and cell["spearman"] == pytest.approx(correlation(g["predicted"][3:], g["actual"][3:], "spearman"), nan_ok=True)
+    assert cell["groups"] == 3 and cell["spearman"] == pytest.approx(
+        correlation(g["predicted"][3:], g["actual"][3:], "spearman"), nan_ok=True
+    )
     s = summed_table([out]).iloc[0]
-    assert s["spearman"] == pytest.approx(correlation(out["summed"]["predicted"], out["summed"]["actual"], "spearman"), nan_ok=True)
+    assert s["spearman"] == pytest.approx(
+        correlation(out["summed"]["predicted"], out["summed"]["actual"], "spearman"), nan_ok=True
+    )
 
 
 def test_summed_influence_predicts_leave_one_out_of_the_summed_loss_on_a_convex_problem(logistic_problem):
@@ -200,10 +290,21 @@ def test_summed_influence_predicts_leave_one_out_of_the_summed_loss_on_a_convex_
 
 
 def _tp_model(job, arch, seed, spearman, pearson, *, optimizer=None, seconds=None):
-    m = {"job": job, "dataset": "mnist", "architecture": arch, "seed": seed, "num_params": 100, "train_accuracy": 1.0, "test_accuracy": 0.9,
-         "grad_norm": 0.01, "estimators": {"lissa": {"seconds": 2.0, "lambda_max": 5.0}, "cg": {"seconds": 1.0, "failed": "x"}},
-         "per_test_point": [{"test_point": "highest loss", "spearman": spearman, "pearson": pearson, "spearman_vs_control": spearman},
-                            {"test_point": "median loss", "spearman": -1.0, "pearson": -1.0, "spearman_vs_control": -1.0}]}
+    m = {
+        "job": job,
+        "dataset": "mnist",
+        "architecture": arch,
+        "seed": seed,
+        "num_params": 100,
+        "train_accuracy": 1.0,
+        "test_accuracy": 0.9,
+        "grad_norm": 0.01,
+        "estimators": {"lissa": {"seconds": 2.0, "lambda_max": 5.0}, "cg": {"seconds": 1.0, "failed": "x"}},
+        "per_test_point": [
+            {"test_point": "highest loss", "spearman": spearman, "pearson": pearson, "spearman_vs_control": spearman},
+            {"test_point": "median loss", "spearman": -1.0, "pearson": -1.0, "spearman_vs_control": -1.0},
+        ],
+    }
     if optimizer:
         m.update(optimizer=optimizer, lr=0.1)
     if seconds is not None:
@@ -218,21 +319,50 @@ ACT = np.array([2, 0, 5, 1, 7, 3, 4, 9, 6, 31.0])  # Pearson 0.97, Spearman 0.76
 def _summed_model(ds, arch, sign, group_sign, stand_in=False):
     kinds, sizes = ["random"] * 6 + ["same class"] * 6, [2, 2, 2, 4, 4, 4] * 2
     pred = np.tile([1.0, 2.0, 3.0], 4)
-    return {"job": f"appendix/{ds}-{arch}", "dataset": ds, "architecture": arch, "seed": 0, "stand_in": stand_in, "num_params": 10,
-            "test_accuracy": 0.9, "grad_norm": 0.1, "estimator": "lissa", "influence_seconds": 4.0, "train_seconds": 1.0,
-            "retrain_seconds": 6.0, "retrain_models": 3, "drift": 0.0, "residual": 0.1,
-            "summed": {"chosen": np.arange(10), "predicted": PRED, "actual": sign * ACT, "actual_vs_control": sign * ACT},
-            "groups": {"kind": kinds, "size": sizes, "predicted": pred, "actual": group_sign * pred, "actual_vs_control": group_sign * pred}}
+    return {
+        "job": f"appendix/{ds}-{arch}",
+        "dataset": ds,
+        "architecture": arch,
+        "seed": 0,
+        "stand_in": stand_in,
+        "num_params": 10,
+        "test_accuracy": 0.9,
+        "grad_norm": 0.1,
+        "estimator": "lissa",
+        "influence_seconds": 4.0,
+        "train_seconds": 1.0,
+        "retrain_seconds": 6.0,
+        "retrain_models": 3,
+        "drift": 0.0,
+        "residual": 0.1,
+        "summed": {"chosen": np.arange(10), "predicted": PRED, "actual": sign * ACT, "actual_vs_control": sign * ACT},
+        "groups": {
+            "kind": kinds,
+            "size": sizes,
+            "predicted": pred,
+            "actual": group_sign * pred,
+            "actual_vs_control": group_sign * pred,
+        },
+    }
 
 
 def test_table2_has_each_jobs_seconds_once_and_the_mean_per_network():
     shared = _tp_model("table1/mnist-lenet-seed0", "lenet", 0, 0.5, 0.5, optimizer="adam", seconds=3.0)
-    results = {"optimizer": [shared], "init": [{**shared}, _tp_model("table1/mnist-lenet-seed1", "lenet", 1, 0.5, 0.5)],
-               "summed_group": [_summed_model("mnist", "small_cnn", 1, 1)]}
+    results = {
+        "optimizer": [shared],
+        "init": [{**shared}, _tp_model("table1/mnist-lenet-seed1", "lenet", 1, 0.5, 0.5)],
+        "summed_group": [_summed_model("mnist", "small_cnn", 1, 1)],
+    }
     timing = timing_table(results)
     assert list(timing["job"]) == ["table1/mnist-lenet-seed0", "table1/mnist-lenet-seed1", "appendix/mnist-small_cnn"]
     first = timing.iloc[0]
-    assert (first["training"], first["lissa"], first["cg"], first["retraining"], first["per retrained model"]) == (3.0, 2.0, 1.0, 9.0, 3.0)
+    assert (first["training"], first["lissa"], first["cg"], first["retraining"], first["per retrained model"]) == (
+        3.0,
+        2.0,
+        1.0,
+        9.0,
+        3.0,
+    )
     assert math.isnan(timing.iloc[1]["training"])  # a record without the time (an older cache entry)
     assert timing.iloc[2]["lissa (summed)"] == 4.0 and timing.iloc[2]["per retrained model"] == 2.0
     t2 = table2(timing)
@@ -244,8 +374,25 @@ def test_the_gpu_table_reads_the_benchmarks_measurement(tmp_path):
     import json
 
     path = tmp_path / "gpu.json"
-    path.write_text(json.dumps({"device": "GPU X", "torch": "2", "date": "d", "script": "s", "rows": [
-        {"architecture": "lenet", "params": 5, "adam_step_s": 0.002, "loo_stack8_step_s": 0.004, "hours_per_model": 0.5}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "device": "GPU X",
+                "torch": "2",
+                "date": "d",
+                "script": "s",
+                "rows": [
+                    {
+                        "architecture": "lenet",
+                        "params": 5,
+                        "adam_step_s": 0.002,
+                        "loo_stack8_step_s": 0.004,
+                        "hours_per_model": 0.5,
+                    }
+                ],
+            }
+        )
+    )
     frame, meta = gpu_table(path)
     assert meta["device"] == "GPU X" and frame.iloc[0]["Adam step of 128 images (ms)"] == pytest.approx(2.0)
     assert gpu_table(tmp_path / "none.json") == (None, {})
@@ -253,9 +400,15 @@ def test_the_gpu_table_reads_the_benchmarks_measurement(tmp_path):
 
 def test_claims_follow_the_stated_rules_both_ways():
     def results(opt, init_sd, summed_sign, group_sign, *, stand_in=True, c100_arch="lenet"):
-        models = [_tp_model(f"o{i}", "lenet", 0, s, p, optimizer=name) for i, (name, (s, p)) in enumerate(zip(("adam", "gd", "nesterov", "rmsprop"), opt))]
+        models = [
+            _tp_model(f"o{i}", "lenet", 0, s, p, optimizer=name)
+            for i, (name, (s, p)) in enumerate(zip(("adam", "gd", "nesterov", "rmsprop"), opt))
+        ]
         init = [_tp_model(f"i{a}{s}", a, s, 0.5 + init_sd * (-1) ** s, 0.5) for a in ("small_cnn", "lenet") for s in range(2)]
-        summed = [_summed_model("mnist", "small_cnn", summed_sign, group_sign), _summed_model("cifar100", c100_arch, summed_sign, group_sign, stand_in)]
+        summed = [
+            _summed_model("mnist", "small_cnn", summed_sign, group_sign),
+            _summed_model("cifar100", c100_arch, summed_sign, group_sign, stand_in),
+        ]
         return {"optimizer": models, "init": init, "summed_group": summed}
 
     close = [(0.5, 0.7), (0.6, 0.75), (0.55, 0.7), (0.6, 0.72)]  # Spearman mean 0.56, Pearson mean 0.72
@@ -270,7 +423,12 @@ def test_claims_follow_the_stated_rules_both_ways():
     assert got["table2"].verdict.startswith("not comparable")
 
     far = [(0.9, 0.1), (0.95, 0.1), (0.9, 0.2), (0.92, 0.15)]
-    got = {c.key: c for c in claims(results(far, 0.4, -1, 1, stand_in=False, c100_arch="resnet18"), stand_in={"mnist": False, "cifar100": False})}
+    got = {
+        c.key: c
+        for c in claims(
+            results(far, 0.4, -1, 1, stand_in=False, c100_arch="resnet18"), stand_in={"mnist": False, "cifar100": False}
+        )
+    }
     assert got["optimizer"].verdict == "not reproduced" and got["init"].verdict == "not reproduced"
     assert got["summed_mnist"].verdict == "not reproduced"
     assert got["summed_cifar100"].verdict == "not reproduced"  # real data, ResNet-18: -0.97 / -0.76 against 0.15 / 0.11
@@ -292,7 +450,11 @@ def test_observations_compare_the_studies_with_each_other():
         m["drift"] = np.array([drift, 0.0])
         m["per_test_point"][0]["actual"] = np.array([0.0, 1.0, 2.0])
         m["per_test_point"][0]["predicted"] = np.array([5.0, 6.0, 7.0])
-    init = [_tp_model(f"i{s}", a, s, v, 0.5) for a, vals in (("lenet", (0.1, 0.15)), ("small_cnn", (0.7, 0.8))) for s, v in enumerate(vals)]
+    init = [
+        _tp_model(f"i{s}", a, s, v, 0.5)
+        for a, vals in (("lenet", (0.1, 0.15)), ("small_cnn", (0.7, 0.8)))
+        for s, v in enumerate(vals)
+    ]
     text = observations({"optimizer": opt, "init": init, "summed_group": [_summed_model("mnist", "small_cnn", 1, 1)]})
     assert len(text) == 3
     assert f"sd {np.std([0.1, 0.9], ddof=1):.2f}" in text[0] and "larger than the seeds'" in text[0] and "visible" in text[0]
@@ -306,9 +468,24 @@ def test_the_paper_profiles_gpu_time_counts_its_jobs(tmp_path):
     from fragile.chapters.appendix import paper_estimate_markdown
 
     path = tmp_path / "gpu.json"
-    path.write_text(json.dumps({"device": "GPU X", "torch": "2", "date": "d", "script": "s", "rows": [
-        {"architecture": a, "params": 1, "adam_step_s": 0.1, "loo_stack8_step_s": 0.1, "hours_per_model": h}
-        for a, h in (("small_cnn", 1.0), ("lenet", 2.0))]}))
+    path.write_text(
+        json.dumps(
+            {
+                "device": "GPU X",
+                "torch": "2",
+                "date": "d",
+                "script": "s",
+                "rows": [
+                    {"architecture": a, "params": 1, "adam_step_s": 0.1, "loo_stack8_step_s": 0.1, "hours_per_model": h}
+                    for a, h in (("small_cnn", 1.0), ("lenet", 2.0))
+                ],
+            }
+        )
+    )
     text = paper_estimate_markdown(AppendixConfig(**TINY), path)  # LeNet: 4 optimisers + seed 1; small CNN: 2 seeds + 1 summed
-    assert "| LeNet | 5 | 2.00 | 10.0 |" in text and "| small CNN | 3 | 1.00 | 3.0 |" in text and "about 13 GPU-hours** for 8 jobs" in text
+    assert (
+        "| LeNet | 5 | 2.00 | 10.0 |" in text
+        and "| small CNN | 3 | 1.00 | 3.0 |" in text
+        and "about 13 GPU-hours** for 8 jobs" in text
+    )
     assert paper_estimate_markdown(AppendixConfig(**TINY), tmp_path / "none.json") == ""

@@ -24,7 +24,6 @@ from fragile import (
     synthetic_classification,
 )
 from fragile.core.curvature import hessian_matrix, hvp
-from fragile.errors import InvalidArgumentError
 from fragile.core.solvers import (
     cg_solve,
     cg_solve_many,
@@ -33,6 +32,7 @@ from fragile.core.solvers import (
     relative_residual,
     solve_in_chunks,
 )
+from fragile.errors import InvalidArgumentError
 
 DAMPING = 0.05
 RTOL = 1e-10  # batched vs one at a time, relative (round-off of the HVP's summation order)
@@ -75,8 +75,9 @@ def _cg_reference(matvec, v, *, damping=0.0, rtol=1e-10, max_iter=None):
     return x, relative_residual(matvec, damping, x, v), it
 
 
-def _lissa_reference(batch_matvec, v, *, n, damping, scale, depth, repeats=1, batch_size=None, seed=0,
-                     growth_tolerance=10.0, exact_matvec=None):
+def _lissa_reference(
+    batch_matvec, v, *, n, damping, scale, depth, repeats=1, batch_size=None, seed=0, growth_tolerance=10.0, exact_matvec=None
+):
     gen = torch.Generator().manual_seed(seed)
     v_norm = float(v.norm())
     total = torch.zeros_like(v)
@@ -133,13 +134,15 @@ def setup(mlp):
     evals, evecs = torch.linalg.eigh(0.5 * (h + h.T))
     assert float(evals[0]) + DAMPING > 0, "precondition: H + damping·I positive definite at the trained θ"
     g = objective.sample_grads(theta, x[:3], y[:3])
-    vs = torch.stack([
-        g[0],                                   # a test gradient: many iterations
-        3.0 * evecs[:, -1],                     # one eigenvector: CG converges in one step
-        evecs[:, [-1, -5, -9]].sum(dim=1),      # three eigenvectors: three steps
-        torch.zeros_like(g[0]),                 # nothing to solve: zero steps, x = 0
-        g[1] - 2.0 * g[2],                      # another gradient
-    ])
+    vs = torch.stack(
+        [
+            g[0],  # a test gradient: many iterations
+            3.0 * evecs[:, -1],  # one eigenvector: CG converges in one step
+            evecs[:, [-1, -5, -9]].sum(dim=1),  # three eigenvectors: three steps
+            torch.zeros_like(g[0]),  # nothing to solve: zero steps, x = 0
+            g[1] - 2.0 * g[2],  # another gradient
+        ]
+    )
     return objective, theta, data, matvec, batch_matvec, vs, evals, evecs
 
 
@@ -212,10 +215,13 @@ def test_cg_estimator_refuses_indefinite_hessian_batched(mlp):
 
 
 # -- LiSSA ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [
-    {"depth": 40},                                               # full batch: deterministic
-    {"depth": 15, "repeats": 2, "batch_size": 7, "seed": 3},     # minibatches: the same draws for every row
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"depth": 40},  # full batch: deterministic
+        {"depth": 15, "repeats": 2, "batch_size": 7, "seed": 3},  # minibatches: the same draws for every row
+    ],
+)
 def test_lissa_batched_equals_one_at_a_time(setup, options):
     _, _, data, matvec, batch_matvec, vs, evals, _ = setup
     scale = 1.5 * (float(evals[-1]) + DAMPING)
@@ -226,6 +232,7 @@ def test_lissa_batched_equals_one_at_a_time(setup, options):
         def mv(v, idx):
             into.append(None if idx is None else idx.clone())
             return batch_matvec(v, idx)
+
         return mv
 
     batched = lissa_ihvps(recording(drawn_batched), vs, **common)
@@ -273,24 +280,31 @@ def test_lissa_bitwise_where_the_arithmetic_is_identical(setup, dtype, batch_siz
 
 def test_lissa_divergence_names_the_row(setup):
     _, _, data, _, batch_matvec, vs, evals, _ = setup
-    with pytest.raises(SolverDivergedError, match=r"lissa diverged at recursion step \d+ of repeat 0 of right-hand side \d of 5 .*scale"):
+    with pytest.raises(
+        SolverDivergedError, match=r"lissa diverged at recursion step \d+ of repeat 0 of right-hand side \d of 5 .*scale"
+    ):
         lissa_ihvps(batch_matvec, vs, n=len(data), damping=DAMPING, scale=0.2 * float(evals[-1]), depth=300)
     with pytest.raises(SolverDivergedError, match=r"lissa diverged at recursion step \d+ of repeat 0 \(‖h‖=.*scale"):
         lissa_ihvp(batch_matvec, vs[0], n=len(data), damping=DAMPING, scale=0.2 * float(evals[-1]), depth=300)
 
 
 # -- the estimators ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,options", [
-    ("cg", {"rtol": CG_RTOL}),
-    ("lissa", {"depth": 25, "power_rtol": 1e-3}),
-    ("lissa", {"depth": 10, "batch_size": 9, "repeats": 2, "seed": 1, "power_rtol": 1e-3}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("cg", {"rtol": CG_RTOL}),
+        ("lissa", {"depth": 25, "power_rtol": 1e-3}),
+        ("lissa", {"depth": 10, "batch_size": 9, "repeats": 2, "seed": 1, "power_rtol": 1e-3}),
+    ],
+)
 def test_influences_unchanged(mlp, method, options):
     objective, theta, data = mlp
     x_test, y_test, idxs = data.x[:5], data.y[:5], torch.arange(12)
     results = []
     for chunk in (8, 2):  # all five test points together, and in chunks of 2, 2 and 1: chunking changes nothing
-        est = make_estimator(method, objective, theta, data.x, data.y, damping=DAMPING, progress=False, vector_chunk=chunk, **options)
+        est = make_estimator(
+            method, objective, theta, data.x, data.y, damping=DAMPING, progress=False, vector_chunk=chunk, **options
+        )
         results.append(est.influences(x_test, y_test, train_idxs=idxs))
     res = results[0]
     assert _rel(results[1].predicted, res.predicted) <= RTOL
@@ -300,14 +314,29 @@ def test_influences_unchanged(mlp, method, options):
     solves = [est.inverse_hvp(g) for g in g_test]
     looped = est.train_scores(torch.stack([s.x for s in solves]), idxs)
     assert _rel(res.predicted, looped) <= RTOL
-    torch.testing.assert_close(res.residuals, torch.tensor([s.residual for s in solves], dtype=g_test.dtype), rtol=1e-6, atol=1e-11)
+    torch.testing.assert_close(
+        res.residuals, torch.tensor([s.residual for s in solves], dtype=g_test.dtype), rtol=1e-6, atol=1e-11
+    )
     # ... and the code before batching, called directly.
     if method == "cg":
         before = [_cg_reference(est.hvp, g, damping=DAMPING, rtol=options["rtol"])[0] for g in g_test]
     else:
         o = est.options
-        before = [_lissa_reference(est._batch_hvp, g, n=est.n, damping=DAMPING, scale=est.scale, depth=o.depth, repeats=o.repeats,
-                                   batch_size=o.batch_size, seed=o.seed, exact_matvec=est.hvp)[0] for g in g_test]
+        before = [
+            _lissa_reference(
+                est._batch_hvp,
+                g,
+                n=est.n,
+                damping=DAMPING,
+                scale=est.scale,
+                depth=o.depth,
+                repeats=o.repeats,
+                batch_size=o.batch_size,
+                seed=o.seed,
+                exact_matvec=est.hvp,
+            )[0]
+            for g in g_test
+        ]
     assert _rel(res.predicted, est.train_scores(torch.stack(before), idxs)) <= RTOL
     assert res.residuals.device.type == "cpu" and res.residuals.dtype == g_test.dtype
 

@@ -29,10 +29,10 @@ def scaled(x):
     return SCALE * math.sqrt(x) + offset()
 '''
 
-B = '''\
+B = """\
 def offset():
     return 1.0
-'''
+"""
 
 
 def _package(root, files):
@@ -58,15 +58,32 @@ def test_closure_of_iris_holds_the_numerics_it_uses_and_no_other_chapter():
 
 
 def test_closure_follows_lazy_submodule_and_relative_imports(tmp_path):
-    root = _package(tmp_path, {
-        "a": A, "b": B, "sub": None, "c": "X = 1\n", "d": "Y = 2\n", "e": "Z = 3\n",
-        "sub.x": "from . import y\nfrom .z import w\nfrom .. import c\n",
-        "sub.y": "import fragile.d as dee\n", "sub.z": "w = 1\nfrom fragile import e\n",
-        "f": "import json\nimport fragile.nonexistent\n",
-    })
+    root = _package(
+        tmp_path,
+        {
+            "a": A,
+            "b": B,
+            "sub": None,
+            "c": "X = 1\n",
+            "d": "Y = 2\n",
+            "e": "Z = 3\n",
+            "sub.x": "from . import y\nfrom .z import w\nfrom .. import c\n",
+            "sub.y": "import fragile.d as dee\n",
+            "sub.z": "w = 1\nfrom fragile import e\n",
+            "f": "import json\nimport fragile.nonexistent\n",
+        },
+    )
     assert module_closure(["fragile.a"], root) == ["fragile", "fragile.a", "fragile.b"]
     assert module_closure(["fragile.sub.x"], root) == [
-        "fragile", "fragile.c", "fragile.d", "fragile.e", "fragile.sub", "fragile.sub.x", "fragile.sub.y", "fragile.sub.z"]
+        "fragile",
+        "fragile.c",
+        "fragile.d",
+        "fragile.e",
+        "fragile.sub",
+        "fragile.sub.x",
+        "fragile.sub.y",
+        "fragile.sub.z",
+    ]
     assert module_closure(["fragile.f"], root) == ["fragile", "fragile.f"]  # a missing module has no code
     with pytest.raises(InvalidArgumentError, match=r"modules=\['fragile.g', 'numpy'\] are not fragile modules"):
         module_closure(["fragile.a", "numpy", "fragile.g"], root)
@@ -77,9 +94,11 @@ def test_closure_follows_lazy_submodule_and_relative_imports(tmp_path):
 def test_docstrings_comments_and_layout_leave_the_digest_a_changed_statement_changes_it(tmp_path):
     root = _package(tmp_path, {"a": A, "b": B})
     before = code_digest(["fragile.a"], root)
-    cosmetic = (A.replace("Module a: its docstring.", "Module a, reworded.")
-                .replace('"""Scale x."""', '"""Scale x (reworded)."""\n    # and a comment')
-                .replace("SCALE * math.sqrt(x) + offset()", "(SCALE\n            * math.sqrt(x)\n            + offset())"))
+    cosmetic = (
+        A.replace("Module a: its docstring.", "Module a, reworded.")
+        .replace('"""Scale x."""', '"""Scale x (reworded)."""\n    # and a comment')
+        .replace("SCALE * math.sqrt(x) + offset()", "(SCALE\n            * math.sqrt(x)\n            + offset())")
+    )
     (root / "fragile" / "a.py").write_text(cosmetic)
     (root / "fragile" / "b.py").write_text("# a comment\n\n\ndef offset( ):\n    return 1.0  # why\n")
     assert code_digest(["fragile.a"], root) == before
@@ -109,8 +128,11 @@ def test_notebook_modules_reads_code_cells_and_skips_magics(tmp_path):
     root = _package(tmp_path, {"a": A, "b": B, "book": None, "book.chapter": "", "book.plotting": ""})
     cells = [
         {"cell_type": "markdown", "metadata": {}, "source": "import fragile.b is prose here"},
-        {"cell_type": "code", "metadata": {},
-         "source": ["%matplotlib inline\n", "!ls\n", "from fragile.book import chapter, plotting\n"]},
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "source": ["%matplotlib inline\n", "!ls\n", "from fragile.book import chapter, plotting\n"],
+        },
         {"cell_type": "code", "metadata": {}, "source": "import numpy\n\ndef later():\n    import fragile.a\n"},
     ]
     nb = tmp_path / "n.ipynb"

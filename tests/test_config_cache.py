@@ -3,10 +3,10 @@ import os
 import pytest
 import torch
 
-from fragile.run.cache import CacheMismatchError, ResultCache
+from fragile.chapters.iris import IrisConfig
 from fragile.config import from_dict, load_yaml
 from fragile.errors import InvalidArgumentError
-from fragile.chapters.iris import IrisConfig
+from fragile.run.cache import CacheMismatchError, ResultCache
 
 
 def test_from_dict_is_strict():
@@ -80,10 +80,17 @@ def test_truncated_entry_is_detected_and_recomputed(tmp_path):
     assert torch.equal(cache.load("x", {"a": 1})["t"], torch.arange(3))
 
 
-@pytest.mark.parametrize("bad, name", [
-    ({"seed": -1}, "seed"), ({"profile": "huge"}, "profile"), ({"device": "tpu"}, "device"),
-    ({"scheduler": "carrier-pigeon"}, "scheduler"), ({"n_workers": -2}, "n_workers"), ({"n_seeds": 0}, "n_seeds"),
-])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        ({"seed": -1}, "seed"),
+        ({"profile": "huge"}, "profile"),
+        ({"device": "tpu"}, "device"),
+        ({"scheduler": "carrier-pigeon"}, "scheduler"),
+        ({"n_workers": -2}, "n_workers"),
+        ({"n_seeds": 0}, "n_seeds"),
+    ],
+)
 def test_every_chapter_config_checks_the_common_fields_by_name(bad, name):
     from fragile.book.chapter import ChapterConfig
     from fragile.chapters.small_mnist import SmallMnistConfig

@@ -48,7 +48,9 @@ def test_class_balanced_split_of_the_offline_digits():
 
     digits = load_mnist_digits(dtype=torch.float32)
     train, test = split_by_class(digits, 40, 10, seed=3)
-    assert torch.equal(torch.bincount(train.y), torch.full((10,), 40)) and torch.equal(torch.bincount(test.y), torch.full((10,), 10))
+    assert torch.equal(torch.bincount(train.y), torch.full((10,), 40)) and torch.equal(
+        torch.bincount(test.y), torch.full((10,), 10)
+    )
     # No image is in both sets, and each set's images are really digits of its labels (rows of the source).
     rows = {r.numpy().tobytes(): int(label) for r, label in zip(digits.x, digits.y)}
     tr = {r.numpy().tobytes() for r in train.x}

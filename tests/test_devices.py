@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fragile.run.devices import resolve_device
 from fragile.errors import InvalidArgumentError
+from fragile.run.devices import resolve_device
 
 
 def test_auto_picks_cuda_only_where_torch_sees_it(monkeypatch):

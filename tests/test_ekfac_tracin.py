@@ -62,12 +62,16 @@ def _rel(a, ref):
 # -- models ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lbfgs_mlp():
-    """The data and model of conftest's mlp_problem (tanh MLP, weight decay 0.01), minimised by L-BFGS: seconds, not 1500 GD steps."""
+    """The data and model of conftest's mlp_problem (tanh MLP, weight decay 0.01), minimised by L-BFGS: seconds, not 1500
+    GD steps.
+    """
     data = synthetic_classification(30, num_features=3, num_classes=3, noise=1.5, seed=2)
     model = build_model("mlp", seed=0, in_features=3, num_classes=3, depth=1, width=4, activation="tanh")
     objective = Objective(model, weight_decay=0.01)
     theta = objective.initial_params().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], max_iter=1000, tolerance_grad=1e-9, tolerance_change=0, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta], max_iter=1000, tolerance_grad=1e-9, tolerance_change=0, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -86,9 +90,12 @@ def _conv_net():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return nn.Sequential(
-            nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
-            nn.Conv2d(3, 2, 2, dilation=2, bias=False), nn.ReLU(inplace=True),
-            nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+            nn.Conv2d(2, 3, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 2, dilation=2, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(2 * 2 * 2, 3),
         ).double()
 
 
@@ -171,8 +178,10 @@ def test_ekfac_tracks_exact_influence_on_softmax_regression():
     data = load_iris()
     objective = Objective(build_model("mlp", seed=0, in_features=4, num_classes=3, depth=0), weight_decay=0.01)
     theta = newton_minimise(objective, objective.initial_params(), data.x, data.y)
-    res = {m: make_estimator(m, objective, theta, data.x, data.y, progress=False).influences(data.x[:10], data.y[:10]).predicted
-           for m in ("exact", "ekfac", "grad_dot")}
+    res = {
+        m: make_estimator(m, objective, theta, data.x, data.y, progress=False).influences(data.x[:10], data.y[:10]).predicted
+        for m in ("exact", "ekfac", "grad_dot")
+    }
     r_ek, r_gd = _pearson(res["ekfac"], res["exact"]), _pearson(res["grad_dot"], res["exact"])
     assert r_ek > 0.95, f"Pearson(ekfac, exact) = {r_ek:.4f} over 10 test × 150 training points (grad_dot: {r_gd:.4f})"
     assert r_ek > r_gd + 0.05, f"Pearson ekfac {r_ek:.4f} vs grad_dot {r_gd:.4f}"
@@ -181,13 +190,17 @@ def test_ekfac_tracks_exact_influence_on_softmax_regression():
 
 def test_ekfac_is_closer_to_exact_than_grad_dot_on_an_mlp(lbfgs_mlp):
     objective, theta, data = lbfgs_mlp
-    res = {m: make_estimator(m, objective, theta, data.x, data.y, damping=DAMPING, progress=False).influences(data.x[:5], data.y[:5])
-           for m in ("exact", "ekfac", "grad_dot")}
+    res = {
+        m: make_estimator(m, objective, theta, data.x, data.y, damping=DAMPING, progress=False).influences(data.x[:5], data.y[:5])
+        for m in ("exact", "ekfac", "grad_dot")
+    }
     ex = res["exact"].predicted
     ek, gd = res["ekfac"].predicted, res["grad_dot"].predicted
-    msg = (f"up to scale: ekfac {_scaled_error(ek, ex):.3f} vs grad_dot {_scaled_error(gd, ex):.3f}; Pearson: ekfac "
-           f"{_pearson(ek, ex):.4f} vs grad_dot {_pearson(gd, ex):.4f}; raw relative error: ekfac {_rel(ek, ex):.3f} vs "
-           f"grad_dot {_rel(gd, ex):.3f}")
+    msg = (
+        f"up to scale: ekfac {_scaled_error(ek, ex):.3f} vs grad_dot {_scaled_error(gd, ex):.3f}; Pearson: ekfac "
+        f"{_pearson(ek, ex):.4f} vs grad_dot {_pearson(gd, ex):.4f}; raw relative error: ekfac {_rel(ek, ex):.3f} vs "
+        f"grad_dot {_rel(gd, ex):.3f}"
+    )
     # Compared up to scale: EK-FAC's block-diagonal matrix overshoots the magnitude (as the block-diagonal Gauss–Newton
     # matrix does), which a ranking or correlation, the paper's measures, ignores.
     assert _scaled_error(ek, ex) < 0.8 * _scaled_error(gd, ex), msg
@@ -261,8 +274,16 @@ def test_tracin_over_checkpoints_is_the_sum_of_autograd_dot_products(lbfgs_mlp):
     checkpoints = torch.stack([objective.initial_params(), 0.5 * (objective.initial_params() + theta), theta])
     lrs = [0.3, 1.0, 2.5]
     train_idxs = [0, 3, 7, 29]
-    res = make_estimator("tracin", objective, theta, data.x, data.y, checkpoints=checkpoints, lrs=torch.tensor(lrs, dtype=torch.float64),
-                         progress=False).influences(data.x[:3], data.y[:3], train_idxs=train_idxs)
+    res = make_estimator(
+        "tracin",
+        objective,
+        theta,
+        data.x,
+        data.y,
+        checkpoints=checkpoints,
+        lrs=torch.tensor(lrs, dtype=torch.float64),
+        progress=False,
+    ).influences(data.x[:3], data.y[:3], train_idxs=train_idxs)
 
     def grad_of(params, xi, yi, share):
         params = params.clone().requires_grad_(True)
@@ -299,7 +320,9 @@ def test_tracin_over_every_gd_step_conserves_the_test_loss_change_to_first_order
     for lr in (0.02, 0.01):
         run = fit(objective, theta0, data.x, data.y, TrainSpec(lr=lr, steps=steps), progress=False, checkpoint_every=1)
         before = run.checkpoints[:-1, 0]  # θ_0 … θ_{T−1}
-        est = make_estimator("tracin", objective, run.params[0], data.x, data.y, checkpoints=before, lrs=[lr] * steps, progress=False)
+        est = make_estimator(
+            "tracin", objective, run.params[0], data.x, data.y, checkpoints=before, lrs=[lr] * steps, progress=False
+        )
         total = est.influences(x_test, y_test).predicted.sum(dim=1)
         change = objective.sample_losses(theta0, x_test, y_test) - objective.sample_losses(run.params[0], x_test, y_test)
         gaps.append((total - change).abs())
@@ -315,16 +338,19 @@ def test_tracin_over_every_gd_step_conserves_the_test_loss_change_to_first_order
     assert float(decay_share.norm()) > 10 * float(gaps[1].norm()), f"regulariser share {decay_share.tolist()}; " + msg
 
 
-@pytest.mark.parametrize("options,match", [
-    ({}, "checkpoints is required"),
-    ({"checkpoints": torch.zeros(2, 5, dtype=torch.float64)}, r"checkpoints has shape \(2, 5\)"),
-    ({"checkpoints": torch.zeros(0, 31, dtype=torch.float64)}, r"checkpoints has shape \(0, 31\)"),
-    ({"checkpoints": "theta"}, "checkpoints has shape str"),
-    ({"checkpoints": torch.zeros(2, 31, dtype=torch.float64), "lrs": [0.1]}, "lrs has 1 values"),
-    ({"checkpoints": torch.zeros(2, 31, dtype=torch.float64), "lrs": [0.1, -1.0]}, "lrs has 2 values"),
-    ({"checkpoints": torch.zeros(2, 31, dtype=torch.float64), "lrs": "fast"}, "lrs="),
-    ({"checkpoints": torch.full((1, 31), float("nan"), dtype=torch.float64)}, "non-finite"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({}, "checkpoints is required"),
+        ({"checkpoints": torch.zeros(2, 5, dtype=torch.float64)}, r"checkpoints has shape \(2, 5\)"),
+        ({"checkpoints": torch.zeros(0, 31, dtype=torch.float64)}, r"checkpoints has shape \(0, 31\)"),
+        ({"checkpoints": "theta"}, "checkpoints has shape str"),
+        ({"checkpoints": torch.zeros(2, 31, dtype=torch.float64), "lrs": [0.1]}, "lrs has 1 values"),
+        ({"checkpoints": torch.zeros(2, 31, dtype=torch.float64), "lrs": [0.1, -1.0]}, "lrs has 2 values"),
+        ({"checkpoints": torch.zeros(2, 31, dtype=torch.float64), "lrs": "fast"}, "lrs="),
+        ({"checkpoints": torch.full((1, 31), float("nan"), dtype=torch.float64)}, "non-finite"),
+    ],
+)
 def test_tracin_bad_options_name_the_option(lbfgs_mlp, options, match):
     objective, theta, data = lbfgs_mlp
     assert objective.num_params == 31

@@ -11,20 +11,38 @@ from scipy import stats
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.chapters import estimands as E
-from fragile.errors import InvalidArgumentError
 from fragile.core.ground_truth import pbrf_retrain, proximal_response
 from fragile.core.selection import select_top_k
+from fragile.errors import InvalidArgumentError
 
-TINY = dict(n_seeds=1, iris_depths=(1,), iris_train_steps=300, iris_retrain_steps=40, iris_top_k=6, mnist_test_points=0,
-            tracin_checkpoints=3, pbrf_max_iter=200, lissa_depth=20,
-            iris_estimators=("exact", "exact_gn", "grad_dot", "tracin"), scheduler="in-process")
+TINY = dict(
+    n_seeds=1,
+    iris_depths=(1,),
+    iris_train_steps=300,
+    iris_retrain_steps=40,
+    iris_top_k=6,
+    mnist_test_points=0,
+    tracin_checkpoints=3,
+    pbrf_max_iter=200,
+    lissa_depth=20,
+    iris_estimators=("exact", "exact_gn", "grad_dot", "tracin"),
+    scheduler="in-process",
+)
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("selection", "best", "selection"), ("iris_estimators", ("exact", "magic"), "iris_estimators"),
-    ("mnist_estimators", (), "mnist_estimators"), ("iris_depths", (0,), "iris_depths"), ("iris_top_k", 0, "iris_top_k"),
-    ("pbrf_max_iter", 0, "pbrf_max_iter"), ("iris_damping", -1.0, "iris_damping"), ("mnist_n_train", 5, "mnist_n_train"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("selection", "best", "selection"),
+        ("iris_estimators", ("exact", "magic"), "iris_estimators"),
+        ("mnist_estimators", (), "mnist_estimators"),
+        ("iris_depths", (0,), "iris_depths"),
+        ("iris_top_k", 0, "iris_top_k"),
+        ("pbrf_max_iter", 0, "pbrf_max_iter"),
+        ("iris_damping", -1.0, "iris_damping"),
+        ("mnist_n_train", 5, "mnist_n_train"),
+    ],
+)
 def test_bad_config_values_are_refused_by_name(field, value, match):
     with pytest.raises(InvalidArgumentError, match=match):
         E.EstimandsConfig(**{field: value})
@@ -45,7 +63,9 @@ def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(
     cfg, res = iris_run
     (rec,) = res["records"]
     train, test = cfg.iris_data()
-    obj = Objective(build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="relu"), cfg.iris_weight_decay)
+    obj = Objective(
+        build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="relu"), cfg.iris_weight_decay
+    )
     theta0 = obj.initial_params()
     spec = TrainSpec("gd", lr=cfg.iris_lr, steps=cfg.iris_train_steps)
     theta = fit(obj, theta0, train.x, train.y, spec, progress=False).params[0]
@@ -56,14 +76,18 @@ def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(
     chosen = select_top_k(exact.predicted[0].numpy(), cfg.iris_top_k)  # the paper's selection, by the first estimator
     np.testing.assert_array_equal(rec["chosen"], chosen)
     np.testing.assert_allclose(rec["estimates"]["exact"]["predicted"], exact.predicted[0].numpy()[chosen], rtol=1e-10)
-    warm = loo_retrain_sequential(obj, theta, train.x, train.y, chosen, spec.replace(steps=cfg.iris_retrain_steps), x_t, y_t, progress=False)
+    warm = loo_retrain_sequential(
+        obj, theta, train.x, train.y, chosen, spec.replace(steps=cfg.iris_retrain_steps), x_t, y_t, progress=False
+    )
     np.testing.assert_allclose(rec["truths"]["warm"], warm.actual[:, 0].numpy(), rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(rec["truths"]["warm_corrected"], warm.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
     cold = loo_retrain_sequential(obj, theta0, train.x, train.y, chosen, spec, x_t, y_t, progress=False)
     np.testing.assert_allclose(rec["truths"]["cold"], cold.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
     # one problem at a time (no stacking) and solved tightly: the stacked solve agrees to its own stationarity
     for name, fn in (("pbrf", pbrf_retrain), ("proximal", proximal_response)):
-        alone = fn(obj, theta, train.x, train.y, chosen, x_t, y_t, damping=cfg.iris_damping, chunk_size=1, max_iter=300, tolerance=1e-10)
+        alone = fn(
+            obj, theta, train.x, train.y, chosen, x_t, y_t, damping=cfg.iris_damping, chunk_size=1, max_iter=300, tolerance=1e-10
+        )
         np.testing.assert_allclose(rec["truths"][name], alone.actual[:, 0].numpy(), rtol=2e-2, atol=1e-8)
     assert rec["pbrf_stationarity"] < 1e-2 and rec["unsolved"] == {"pbrf": 0, "proximal": 0}
 
@@ -86,9 +110,12 @@ def test_the_tables_are_the_correlations_and_distances_of_the_records(iris_run):
 
 
 def test_depth_statistics_by_hand():
-    rows = [{"setting": f"iris/d{d}", "depth": d, "seed": s, "test_point": 0, "estimator": "exact", "ground_truth": g,
-             "spearman": v} for d, vals in ((1, (0.9, 0.7)), (3, (0.6, 0.6)), (6, (0.2, 0.0))) for s, v in enumerate(vals)
-            for g in ("warm", "pbrf")]
+    rows = [
+        {"setting": f"iris/d{d}", "depth": d, "seed": s, "test_point": 0, "estimator": "exact", "ground_truth": g, "spearman": v}
+        for d, vals in ((1, (0.9, 0.7)), (3, (0.6, 0.6)), (6, (0.2, 0.0)))
+        for s, v in enumerate(vals)
+        for g in ("warm", "pbrf")
+    ]
     grid = pd.DataFrame(rows)
     assert E.depth_drop(grid, "exact", "warm") == (pytest.approx(0.8 - 0.1), 1, 6)
     assert E.depth_trend(grid, "exact", "pbrf") == pytest.approx(-1.0)
@@ -99,7 +126,13 @@ def test_depth_statistics_by_hand():
 
 def test_job_keys_hold_what_the_numbers_depend_on():
     base = {j.name: j.key for j in E.study_jobs(E.EstimandsConfig())}
-    assert set(base) == {"estimands/iris-d1", "estimands/iris-d2", "estimands/iris-d3", "estimands/mnist-s0", "estimands/mnist-s1"}
+    assert set(base) == {
+        "estimands/iris-d1",
+        "estimands/iris-d2",
+        "estimands/iris-d3",
+        "estimands/mnist-s0",
+        "estimands/mnist-s1",
+    }
     moved = {j.name: j.key for j in E.study_jobs(E.EstimandsConfig(mnist_lr=0.01, scheduler="in-process", cache_dir="elsewhere"))}
     assert all(moved[n] == base[n] for n in base if "iris" in n)  # a small-MNIST value leaves the Iris jobs cached
     assert all(moved[n] != base[n] for n in base if "mnist" in n)
@@ -109,18 +142,46 @@ def test_job_keys_hold_what_the_numbers_depend_on():
 
 def test_the_league_table_renders_every_row():
     report = {
-        "title": "t", "timestamp": "2026-11-30T00:00:00+00:00", "git": {"commit": "abcdef0123456", "dirty": False},
-        "machine": {"cpu_count": 2, "torch_threads": 1}, "total_seconds": 12.0, "versions": {"torch": "2.14.1", "dattri": "0.3.0"},
+        "title": "t",
+        "timestamp": "2026-11-30T00:00:00+00:00",
+        "git": {"commit": "abcdef0123456", "dirty": False},
+        "machine": {"cpu_count": 2, "torch_threads": 1},
+        "total_seconds": 12.0,
+        "versions": {"torch": "2.14.1", "dattri": "0.3.0"},
         "model": {"num_params": 2616, "data": "digits", "grad_norm": 0.01},
         "settings": {"damping": 0.01, "dtype": "float32", "lissa_depth": 50, "cg_max_iter": 200, "arnoldi_rank": 100},
         "rows": [
-            {"library": "fragile (ours)", "method": "cg", "status": "ok", "seconds": 2.0, "ratio": None, "pearson": 1.0,
-             "spearman": 1.0, "max_rel_err": 1e-5, "max_rel_err_same": None, "note": ""},
-            {"library": "dattri", "method": "cg", "status": "ok", "seconds": 5.0, "ratio": 2.5, "pearson": 1.0,
-             "spearman": 1.0, "max_rel_err": 2e-5, "max_rel_err_same": 3e-5, "note": ""},
+            {
+                "library": "fragile (ours)",
+                "method": "cg",
+                "status": "ok",
+                "seconds": 2.0,
+                "ratio": None,
+                "pearson": 1.0,
+                "spearman": 1.0,
+                "max_rel_err": 1e-5,
+                "max_rel_err_same": None,
+                "note": "",
+            },
+            {
+                "library": "dattri",
+                "method": "cg",
+                "status": "ok",
+                "seconds": 5.0,
+                "ratio": 2.5,
+                "pearson": 1.0,
+                "spearman": 1.0,
+                "max_rel_err": 2e-5,
+                "max_rel_err_same": 3e-5,
+                "note": "",
+            },
             {"library": "torch-influence", "method": "cg", "status": "not installed", "note": "not installed (not on PyPI)"},
         ],
     }
     text = E.peers_markdown(report)
-    assert "| dattri | cg | 5.0 | 2.50 |" in text and "| torch-influence | cg | — |" in text and "not installed (not on PyPI)" in text
+    assert (
+        "| dattri | cg | 5.0 | 2.50 |" in text
+        and "| torch-influence | cg | — |" in text
+        and "not installed (not on PyPI)" in text
+    )
     assert "abcdef0123" in text and "dattri 0.3.0" in text

@@ -48,8 +48,14 @@ def test_warm_started_loo_tracks_influence_near_an_optimum(logistic_problem):
 
     objective, theta, data = logistic_problem
     idxs = list(range(0, 150, 10))
-    res = loo_retrain(objective, theta, data.x, data.y, idxs, TrainSpec("gd", lr=1.0, steps=600), data.x[:1], data.y[:1], progress=False)
-    pred = make_estimator("exact", objective, theta, data.x, data.y, progress=False).influences(data.x[:1], data.y[:1], idxs).predicted[0]
+    res = loo_retrain(
+        objective, theta, data.x, data.y, idxs, TrainSpec("gd", lr=1.0, steps=600), data.x[:1], data.y[:1], progress=False
+    )
+    pred = (
+        make_estimator("exact", objective, theta, data.x, data.y, progress=False)
+        .influences(data.x[:1], data.y[:1], idxs)
+        .predicted[0]
+    )
     assert correlation(pred.numpy(), res.actual[:, 0].numpy(), "pearson") > 0.98
     assert float(res.drift.abs().max()) < 1e-10  # θ* is the optimum: the control does not move
 
@@ -87,7 +93,9 @@ def test_many_tasks_in_one_stack_equal_separate_runs(mlp_problem):
     ]
     many = loo_retrain_many(objective, tasks, data.x, data.y, spec, chunk_size=4, progress=False)
     one = loo_retrain(objective, theta, data.x, data.y, [1, 2], spec, data.x[:2], data.y[:2], progress=False)
-    two = loo_retrain_sequential(objective.with_weight_decay(0.0), other, data.x, data.y, [3, 4, 5], spec, data.x[2:4], data.y[2:4], progress=False)
+    two = loo_retrain_sequential(
+        objective.with_weight_decay(0.0), other, data.x, data.y, [3, 4, 5], spec, data.x[2:4], data.y[2:4], progress=False
+    )
     assert torch.allclose(many[0].test_loss_removed, one.test_loss_removed, rtol=1e-10)
     assert torch.allclose(many[1].test_loss_removed, two.test_loss_removed, rtol=1e-10)
     assert torch.allclose(many[1].test_loss_control, two.test_loss_control, rtol=1e-10)

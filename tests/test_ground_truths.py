@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
-from fragile.data.datasets import synthetic_classification
-from fragile.errors import InvalidArgumentError
 from fragile.core.ground_truth import loo_cold_start, loo_drift_corrected, loo_retrain, pbrf_retrain, proximal_response
 from fragile.core.objective import bregman_cross_entropy
+from fragile.data.datasets import synthetic_classification
+from fragile.errors import InvalidArgumentError
 
 
 def _trained(depth, seed=0, n=40, wd=0.01, steps=3000):
@@ -48,7 +48,7 @@ def test_pbrf_without_damping_is_the_exact_leave_one_out_optimum_of_a_convex_mod
         weights = torch.full((n,), n / (n - 1.0), dtype=theta.dtype)  # Σ_{j≠m} ℓ_j / n + wd/2‖θ‖² − (1/n)·wd/2‖θ‖², rescaled
         weights[m] = 0.0
 
-        def loo_objective(t):
+        def loo_objective(t, weights=weights):
             return (obj.sample_losses(t, data.x, data.y) * weights).mean() * (n - 1.0) / n + obj.regulariser(t) * (n - 1.0) / n
 
         t = _minimise(loo_objective, theta)
@@ -142,14 +142,18 @@ def test_all_four_ground_truths_meet_the_exact_influence_as_the_removal_weight_v
     for scale in (1.0, 0.01):
         eps = scale / n
         truths = {
-            "warm": loo_retrain(obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test, progress=False,
-                                removal_weight=eps).actual,
-            "drift-corrected": loo_drift_corrected(obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test,
-                                                   progress=False, removal_weight=eps).actual,
-            "cold": loo_cold_start(obj, theta0, data.x, data.y, remove, spec, x_test, y_test, progress=False,
-                                   removal_weight=eps).actual,
-            "pbrf": pbrf_retrain(obj, theta, data.x, data.y, remove, x_test, y_test, damping=0.0, epsilon=eps,
-                                 tolerance=1e-14, max_iter=2000).actual,
+            "warm": loo_retrain(
+                obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test, progress=False, removal_weight=eps
+            ).actual,
+            "drift-corrected": loo_drift_corrected(
+                obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test, progress=False, removal_weight=eps
+            ).actual,
+            "cold": loo_cold_start(
+                obj, theta0, data.x, data.y, remove, spec, x_test, y_test, progress=False, removal_weight=eps
+            ).actual,
+            "pbrf": pbrf_retrain(
+                obj, theta, data.x, data.y, remove, x_test, y_test, damping=0.0, epsilon=eps, tolerance=1e-14, max_iter=2000
+            ).actual,
         }
         for name, actual in truths.items():  # (K, n_test) per unit of removal vs (n_test, K) predicted for ε = 1/n
             rel = float((actual.T / (n * eps) - exact.predicted).abs().max() / exact.predicted.abs().max())
@@ -165,8 +169,9 @@ def test_partial_removal_weights_batched_as_sequential_and_refused_outside_the_r
     x_test, y_test = data.x[:2], data.y[:2]
     n = data.x.shape[0]
     batched = loo_retrain(obj, theta, data.x, data.y, [2, 9], short, x_test, y_test, progress=False, removal_weight=0.3 / n)
-    seq = loo_retrain_sequential(obj, theta, data.x, data.y, [2, 9], short, x_test, y_test, progress=False,
-                                 removal_weight=0.3 / n)
+    seq = loo_retrain_sequential(
+        obj, theta, data.x, data.y, [2, 9], short, x_test, y_test, progress=False, removal_weight=0.3 / n
+    )
     torch.testing.assert_close(batched.test_loss_removed, seq.test_loss_removed, rtol=1e-10, atol=1e-13)
     # by hand: the weighted mean with weight 1 − nε on the point is (1/n)Σ L − ε L(z_m), rescaled
     w = torch.ones(n, dtype=theta.dtype)
@@ -216,7 +221,8 @@ def test_exact_influence_on_the_gauss_newton_matrix():
     assert (est.hessian - h).abs().max() > 1e-3  # a hidden layer: the Gauss-Newton matrix is not the Hessian
     data0, obj0, theta_lin = _trained(depth=0)  # softmax regression: it is
     est0 = make_estimator("exact", obj0, theta_lin, data0.x, data0.y, curvature="gauss_newton", progress=False).prepare()
-    torch.testing.assert_close(est0.hessian, torch.func.hessian(lambda t: obj0.train_loss(t, data0.x, data0.y))(theta_lin),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        est0.hessian, torch.func.hessian(lambda t: obj0.train_loss(t, data0.x, data0.y))(theta_lin), rtol=1e-9, atol=1e-12
+    )
     with pytest.raises(InvalidArgumentError, match="curvature"):
         make_estimator("exact", obj, theta, data.x, data.y, curvature="fisher")

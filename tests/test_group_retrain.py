@@ -7,8 +7,8 @@ import torch
 from brute_force import newton_minimise
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain, make_estimator, synthetic_classification
-from fragile.errors import InvalidArgumentError
 from fragile.core.ground_truth import group_retrain
+from fragile.errors import InvalidArgumentError
 from fragile.estimators import group_influence
 
 GROUPS = [[0, 3, 7], [5], [10, 11, 12, 13]]

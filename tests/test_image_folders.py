@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fragile.errors import InvalidArgumentError
 from fragile.data.image_folders import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, write_digit_folders
+from fragile.errors import InvalidArgumentError
 
 
 def test_the_stand_in_is_written_in_imagenets_layout_and_read_back_pixel_for_pixel(tmp_path):

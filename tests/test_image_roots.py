@@ -5,8 +5,8 @@ import pytest
 import torch
 from data_roots import write_cifar_root, write_mnist_root
 
-from fragile.errors import InvalidArgumentError
 from fragile.data.image_roots import NORMALISATION, digits_as_cifar, load_image_set
+from fragile.errors import InvalidArgumentError
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -38,10 +38,13 @@ def test_mnist_root_is_read_and_normalised(tmp_path):
     assert torch.allclose(test.x, (raw - 0.1307) / 0.3081)
 
 
-@pytest.mark.parametrize("name, bad, match", [
-    ("svhn", {}, "name='svhn' is not allowed"),
-    ("mnist", {"data_root": "/nonexistent/root"}, "data_root='/nonexistent/root' holds no torchvision mnist"),
-])
+@pytest.mark.parametrize(
+    "name, bad, match",
+    [
+        ("svhn", {}, "name='svhn' is not allowed"),
+        ("mnist", {"data_root": "/nonexistent/root"}, "data_root='/nonexistent/root' holds no torchvision mnist"),
+    ],
+)
 def test_bad_input_is_named(tmp_path, name, bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         load_image_set(name, bad.get("data_root", tmp_path), train=True)

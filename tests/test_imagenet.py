@@ -9,32 +9,63 @@ import torch
 from torch.func import functional_call
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential
-from fragile.errors import InvalidArgumentError
-from fragile.data.image_folders import write_digit_folders
 from fragile.chapters.imagenet import (
-    ImageNetConfig, build_network, check_weights, choose_random_test_points, claims, drift_table, ensure_stand_in, imagenet_jobs,
-    influence_prefixes, load_folders, run_imagenet, run_study, stand_in_root,
+    ImageNetConfig,
+    build_network,
+    check_weights,
+    choose_random_test_points,
+    claims,
+    drift_table,
+    ensure_stand_in,
+    imagenet_jobs,
+    influence_prefixes,
+    load_folders,
+    run_imagenet,
+    run_study,
+    stand_in_root,
 )
+from fragile.data.image_folders import write_digit_folders
+from fragile.errors import InvalidArgumentError
 from fragile.models.pretrained import imagenet_classifier
 
-TINY = dict(device="cpu", architecture="small_resnet18", width=8, weights="", image_size=16, stand_in_train_per_class=3,
-            stand_in_val_per_class=2, batch_size=10, lr=1e-3, train_epochs=3, retrain_epochs=1, top_k=4, lissa_depth=5,
-            lissa_batch_size=10, dtype="float64", cifar100=False, use_cache=False, scheduler="in-process")
+TINY = dict(
+    device="cpu",
+    architecture="small_resnet18",
+    width=8,
+    weights="",
+    image_size=16,
+    stand_in_train_per_class=3,
+    stand_in_val_per_class=2,
+    batch_size=10,
+    lr=1e-3,
+    train_epochs=3,
+    retrain_epochs=1,
+    top_k=4,
+    lissa_depth=5,
+    lissa_batch_size=10,
+    dtype="float64",
+    cifar100=False,
+    use_cache=False,
+    scheduler="in-process",
+)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"architecture": "vit"}, "architecture"),
-    ({"weights": "torchvision"}, "weights='torchvision' is not allowed with architecture='small_resnet18'"),
-    ({"train_epochs": 0}, "train_epochs=0 is not allowed with weights=''"),
-    ({"influence_params": "layer3"}, "influence_params"),
-    ({"retrain_params": "head"}, "retrain_params"),
-    ({"estimator": "tracin"}, "estimator"),
-    ({"top_k": 0}, "top_k"),
-    ({"image_size": 8}, "image_size"),
-    ({"cifar100": True, "cifar100_top_k": 1}, "cifar100_.*top_k"),
-    ({"cifar100": True, "cifar100_architecture": "alexnet"}, "cifar100_.*alexnet"),
-    ({"device": "tpu"}, "device"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"architecture": "vit"}, "architecture"),
+        ({"weights": "torchvision"}, "weights='torchvision' is not allowed with architecture='small_resnet18'"),
+        ({"train_epochs": 0}, "train_epochs=0 is not allowed with weights=''"),
+        ({"influence_params": "layer3"}, "influence_params"),
+        ({"retrain_params": "head"}, "retrain_params"),
+        ({"estimator": "tracin"}, "estimator"),
+        ({"top_k": 0}, "top_k"),
+        ({"image_size": 8}, "image_size"),
+        ({"cifar100": True, "cifar100_top_k": 1}, "cifar100_.*top_k"),
+        ({"cifar100": True, "cifar100_architecture": "alexnet"}, "cifar100_.*alexnet"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
 def test_bad_config_values_are_named(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         ImageNetConfig(**{**TINY, **bad})
@@ -102,8 +133,17 @@ def test_a_data_root_is_read_as_real_data_and_enters_the_job_key(tmp_path, monke
 def head_job(tmp_path_factory):
     """A whole job with exact influence over the head and fine-tuning of the head only: a convex problem on
     frozen features, so both sides have closed forms to check against."""
-    cfg = ImageNetConfig(**{**TINY, "cache_dir": str(tmp_path_factory.mktemp("cache")), "estimator": "exact", "influence_params": "head",
-                            "retrain_params": "influence_params", "weight_decay": 0.01, "damping": 0.001})
+    cfg = ImageNetConfig(
+        **{
+            **TINY,
+            "cache_dir": str(tmp_path_factory.mktemp("cache")),
+            "estimator": "exact",
+            "influence_params": "head",
+            "retrain_params": "influence_params",
+            "weight_decay": 0.01,
+            "damping": 0.001,
+        }
+    )
     return cfg, run_imagenet(cfg, seed=1)
 
 
@@ -129,15 +169,25 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
     k, d = params["13.weight"].shape
 
     def loss(w, f, y):
-        return torch.nn.functional.cross_entropy(f @ w[: k * d].view(k, d).T + w[k * d:], y, reduction="none")
+        return torch.nn.functional.cross_entropy(f @ w[: k * d].view(k, d).T + w[k * d :], y, reduction="none")
 
     n = len(data.train)
     hessian = torch.autograd.functional.hessian(lambda w: loss(w, phi, data.train.y).mean(), w0)
     hessian += (cfg.weight_decay + cfg.damping) * torch.eye(w0.numel(), dtype=w0.dtype)
-    g_train = torch.stack([torch.autograd.functional.jacobian(lambda w, i=i: loss(w, phi[i:i + 1], data.train.y[i:i + 1])[0], w0) for i in range(n)])
+    g_train = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda w, i=i: loss(w, phi[i : i + 1], data.train.y[i : i + 1])[0], w0)
+            for i in range(n)
+        ]
+    )
     g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (the estimators' convention)
     y_test = data.val.y[torch.as_tensor(out["test_points"])]
-    g_test = torch.stack([torch.autograd.functional.jacobian(lambda w, t=t: loss(w, phi_test[t:t + 1], y_test[t:t + 1])[0], w0) for t in range(2)])
+    g_test = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda w, t=t: loss(w, phi_test[t : t + 1], y_test[t : t + 1])[0], w0)
+            for t in range(2)
+        ]
+    )
     closed = (g_test @ torch.linalg.solve(hessian, g_train.T) / n).numpy()
     for t, e in enumerate(out["per_test_point"]):
         np.testing.assert_allclose(e["predicted"], closed[t, e["chosen"]], rtol=1e-6, atol=1e-12)
@@ -155,8 +205,17 @@ def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_contro
     head = Objective(model, cfg.weight_decay, ("13",))
     tp = torch.as_tensor(out["test_points"])
     union = np.unique(np.concatenate([e["chosen"] for e in out["per_test_point"]]))
-    seq = loo_retrain_sequential(head, head.initial_params(), data.train.x, data.train.y, torch.as_tensor(union),
-                                 spec.replace(steps=out["retrain_steps"]), data.val.x[tp], data.val.y[tp], progress=False)
+    seq = loo_retrain_sequential(
+        head,
+        head.initial_params(),
+        data.train.x,
+        data.train.y,
+        torch.as_tensor(union),
+        spec.replace(steps=out["retrain_steps"]),
+        data.val.x[tp],
+        data.val.y[tp],
+        progress=False,
+    )
     for t, e in enumerate(out["per_test_point"]):
         rows = [int(np.flatnonzero(union == i)[0]) for i in e["chosen"]]
         np.testing.assert_allclose(e["actual"], seq.actual[rows, t].numpy(), rtol=1e-6, atol=1e-10)
@@ -171,18 +230,46 @@ def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_contro
 
 
 def _network(spearmans, pearsons, drifts, own):
-    per = [{"test_point": t, "spearman": s, "pearson": p, "spearman_vs_control": s, "pearson_vs_control": p, "predicted": np.ones(3),
-            "actual": np.ones(3) * d + o, "actual_vs_control": np.array([o, -o, o])}
-           for t, (s, p, d, o) in enumerate(zip(spearmans, pearsons, drifts, own))]
+    per = [
+        {
+            "test_point": t,
+            "spearman": s,
+            "pearson": p,
+            "spearman_vs_control": s,
+            "pearson_vs_control": p,
+            "predicted": np.ones(3),
+            "actual": np.ones(3) * d + o,
+            "actual_vs_control": np.array([o, -o, o]),
+        }
+        for t, (s, p, d, o) in enumerate(zip(spearmans, pearsons, drifts, own))
+    ]
     return {"seed": 0, "test_losses": np.ones(len(per)), "drift": np.array(drifts), "per_test_point": per}
 
 
 def _c100(values):
-    return [{"dataset": "cifar100", "architecture": "resnet18", "weight_decay": 5e-4, "seed": s, "test_losses": np.ones(2),
-             "drift": np.zeros(2), "per_test_point": [
-                 {"test_point": kind, "spearman": v, "pearson": v, "spearman_vs_control": v, "predicted": np.ones(2), "actual": np.ones(2),
-                  "actual_vs_control": np.ones(2)} for kind, v in zip(("highest loss", "median loss"), vs)]}
-            for s, vs in enumerate(values)]
+    return [
+        {
+            "dataset": "cifar100",
+            "architecture": "resnet18",
+            "weight_decay": 5e-4,
+            "seed": s,
+            "test_losses": np.ones(2),
+            "drift": np.zeros(2),
+            "per_test_point": [
+                {
+                    "test_point": kind,
+                    "spearman": v,
+                    "pearson": v,
+                    "spearman_vs_control": v,
+                    "predicted": np.ones(2),
+                    "actual": np.ones(2),
+                    "actual_vs_control": np.ones(2),
+                }
+                for kind, v in zip(("highest loss", "median loss"), vs)
+            ],
+        }
+        for s, vs in enumerate(values)
+    ]
 
 
 def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
@@ -204,7 +291,9 @@ def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
 
 def test_weights_that_are_not_here_are_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    cfg = ImageNetConfig(**{**TINY, "architecture": "resnet18", "weights": "torchvision", "train_epochs": 0, "cache_dir": str(tmp_path / "c")})
+    cfg = ImageNetConfig(
+        **{**TINY, "architecture": "resnet18", "weights": "torchvision", "train_epochs": 0, "cache_dir": str(tmp_path / "c")}
+    )
     with pytest.raises(InvalidArgumentError, match="weights='torchvision' is not allowed here"):
         run_study(cfg, progress=False)
     assert not (tmp_path / "c").exists()  # refused before the stand-in was written or any job ran

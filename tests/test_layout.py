@@ -52,8 +52,18 @@ def test_no_chapter_imports_another_chapter(chapter):
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m.split(".")[1:2] in (["core"], ["estimators"], ["data"], ["models"])])
 def test_the_numerics_import_nothing_above_them(module):
-    above = ("fragile.chapters", "fragile.book", "fragile.run", "dask", "distributed", "papermill", "matplotlib", "myst_nb",
-             "pandas", "ipywidgets")
+    above = (
+        "fragile.chapters",
+        "fragile.book",
+        "fragile.run",
+        "dask",
+        "distributed",
+        "papermill",
+        "matplotlib",
+        "myst_nb",
+        "pandas",
+        "ipywidgets",
+    )
     assert not {m for m in MODULES[module] if m.startswith(above)}, module
 
 
@@ -65,3 +75,26 @@ def test_the_run_layer_knows_no_chapter(module):
 def test_the_chapter_protocols_import_no_chapter():
     for module in PROTOCOLS - {"fragile.chapters.registry"}:
         assert not {m for m in MODULES[module] if m in CHAPTERS}, module
+
+
+def readme_modules() -> set[str]:
+    """The modules the README's table names: ``fragile.x.y`` in full, or ``.z`` for a sibling of the cell's last full name."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## What is in the library") : text.index("## Use the library")]
+    named = set()
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        parent = ""
+        for name in __import__("re").findall(r"`([.\w]+)`", line.split("|")[1]):
+            if name.startswith("."):
+                named.add(parent + name)
+            elif name.startswith("fragile."):
+                named.add(name)
+                parent = name.rsplit(".", 1)[0]
+    return named
+
+
+def test_the_readme_module_table_matches_the_tree():
+    tree = {m for m in MODULES if not m.endswith("__main__") and m.count(".") and not (PACKAGE / m.split(".", 1)[1]).is_dir()}
+    assert readme_modules() == tree

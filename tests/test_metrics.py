@@ -48,10 +48,12 @@ def test_spearman_over_a_selection():
 
 def test_bootstrap_interval_contains_estimate_and_narrows_with_n():
     rng = np.random.default_rng(1)
+
     def ci(n):
         x = rng.normal(size=n)
         y = x + rng.normal(size=n)
         return correlation(x, y), bootstrap_ci(x, y, n_boot=500, seed=0)
+
     r_small, (lo_s, hi_s) = ci(20)
     r_big, (lo_b, hi_b) = ci(500)
     assert lo_s <= r_small <= hi_s and lo_b <= r_big <= hi_b

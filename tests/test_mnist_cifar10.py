@@ -8,32 +8,49 @@ from data_roots import write_cifar_root, write_mnist_root
 from scipy import stats
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential, make_estimator
-from fragile.errors import InvalidArgumentError
-from fragile.core.selection import choose_test_points
-from fragile.core.selection import test_points_by_kind as points_by_kind  # not collected as a test
 from fragile.chapters.mnist_cifar10 import MnistCifar10Config, claims, lissa_depth_claim, paper_comparison, table1, weight_layers
 from fragile.chapters.table1_protocol import build_network, load_data, model_inputs, model_jobs, run_model
+from fragile.core.selection import choose_test_points
+from fragile.core.selection import test_points_by_kind as points_by_kind  # not collected as a test
+from fragile.errors import InvalidArgumentError
 
-TINY = dict(device="cpu", mnist_architectures=("small_cnn",), cifar10_architectures=("vgg11",), width=8, n_train=20, n_test=30,
-            batch_size=10, train_steps=50, top_k=4, lissa_depth=10, lissa_batch_size=10, cg_max_iter=10, arnoldi_rank=5,
-            scheduler="in-process", use_cache=False)
+TINY = dict(
+    device="cpu",
+    mnist_architectures=("small_cnn",),
+    cifar10_architectures=("vgg11",),
+    width=8,
+    n_train=20,
+    n_test=30,
+    batch_size=10,
+    train_steps=50,
+    top_k=4,
+    lissa_depth=10,
+    lissa_batch_size=10,
+    cg_max_iter=10,
+    arnoldi_rank=5,
+    scheduler="in-process",
+    use_cache=False,
+)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"mnist_architectures": ("alexnet",)}, "mnist_architectures='alexnet' is not allowed"),
-    ({"mnist_architectures": (), "cifar10_architectures": ()}, "all empty"),
-    ({"n_test": 10}, "n_test=10 is not allowed"),
-    ({"n_test": 60, "test_points_per_kind": 4}, "give at least 80 test images"),
-    ({"optimizer": "lbfgs"}, "optimizer"),
-    ({"cifar100_architectures": ("alexnet",)}, "cifar100_architectures"),
-    ({"n_train": 25}, "n_train=25 is not allowed"),
-    ({"compare_estimators": ("lissa",)}, "compare_estimators"),
-    ({"top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
-    ({"retrain_fraction": 0.0}, "retrain_fraction"),
-    ({"device": "tpu"}, "device='tpu' is not allowed"),
-    ({"width": 4}, "width=4 is not allowed"),
-    ({"weight_decays": (0.0, 0.0)}, "repeats a value"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"mnist_architectures": ("alexnet",)}, "mnist_architectures='alexnet' is not allowed"),
+        ({"mnist_architectures": (), "cifar10_architectures": ()}, "all empty"),
+        ({"n_test": 10}, "n_test=10 is not allowed"),
+        ({"n_test": 60, "test_points_per_kind": 4}, "give at least 80 test images"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"cifar100_architectures": ("alexnet",)}, "cifar100_architectures"),
+        ({"n_train": 25}, "n_train=25 is not allowed"),
+        ({"compare_estimators": ("lissa",)}, "compare_estimators"),
+        ({"top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
+        ({"retrain_fraction": 0.0}, "retrain_fraction"),
+        ({"device": "tpu"}, "device='tpu' is not allowed"),
+        ({"width": 4}, "width=4 is not allowed"),
+        ({"weight_decays": (0.0, 0.0)}, "repeats a value"),
+    ],
+)
 def test_bad_config_values_are_named(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         MnistCifar10Config(**{**TINY, **bad})
@@ -63,7 +80,9 @@ def test_offline_data_mnist_is_the_normalised_digits_and_cifar_is_a_stand_in():
 def test_a_data_root_gives_the_real_data_sets_and_enters_the_job_key(tmp_path, monkeypatch):
     images = write_mnist_root(tmp_path, n_train=60, n_test=40)
     write_cifar_root(tmp_path, "cifar10", n_train=50, n_test=30)
-    cfg = MnistCifar10Config(**{**TINY, "data_root": str(tmp_path), "n_train": 0, "n_test": 0, "top_k": 4, "verify_checksums": False})
+    cfg = MnistCifar10Config(
+        **{**TINY, "data_root": str(tmp_path), "n_train": 0, "n_test": 0, "top_k": 4, "verify_checksums": False}
+    )
     mnist, cifar = load_data(cfg, "mnist"), load_data(cfg, "cifar10")
     assert not mnist.stand_in and not cifar.stand_in and str(tmp_path) in mnist.description
     assert len(mnist.train) == 60 and len(mnist.test) == 40 and len(cifar.train) == 50 and len(cifar.test) == 30
@@ -90,7 +109,9 @@ def test_vgg_gets_mnist_padded_with_its_background_and_others_get_it_as_is():
 
 def test_widening_the_study_keeps_the_finished_jobs_keys_and_the_device_is_not_in_them():
     before = {j.name: j.key for j in model_jobs(MnistCifar10Config(**TINY))}
-    wider = MnistCifar10Config(**{**TINY, "mnist_architectures": ("small_cnn", "lenet"), "weight_decays": (0.001, 0.0, 0.01), "n_seeds": 2})
+    wider = MnistCifar10Config(
+        **{**TINY, "mnist_architectures": ("small_cnn", "lenet"), "weight_decays": (0.001, 0.0, 0.01), "n_seeds": 2}
+    )
     after = {j.name: j for j in model_jobs(wider)}
     assert len(after) == 2 * 3 * 2 + 1 * 3 * 2
     assert all(after[name].key == key for name, key in before.items())
@@ -116,7 +137,9 @@ def test_a_model_job_takes_the_highest_and_median_loss_test_points_and_matches_a
     tp = out["test_points"]
     assert tp[0] == int(np.argmax(losses)) and tp.tolist() == choose_test_points(losses, 2).tolist()
     assert losses[tp[1]] == pytest.approx(np.sort(losses)[::-1][(len(losses) - 1) // 2])
-    exact = make_estimator("exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False)
+    exact = make_estimator(
+        "exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False
+    )
     reference = exact.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()
     assert exact.spectrum.smallest + cfg.damping > 0  # H + λI positive definite: every solver's system
     scale = np.abs(reference).max()
@@ -134,8 +157,17 @@ def test_a_model_jobs_leave_one_out_values_are_sequential_retraining(job):
     entry = out["per_test_point"][t]
     i = int(entry["chosen"][-1])
     ti = int(out["test_points"][t])
-    seq = loo_retrain_sequential(objective, theta, data.train.x, data.train.y, [i], spec.replace(steps=cfg.retrain_steps),
-                                 data.test.x[ti : ti + 1], data.test.y[ti : ti + 1], progress=False)
+    seq = loo_retrain_sequential(
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        [i],
+        spec.replace(steps=cfg.retrain_steps),
+        data.test.x[ti : ti + 1],
+        data.test.y[ti : ti + 1],
+        progress=False,
+    )
     assert float(entry["actual"][-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
     assert entry["spearman"] == pytest.approx(stats.spearmanr(entry["predicted"], entry["actual"])[0])
     assert entry["pearson"] == pytest.approx(stats.pearsonr(entry["predicted"], entry["actual"])[0])
@@ -143,15 +175,36 @@ def test_a_model_jobs_leave_one_out_values_are_sequential_retraining(job):
 
 
 def _model(ds, arch, wd, seed, spearmans, stand_in=False):
-    return {"dataset": ds, "architecture": arch, "weight_decay": wd, "seed": seed, "stand_in": stand_in, "estimators": {},
-            "test_losses": np.ones(2), "drift": np.zeros(2),
-            "per_test_point": [{"test_point": k, "predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3),
-                                "spearman": s, "pearson": s / 2, "spearman_vs_control": s} for k, s in zip(("highest loss", "median loss"), spearmans)]}
+    return {
+        "dataset": ds,
+        "architecture": arch,
+        "weight_decay": wd,
+        "seed": seed,
+        "stand_in": stand_in,
+        "estimators": {},
+        "test_losses": np.ones(2),
+        "drift": np.zeros(2),
+        "per_test_point": [
+            {
+                "test_point": k,
+                "predicted": np.ones(3),
+                "actual": np.ones(3),
+                "actual_vs_control": np.ones(3),
+                "spearman": s,
+                "pearson": s / 2,
+                "spearman_vs_control": s,
+            }
+            for k, s in zip(("highest loss", "median loss"), spearmans)
+        ],
+    }
 
 
 def test_table1_cells_give_spearman_pearson_and_the_spread_over_seeds():
-    models = [_model("mnist", "resnet50", 0.001, 0, [0.2, 0.1]), _model("mnist", "resnet50", 0.001, 1, [0.4, 0.1]),
-              _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.6], stand_in=True)]
+    models = [
+        _model("mnist", "resnet50", 0.001, 0, [0.2, 0.1]),
+        _model("mnist", "resnet50", 0.001, 1, [0.4, 0.1]),
+        _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.6], stand_in=True),
+    ]
     t = table1(models, stand_in={"cifar10": True}, not_run={"lenet": "GPU"})
     assert t.loc["resnet50", ("MNIST", "highest loss", "wd 0.001")] == f"0.30 (0.15) ± {np.std([0.2, 0.4], ddof=1):.2f}"
     assert t.loc["vgg11", ("CIFAR-10 STAND-IN (digits)", "median loss", "no wd")] == "0.60 (0.30)"
@@ -163,19 +216,30 @@ def test_table1_cells_give_spearman_pearson_and_the_spread_over_seeds():
 
 
 def test_claims_follow_the_stated_rules():
-    poor = [_model("mnist", "resnet50", 0.001, 0, [0.2, 0.2]), _model("mnist", "resnet50", 0.0, 0, [0.1, 0.2]),
-            _model("cifar10", "vgg11", 0.001, 0, [0.3, 0.9], stand_in=True), _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.2], stand_in=True)]
+    poor = [
+        _model("mnist", "resnet50", 0.001, 0, [0.2, 0.2]),
+        _model("mnist", "resnet50", 0.0, 0, [0.1, 0.2]),
+        _model("cifar10", "vgg11", 0.001, 0, [0.3, 0.9], stand_in=True),
+        _model("cifar10", "vgg11", 0.0, 0, [0.5, 0.2], stand_in=True),
+    ]
     got = {c.key: c for c in claims(poor, stand_in={"cifar10": True})}
     assert got["resnet50"].verdict == "reproduced" and got["resnet50"].value == pytest.approx(0.175)
     assert got["varies"].verdict == "reproduced" and got["varies"].value == pytest.approx(0.8)
     assert got["vgg_wd"].verdict == "reproduced on the stand-in (not CIFAR-10)" and got["vgg_wd"].value == 1
-    good = [_model("mnist", "resnet50", 0.001, 0, [0.9, 0.85]), _model("cifar10", "vgg11", 0.001, 0, [0.9, 0.9]),
-            _model("cifar10", "vgg11", 0.0, 0, [0.8, 0.85])]
+    good = [
+        _model("mnist", "resnet50", 0.001, 0, [0.9, 0.85]),
+        _model("cifar10", "vgg11", 0.001, 0, [0.9, 0.9]),
+        _model("cifar10", "vgg11", 0.0, 0, [0.8, 0.85]),
+    ]
     got = {c.key: c for c in claims(good, stand_in={})}
     assert got["resnet50"].verdict == "not reproduced" and got["varies"].verdict == "not reproduced"
     assert got["vgg_wd"].verdict == "not reproduced"
-    assert {c.key: c for c in claims(good[1:], stand_in={})}["resnet50"].verdict.startswith("needs the real data set and a GPU: run with `--profile paper`")
-    assert {c.key: c for c in claims(good[:1], stand_in={})}["vgg_wd"].verdict.startswith("needs the real data set: run with `--profile paper`")
+    assert {c.key: c for c in claims(good[1:], stand_in={})}["resnet50"].verdict.startswith(
+        "needs the real data set and a GPU: run with `--profile paper`"
+    )
+    assert {c.key: c for c in claims(good[:1], stand_in={})}["vgg_wd"].verdict.startswith(
+        "needs the real data set: run with `--profile paper`"
+    )
 
 
 def test_a_gpu_that_is_not_here_is_refused_before_any_job(tmp_path, monkeypatch):
@@ -194,8 +258,20 @@ def test_measured_time_multiplies_the_benchmarks_hours_by_the_studys_size(tmp_pa
     from fragile.chapters.mnist_cifar10 import measured_time_markdown
 
     path = tmp_path / "costs.json"
-    path.write_text(json.dumps({"device": "GPU X", "torch": "2", "date": "d", "script": "s",
-                                "rows": [{"architecture": "small_cnn", "hours_per_model": 0.5}, {"architecture": "vgg11", "hours_per_model": 2.0}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "device": "GPU X",
+                "torch": "2",
+                "date": "d",
+                "script": "s",
+                "rows": [
+                    {"architecture": "small_cnn", "hours_per_model": 0.5},
+                    {"architecture": "vgg11", "hours_per_model": 2.0},
+                ],
+            }
+        )
+    )
     cfg = MnistCifar10Config(**{**TINY, "n_seeds": 3})  # small_cnn on MNIST, vgg11 on CIFAR-10, 2 weight decays
     assert "about 15 GPU-hours" in measured_time_markdown(cfg, str(path))  # (0.5 + 2.0) × 2 × 3
     assert measured_time_markdown(cfg, str(tmp_path / "none.json")) == ""
@@ -215,13 +291,24 @@ def test_several_test_points_per_kind_are_the_highest_and_those_nearest_the_medi
 
 def test_cifar100_from_a_data_root_has_100_classes_and_class_balanced_subsets(tmp_path):
     images = write_cifar_root(tmp_path, "cifar100", n_train=400, n_test=200)
-    base = {**TINY, "mnist_architectures": (), "cifar10_architectures": (), "cifar100_architectures": ("lenet",),
-            "data_root": str(tmp_path), "verify_checksums": False, "n_train": 0, "n_test": 0}
+    base = {
+        **TINY,
+        "mnist_architectures": (),
+        "cifar10_architectures": (),
+        "cifar100_architectures": ("lenet",),
+        "data_root": str(tmp_path),
+        "verify_checksums": False,
+        "n_train": 0,
+        "n_test": 0,
+    }
     data = load_data(MnistCifar10Config(**base), "cifar100")
     assert not data.stand_in and data.num_classes == int(images["train_labels"].max()) + 1 > 10
     expected = (torch.as_tensor(images["test_images"][3, 1], dtype=torch.float32) / 255 - 0.4865) / 0.2564
     torch.testing.assert_close(data.test.x[3, 1], expected)
-    assert build_network(MnistCifar10Config(**base), "lenet", "cifar100", 0, data.num_classes)(data.train.x[:2]).shape == (2, data.num_classes)
+    assert build_network(MnistCifar10Config(**base), "lenet", "cifar100", 0, data.num_classes)(data.train.x[:2]).shape == (
+        2,
+        data.num_classes,
+    )
     with pytest.raises(InvalidArgumentError, match="n_train=50 is not allowed for cifar100"):
         load_data(MnistCifar10Config(**{**base, "n_train": 50}), "cifar100")
     offline = load_data(MnistCifar10Config(**{**TINY, "cifar100_architectures": ("lenet",)}), "cifar100")
@@ -230,12 +317,15 @@ def test_cifar100_from_a_data_root_has_100_classes_and_class_balanced_subsets(tm
     assert not torch.equal(offline.train.x, cifar10.train.x)  # another split of the digits
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("adam", dict(optimizer="adam", batch_size=10)),
-    ("gd", dict(optimizer="gd", batch_size=None)),
-    ("nesterov", dict(optimizer="sgd", momentum=0.9, nesterov=True, batch_size=10)),
-    ("rmsprop", dict(optimizer="rmsprop", momentum=0.0, batch_size=10)),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("adam", dict(optimizer="adam", batch_size=10)),
+        ("gd", dict(optimizer="gd", batch_size=None)),
+        ("nesterov", dict(optimizer="sgd", momentum=0.9, nesterov=True, batch_size=10)),
+        ("rmsprop", dict(optimizer="rmsprop", momentum=0.0, batch_size=10)),
+    ],
+)
 def test_each_optimiser_name_is_the_training_spec_the_docstring_says(name, expected):
     spec = MnistCifar10Config(**{**TINY, "optimizer": name}).train_spec(seed=3)
     assert spec.seed == 3 and spec.steps == TINY["train_steps"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fragile.run import runner
-from fragile.errors import InvalidArgumentError
 from fragile.chapters.estimands import GROUND_TRUTHS, EstimandsConfig
 from fragile.chapters.iris import IrisConfig
 from fragile.chapters.registry import CHAPTERS
+from fragile.errors import InvalidArgumentError
+from fragile.run import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = runner.sections(ROOT)
@@ -29,7 +29,9 @@ def test_the_committed_toc_is_the_one_the_registry_writes():
 
 @pytest.mark.parametrize("section", SECTIONS, ids=lambda s: s.name)
 def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
-    out = runner.run_section(section.name, "smoke", {"results_dir": str(tmp_path / "results")}, output=tmp_path / "nb.ipynb", root=ROOT)
+    out = runner.run_section(
+        section.name, "smoke", {"results_dir": str(tmp_path / "results")}, output=tmp_path / "nb.ipynb", root=ROOT
+    )
     nb = json.loads(out.read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
@@ -62,7 +64,8 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         assert res["stand_in"] == {"mnist": False, "cifar10": True}
         rows = res["correlations"]
         assert {(r["dataset"], r["architecture"]) for r in rows} == {("mnist", a) for a in smoke["mnist_architectures"]} | {
-            ("cifar10", a) for a in smoke["cifar10_architectures"]}
+            ("cifar10", a) for a in smoke["cifar10_architectures"]
+        }
         assert {r["test_point"] for r in rows} == {"highest loss", "median loss"}
         assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
         assert any("STAND-IN" in column for column in res["table1"])  # the stand-in says so in the table itself
@@ -70,7 +73,9 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
     if section.name == "04_imagenet":
         res = summary["results"]
         assert res["stand_in"] == {"imagenet": True, "cifar100": True}
-        assert len(res["drift"]) == 2 and all(r["median_abs_removal_vs_control"] > 0 for r in res["drift"])  # two random test points
+        assert len(res["drift"]) == 2 and all(
+            r["median_abs_removal_vs_control"] > 0 for r in res["drift"]
+        )  # two random test points
         assert len({r["test_point"] for r in res["drift"]}) == 2
         assert len(res["cifar100"]) == 2 * smoke["cifar100_test_points_per_kind"] * smoke["cifar100_n_seeds"]
         assert {c["key"] for c in res["claims"]} == {"imagenet_corr", "imagenet_drift", "cifar100"}
@@ -79,12 +84,26 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         res = summary["results"]
         assert res["stand_in"] == {"mnist": False, "cifar100": True}
         assert {r["optimizer"] for r in res["optimizer"]} == {"adam", "gd", "nesterov", "rmsprop"}
-        assert {(r["architecture"], r["seed"]) for r in res["initialisation"]} == {(a, s) for a in ("small_cnn", "lenet") for s in range(smoke["init_seeds"])}
-        assert {(r["dataset"], r["architecture"]) for r in res["summed"]} == {tuple(m.split("/")) for m in smoke["summed_group_models"]}
+        assert {(r["architecture"], r["seed"]) for r in res["initialisation"]} == {
+            (a, s) for a in ("small_cnn", "lenet") for s in range(smoke["init_seeds"])
+        }
+        assert {(r["dataset"], r["architecture"]) for r in res["summed"]} == {
+            tuple(m.split("/")) for m in smoke["summed_group_models"]
+        }
         assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in res["summed"] + res["groups"])
-        assert {c["key"] for c in res["claims"]} == {"optimizer", "init", "summed_mnist", "summed_cifar100", "group_mnist", "group_cifar100", "table2"}
+        assert {c["key"] for c in res["claims"]} == {
+            "optimizer",
+            "init",
+            "summed_mnist",
+            "summed_cifar100",
+            "group_mnist",
+            "group_cifar100",
+            "table2",
+        }
         verdicts = {c["key"]: c["verdict"] for c in res["claims"]}
-        assert verdicts["summed_cifar100"].startswith("needs the real data set") and verdicts["group_cifar100"].startswith("needs the real data set")
+        assert verdicts["summed_cifar100"].startswith("needs the real data set") and verdicts["group_cifar100"].startswith(
+            "needs the real data set"
+        )
         assert all(r["training"] > 0 for r in res["timing"])
     if section.name == "06_estimands":
         res = summary["results"]
@@ -109,7 +128,9 @@ def test_parameters_cell_matches_its_config(name, config):
         assert param in fields, param
         value = eval(info["default"])  # noqa: S307 - literals from our own template
         expected = fields[param]
-        assert (list(value) if isinstance(value, (list, tuple)) else value) == (list(expected) if isinstance(expected, tuple) else expected), param
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == (
+            list(expected) if isinstance(expected, tuple) else expected
+        ), param
 
 
 @pytest.mark.parametrize("profile", runner.PROFILES)
@@ -163,7 +184,9 @@ def test_committed_summary_matches_the_executed_chapter():
         nb = json.loads((ROOT / "book" / "sections" / f"{section.name}.ipynb").read_text())
         meta = nb["metadata"]["fragile"]
         summary = json.loads((ROOT / "results" / section.name / meta["profile"] / "summary.json").read_text())
-        assert summary["provenance"]["parameters"]["n_seeds"] == meta["parameters"].get("n_seeds", summary["provenance"]["parameters"]["n_seeds"])
+        assert summary["provenance"]["parameters"]["n_seeds"] == meta["parameters"].get(
+            "n_seeds", summary["provenance"]["parameters"]["n_seeds"]
+        )
         assert not math.isnan(summary["provenance"]["duration_s"])
 
 
@@ -194,8 +217,24 @@ def test_section_on_a_local_cluster_started_by_the_runner(tmp_path):
     from fragile.chapters import iris
 
     small = {"n_seeds": 1, "depths": [1], "widths": [8]}
-    cli = [sys.executable, "-m", "fragile", "run", "iris", "--profile", "smoke", "--scheduler", "local", "--workers", "2",
-           "-p", "results_dir", str(tmp_path / "res"), "-o", str(tmp_path / "nb.ipynb")]
+    cli = [
+        sys.executable,
+        "-m",
+        "fragile",
+        "run",
+        "iris",
+        "--profile",
+        "smoke",
+        "--scheduler",
+        "local",
+        "--workers",
+        "2",
+        "-p",
+        "results_dir",
+        str(tmp_path / "res"),
+        "-o",
+        str(tmp_path / "nb.ipynb"),
+    ]
     for key, value in small.items():
         cli += ["-p", key, json.dumps(value)]
     done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)

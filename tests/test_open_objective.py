@@ -208,8 +208,9 @@ def test_mse_influence_of_a_regression_mlp_ranks_leave_one_out_retraining():
     est = make_estimator("exact", objective, theta, x, y, progress=False)
     pred = est.influences(x_test[t : t + 1], y_test[t : t + 1]).predicted[0]
     remove = torch.argsort(pred.abs(), descending=True)[:12]
-    loo = loo_retrain_sequential(objective, theta, x, y, remove, TrainSpec("gd", lr=0.5, steps=300), x_test[t : t + 1],
-                                 y_test[t : t + 1], progress=False)
+    loo = loo_retrain_sequential(
+        objective, theta, x, y, remove, TrainSpec("gd", lr=0.5, steps=300), x_test[t : t + 1], y_test[t : t + 1], progress=False
+    )
     # Measured: Spearman 0.986 and Pearson 0.994 (0.986-0.988 for 10-15 points and 300-600 retraining steps).
     rho = correlation(pred[remove], loo.actual[:, 0])
     assert rho > 0.9, f"Spearman(predicted, actual) = {rho:.4f}"
@@ -226,8 +227,10 @@ def test_a_callable_cross_entropy_reproduces_the_named_one(classifier):
     assert torch.equal(custom.sample_grads(theta, x, y), objective.sample_grads(theta, x, y))
     assert torch.equal(hvp(custom, theta, x, y, theta), hvp(objective, theta, x, y, theta))
     spec = TrainSpec(lr=0.5, steps=30)
-    assert torch.equal(fit(custom, objective.initial_params(), x, y, spec, progress=False).params,
-                       fit(objective, objective.initial_params(), x, y, spec, progress=False).params)
+    assert torch.equal(
+        fit(custom, objective.initial_params(), x, y, spec, progress=False).params,
+        fit(objective, objective.initial_params(), x, y, spec, progress=False).params,
+    )
     for method in ("exact", "cg", "grad_dot"):
         a = make_estimator(method, custom, theta, x, y, damping=0.05, progress=False).influences(x[:3], y[:3])
         b = make_estimator(method, objective, theta, x, y, damping=0.05, progress=False).influences(x[:3], y[:3])
@@ -303,11 +306,15 @@ def test_pbrf_with_mse_of_a_linear_model_is_the_quadratic_problem_solved_exactly
     torch.testing.assert_close(res.test_loss_removed[0], objective.measurements(theta_m, x_test, y_test), rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("build", [
-    lambda o, t, x, y: gauss_newton_matrix(o, t, x),
-    lambda o, t, x, y: make_estimator("exact", o, t, x, y, curvature="gauss_newton"),
-    lambda o, t, x, y: make_estimator("ekfac", o, t, x, y, damping=0.1),
-], ids=["gauss_newton_matrix", "exact_gauss_newton", "ekfac"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda o, t, x, y: gauss_newton_matrix(o, t, x),
+        lambda o, t, x, y: make_estimator("exact", o, t, x, y, curvature="gauss_newton"),
+        lambda o, t, x, y: make_estimator("ekfac", o, t, x, y, damping=0.1),
+    ],
+    ids=["gauss_newton_matrix", "exact_gauss_newton", "ekfac"],
+)
 def test_output_hessian_computations_refuse_a_callable_loss_naming_it(classifier, build):
     objective, theta, data = classifier
     custom = Objective(objective.model, objective.weight_decay, loss=_ce)
@@ -320,17 +327,33 @@ OPTION_CLASSES = (ExactOptions, CGOptions, LissaOptions, ArnoldiOptions, EKFACOp
 CHECKPOINTS = torch.zeros(2, 31, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("cls,field,value", [
-    (ExactOptions, "negative", "flip"), (ExactOptions, "vector_chunk", 0), (ExactOptions, "curvature", "fisher"),
-    (CGOptions, "rtol", 0.0), (CGOptions, "max_iter", 0), (CGOptions, "vector_chunk", 1.5),
-    (LissaOptions, "depth", 0), (LissaOptions, "repeats", 0), (LissaOptions, "batch_size", 0), (LissaOptions, "scale", -1.0),
-    (LissaOptions, "scale_margin", float("inf")), (LissaOptions, "power_rtol", 0), (LissaOptions, "seed", -1),
-    (LissaOptions, "growth_tolerance", float("nan")), (LissaOptions, "vector_chunk", 0),
-    (ArnoldiOptions, "rank", 0), (ArnoldiOptions, "iterations", 0), (ArnoldiOptions, "negative", "flip"),
-    (ArnoldiOptions, "seed", True),
-    (EKFACOptions, "vector_chunk", 0),
-    (TracInOptions, "checkpoints", torch.zeros(3)), (TracInOptions, "lrs", [0.1, 0.0]),
-])
+@pytest.mark.parametrize(
+    "cls,field,value",
+    [
+        (ExactOptions, "negative", "flip"),
+        (ExactOptions, "vector_chunk", 0),
+        (ExactOptions, "curvature", "fisher"),
+        (CGOptions, "rtol", 0.0),
+        (CGOptions, "max_iter", 0),
+        (CGOptions, "vector_chunk", 1.5),
+        (LissaOptions, "depth", 0),
+        (LissaOptions, "repeats", 0),
+        (LissaOptions, "batch_size", 0),
+        (LissaOptions, "scale", -1.0),
+        (LissaOptions, "scale_margin", float("inf")),
+        (LissaOptions, "power_rtol", 0),
+        (LissaOptions, "seed", -1),
+        (LissaOptions, "growth_tolerance", float("nan")),
+        (LissaOptions, "vector_chunk", 0),
+        (ArnoldiOptions, "rank", 0),
+        (ArnoldiOptions, "iterations", 0),
+        (ArnoldiOptions, "negative", "flip"),
+        (ArnoldiOptions, "seed", True),
+        (EKFACOptions, "vector_chunk", 0),
+        (TracInOptions, "checkpoints", torch.zeros(3)),
+        (TracInOptions, "lrs", [0.1, 0.0]),
+    ],
+)
 def test_every_option_refuses_an_out_of_range_value_naming_the_field(cls, field, value):
     base = {"checkpoints": CHECKPOINTS} if cls is TracInOptions else {}
     with pytest.raises(InvalidArgumentError, match=field):
@@ -379,14 +402,17 @@ def test_make_estimator_refuses_unknown_keywords_naming_them_and_the_allowed_one
         make_estimator("cg", objective, theta, data.x, data.y, grad_chunk=0)
 
 
-@pytest.mark.parametrize("method,options", [
-    ("exact", ExactOptions(negative="abs", vector_chunk=5)),
-    ("cg", CGOptions(rtol=1e-8, max_iter=40, vector_chunk=3)),
-    ("lissa", LissaOptions(depth=20, batch_size=9, repeats=2, seed=1, power_rtol=1e-3, vector_chunk=2)),
-    ("arnoldi", ArnoldiOptions(rank=5, seed=2)),
-    ("ekfac", EKFACOptions(vector_chunk=2)),
-    ("tracin", None),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("exact", ExactOptions(negative="abs", vector_chunk=5)),
+        ("cg", CGOptions(rtol=1e-8, max_iter=40, vector_chunk=3)),
+        ("lissa", LissaOptions(depth=20, batch_size=9, repeats=2, seed=1, power_rtol=1e-3, vector_chunk=2)),
+        ("arnoldi", ArnoldiOptions(rank=5, seed=2)),
+        ("ekfac", EKFACOptions(vector_chunk=2)),
+        ("tracin", None),
+    ],
+)
 def test_options_instance_and_keywords_give_the_same_bits(classifier, method, options):
     objective, theta, data = classifier
     if method == "tracin":

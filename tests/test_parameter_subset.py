@@ -17,7 +17,9 @@ def problem():
     data = synthetic_classification(25, num_features=3, num_classes=3, noise=1.0, seed=5)
     model = build_model("mlp", seed=1, in_features=3, num_classes=3, depth=2, width=4, activation="tanh")
     full = Objective(model, 0.01)
-    theta = full.initial_params() + 0.1 * torch.randn(full.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    theta = full.initial_params() + 0.1 * torch.randn(
+        full.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     head = Objective(model, 0.01, trainable=HEAD)
     # Where the head's entries sit in the full θ (named_parameters order: the head is last).
     sel = torch.arange(full.num_params - head.num_params, full.num_params)
@@ -52,7 +54,10 @@ def test_exact_influence_on_a_subset_is_the_closed_form_on_its_block(problem):
 
 def test_a_prefix_that_names_no_parameter_is_refused_by_name(problem):
     _, model, *_ = problem
-    with pytest.raises(InvalidArgumentError, match=r"trainable=\['net.9'\] is not allowed: \['net.9'\] names no parameter; top-level modules: \['net'\]"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"trainable=\['net.9'\] is not allowed: \['net.9'\] names no parameter; top-level modules: \['net'\]",
+    ):
         Objective(model, 0.0, trainable=("net.9",))
     with pytest.raises(InvalidArgumentError, match="trainable"):
         Objective(model, 0.0, trainable=())

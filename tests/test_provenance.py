@@ -13,8 +13,14 @@ from fragile.run.code import module_code_digest
 from fragile.run.devices import DEVICE_CHOICES
 from fragile.run.provenance import MAX_DIRTY_FILES, collect, devices_used, git_commit
 
-FILES = ("fragile/core.py", "notebooks/01_x.ipynb", "book/params/default.yml", "book/sections/01_x.ipynb",
-         "results/01_x/default/summary.json", "README.md")
+FILES = (
+    "fragile/core.py",
+    "notebooks/01_x.ipynb",
+    "book/params/default.yml",
+    "book/sections/01_x.ipynb",
+    "results/01_x/default/summary.json",
+    "README.md",
+)
 
 
 def _git(cwd, *args):
@@ -62,8 +68,9 @@ def test_outside_git_the_commit_is_unknown(tmp_path):
 
 
 def _collect(device):
-    return collect({}, profile="smoke", dataset="d", device=device, code_module="fragile.chapters.iris",
-                   started=0.0, finished=1.0)
+    return collect(
+        {}, profile="smoke", dataset="d", device=device, code_module="fragile.chapters.iris", started=0.0, finished=1.0
+    )
 
 
 def test_auto_is_recorded_as_the_device_it_resolves_to(monkeypatch):

@@ -7,13 +7,29 @@ import torch
 from data_roots import write_mnist_root
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
-from fragile.errors import InvalidArgumentError
-from fragile.core.selection import choose_test_points
 from fragile.chapters.small_mnist import SmallMnistConfig, claims, load_data, model_jobs, run_model
+from fragile.core.selection import choose_test_points
+from fragile.errors import InvalidArgumentError
 
-TINY = dict(n_train=20, n_test=50, weight_decays=(0.001, 0.1), lr=0.001, batch_size=10, train_steps=60, retrain_steps=8,
-            n_test_points=2, top_k=4, band_k=4, cg_max_iter=60, lissa_depth=10, lissa_batch_size=10, arnoldi_rank=10,
-            sweep_estimator="cg", scheduler="in-process", use_cache=False)
+TINY = dict(
+    n_train=20,
+    n_test=50,
+    weight_decays=(0.001, 0.1),
+    lr=0.001,
+    batch_size=10,
+    train_steps=60,
+    retrain_steps=8,
+    n_test_points=2,
+    top_k=4,
+    band_k=4,
+    cg_max_iter=60,
+    lissa_depth=10,
+    lissa_batch_size=10,
+    arnoldi_rank=10,
+    sweep_estimator="cg",
+    scheduler="in-process",
+    use_cache=False,
+)
 
 
 def test_test_points_run_from_the_highest_loss_to_the_median():
@@ -25,15 +41,18 @@ def test_test_points_run_from_the_highest_loss_to_the_median():
         choose_test_points(losses, 8)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"weight_decay": 0.05}, "weight_decay=0.05 is not allowed; it must be one of weight_decays"),
-    ({"n_train": 55}, "n_train=55 is not allowed; it must be 0 .all. or a multiple of 10"),
-    ({"n_train": 20, "top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
-    ({"weight_decays": (0.001, 0.001)}, "repeats a value"),
-    ({"sweep_estimator": "newton"}, "sweep_estimator"),
-    ({"dtype": "float16"}, "dtype"),
-    ({"band_quantile": 1.5}, "band_quantile"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"weight_decay": 0.05}, "weight_decay=0.05 is not allowed; it must be one of weight_decays"),
+        ({"n_train": 55}, "n_train=55 is not allowed; it must be 0 .all. or a multiple of 10"),
+        ({"n_train": 20, "top_k": 30}, "top_k=30 is not allowed; it must be at most n_train=20"),
+        ({"weight_decays": (0.001, 0.001)}, "repeats a value"),
+        ({"sweep_estimator": "newton"}, "sweep_estimator"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"band_quantile": 1.5}, "band_quantile"),
+    ],
+)
 def test_bad_parameters_are_refused_by_name(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         SmallMnistConfig(**{**TINY, **bad})
@@ -71,7 +90,9 @@ def test_adding_a_weight_decay_to_the_sweep_keeps_the_finished_models_keys():
     assert set(after) == set(before) | {"small_mnist/seed0-wd0"}
     assert all(after[name] == key for name, key in before.items())
     moved = {j.name: j.key for j in model_jobs(SmallMnistConfig(**{**TINY, "weight_decays": (0.01, 0.1), "weight_decay": 0.01}))}
-    assert moved["small_mnist/seed0-wd0.1"] != before["small_mnist/seed0-wd0.1"]  # conservative: the headline value decides which model gets the estimator comparison
+    assert (
+        moved["small_mnist/seed0-wd0.1"] != before["small_mnist/seed0-wd0.1"]
+    )  # conservative: the headline value decides which model gets the estimator comparison
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +113,9 @@ def test_a_model_job_reports_its_training_and_influence(sweep_model):
     losses = objective.sample_losses(theta, data.test.x, data.test.y).double().numpy()
     assert out["test_points"].tolist() == choose_test_points(losses, cfg.n_test_points).tolist()
     # The same influences from an estimator built here, on the independently retrained θ*: exact, not CG.
-    exact = make_estimator("exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False)
+    exact = make_estimator(
+        "exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False
+    )
     tp = torch.as_tensor(out["test_points"])
     reference = exact.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()
     assert exact.spectrum.smallest + cfg.damping > 0  # H + λI positive definite: CG's system
@@ -108,19 +131,44 @@ def test_shared_leave_one_out_models_are_mapped_to_the_right_test_point(sweep_mo
     entry = out["bands"]["top"][t]
     i = int(entry["chosen"][-1])
     tp = int(out["test_points"][t])
-    seq = loo_retrain_sequential(objective, theta, data.train.x, data.train.y, [i], spec.replace(steps=cfg.retrain_steps),
-                                 data.test.x[tp : tp + 1], data.test.y[tp : tp + 1], progress=False)
+    seq = loo_retrain_sequential(
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        [i],
+        spec.replace(steps=cfg.retrain_steps),
+        data.test.x[tp : tp + 1],
+        data.test.y[tp : tp + 1],
+        progress=False,
+    )
     assert float(entry["actual"][-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
     assert entry["spearman"] == pytest.approx(float(__import__("scipy").stats.spearmanr(entry["predicted"], entry["actual"])[0]))
 
 
 def test_claims_follow_the_stated_rules():
     def model(wd, headline, top, band=None):
-        bands = {"top": [{"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s} for s in top]}
+        bands = {
+            "top": [
+                {"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s}
+                for s in top
+            ]
+        }
         if band is not None:
-            bands["band"] = [{"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s} for s in band]
-        return {"seed": 0, "weight_decay": wd, "headline": headline, "bands": bands, "test_points": np.arange(len(top)),
-                "test_losses": np.ones(len(top)), "drift": np.zeros(len(top))}
+            bands["band"] = [
+                {"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s}
+                for s in band
+            ]
+        return {
+            "seed": 0,
+            "weight_decay": wd,
+            "headline": headline,
+            "bands": bands,
+            "test_points": np.arange(len(top)),
+            "test_losses": np.ones(len(top)),
+            "drift": np.zeros(len(top)),
+        }
+
     models = [model(0.001, True, [0.9, 0.45], [0.1, 0.0]), model(0.01, False, [0.8, 0.6]), model(0.1, False, [0.3, 0.2])]
     got = {c.key: c for c in claims(models, 0.001)}
     assert got["range"].verdict == "reproduced" and got["range"].ours == "0.90 – 0.45"

@@ -49,15 +49,19 @@ def _function(path: Path, name: str) -> ast.FunctionDef:
 def _splice(path: Path, start: tuple[int, int], end: tuple[int, int], what: str) -> None:
     """Replace the source between two ``ast`` positions (line, UTF-8 byte column) with ``what``."""
     lines = path.read_bytes().splitlines(keepends=True)
-    head, tail = lines[start[0] - 1][: start[1]], lines[end[0] - 1][end[1]:]
-    lines[start[0] - 1: end[0]] = [head + what.encode() + tail]
+    head, tail = lines[start[0] - 1][: start[1]], lines[end[0] - 1][end[1] :]
+    lines[start[0] - 1 : end[0]] = [head + what.encode() + tail]
     path.write_bytes(b"".join(lines))
 
 
 def _reword_docstring_and_comment(path: Path, name: str) -> None:
     doc = _function(path, name).body[0].value
-    _splice(path, (doc.lineno, doc.col_offset), (doc.end_lineno, doc.end_col_offset),
-            '"""Reworded, and now\n    on two lines."""  # with a comment\n')
+    _splice(
+        path,
+        (doc.lineno, doc.col_offset),
+        (doc.end_lineno, doc.end_col_offset),
+        '"""Reworded, and now\n    on two lines."""  # with a comment\n',
+    )
 
 
 def _change_last_return(path: Path, name: str) -> None:
@@ -88,8 +92,10 @@ def test_library_code_changes_make_exactly_the_chapters_that_import_them_stale(p
 
     # A module only some chapters reach: only those go stale.
     reached = {m for mods in imports.values() for m in mods}
-    some = sorted((m for m in reached if 0 < sum(m in mods for mods in imports.values()) < len(imports)),
-                  key=lambda m: (sum(m in mods for mods in imports.values()), m))
+    some = sorted(
+        (m for m in reached if 0 < sum(m in mods for mods in imports.values()) < len(imports)),
+        key=lambda m: (sum(m in mods for mods in imports.values()), m),
+    )
     assert some, "every chapter imports the same modules; nothing to tell apart"
     module = some[0]
     base = project.joinpath(*module.split("."))
@@ -114,8 +120,16 @@ def test_a_module_newly_imported_by_a_template_is_named(project):
     meta = json.loads(runner.book_section_path(section, project).read_text())["metadata"]["fragile"]
     assert "fragile.run.runner" not in meta["code_modules"]  # chapters never import the runner
     nb = json.loads(section.path.read_text())
-    nb["cells"].append({"cell_type": "code", "id": "staleness-probe", "metadata": {}, "execution_count": None, "outputs": [],
-                        "source": "from fragile.run import runner\n"})
+    nb["cells"].append(
+        {
+            "cell_type": "code",
+            "id": "staleness-probe",
+            "metadata": {},
+            "execution_count": None,
+            "outputs": [],
+            "source": "from fragile.run import runner\n",
+        }
+    )
     section.path.write_text(json.dumps(nb))
     assert "fragile.run.runner (now imported)" in _code_problems(project)[section.name]
 

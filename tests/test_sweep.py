@@ -36,7 +36,11 @@ def _iris_numbers(groups) -> list[torch.Tensor]:
     out = []
     for g in groups:
         for r in g["runs"]:
-            out += [torch.as_tensor(r[k]) for k in ("predicted_all", "actual", "actual_vs_control", "lambda_max", "grad_norm") if k in r]
+            out += [
+                torch.as_tensor(r[k])
+                for k in ("predicted_all", "actual", "actual_vs_control", "lambda_max", "grad_norm")
+                if k in r
+            ]
     return out
 
 

@@ -32,7 +32,13 @@ def test_gd_matches_a_hand_written_loop(setup):
     assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("spec", [TrainSpec("sgd", lr=0.1, steps=40, batch_size=5, momentum=0.9, seed=2), TrainSpec("adam", lr=0.01, steps=40, batch_size=7, seed=2)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TrainSpec("sgd", lr=0.1, steps=40, batch_size=5, momentum=0.9, seed=2),
+        TrainSpec("adam", lr=0.01, steps=40, batch_size=7, seed=2),
+    ],
+)
 def test_training_is_deterministic_and_stack_equals_single(setup, spec):
     objective, data = setup
     theta0 = objective.initial_params()
@@ -81,13 +87,22 @@ def test_divergent_learning_rate_is_reported(setup):
         fit(objective, objective.initial_params() * 50, data.x, data.y, TrainSpec(lr=1e6, steps=50), progress=False)
 
 
-@pytest.mark.parametrize("spec, make", [
-    (TrainSpec("sgd", lr=0.1, steps=25, momentum=0.9, nesterov=True), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
-    (TrainSpec("sgd", lr=0.1, steps=25, momentum=0.8), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8)),
-    (TrainSpec("rmsprop", lr=0.01, steps=25), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.99, eps=1e-8)),
-    (TrainSpec("rmsprop", lr=0.01, steps=25, momentum=0.5, alpha=0.9), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-8, momentum=0.5)),
-    (TrainSpec("adam", lr=0.01, steps=25), lambda ps: torch.optim.Adam(ps, lr=0.01)),
-])
+@pytest.mark.parametrize(
+    "spec, make",
+    [
+        (
+            TrainSpec("sgd", lr=0.1, steps=25, momentum=0.9, nesterov=True),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+        ),
+        (TrainSpec("sgd", lr=0.1, steps=25, momentum=0.8), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8)),
+        (TrainSpec("rmsprop", lr=0.01, steps=25), lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.99, eps=1e-8)),
+        (
+            TrainSpec("rmsprop", lr=0.01, steps=25, momentum=0.5, alpha=0.9),
+            lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-8, momentum=0.5),
+        ),
+        (TrainSpec("adam", lr=0.01, steps=25), lambda ps: torch.optim.Adam(ps, lr=0.01)),
+    ],
+)
 def test_each_optimiser_follows_its_torch_optim_namesake_step_for_step(setup, spec, make):
     # The appendix's optimiser study (Adam, GD, Nesterov, RMSProp) needs each update to be the standard one:
     # torch.optim on an nn.Module with the same (full-batch) objective is the independent reference.
@@ -119,5 +134,9 @@ def test_the_final_gradient_norm_is_the_same_in_chunks(setup):
     whole = objective.stacked_grads(thetas, data.x, data.y, weights, wd)[0]
     chunked = _full_batch_grads(objective, thetas, data.x, data.y, weights, wd, chunk=5)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(_full_batch_grads(objective, thetas, data.x, data.y, None, None, chunk=7),
-                               objective.stacked_grads(thetas, data.x, data.y)[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        _full_batch_grads(objective, thetas, data.x, data.y, None, None, chunk=7),
+        objective.stacked_grads(thetas, data.x, data.y)[0],
+        rtol=1e-12,
+        atol=1e-14,
+    )

@@ -57,11 +57,16 @@ def test_resnet18_has_the_small_image_count():
     assert count_parameters(build_model("resnet18", seed=0)) == 11_173_962
 
 
-@pytest.mark.parametrize("name, kwargs, shape", [
-    ("lenet", {}, (4, 1, 28, 28)), ("lenet", {"in_channels": 3, "image_size": 32}, (4, 3, 32, 32)),
-    ("vgg11", {}, (4, 3, 32, 32)), ("resnet18", {"in_channels": 1}, (4, 1, 28, 28)),
-    ("resnet50", {"in_channels": 1, "width": 8}, (4, 1, 28, 28)),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, shape",
+    [
+        ("lenet", {}, (4, 1, 28, 28)),
+        ("lenet", {"in_channels": 3, "image_size": 32}, (4, 3, 32, 32)),
+        ("vgg11", {}, (4, 3, 32, 32)),
+        ("resnet18", {"in_channels": 1}, (4, 1, 28, 28)),
+        ("resnet50", {"in_channels": 1, "width": 8}, (4, 1, 28, 28)),
+    ],
+)
 def test_an_example_does_not_see_its_batch(name, kwargs, shape):
     model = build_model(name, seed=1, dtype=torch.float64, **kwargs)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

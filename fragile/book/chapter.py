@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from fragile.config import PROFILES, from_dict, to_dict
-from fragile.run.devices import DEVICE_CHOICES, check_device_name
 from fragile.errors import check_choice, check_int
+from fragile.run.devices import DEVICE_CHOICES, check_device_name
 from fragile.run.provenance import collect, write_summary
 from fragile.run.sweep import check_scheduler
 
@@ -153,8 +153,15 @@ def finish(
     recorded is that of the module defining ``config``'s class (the chapter's).
     """
     params = to_dict(config)
-    prov = collect(params, profile=config.profile, dataset=dataset, device=device or config.device,
-                   code_module=type(config).__module__, started=timer.started, finished=time.time())
+    prov = collect(
+        params,
+        profile=config.profile,
+        dataset=dataset,
+        device=device or config.device,
+        code_module=type(config).__module__,
+        started=timer.started,
+        finished=time.time(),
+    )
     summary = {"section": section, "results": results, "provenance": prov}
     path = write_summary(config.results_dir, section, config.profile, summary)
     summary["path"] = str(path)

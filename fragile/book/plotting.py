@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
@@ -59,8 +60,16 @@ def sweep(table, *, x: str, y: str, ylabel: str, title: str, logy: bool = False,
         ax.errorbar(stats[x], stats["mean"], yerr=stats["std"], color=colour, marker="o", capsize=3, label=label)
     if reference:
         for label, value in reference.items():
-            ax.scatter([table[x].min()], [value], marker="*", s=120, color=WD_COLOURS.get(label, "black"),
-                       edgecolor="black", zorder=5, label=f"paper, {label}")
+            ax.scatter(
+                [table[x].min()],
+                [value],
+                marker="*",
+                s=120,
+                color=WD_COLOURS.get(label, "black"),
+                edgecolor="black",
+                zorder=5,
+                label=f"paper, {label}",
+            )
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(x)
@@ -136,7 +145,15 @@ def correlation_vs_weight_decay(table, *, title: str):
     positive = sorted(w for w in table["weight_decay"].unique() if w > 0)
     ax.scatter(table["weight_decay"], table["spearman"], s=14, alpha=0.35, color="#2166ac", label="one test point")
     stats = table.groupby("weight_decay")["spearman"].agg(["mean", "std"]).reset_index()
-    ax.errorbar(stats["weight_decay"], stats["mean"], yerr=stats["std"], color="#053061", marker="o", capsize=3, label="mean ± std over test points")
+    ax.errorbar(
+        stats["weight_decay"],
+        stats["mean"],
+        yerr=stats["std"],
+        color="#053061",
+        marker="o",
+        capsize=3,
+        label="mean ± std over test points",
+    )
     if positive:
         ax.set_xscale("symlog", linthresh=positive[0])
     ax.axvline(0.01, color="grey", ls=":", lw=0.8)
@@ -149,8 +166,16 @@ def correlation_vs_weight_decay(table, *, title: str):
     return fig
 
 
-def test_point_panel(*, predicted: np.ndarray, actual: np.ndarray, scatter_title: str, test_image: np.ndarray, test_caption: str,
-                     helpful: list[tuple[np.ndarray, str]], harmful: list[tuple[np.ndarray, str]]):
+def test_point_panel(
+    *,
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    scatter_title: str,
+    test_image: np.ndarray,
+    test_caption: str,
+    helpful: list[tuple[np.ndarray, str]],
+    harmful: list[tuple[np.ndarray, str]],
+):
     """One test point: the predicted-vs-actual scatter, the test image, and the training images whose removal
     is predicted to raise (helpful) and to lower (harmful) its loss the most, each with a caption."""
     cols = max(len(helpful), len(harmful), 1)

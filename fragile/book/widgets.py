@@ -32,8 +32,15 @@ def stack_explorer(
     """
     row_names = [str(r) for r in rows] if row_names is None else list(row_names)
     col_names = [str(c) for c in cols] if col_names is None else list(col_names)
-    slider = w.IntSlider(value=0, min=0, max=len(rows) - 1, description=row_label, readout=False,
-                         continuous_update=True, layout=w.Layout(width="340px"))
+    slider = w.IntSlider(
+        value=0,
+        min=0,
+        max=len(rows) - 1,
+        description=row_label,
+        readout=False,
+        continuous_update=True,
+        layout=w.Layout(width="340px"),
+    )
     readout = w.Stack([w.HTML(f"<b>{row_label} = {name}</b>") for name in row_names], selected_index=0)
     w.jslink((slider, "value"), (readout, "selected_index"))
     buttons = w.ToggleButtons(options=col_names, index=0, description=col_label)
@@ -41,7 +48,8 @@ def stack_explorer(
     for c in cols:
         children = [
             w.Image(value=panels[(r, c)], format="png", layout=w.Layout(max_width=panel_width))
-            if (r, c) in panels else w.HTML("<i>no result for this configuration</i>")
+            if (r, c) in panels
+            else w.HTML("<i>no result for this configuration</i>")
             for r in rows
         ]
         stack = w.Stack(children, selected_index=0)

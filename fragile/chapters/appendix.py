@@ -40,8 +40,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile.book.claims import Claim
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.book.claims import Claim
 from fragile.chapters.protocol import run_jobs
 from fragile.chapters.table1_protocol import (
     ARCHITECTURES,
@@ -54,12 +54,12 @@ from fragile.chapters.table1_protocol import (
     model_jobs,
     train_table1_model,
 )
-from fragile.run.devices import DEVICE_CHOICES, resolve_device
-from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.ground_truth import group_retrain
-from fragile.estimators import SolvingEstimator, group_influence, make_estimator
 from fragile.core.metrics import aggregate_over_seeds, correlation
 from fragile.core.selection import random_test_points, select_top_k
+from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.estimators import SolvingEstimator, group_influence, make_estimator
+from fragile.run.devices import DEVICE_CHOICES
 from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,24 @@ STUDIES = ("optimizer", "init", "summed_group")
 
 # The paper's appendix numbers (docs/protocol.md#appendix: from a reading note [note], unchecked against the PDF).
 PAPER_OPTIMIZER = {"pearson": (0.72, 0.04), "spearman": (0.56, 0.11)}  # mean ± sd across Adam, GD, Nesterov, RMSProp
-PAPER_SUMMED = {"mnist": {"pearson": 0.91, "spearman": 0.78, "network": "small CNN (small MNIST)"},
-                "cifar100": {"pearson": 0.15, "spearman": 0.11, "network": "ResNet-18"}}
+PAPER_SUMMED = {
+    "mnist": {"pearson": 0.91, "spearman": 0.78, "network": "small CNN (small MNIST)"},
+    "cifar100": {"pearson": 0.15, "spearman": 0.11, "network": "ResNet-18"},
+}
 PAPER_GROUP = {"mnist": (0.01, 0.21), "cifar100": (0.01, 0.18)}  # ResNet-18, range of the correlations
 PAPER_TABLE2 = (136, 4620)  # influence computation times, units not labelled
 # Tolerances of the verdict rules (stated in the chapter).
-CLOSE = 0.15      # a correlation within this of the paper's counts as the same
+CLOSE = 0.15  # a correlation within this of the paper's counts as the same
 LOW_SPREAD = 0.15  # sd over seeds at most this counts as "low variance"
-POOR = 0.3        # group correlations at most this count as "poor", as the paper's 0.01-0.21
-NAMES = {"small_cnn": "small CNN", "lenet": "LeNet", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
+POOR = 0.3  # group correlations at most this count as "poor", as the paper's 0.01-0.21
+NAMES = {
+    "small_cnn": "small CNN",
+    "lenet": "LeNet",
+    "vgg11": "VGG-11",
+    "vgg13": "VGG-13",
+    "resnet18": "ResNet-18",
+    "resnet50": "ResNet-50",
+}
 DATA_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 T1 = Table1Config  # the Table 1 protocol's config: this chapter's shared fields take its defaults
 
@@ -158,8 +167,10 @@ class AppendixConfig(ChapterConfig):
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         _check_unique_choices("optimizers", self.optimizers, OPTIMIZERS)
         if len(self.optimizer_lrs) != len(self.optimizers):
-            raise InvalidArgumentError(f"optimizer_lrs has {len(self.optimizer_lrs)} values but optimizers has {len(self.optimizers)}; "
-                                       "give one learning rate per optimiser, in the same order")
+            raise InvalidArgumentError(
+                f"optimizer_lrs has {len(self.optimizer_lrs)} values but optimizers has {len(self.optimizers)}; "
+                "give one learning rate per optimiser, in the same order"
+            )
         for lr in self.optimizer_lrs:
             check_positive("optimizer_lrs", lr)
         _check_unique_choices("init_architectures", self.init_architectures, tuple(ARCHITECTURES))
@@ -169,10 +180,14 @@ class AppendixConfig(ChapterConfig):
         if len(set(self.summed_group_models)) != len(self.summed_group_models):
             raise InvalidArgumentError(f"summed_group_models={list(self.summed_group_models)} repeats a model")
         if not (self.optimizers or self.init_architectures or self.summed_group_models):
-            raise InvalidArgumentError("optimizers, init_architectures and summed_group_models are all empty; give at least one study something to run")
+            raise InvalidArgumentError(
+                "optimizers, init_architectures and summed_group_models are all empty; give at least one study something to run"
+            )
         check_int("summed_test_points", self.summed_test_points, minimum=2)
         if self.n_test and self.summed_test_points > self.n_test:
-            raise InvalidArgumentError(f"summed_test_points={self.summed_test_points} is not allowed; it must be at most n_test={self.n_test}")
+            raise InvalidArgumentError(
+                f"summed_test_points={self.summed_test_points} is not allowed; it must be at most n_test={self.n_test}"
+            )
         check_int("choice_seed", self.choice_seed, minimum=0)
         if not self.group_kinds:
             raise InvalidArgumentError(f"group_kinds is empty; choose from {list(GROUP_KINDS)}")
@@ -196,7 +211,9 @@ class AppendixConfig(ChapterConfig):
         """The Table 1 chapter's config with this chapter's shared fields, one weight decay, no architecture
         unless ``changes`` names some, and ``changes``."""
         values = {name: getattr(self, name) for name in SHARED_FIELDS}
-        values.update(mnist_architectures=(), cifar10_architectures=(), cifar100_architectures=(), weight_decays=(self.weight_decay,))
+        values.update(
+            mnist_architectures=(), cifar10_architectures=(), cifar100_architectures=(), weight_decays=(self.weight_decay,)
+        )
         values.update(changes)
         return Table1Config(**values)
 
@@ -214,8 +231,10 @@ def _check_unique_choices(name: str, values: tuple, allowed: tuple) -> None:
 def _split_model(pair: str) -> tuple[str, str]:
     parts = pair.split("/") if isinstance(pair, str) else []
     if len(parts) != 2 or parts[0] not in DATASETS or parts[1] not in ARCHITECTURES:
-        raise InvalidArgumentError(f"summed_group_models={pair!r} is not allowed; write data set/architecture with the data set one of "
-                                   f"{list(DATASETS)} and the architecture one of {list(ARCHITECTURES)}, e.g. 'mnist/small_cnn'")
+        raise InvalidArgumentError(
+            f"summed_group_models={pair!r} is not allowed; write data set/architecture with the data set one of "
+            f"{list(DATASETS)} and the architecture one of {list(ARCHITECTURES)}, e.g. 'mnist/small_cnn'"
+        )
     return parts[0], parts[1]
 
 
@@ -248,8 +267,9 @@ def make_groups(labels: np.ndarray, kinds: tuple[str, ...], sizes: tuple[int, ..
         for size in sizes:
             eligible = classes[counts >= size]
             if size > labels.size or (kind == "same class" and eligible.size == 0):
-                raise InvalidArgumentError(f"group_sizes={size} is not allowed here: {labels.size} training points, "
-                                           f"at most {counts.max()} in a class")
+                raise InvalidArgumentError(
+                    f"group_sizes={size} is not allowed here: {labels.size} training points, at most {counts.max()} in a class"
+                )
             for _ in range(per_size):
                 pool = np.arange(labels.size) if kind == "random" else np.flatnonzero(labels == rng.choice(eligible))
                 groups.append(Group(kind, int(size), np.sort(rng.choice(pool, size=size, replace=False))))
@@ -271,11 +291,22 @@ def summed_influence(est: SolvingEstimator, x_test: torch.Tensor, y_test: torch.
     return predicted.double().numpy(), float(residual[0]), time.perf_counter() - start
 
 
-def run_summed_and_groups(cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, *,
-                          summed_test_points: int, choice_seed: int, group_kinds: tuple[str, ...], group_sizes: tuple[int, ...],
-                          groups_per_size: int, device: str | None = None) -> dict[str, Any]:
-    """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.table1_protocol.train_table1_model`), predict every training
-    point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
+def run_summed_and_groups(
+    cfg: Table1Config,
+    dataset: str,
+    architecture: str,
+    weight_decay: float,
+    seed: int,
+    *,
+    summed_test_points: int,
+    choice_seed: int,
+    group_kinds: tuple[str, ...],
+    group_sizes: tuple[int, ...],
+    groups_per_size: int,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.table1_protocol.train_table1_model`), predict
+    every training point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
     retrain warm-started (``cfg.retrain_steps`` steps, with the drift control) without each of the ``top_k`` points
     by |predicted| and without each group, all in one stack. Group predictions are the sums of their members'.
 
@@ -289,11 +320,23 @@ def run_summed_and_groups(cfg: Table1Config, dataset: str, architecture: str, we
     idx = torch.as_tensor(tp, device=run.device)
     x_test, y_test = model.x_test[idx], model.y_test[idx]
     out: dict[str, Any] = {
-        "dataset": dataset, "architecture": architecture, "weight_decay": weight_decay, "seed": seed, "stand_in": run.data.stand_in,
-        "num_params": objective.num_params, "n_train": len(y), **model.stats, "train_seconds": model.seconds, "test_points": tp,
-        "test_losses": model.test_losses[tp], "estimator": cfg.estimator, "device": str(run.device),
+        "dataset": dataset,
+        "architecture": architecture,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "stand_in": run.data.stand_in,
+        "num_params": objective.num_params,
+        "n_train": len(y),
+        **model.stats,
+        "train_seconds": model.seconds,
+        "test_points": tp,
+        "test_losses": model.test_losses[tp],
+        "estimator": cfg.estimator,
+        "device": str(run.device),
     }
-    est = make_estimator(cfg.estimator, objective, theta, x, y, **estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params))
+    est = make_estimator(
+        cfg.estimator, objective, theta, x, y, **estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params)
+    )
     try:
         predicted, residual, seconds = summed_influence(est, x_test, y_test)
     except FragileError as exc:  # e.g. LiSSA diverging: reported, not hidden
@@ -306,29 +349,74 @@ def run_summed_and_groups(cfg: Table1Config, dataset: str, architecture: str, we
     chosen = select_top_k(predicted, cfg.top_k)
     removals = [[int(i)] for i in chosen] + [g.members.tolist() for g in groups]
     start = time.perf_counter()
-    res = group_retrain(objective, theta, x, y, removals, model.spec.replace(steps=cfg.retrain_steps), x_test, y_test,
-                        chunk_size=cfg.chunk_size, progress=False)
+    res = group_retrain(
+        objective,
+        theta,
+        x,
+        y,
+        removals,
+        model.spec.replace(steps=cfg.retrain_steps),
+        x_test,
+        y_test,
+        chunk_size=cfg.chunk_size,
+        progress=False,
+    )
     actual, vs_control = res.actual.sum(1).double().numpy(), res.actual_vs_control.sum(1).double().numpy()
     k = len(chosen)
     members = [g.members for g in groups]
-    out.update({
-        "retrain_seconds": time.perf_counter() - start, "retrain_models": len(removals) + 1, "retrain_steps": cfg.retrain_steps,
-        "drift": float(res.drift.sum()), "control_grad_norm": res.control_grad_norm,
-        "summed": {"chosen": chosen, "predicted": predicted[chosen], "actual": actual[:k], "actual_vs_control": vs_control[:k]},
-        "groups": {"kind": [g.kind for g in groups], "size": [g.size for g in groups], "members": members,
-                   "predicted": group_influence(torch.as_tensor(predicted)[None], members)[0].numpy(),
-                   "actual": actual[k:], "actual_vs_control": vs_control[k:]},
-    })
+    out.update(
+        {
+            "retrain_seconds": time.perf_counter() - start,
+            "retrain_models": len(removals) + 1,
+            "retrain_steps": cfg.retrain_steps,
+            "drift": float(res.drift.sum()),
+            "control_grad_norm": res.control_grad_norm,
+            "summed": {
+                "chosen": chosen,
+                "predicted": predicted[chosen],
+                "actual": actual[:k],
+                "actual_vs_control": vs_control[:k],
+            },
+            "groups": {
+                "kind": [g.kind for g in groups],
+                "size": [g.size for g in groups],
+                "members": members,
+                "predicted": group_influence(torch.as_tensor(predicted)[None], members)[0].numpy(),
+                "actual": actual[k:],
+                "actual_vs_control": vs_control[k:],
+            },
+        }
+    )
     return out
 
 
-def summed_group_job(dataset: str, architecture: str, model_weight_decay: float,
-                     model_seed: int, summed_test_points: int, choice_seed: int, group_kinds: list[str], group_sizes: list[int],
-                     groups_per_size: int, device: str | None = None, **fields: Any) -> dict[str, Any]:
+def summed_group_job(
+    dataset: str,
+    architecture: str,
+    model_weight_decay: float,
+    model_seed: int,
+    summed_test_points: int,
+    choice_seed: int,
+    group_kinds: list[str],
+    group_sizes: list[int],
+    groups_per_size: int,
+    device: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     """One sweep job of studies 3 and 4: :func:`run_summed_and_groups` for the config :func:`study_jobs` keyed it by."""
-    return run_summed_and_groups(Table1Config(**fields), dataset, architecture, model_weight_decay, model_seed,
-                                 summed_test_points=summed_test_points, choice_seed=choice_seed, group_kinds=tuple(group_kinds),
-                                 group_sizes=tuple(group_sizes), groups_per_size=groups_per_size, device=device)
+    return run_summed_and_groups(
+        Table1Config(**fields),
+        dataset,
+        architecture,
+        model_weight_decay,
+        model_seed,
+        summed_test_points=summed_test_points,
+        choice_seed=choice_seed,
+        group_kinds=tuple(group_kinds),
+        group_sizes=tuple(group_sizes),
+        groups_per_size=groups_per_size,
+        device=device,
+    )
 
 
 # --- the sweep -------------------------------------------------------------------------------------------------
@@ -347,8 +435,13 @@ def study_jobs(cfg: AppendixConfig) -> dict[str, list[tuple[dict[str, Any], Job]
     if cfg.init_architectures:
         for job in model_jobs(cfg.table1_config(mnist_architectures=cfg.init_architectures, n_seeds=cfg.init_seeds)):
             out["init"].append(({}, job))
-    extra = {"summed_test_points": cfg.summed_test_points, "choice_seed": cfg.choice_seed,
-             "group_kinds": list(cfg.group_kinds), "group_sizes": list(cfg.group_sizes), "groups_per_size": cfg.groups_per_size}
+    extra = {
+        "summed_test_points": cfg.summed_test_points,
+        "choice_seed": cfg.choice_seed,
+        "group_kinds": list(cfg.group_kinds),
+        "group_sizes": list(cfg.group_sizes),
+        "groups_per_size": cfg.groups_per_size,
+    }
     for dataset, arch in cfg.summed_models:
         variant = cfg.table1_config(compare_estimators=(), **{f"{dataset}_architectures": (arch,)})
         for job in model_jobs(variant, prefix="appendix", fn=summed_group_job, extra=extra, cost_factor=2.0):
@@ -372,8 +465,10 @@ def run_study(cfg: AppendixConfig, *, progress: bool = True, client=None) -> tup
     check_device_here(cfg, client)
     studies = study_jobs(cfg)
     _, report = run_jobs(cfg, unique_jobs(studies), progress=progress, client=client)
-    results = {s: [{**report.results[j.name], **label, "job": j.name} for label, j in entries if j.name in report.results]
-               for s, entries in studies.items()}
+    results = {
+        s: [{**report.results[j.name], **label, "job": j.name} for label, j in entries if j.name in report.results]
+        for s, entries in studies.items()
+    }
     return results, report
 
 
@@ -388,11 +483,24 @@ def _test_point_rows(models: list[dict[str, Any]], labels: tuple[str, ...] = ())
             actual_sd = float(np.std(e["actual"], ddof=1)) if len(e.get("actual", [])) > 1 else math.nan
             predicted_sd = float(np.std(e["predicted"], ddof=1)) if len(e.get("predicted", [])) > 1 else math.nan
             drift = float(m["drift"][t]) if "drift" in m else math.nan
-            rows.append({**{k: m[k] for k in labels}, "architecture": m["architecture"], "seed": m["seed"], "test_point": e["test_point"],
-                         "spearman": e["spearman"], "pearson": e["pearson"],
-                         "train_accuracy": m["train_accuracy"], "test_accuracy": m["test_accuracy"], "grad_norm": m["grad_norm"],
-                         "lambda_max": lam, "drift": drift, "actual_sd": actual_sd, "drift_over_sd": drift / actual_sd,
-                         "actual_sd_over_predicted_sd": actual_sd / predicted_sd})
+            rows.append(
+                {
+                    **{k: m[k] for k in labels},
+                    "architecture": m["architecture"],
+                    "seed": m["seed"],
+                    "test_point": e["test_point"],
+                    "spearman": e["spearman"],
+                    "pearson": e["pearson"],
+                    "train_accuracy": m["train_accuracy"],
+                    "test_accuracy": m["test_accuracy"],
+                    "grad_norm": m["grad_norm"],
+                    "lambda_max": lam,
+                    "drift": drift,
+                    "actual_sd": actual_sd,
+                    "drift_over_sd": drift / actual_sd,
+                    "actual_sd_over_predicted_sd": actual_sd / predicted_sd,
+                }
+            )
     return rows
 
 
@@ -442,14 +550,28 @@ def summed_table(results: list[dict[str, Any]]):
 
     rows = []
     for m in results:
-        row = {"dataset": m["dataset"], "architecture": m["architecture"], "seed": m["seed"], "stand_in": m["stand_in"],
-               "test_accuracy": m["test_accuracy"], "grad_norm": m["grad_norm"], "failed": m.get("failed", "")}
+        row = {
+            "dataset": m["dataset"],
+            "architecture": m["architecture"],
+            "seed": m["seed"],
+            "stand_in": m["stand_in"],
+            "test_accuracy": m["test_accuracy"],
+            "grad_norm": m["grad_norm"],
+            "failed": m.get("failed", ""),
+        }
         if "summed" in m:
             s = m["summed"]
-            row.update({"points": len(s["chosen"]), "spearman": correlation(s["predicted"], s["actual"], "spearman"),
-                        "pearson": correlation(s["predicted"], s["actual"], "pearson"),
-                        "drift": m["drift"], "actual_sd": float(np.std(s["actual"], ddof=1)),
-                        "drift_over_sd": m["drift"] / float(np.std(s["actual"], ddof=1)), "residual": m["residual"]})
+            row.update(
+                {
+                    "points": len(s["chosen"]),
+                    "spearman": correlation(s["predicted"], s["actual"], "spearman"),
+                    "pearson": correlation(s["predicted"], s["actual"], "pearson"),
+                    "drift": m["drift"],
+                    "actual_sd": float(np.std(s["actual"], ddof=1)),
+                    "drift_over_sd": m["drift"] / float(np.std(s["actual"], ddof=1)),
+                    "residual": m["residual"],
+                }
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -470,10 +592,22 @@ def group_table(results: list[dict[str, Any]]):
             cells = [(str(s), (kinds == kind) & (sizes == s)) for s in dict.fromkeys(g["size"])] + [("all", kinds == kind)]
             for size, mask in cells:
                 p, a, c = g["predicted"][mask], g["actual"][mask], g["actual_vs_control"][mask]
-                rows.append({"dataset": m["dataset"], "architecture": m["architecture"], "seed": m["seed"], "stand_in": m["stand_in"],
-                             "kind": kind, "size": size, "groups": int(mask.sum()), "spearman": correlation(p, a, "spearman"),
-                             "pearson": correlation(p, a, "pearson"), "mean_predicted": float(np.mean(p)),
-                             "mean_actual": float(np.mean(a)), "mean_actual_vs_control": float(np.mean(c))})
+                rows.append(
+                    {
+                        "dataset": m["dataset"],
+                        "architecture": m["architecture"],
+                        "seed": m["seed"],
+                        "stand_in": m["stand_in"],
+                        "kind": kind,
+                        "size": size,
+                        "groups": int(mask.sum()),
+                        "spearman": correlation(p, a, "spearman"),
+                        "pearson": correlation(p, a, "pearson"),
+                        "mean_predicted": float(np.mean(p)),
+                        "mean_actual": float(np.mean(a)),
+                        "mean_actual_vs_control": float(np.mean(c)),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -489,9 +623,17 @@ def timing_table(results: dict[str, list[dict[str, Any]]]):
             if m["job"] in seen:
                 continue
             seen.add(m["job"])
-            row = {"job": m["job"], "study": study, "dataset": m["dataset"], "stand_in": bool(m.get("stand_in", False)), "architecture": m["architecture"],
-                   "optimizer": m.get("optimizer", "adam"), "seed": m["seed"], "num_params": m["num_params"],
-                   "training": m.get("train_seconds", math.nan)}
+            row = {
+                "job": m["job"],
+                "study": study,
+                "dataset": m["dataset"],
+                "stand_in": bool(m.get("stand_in", False)),
+                "architecture": m["architecture"],
+                "optimizer": m.get("optimizer", "adam"),
+                "seed": m["seed"],
+                "num_params": m["num_params"],
+                "training": m.get("train_seconds", math.nan),
+            }
             if "estimators" in m:
                 for name, est in m["estimators"].items():
                     row[name] = est.get("seconds", math.nan)
@@ -511,8 +653,11 @@ def table2(timing):
     """Mean seconds per (data set, architecture) and method, over the jobs of :func:`timing_table`."""
     if not len(timing):
         return timing
-    methods = [c for c in timing.columns if c not in ("job", "study", "dataset", "stand_in", "architecture", "optimizer", "seed", "num_params",
-                                                       "retrained models")]
+    methods = [
+        c
+        for c in timing.columns
+        if c not in ("job", "study", "dataset", "stand_in", "architecture", "optimizer", "seed", "num_params", "retrained models")
+    ]
     grouped = timing.groupby(["dataset", "architecture"], sort=False)
     out = grouped[methods].mean()
     out.insert(0, "stand-in", grouped["stand_in"].any())
@@ -529,9 +674,18 @@ def gpu_table(path: str | Path):
     if not path.is_file():
         return None, {}
     record = json.loads(path.read_text())
-    frame = pd.DataFrame([{"architecture": r["architecture"], "parameters": r["params"], "Adam step of 128 images (ms)": 1e3 * r["adam_step_s"],
-                           "step of 8 stacked leave-one-out models (ms)": 1e3 * r["loo_stack8_step_s"],
-                           "hours per Table 1 model (paper profile)": r["hours_per_model"]} for r in record["rows"]])
+    frame = pd.DataFrame(
+        [
+            {
+                "architecture": r["architecture"],
+                "parameters": r["params"],
+                "Adam step of 128 images (ms)": 1e3 * r["adam_step_s"],
+                "step of 8 stacked leave-one-out models (ms)": 1e3 * r["loo_stack8_step_s"],
+                "hours per Table 1 model (paper profile)": r["hours_per_model"],
+            }
+            for r in record["rows"]
+        ]
+    )
     return frame, {k: record[k] for k in ("device", "torch", "date", "script")}
 
 
@@ -550,8 +704,11 @@ def paper_estimate_markdown(cfg: AppendixConfig, costs_path: str | Path) -> str:
     rows = ["| architecture | jobs | hours per Table 1 model | hours |", "|---|---|---|---|"]
     rows += [f"| {NAMES[a]} | {c} | {hours.get(a, math.nan):.2f} | {c * hours.get(a, math.nan):.1f} |" for a, c in counts.items()]
     total = sum(c * hours.get(a, math.nan) for a, c in counts.items())
-    return ("\n".join(rows) + f"\n\nOn one {record['device']} ({record['script']}, {record['date']}): **about {total:,.0f} GPU-hours** "
-            f"for {sum(counts.values())} jobs.")
+    return (
+        "\n".join(rows)
+        + f"\n\nOn one {record['device']} ({record['script']}, {record['date']}): **about {total:,.0f} GPU-hours** "
+        f"for {sum(counts.values())} jobs."
+    )
 
 
 # --- verdicts --------------------------------------------------------------------------------------------------
@@ -581,26 +738,57 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     out = []
     # 1. optimiser
     opt = across(spread(optimizer_table(results.get("optimizer", [])), "optimizer"))
-    paper = f"Pearson {PAPER_OPTIMIZER['pearson'][0]:.2f} ± {PAPER_OPTIMIZER['pearson'][1]:.2f}, Spearman {PAPER_OPTIMIZER['spearman'][0]:.2f} ± {PAPER_OPTIMIZER['spearman'][1]:.2f}"
+    paper = (
+        f"Pearson {PAPER_OPTIMIZER['pearson'][0]:.2f} ± {PAPER_OPTIMIZER['pearson'][1]:.2f}, "
+        f"Spearman {PAPER_OPTIMIZER['spearman'][0]:.2f} ± {PAPER_OPTIMIZER['spearman'][1]:.2f}"
+    )
     claim = "Optimiser (LeNet, MNIST; Adam, GD, Nesterov, RMSProp): Pearson and Spearman, mean ± sd across optimisers"
     if opt and opt["spearman"]["n"] >= 2:
-        hits = _close(opt["pearson"]["mean"], PAPER_OPTIMIZER["pearson"][0]) + _close(opt["spearman"]["mean"], PAPER_OPTIMIZER["spearman"][0])
-        out.append(Claim(key="optimizer", claim=claim, paper=paper, ours=f"Pearson {_fmt(opt['pearson'])}, Spearman {_fmt(opt['spearman'])}",
-                    value=opt["spearman"]["mean"], verdict=("not reproduced", "partly reproduced", "reproduced")[hits]))
+        hits = _close(opt["pearson"]["mean"], PAPER_OPTIMIZER["pearson"][0]) + _close(
+            opt["spearman"]["mean"], PAPER_OPTIMIZER["spearman"][0]
+        )
+        out.append(
+            Claim(
+                key="optimizer",
+                claim=claim,
+                paper=paper,
+                ours=f"Pearson {_fmt(opt['pearson'])}, Spearman {_fmt(opt['spearman'])}",
+                value=opt["spearman"]["mean"],
+                verdict=("not reproduced", "partly reproduced", "reproduced")[hits],
+            )
+        )
     else:
-        out.append(Claim(key="optimizer", claim=claim, paper=paper, ours="not run", value=math.nan,
-                    verdict="not run: needs two or more optimisers"))
+        out.append(
+            Claim(
+                key="optimizer",
+                claim=claim,
+                paper=paper,
+                ours="not run",
+                value=math.nan,
+                verdict="not run: needs two or more optimisers",
+            )
+        )
     # 2. initialisation
     init = spread(init_table(results.get("init", [])), "architecture")
-    claim = ("Initialisation (small CNN, LeNet; top 40 of the highest-loss test point): variance across seeds is low (sd of Spearman "
-             "over seeds; the claim's other half, that correlations are inconsistent, is not a number: see each network's mean)")
+    claim = (
+        "Initialisation (small CNN, LeNet; top 40 of the highest-loss test point): variance across seeds is low (sd of Spearman "
+        "over seeds; the claim's other half, that correlations are inconsistent, is not a number: see each network's mean)"
+    )
     if init:
         sds = [v["spearman"]["std"] for v in init.values()]
         worst = max(sds) if all(math.isfinite(s) for s in sds) else math.nan
         verdict = "reproduced" if worst <= LOW_SPREAD else ("partly reproduced" if worst <= 2 * LOW_SPREAD else "not reproduced")
         ours = "; ".join(f"{NAMES[a]} Spearman {_fmt(v['spearman'])}" for a, v in init.items())
-        out.append(Claim(key="init", claim=claim, paper="qualitative (low variance, inconsistent)",
-                    ours=f"{ours} (largest sd {worst:.2f})", value=worst, verdict=verdict if math.isfinite(worst) else "not run"))
+        out.append(
+            Claim(
+                key="init",
+                claim=claim,
+                paper="qualitative (low variance, inconsistent)",
+                ours=f"{ours} (largest sd {worst:.2f})",
+                value=worst,
+                verdict=verdict if math.isfinite(worst) else "not run",
+            )
+        )
     else:
         out.append(Claim(key="init", claim=claim, paper="qualitative", ours="not run", value=math.nan, verdict="not run"))
     # 3. summed loss
@@ -608,11 +796,22 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     paper_arch = {"mnist": "small_cnn", "cifar100": "resnet18"}
     for ds in ("mnist", "cifar100"):
         p = PAPER_SUMMED[ds]
-        claim = f"{DATA_NAMES[ds]}, {p['network']}: influence on the summed loss of 8 test points vs leave-one-out (Pearson / Spearman)"
+        claim = (
+            f"{DATA_NAMES[ds]}, {p['network']}: influence on the summed loss of 8 test points vs leave-one-out "
+            "(Pearson / Spearman)"
+        )
         rows = summed[(summed["dataset"] == ds) & summed["spearman"].notna()] if "spearman" in summed else summed.iloc[0:0]
         if not len(rows):
-            out.append(Claim(key=f"summed_{ds}", claim=claim, paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}", ours="not run",
-                        value=math.nan, verdict=f"not run: add {ds}/{paper_arch[ds]} to summed_group_models"))
+            out.append(
+                Claim(
+                    key=f"summed_{ds}",
+                    claim=claim,
+                    paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}",
+                    ours="not run",
+                    value=math.nan,
+                    verdict=f"not run: add {ds}/{paper_arch[ds]} to summed_group_models",
+                )
+            )
             continue
         same = rows[rows["architecture"] == paper_arch[ds]]
         use = same if len(same) else rows
@@ -626,8 +825,16 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
         if stand_in.get(ds):
             verdict = "needs the real data set: run with `--profile paper`"
-        out.append(Claim(key=f"summed_{ds}", claim=claim, paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}",
-                    ours=f"{_fmt(pe.as_dict())} / {_fmt(sp.as_dict())} ({NAMES[arch]}){label}", value=sp.mean, verdict=verdict))
+        out.append(
+            Claim(
+                key=f"summed_{ds}",
+                claim=claim,
+                paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}",
+                ours=f"{_fmt(pe.as_dict())} / {_fmt(sp.as_dict())} ({NAMES[arch]}){label}",
+                value=sp.mean,
+                verdict=verdict,
+            )
+        )
     # 4. groups
     groups = group_table(results.get("summed_group", []))
     for ds in ("mnist", "cifar100"):
@@ -635,30 +842,63 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         claim = f"Group influence, {DATA_NAMES[ds]}, ResNet-18: correlation between predicted and actual group removals (range)"
         cells = groups[(groups["dataset"] == ds) & (groups["size"] != "all")] if len(groups) else groups
         if not len(cells) or not cells["spearman"].notna().any():
-            out.append(Claim(key=f"group_{ds}", claim=claim, paper=f"{lo:.2f} to {hi:.2f}", ours="not run", value=math.nan,
-                        verdict=f"not run: add {ds}/resnet18 to summed_group_models"))
+            out.append(
+                Claim(
+                    key=f"group_{ds}",
+                    claim=claim,
+                    paper=f"{lo:.2f} to {hi:.2f}",
+                    ours="not run",
+                    value=math.nan,
+                    verdict=f"not run: add {ds}/resnet18 to summed_group_models",
+                )
+            )
             continue
         arch = "resnet18" if (cells["architecture"] == "resnet18").any() else cells["architecture"].iloc[0]
         cells = cells[cells["architecture"] == arch]
         by_cell = cells.groupby(["kind", "size"], sort=False)["spearman"].mean().dropna()
-        verdict = "reproduced" if (by_cell <= POOR).all() else ("partly reproduced" if by_cell.median() <= POOR else "not reproduced")
+        verdict = (
+            "reproduced" if (by_cell <= POOR).all() else ("partly reproduced" if by_cell.median() <= POOR else "not reproduced")
+        )
         if arch != "resnet18":
             verdict += f" with {NAMES[arch]}, not ResNet-18"
         label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
         if stand_in.get(ds):
             verdict = "needs the real data set: run with `--profile paper`"
-        out.append(Claim(key=f"group_{ds}", claim=claim, paper=f"{lo:.2f} to {hi:.2f}",
-                    ours=f"Spearman {by_cell.min():.2f} to {by_cell.max():.2f} over {len(by_cell)} kind × size cells ({NAMES[arch]}){label}",
-                    value=float(by_cell.max()), verdict=verdict))
+        out.append(
+            Claim(
+                key=f"group_{ds}",
+                claim=claim,
+                paper=f"{lo:.2f} to {hi:.2f}",
+                ours=(
+                    f"Spearman {by_cell.min():.2f} to {by_cell.max():.2f} over {len(by_cell)} kind × size cells "
+                    f"({NAMES[arch]}){label}"
+                ),
+                value=float(by_cell.max()),
+                verdict=verdict,
+            )
+        )
     # 5. Table 2
     timing = timing_table(results)
-    method_cols = [c for c in timing.columns if c in ("lissa", "cg", "arnoldi", "exact") or c.endswith("(summed)")] if len(timing) else []
+    method_cols = (
+        [c for c in timing.columns if c in ("lissa", "cg", "arnoldi", "exact") or c.endswith("(summed)")] if len(timing) else []
+    )
     values = timing[method_cols].to_numpy(dtype=float).ravel() if method_cols else np.array([])
     values = values[np.isfinite(values)]
-    out.append(Claim(key="table2", claim="Table 2: influence computation time per model", paper=f"about {PAPER_TABLE2[0]:,} to {PAPER_TABLE2[1]:,} (units not stated)",
-                ours=f"{values.min():.1f} s to {values.max():.1f} s per estimator and model on this machine" if values.size else "not run",
-                value=float(values.max()) if values.size else math.nan,
-                verdict="not comparable: the paper states neither units nor hardware; ours are seconds on this machine's scaled-down models"))
+    out.append(
+        Claim(
+            key="table2",
+            claim="Table 2: influence computation time per model",
+            paper=f"about {PAPER_TABLE2[0]:,} to {PAPER_TABLE2[1]:,} (units not stated)",
+            ours=f"{values.min():.1f} s to {values.max():.1f} s per estimator and model on this machine"
+            if values.size
+            else "not run",
+            value=float(values.max()) if values.size else math.nan,
+            verdict=(
+                "not comparable: the paper states neither units nor hardware; ours are seconds on this machine's "
+                "scaled-down models"
+            ),
+        )
+    )
     return out
 
 
@@ -672,21 +912,26 @@ def observations(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     if opt and opt["spearman"]["n"] >= 2 and "lenet" in init and math.isfinite(init["lenet"]["spearman"]["std"]):
         x, y = opt["spearman"]["std"], init["lenet"]["spearman"]["std"]
         relation = "larger than" if x > 2 * y else "not clearly larger than"
-        out.append(f"**Optimiser against seed.** Across optimisers LeNet's Spearman has sd {x:.2f}; with Adam alone, over "
-                   f"{init['lenet']['spearman']['n']} seeds, it has sd {y:.2f}. The optimisers' spread is {relation} the seeds' "
-                   f"(our rule of thumb: larger when more than twice), so with {'one seed' if opt_t['seed'].nunique() == 1 else 'these seeds'} "
-                   "per optimiser the optimiser's own effect is " + ("visible." if x > 2 * y else "not separated from the seed's."))
+        out.append(
+            f"**Optimiser against seed.** Across optimisers LeNet's Spearman has sd {x:.2f}; with Adam alone, over "
+            f"{init['lenet']['spearman']['n']} seeds, it has sd {y:.2f}. The optimisers' spread is {relation} the seeds' "
+            f"(our rule of thumb: larger when more than twice), so with "
+            f"{'one seed' if opt_t['seed'].nunique() == 1 else 'these seeds'} "
+            "per optimiser the optimiser's own effect is " + ("visible." if x > 2 * y else "not separated from the seed's.")
+        )
     if len(opt_t):
         by = opt_t[opt_t["test_point"] == HIGHEST].groupby("optimizer", sort=False)
         drift = by["drift_over_sd"].apply(lambda v: float(np.nanmean(np.abs(v))))
         scale = by["actual_sd_over_predicted_sd"].apply(lambda v: float(np.nanmean(v)))
         if drift.notna().any():
-            out.append("**Drift and scale by optimiser** (highest-loss test point). Continued training with nothing removed moves the "
-                       "test loss by " + ", ".join(f"{r:.1f}× ({o})" for o, r in drift.items()) + " the spread of the leave-one-out "
-                       "changes, and those changes spread " + ", ".join(f"{r:.1f}× ({o})" for o, r in scale.items()) + " as widely "
-                       "as the predictions. Retraining restarts the optimiser's state at θ\\* (moment estimates from zero for Adam and "
-                       "RMSProp, no momentum for Nesterov); where either ratio is large, the removal's own effect is a small part of "
-                       "what the retrained models measure.")
+            out.append(
+                "**Drift and scale by optimiser** (highest-loss test point). Continued training with nothing removed moves the "
+                "test loss by " + ", ".join(f"{r:.1f}× ({o})" for o, r in drift.items()) + " the spread of the leave-one-out "
+                "changes, and those changes spread " + ", ".join(f"{r:.1f}× ({o})" for o, r in scale.items()) + " as widely "
+                "as the predictions. Retraining restarts the optimiser's state at θ\\* (moment estimates from zero for Adam and "
+                "RMSProp, no momentum for Nesterov); where either ratio is large, the removal's own effect is a small part of "
+                "what the retrained models measure."
+            )
     single = {a: v["spearman"]["mean"] for a, v in init.items()}
     s_table, g_table = summed_table(results.get("summed_group", [])), group_table(results.get("summed_group", []))
     for m in results.get("summed_group", []):
@@ -694,13 +939,23 @@ def observations(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         if ds != "mnist" or arch not in single or "summed" not in m:
             continue
         row = s_table[(s_table["dataset"] == ds) & (s_table["architecture"] == arch) & (s_table["seed"] == m["seed"])].iloc[0]
-        cells = g_table[(g_table["dataset"] == ds) & (g_table["architecture"] == arch) & (g_table["seed"] == m["seed"]) & (g_table["size"] != "all")]
-        groups = (f"; its group correlations range from {cells['spearman'].min():.2f} to {cells['spearman'].max():.2f}"
-                  if len(cells) and cells["spearman"].notna().any() else "")
-        out.append(f"**Summed loss and groups against one test point ({NAMES[arch]}, MNIST, seed {m['seed']}).** The summed-loss "
-                   f"Spearman is {row['spearman']:.2f} against {single[arch]:.2f} for the highest-loss test point alone (mean over "
-                   f"seeds){groups}. The paper's poor group correlations are ResNet-18's; a network on which single-point influence "
-                   "works is expected to do better.")
+        cells = g_table[
+            (g_table["dataset"] == ds)
+            & (g_table["architecture"] == arch)
+            & (g_table["seed"] == m["seed"])
+            & (g_table["size"] != "all")
+        ]
+        groups = (
+            f"; its group correlations range from {cells['spearman'].min():.2f} to {cells['spearman'].max():.2f}"
+            if len(cells) and cells["spearman"].notna().any()
+            else ""
+        )
+        out.append(
+            f"**Summed loss and groups against one test point ({NAMES[arch]}, MNIST, seed {m['seed']}).** The summed-loss "
+            f"Spearman is {row['spearman']:.2f} against {single[arch]:.2f} for the highest-loss test point alone (mean over "
+            f"seeds){groups}. The paper's poor group correlations are ResNet-18's; a network on which single-point influence "
+            "works is expected to do better."
+        )
     return out
 
 
@@ -765,8 +1020,15 @@ def correlation_strip(table, *, by: str, title: str, paper: dict[str, tuple[floa
             vals = sub[sub[by] == key][stat].to_numpy(dtype=float)
             ax.scatter(np.full(vals.size, i + offset), vals, s=14, alpha=0.5, color=colours[stat])
             if np.isfinite(vals).any():
-                ax.errorbar(i + offset, np.nanmean(vals), yerr=np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else None,
-                            color=colours[stat], marker="o", capsize=3, label=stat if i == 0 else None)
+                ax.errorbar(
+                    i + offset,
+                    np.nanmean(vals),
+                    yerr=np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else None,
+                    color=colours[stat],
+                    marker="o",
+                    capsize=3,
+                    label=stat if i == 0 else None,
+                )
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xticks(range(len(keys)), [NAMES.get(k, k) for k in keys])
     ax.set_ylim(-1.05, 1.05)
@@ -778,13 +1040,16 @@ def correlation_strip(table, *, by: str, title: str, paper: dict[str, tuple[floa
 
 
 def _model_title(m: dict[str, Any]) -> str:
-    return f"{NAMES[m['architecture']]}, {DATA_NAMES[m['dataset']]}" + (" STAND-IN" if m["stand_in"] else "") + f", seed {m['seed']}"
+    return (
+        f"{NAMES[m['architecture']]}, {DATA_NAMES[m['dataset']]}" + (" STAND-IN" if m["stand_in"] else "") + f", seed {m['seed']}"
+    )
 
 
 def summed_panels(results: list[dict[str, Any]]):
     """Predicted against actual change of the summed test loss over the top points, one panel per network."""
-    return predicted_vs_actual_panels([(_model_title(m) + "\nsummed loss", m["summed"]["predicted"], m["summed"]["actual"])
-                                       for m in results if "summed" in m])
+    return predicted_vs_actual_panels(
+        [(_model_title(m) + "\nsummed loss", m["summed"]["predicted"], m["summed"]["actual"]) for m in results if "summed" in m]
+    )
 
 
 def group_panels(results: list[dict[str, Any]]):
@@ -798,11 +1063,20 @@ def group_panels(results: list[dict[str, Any]]):
         kinds, sizes = np.array(g["kind"]), np.array(g["size"], dtype=float)
         for kind in dict.fromkeys(g["kind"]):
             mask = kinds == kind
-            ax.scatter(g["actual"][mask], g["predicted"][mask], s=8 + 40 * sizes[mask] / sizes.max(), alpha=0.6, color=colours[kind], label=kind)
+            ax.scatter(
+                g["actual"][mask],
+                g["predicted"][mask],
+                s=8 + 40 * sizes[mask] / sizes.max(),
+                alpha=0.6,
+                color=colours[kind],
+                label=kind,
+            )
         lo = float(min(np.min(g["actual"]), np.min(g["predicted"])))
         hi = float(max(np.max(g["actual"]), np.max(g["predicted"])))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{_model_title(m)}\nall groups: Spearman {correlation(g['predicted'], g['actual'], 'spearman'):.2f}", fontsize=7)
+        ax.set_title(
+            f"{_model_title(m)}\nall groups: Spearman {correlation(g['predicted'], g['actual'], 'spearman'):.2f}", fontsize=7
+        )
         ax.set_xlabel("actual Δ summed loss (group retraining)", fontsize=7)
         ax.set_ylabel("predicted (sum of influences)", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -831,5 +1105,13 @@ def timing_bars(t2):
     return fig
 
 
-CHAPTER = Chapter(name="appendix", number=5, title="Appendix studies: optimiser, initialisation, several test points, groups, and cost", part=PAPER_PART, config=AppendixConfig, glue_prefix="app",
-                  jobs=study_jobs, run=run_study)
+CHAPTER = Chapter(
+    name="appendix",
+    number=5,
+    title="Appendix studies: optimiser, initialisation, several test points, groups, and cost",
+    part=PAPER_PART,
+    config=AppendixConfig,
+    glue_prefix="app",
+    jobs=study_jobs,
+    run=run_study,
+)

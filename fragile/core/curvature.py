@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, jacrev, jvp, vmap
 
-from fragile.errors import InvalidArgumentError, check_int
 from fragile.core.objective import Objective
+from fragile.errors import InvalidArgumentError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def hvp(
     def one(vec: torch.Tensor) -> torch.Tensor:
         out = objective.weight_decay * vec
         for sl in _chunks(n, data_chunk):
-            _, hv = jvp(lambda t: data_grad(t, x[sl], y[sl]), (theta,), (vec,))
+            _, hv = jvp(lambda t, sl=sl: data_grad(t, x[sl], y[sl]), (theta,), (vec,))
             out = out + hv * ((sl.stop - sl.start) / n)
         return out
 
@@ -150,7 +150,7 @@ class Spectrum:
     eigenvalues: torch.Tensor | None = None
 
     @classmethod
-    def from_eigenvalues(cls, eigenvalues: torch.Tensor, p: int | None = None) -> "Spectrum":
+    def from_eigenvalues(cls, eigenvalues: torch.Tensor, p: int | None = None) -> Spectrum:
         ev = torch.sort(eigenvalues.detach()).values
         p = ev.numel() if p is None else p
         tol = p * torch.finfo(ev.dtype).eps * float(ev.abs().max())
@@ -158,7 +158,12 @@ class Spectrum:
 
     def as_dict(self) -> dict[str, float | int]:
         """The scalar fields, for JSON summaries."""
-        return {"largest": self.largest, "smallest": self.smallest, "num_negative": self.num_negative, "tolerance": self.tolerance}
+        return {
+            "largest": self.largest,
+            "smallest": self.smallest,
+            "num_negative": self.num_negative,
+            "tolerance": self.tolerance,
+        }
 
 
 def top_eigenvalue(
@@ -211,5 +216,9 @@ def objective_top_eigenvalue(
     if x.shape[0] == 0:
         raise InvalidArgumentError("x is empty")
     return top_eigenvalue(
-        lambda v: hvp(objective, theta, x, y, v, data_chunk=data_chunk), objective.num_params, dtype=theta.dtype, device=theta.device, **kwargs
+        lambda v: hvp(objective, theta, x, y, v, data_chunk=data_chunk),
+        objective.num_params,
+        dtype=theta.dtype,
+        device=theta.device,
+        **kwargs,
     )

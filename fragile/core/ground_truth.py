@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fragile.core.objective import Objective
-from fragile.errors import InvalidArgumentError, check_indices, check_int
 from fragile.core.train import TrainSpec, fit
+from fragile.errors import InvalidArgumentError, check_indices, check_int
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,17 @@ def loo_retrain(
             the whole point. Small ε probes the first-order response that influence functions linearise.
     """
     task = LOOTask(theta_star, remove, x_test, y_test)
-    return loo_retrain_many(objective, [task], x, y, spec, chunk_size=chunk_size, keep_params=keep_params,
-                            progress=progress, removal_weight=removal_weight)[0]
+    return loo_retrain_many(
+        objective,
+        [task],
+        x,
+        y,
+        spec,
+        chunk_size=chunk_size,
+        keep_params=keep_params,
+        progress=progress,
+        removal_weight=removal_weight,
+    )[0]
 
 
 def loo_retrain_many(
@@ -199,8 +208,15 @@ def loo_retrain_many(
         hit = rows >= 0
         weights[torch.nonzero(hit).flatten(), rows[hit]] = removed_weight
         res = fit(
-            objective, start_all[sl], x, y, spec, weights=weights, weight_decay=wd_all[sl],
-            progress=progress and len(chunks) == 1, desc="leave-one-out",
+            objective,
+            start_all[sl],
+            x,
+            y,
+            spec,
+            weights=weights,
+            weight_decay=wd_all[sl],
+            progress=progress and len(chunks) == 1,
+            desc="leave-one-out",
         )
         params_out[sl] = res.params
         grad_norms[sl] = res.grad_norm
@@ -208,8 +224,16 @@ def loo_retrain_many(
     for t, ix in zip(tasks, idxs):
         size = ix.numel() + 1
         results.append(
-            _summarise(objective, t.theta_star, ix, params_out[offset : offset + size], float(grad_norms[offset]),
-                       t.x_test, t.y_test, keep_params)
+            _summarise(
+                objective,
+                t.theta_star,
+                ix,
+                params_out[offset : offset + size],
+                float(grad_norms[offset]),
+                t.x_test,
+                t.y_test,
+                keep_params,
+            )
         )
         offset += size
     return results
@@ -319,8 +343,16 @@ def group_retrain(
         for r, row in enumerate(rows):
             if row > 0:
                 weights[r, members[row - 1]] = 0.0
-        res = fit(objective, theta_star.detach().expand(len(rows), -1), x, y, spec, weights=weights,
-                  progress=progress and len(chunks) == 1, desc="group retraining")
+        res = fit(
+            objective,
+            theta_star.detach().expand(len(rows), -1),
+            x,
+            y,
+            spec,
+            weights=weights,
+            progress=progress and len(chunks) == 1,
+            desc="group retraining",
+        )
         params[start : start + len(rows)] = res.params
         if start == 0:
             control_grad_norm = float(res.grad_norm[0])
@@ -330,8 +362,16 @@ def group_retrain(
 
 def _against_control(res: LOOResult) -> LOOResult:
     """The same retraining measured against its control: ``actual`` is then ``L(θ₋ᵢ) − L(θ_control)``, drift 0."""
-    return LOOResult(res.removed, res.test_loss_control, res.test_loss_control, res.test_loss_removed,
-                     res.param_change_vs_control, res.param_change_vs_control, res.control_grad_norm, res.params_removed)
+    return LOOResult(
+        res.removed,
+        res.test_loss_control,
+        res.test_loss_control,
+        res.test_loss_removed,
+        res.param_change_vs_control,
+        res.param_change_vs_control,
+        res.control_grad_norm,
+        res.params_removed,
+    )
 
 
 def loo_drift_corrected(
@@ -355,8 +395,21 @@ def loo_drift_corrected(
     ``drift`` is zero and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``. What continued training does on its own
     (an unconverged θ*, minibatch noise) cancels; what the removal does remains. Cost: as :func:`loo_retrain`.
     """
-    return _against_control(loo_retrain(objective, theta_star, x, y, remove, spec, x_test, y_test, chunk_size=chunk_size,
-                                        progress=progress, removal_weight=removal_weight))
+    return _against_control(
+        loo_retrain(
+            objective,
+            theta_star,
+            x,
+            y,
+            remove,
+            spec,
+            x_test,
+            y_test,
+            chunk_size=chunk_size,
+            progress=progress,
+            removal_weight=removal_weight,
+        )
+    )
 
 
 def loo_cold_start(
@@ -381,8 +434,21 @@ def loo_cold_start(
     ``actual`` is the cold-start change and ``drift`` is zero) and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``.
     Cost: as :func:`loo_retrain` with ``spec.steps`` (the whole training) per model.
     """
-    return _against_control(loo_retrain(objective, theta_init, x, y, remove, spec, x_test, y_test, chunk_size=chunk_size,
-                                        progress=progress, removal_weight=removal_weight))
+    return _against_control(
+        loo_retrain(
+            objective,
+            theta_init,
+            x,
+            y,
+            remove,
+            spec,
+            x_test,
+            y_test,
+            chunk_size=chunk_size,
+            progress=progress,
+            removal_weight=removal_weight,
+        )
+    )
 
 
 @dataclass
@@ -397,8 +463,9 @@ class PBRFResult(LOOResult):
     objective_grad_norm: torch.Tensor | None = None
 
 
-def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, damping, epsilon, max_iter, tolerance,
-                     fit_term: str, chunk_size: int) -> PBRFResult:
+def _proximal_solves(
+    objective, theta_star, x, y, remove, x_test, y_test, *, damping, epsilon, max_iter, tolerance, fit_term: str, chunk_size: int
+) -> PBRFResult:
     idx = _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size)
     if not damping >= 0:
         raise InvalidArgumentError(f"damping={damping!r} is not allowed; it must be >= 0")
@@ -426,17 +493,24 @@ def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, dam
         rows = idx[start : start + chunk_size]
         xm, ym = x[rows], y[rows]
 
-        def f(thetas: torch.Tensor) -> torch.Tensor:
+        def f(thetas: torch.Tensor, xm: torch.Tensor = xm, ym: torch.Tensor = ym) -> torch.Tensor:
             diff = thetas - theta_star
             removed = point_loss(thetas, xm, ym) + objective.regulariser(thetas)
             return fit_values(thetas) + 0.5 * proximity * (diff * diff).sum(-1) - eps * removed
 
         # The problems are independent, so their sum is minimised where each one is: one L-BFGS run on the stack.
         thetas = theta_star.expand(rows.numel(), -1).clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([thetas], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=0.0,
-                                history_size=50, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [thetas],
+            lr=1.0,
+            max_iter=max_iter,
+            tolerance_grad=tolerance,
+            tolerance_change=0.0,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
 
-        def closure() -> torch.Tensor:
+        def closure(opt: torch.optim.LBFGS = opt, thetas: torch.Tensor = thetas) -> torch.Tensor:
             opt.zero_grad()
             value = f(thetas).sum()
             value.backward()
@@ -449,8 +523,16 @@ def _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, *, dam
             losses.append(torch.stack([objective.measurements(t, x_test, y_test) for t in thetas]))
             changes.append((thetas - theta_star).norm(dim=1))
     change = torch.cat(changes)
-    return PBRFResult(idx.cpu(), loss_star.cpu(), loss_star.cpu().clone(), torch.cat(losses).cpu(), change.cpu(), change.cpu(),
-                      float("nan"), objective_grad_norm=torch.cat(grad_norms).cpu())
+    return PBRFResult(
+        idx.cpu(),
+        loss_star.cpu(),
+        loss_star.cpu().clone(),
+        torch.cat(losses).cpu(),
+        change.cpu(),
+        change.cpu(),
+        float("nan"),
+        objective_grad_norm=torch.cat(grad_norms).cpu(),
+    )
 
 
 def pbrf_retrain(
@@ -487,8 +569,21 @@ def pbrf_retrain(
     Raises:
         InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
     """
-    return _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, damping=damping, epsilon=epsilon,
-                            max_iter=max_iter, tolerance=tolerance, fit_term="bregman", chunk_size=chunk_size)
+    return _proximal_solves(
+        objective,
+        theta_star,
+        x,
+        y,
+        remove,
+        x_test,
+        y_test,
+        damping=damping,
+        epsilon=epsilon,
+        max_iter=max_iter,
+        tolerance=tolerance,
+        fit_term="bregman",
+        chunk_size=chunk_size,
+    )
 
 
 def proximal_response(
@@ -518,5 +613,18 @@ def proximal_response(
     Raises:
         InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
     """
-    return _proximal_solves(objective, theta_star, x, y, remove, x_test, y_test, damping=damping, epsilon=epsilon,
-                            max_iter=max_iter, tolerance=tolerance, fit_term="loss", chunk_size=chunk_size)
+    return _proximal_solves(
+        objective,
+        theta_star,
+        x,
+        y,
+        remove,
+        x_test,
+        y_test,
+        damping=damping,
+        epsilon=epsilon,
+        max_iter=max_iter,
+        tolerance=tolerance,
+        fit_term="loss",
+        chunk_size=chunk_size,
+    )

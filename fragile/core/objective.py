@@ -56,8 +56,11 @@ def bregman_cross_entropy(logits: torch.Tensor, logits_star: torch.Tensor) -> to
     """Bregman divergence of the cross-entropy as a function of the logits, between ``logits`` and ``logits_star``
     (per row): ``logsumexp(z) − logsumexp(z*) − softmax(z*)ᵀ(z − z*)``, which is KL(softmax(z*) ‖ softmax(z)).
     The label cancels; it is zero with zero gradient at ``z = z*`` and its Hessian there is the softmax's."""
-    return (torch.logsumexp(logits, -1) - torch.logsumexp(logits_star, -1)
-            - (torch.softmax(logits_star, -1) * (logits - logits_star)).sum(-1))
+    return (
+        torch.logsumexp(logits, -1)
+        - torch.logsumexp(logits_star, -1)
+        - (torch.softmax(logits_star, -1) * (logits - logits_star)).sum(-1)
+    )
 
 
 _NAMED: dict[str, PerExampleLoss] = {"cross_entropy": cross_entropy, "mse": half_squared_error}
@@ -124,11 +127,15 @@ class Objective:
         elif callable(loss) and not isinstance(loss, str):
             self._loss = _checked(loss, "loss")
         else:
-            raise InvalidArgumentError(f"loss={loss!r} is not allowed; choose one of {list(LOSSES)} or pass a callable "
-                                       "per_example_loss(outputs, targets) -> (n,) tensor")
+            raise InvalidArgumentError(
+                f"loss={loss!r} is not allowed; choose one of {list(LOSSES)} or pass a callable "
+                "per_example_loss(outputs, targets) -> (n,) tensor"
+            )
         if measurement is not None and not callable(measurement):
-            raise InvalidArgumentError(f"measurement={measurement!r} is not allowed; pass a callable (outputs, targets) -> (n,) "
-                                       "tensor, or None for the loss itself")
+            raise InvalidArgumentError(
+                f"measurement={measurement!r} is not allowed; pass a callable (outputs, targets) -> (n,) "
+                "tensor, or None for the loss itself"
+            )
         self.loss, self.measurement = loss, measurement
         self._measure = self._loss if measurement is None else _checked(measurement, "measurement")
         self.model = model
@@ -140,7 +147,8 @@ class Objective:
             if not trainable or unknown:
                 prefixes = sorted({k.split(".")[0] for k, _ in named})
                 raise InvalidArgumentError(
-                    f"trainable={list(trainable)} is not allowed: {unknown or 'empty'} names no parameter; top-level modules: {prefixes}"
+                    f"trainable={list(trainable)} is not allowed: {unknown or 'empty'} names no parameter; "
+                    f"top-level modules: {prefixes}"
                 )
             named = [(k, p) for k, p in named if any(k == t or k.startswith(t + ".") for t in trainable)]
         self.trainable = trainable
@@ -233,7 +241,9 @@ class Objective:
         wd = self.weight_decay if weight_decay is None else weight_decay
         return 0.5 * wd * (theta * theta).sum(-1)
 
-    def train_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def train_loss(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The objective at one parameter vector; ``weights`` (n,) select or weight examples."""
         losses = self.sample_losses(theta, x, y)
         return _weighted_mean(losses, weights) + self.regulariser(theta)
@@ -327,5 +337,11 @@ def check_weights(name: str, weights: torch.Tensor | None, n: int, k: int | None
 
 
 __all__ = [
-    "LOSSES", "Objective", "bregman_cross_entropy", "check_dataset", "check_weights", "cross_entropy", "half_squared_error",
+    "LOSSES",
+    "Objective",
+    "bregman_cross_entropy",
+    "check_dataset",
+    "check_weights",
+    "cross_entropy",
+    "half_squared_error",
 ]

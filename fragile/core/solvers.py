@@ -199,8 +199,16 @@ def lissa_ihvp(
     Cost: ``depth·repeats`` minibatch matvecs plus one full-data matvec for the residual; memory O(p).
     """
     return lissa_ihvps(
-        _single(batch_matvec), v.unsqueeze(0), n=n, damping=damping, scale=scale, depth=depth, repeats=repeats,
-        batch_size=batch_size, seed=seed, growth_tolerance=growth_tolerance,
+        _single(batch_matvec),
+        v.unsqueeze(0),
+        n=n,
+        damping=damping,
+        scale=scale,
+        depth=depth,
+        repeats=repeats,
+        batch_size=batch_size,
+        seed=seed,
+        growth_tolerance=growth_tolerance,
         exact_matvec=None if exact_matvec is None else _single(exact_matvec),
     )[0]
 
@@ -286,11 +294,19 @@ def lissa_ihvps(
         total += h / scale
     x = total / repeats
     matvecs = exact_matvec if exact_matvec is not None else (lambda z: batch_matvecs(z, None))
-    return Solves(x, relative_residuals(matvecs, damping, x, vs), torch.full((m,), depth * repeats, dtype=torch.long, device=vs.device))
+    return Solves(
+        x, relative_residuals(matvecs, damping, x, vs), torch.full((m,), depth * repeats, dtype=torch.long, device=vs.device)
+    )
 
 
 def arnoldi_eigenpairs(
-    matvec: MatVec, p: int, *, iterations: int, top: int, dtype: torch.dtype = torch.float64, seed: int = 0,
+    matvec: MatVec,
+    p: int,
+    *,
+    iterations: int,
+    top: int,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top eigenpairs (by magnitude) of a symmetric operator by Arnoldi iteration (Schioppa et al. 2022).
@@ -338,7 +354,9 @@ def arnoldi_eigenpairs(
     return evals[order], q[:iterations].T @ evecs[:, order]
 
 
-def spectral_inverse_weights(eigenvalues: torch.Tensor, damping: float, negative: str, *, eps: float | None = None) -> torch.Tensor:
+def spectral_inverse_weights(
+    eigenvalues: torch.Tensor, damping: float, negative: str, *, eps: float | None = None
+) -> torch.Tensor:
     """``1 / (f(λ_i) + damping)`` for a negative-eigenvalue policy ``f``.
 
     Policies: ``"keep"`` uses the eigenvalues as they are (the paper's practice: damping only);

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fragile.core.curvature import objective_top_eigenvalue
-from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
 from fragile.core.objective import Objective, check_weights
+from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TrainSpec:
         check_positive("eps", self.eps)
         check_int("seed", self.seed, minimum=0)
 
-    def replace(self, **changes) -> "TrainSpec":
+    def replace(self, **changes) -> TrainSpec:
         """A copy with some fields changed (validated again)."""
         return TrainSpec(**{**asdict(self), **changes})
 
@@ -127,7 +127,8 @@ def fit(
     Args:
         objective: the training objective (weight decay included).
         params: starting parameters, (p,) for one model or (K, p) for a stack.
-        x, y: training inputs and targets (integer labels for cross-entropy: :meth:`~fragile.core.objective.Objective.check_data`).
+        x, y: training inputs and targets (integer labels for cross-entropy:
+            :meth:`~fragile.core.objective.Objective.check_data`).
         spec: optimiser settings.
         weights: per-example weights, (n,) shared or (K, n) per model; 0 removes an example from a
             model's objective (how leave-one-out retraining is batched). None means all ones.
@@ -203,8 +204,11 @@ def fit(
         saved.append(theta.clone())
         saved_steps.append(spec.steps)
     return TrainResult(
-        theta, losses, _full_batch_grads(objective, theta, x, y, weights, weight_decay).norm(dim=1),
-        torch.stack(saved) if checkpoint_every is not None else None, saved_steps if checkpoint_every is not None else None,
+        theta,
+        losses,
+        _full_batch_grads(objective, theta, x, y, weights, weight_decay).norm(dim=1),
+        torch.stack(saved) if checkpoint_every is not None else None,
+        saved_steps if checkpoint_every is not None else None,
     )
 
 
@@ -220,7 +224,9 @@ def _full_batch_grads(objective, theta, x, y, weights, weight_decay, chunk: int 
     total = w.sum(dim=1)
     total = torch.where(total > 0, total, torch.ones_like(total))
     no_decay = torch.zeros(k, dtype=theta.dtype, device=theta.device)
-    wd = torch.full((k,), objective.weight_decay, dtype=theta.dtype, device=theta.device) if weight_decay is None else weight_decay
+    wd = (
+        torch.full((k,), objective.weight_decay, dtype=theta.dtype, device=theta.device) if weight_decay is None else weight_decay
+    )
     g = wd[:, None] * theta
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
@@ -250,7 +256,13 @@ class ConvergenceReport:
 
 
 def convergence_report(
-    objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, lr: float | None = None, data_chunk: int | None = None
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float | None = None,
+    data_chunk: int | None = None,
 ) -> ConvergenceReport:
     """Diagnostics recorded with every trained model (docs/conventions.md#convergence). Cost: one gradient and up to a few
     hundred HVPs."""

@@ -17,12 +17,17 @@ from fragile.estimators.registry import register
 class ArnoldiOptions(EstimatorOptions):
     """Options of :class:`ArnoldiInfluence`."""
 
-    rank: int | None = field(default=None, metadata={"help": (
-        "top eigenpairs kept; an integer in [1, p], or None for p (full rank)")})
-    iterations: int | None = field(default=None, metadata={"help": (
-        "Arnoldi iterations (one HVP each); an integer in [rank, p], or None for min(p, 2·rank)")})
-    negative: str = field(default="keep", metadata={"help": (
-        f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)} (as for method='exact')")})
+    rank: int | None = field(
+        default=None, metadata={"help": ("top eigenpairs kept; an integer in [1, p], or None for p (full rank)")}
+    )
+    iterations: int | None = field(
+        default=None,
+        metadata={"help": ("Arnoldi iterations (one HVP each); an integer in [rank, p], or None for min(p, 2·rank)")},
+    )
+    negative: str = field(
+        default="keep",
+        metadata={"help": (f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)} (as for method='exact')")},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the Arnoldi start vector; an integer >= 0"})
 
     def __post_init__(self) -> None:
@@ -58,7 +63,12 @@ class ArnoldiInfluence(SolvingEstimator):
 
     def _prepare(self) -> None:
         evals, self.eigenvectors = arnoldi_eigenpairs(
-            self.hvp, self.p, iterations=self.iterations, top=self.rank, dtype=self.theta.dtype, seed=self.options.seed,
+            self.hvp,
+            self.p,
+            iterations=self.iterations,
+            top=self.rank,
+            dtype=self.theta.dtype,
+            seed=self.options.seed,
             device=self.theta.device,
         )
         self.eigenvalues = evals

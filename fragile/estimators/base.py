@@ -216,9 +216,16 @@ class InfluenceEstimator(ABC):
         The training gradients are taken ``grad_chunk`` at a time, dotted and dropped: memory O(grad_chunk·p).
         """
         step = self.grad_chunk or train_idxs.numel()
-        return torch.cat([
-            (solutions @ self.train_gradients(train_idxs[i : i + step]).T).cpu() for i in range(0, train_idxs.numel(), step)
-        ], dim=1) / self.n
+        return (
+            torch.cat(
+                [
+                    (solutions @ self.train_gradients(train_idxs[i : i + step]).T).cpu()
+                    for i in range(0, train_idxs.numel(), step)
+                ],
+                dim=1,
+            )
+            / self.n
+        )
 
     def influences(
         self, x_test: torch.Tensor, y_test: torch.Tensor, train_idxs: Sequence[int] | torch.Tensor | None = None
@@ -297,6 +304,11 @@ class SolvingEstimator(InfluenceEstimator):
 
 
 __all__ = [
-    "ESTIMATOR_ARGUMENTS", "EstimatorOptions", "InfluenceEstimator", "InfluenceResult", "NEGATIVE_POLICIES", "SolvingEstimator",
+    "ESTIMATOR_ARGUMENTS",
+    "EstimatorOptions",
+    "InfluenceEstimator",
+    "InfluenceResult",
+    "NEGATIVE_POLICIES",
+    "SolvingEstimator",
     "check_optional_int",
 ]

@@ -16,13 +16,22 @@ from fragile.estimators.registry import register
 class CGOptions(EstimatorOptions):
     """Options of :class:`CGInfluence`."""
 
-    rtol: float = field(default=1e-10, metadata={"help": (
-        "relative residual ‖(H+λI)x − v‖/‖v‖ at which a solve stops; a finite number > 0")})
-    max_iter: int | None = field(default=None, metadata={"help": (
-        "most CG iterations (one HVP each) per right-hand side; an integer >= 1, or None for 2p")})
-    vector_chunk: int = field(default=8, metadata={"help": (
-        "right-hand sides solved together, one vmapped HVP per iteration; an integer >= 1 (8 keeps memory near one "
-        "HVP's while taking most of the batching's gain on the small-MNIST CNN)")})
+    rtol: float = field(
+        default=1e-10, metadata={"help": ("relative residual ‖(H+λI)x − v‖/‖v‖ at which a solve stops; a finite number > 0")}
+    )
+    max_iter: int | None = field(
+        default=None,
+        metadata={"help": ("most CG iterations (one HVP each) per right-hand side; an integer >= 1, or None for 2p")},
+    )
+    vector_chunk: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "right-hand sides solved together, one vmapped HVP per iteration; an integer >= 1 (8 keeps memory near one "
+                "HVP's while taking most of the batching's gain on the small-MNIST CNN)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive("rtol", self.rtol)
@@ -54,7 +63,8 @@ class CGInfluence(SolvingEstimator):
         o = self.options
         solves = solve_in_chunks(
             lambda chunk: cg_solve_many(self.hvp, chunk, damping=self.damping, rtol=o.rtol, max_iter=o.max_iter),
-            vs, o.vector_chunk,
+            vs,
+            o.vector_chunk,
         )
         return solves.x, solves.residuals.cpu()  # residuals on the CPU, as the one-at-a-time path returned them
 

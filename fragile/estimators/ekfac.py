@@ -116,7 +116,9 @@ def _layer_blocks(objective: Objective) -> dict[str, LayerFactors]:
                 "and biases of nn.Linear and nn.Conv2d layers only; leave that parameter out of θ (Objective(trainable=…)) "
                 "or use another method"
             )
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
             raise InvalidArgumentError(
                 f"method='ekfac' cannot cover parameter {pname!r}: its nn.Conv2d has groups={module.groups}, "
                 f"padding_mode={module.padding_mode!r}, padding={module.padding!r}; supported are groups=1, "
@@ -150,8 +152,12 @@ def _layer_blocks(objective: Objective) -> dict[str, LayerFactors]:
 class EKFACOptions(EstimatorOptions):
     """Options of :class:`EKFACInfluence`."""
 
-    vector_chunk: int = field(default=64, metadata={"help": (
-        "vectors whose residual HVPs against H + λI are vmapped together (memory grows with it); an integer >= 1")})
+    vector_chunk: int = field(
+        default=64,
+        metadata={
+            "help": ("vectors whose residual HVPs against H + λI are vmapped together (memory grows with it); an integer >= 1")
+        },
+    )
 
     def __post_init__(self) -> None:
         check_int("vector_chunk", self.vector_chunk, minimum=1)
@@ -299,9 +305,12 @@ class EKFACInfluence(SolvingEstimator):
             f.eigenvalues /= self.n
         self._shift = self.objective.weight_decay + self.damping
         self._check_invertible()
-        log.info("ekfac: %d layers, eigenvalues in [%.3g, %.3g] before weight decay and damping", len(self.factors),
-                 min(float(f.eigenvalues.min()) for f in self.factors.values()),
-                 max(float(f.eigenvalues.max()) for f in self.factors.values()))
+        log.info(
+            "ekfac: %d layers, eigenvalues in [%.3g, %.3g] before weight decay and damping",
+            len(self.factors),
+            min(float(f.eigenvalues.min()) for f in self.factors.values()),
+            max(float(f.eigenvalues.max()) for f in self.factors.values()),
+        )
 
     def _check_invertible(self) -> None:
         top = max(float(f.eigenvalues.max()) for f in self.factors.values())
@@ -310,8 +319,11 @@ class EKFACInfluence(SolvingEstimator):
             # Λ is a mean of squares (>= 0); within its own round-off of 0 the inverse is noise.
             tol = math.sqrt(d.numel()) * torch.finfo(d.dtype).eps * max(top, 1.0)
             if float(d.min()) <= tol:
-                why = ("; softmax output gradients sum to zero over the classes, so a read-out layer has one"
-                       if self.objective.loss_name == "cross_entropy" else "")
+                why = (
+                    "; softmax output gradients sum to zero over the classes, so a read-out layer has one"
+                    if self.objective.loss_name == "cross_entropy"
+                    else ""
+                )
                 raise InvalidArgumentError(
                     f"method='ekfac': the EK-FAC matrix is singular in layer {f.name!r} (an eigenvalue of {float(d.min()):.3g} "
                     f"with weight_decay={self.objective.weight_decay} and damping={self.damping}{why}); increase damping"
@@ -319,7 +331,9 @@ class EKFACInfluence(SolvingEstimator):
 
     # -- solving ----------------------------------------------------------------------------------
     def apply_inverse(self, vs: torch.Tensor) -> torch.Tensor:
-        """``M⁻¹ v`` for each row of ``vs`` (m, p), M the damped EK-FAC matrix; no residual. O(Σ_l d_out·d_in·(d_out+d_in)) per row."""
+        """``M⁻¹ v`` for each row of ``vs`` (m, p), M the damped EK-FAC matrix; no residual. O(Σ_l d_out·d_in·(d_out+d_in))
+        per row.
+        """
         self.prepare()
         v64 = vs.double()
         xs = torch.zeros_like(v64)
@@ -336,7 +350,9 @@ class EKFACInfluence(SolvingEstimator):
         xs = self.apply_inverse(vs)
         step = self.options.vector_chunk
         # The residuals' exact HVPs are vmapped ``vector_chunk`` at a time: one HVP each dominates the cost here.
-        r = torch.cat([self.hvp(xs[i : i + step]) + self.damping * xs[i : i + step] - vs[i : i + step] for i in range(0, len(vs), step)])
+        r = torch.cat(
+            [self.hvp(xs[i : i + step]) + self.damping * xs[i : i + step] - vs[i : i + step] for i in range(0, len(vs), step)]
+        )
         return xs, r.norm(dim=1) / vs.norm(dim=1).clamp_min(torch.finfo(vs.dtype).tiny)
 
     def _details(self) -> dict[str, Any]:
@@ -348,9 +364,13 @@ def _layer_inputs(module: nn.Module, a: torch.Tensor, bias: bool) -> torch.Tenso
     a = a.detach().double()
     if isinstance(module, nn.Conv2d):
         if a.ndim != 4:
-            raise InvalidArgumentError(f"method='ekfac' needs batched (n, C, H, W) inputs to nn.Conv2d; got shape {tuple(a.shape)}")
+            raise InvalidArgumentError(
+                f"method='ekfac' needs batched (n, C, H, W) inputs to nn.Conv2d; got shape {tuple(a.shape)}"
+            )
         # Channel-major patches (C, kh, kw): the same order as the weight's view (out, C·kh·kw).
-        a = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride).transpose(1, 2)
+        a = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride).transpose(
+            1, 2
+        )
     else:
         a = a.reshape(a.shape[0], -1, a.shape[-1])  # extra dims are positions sharing the weight, like a convolution's
     if bias:

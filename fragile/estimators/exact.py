@@ -21,14 +21,28 @@ CURVATURES = ("hessian", "gauss_newton")
 class ExactOptions(EstimatorOptions):
     """Options of :class:`ExactInfluence`."""
 
-    negative: str = field(default="keep", metadata={"help": (
-        f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)}: keep them as they are (the paper's practice), "
-        "clip them to 0, or use their magnitudes (abs)")})
-    vector_chunk: int = field(default=64, metadata={"help": (
-        "Hessian rows (HVP directions) vmapped together while materialising the Hessian; an integer >= 1")})
-    curvature: str = field(default="hessian", metadata={"help": (
-        f"the matrix inverted, one of {list(CURVATURES)}: the Hessian, or the Gauss-Newton matrix "
-        "(fragile.core.curvature.gauss_newton_matrix; positive semi-definite, so negative is moot)")})
+    negative: str = field(
+        default="keep",
+        metadata={
+            "help": (
+                f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)}: keep them as they are "
+                "(the paper's practice), clip them to 0, or use their magnitudes (abs)"
+            )
+        },
+    )
+    vector_chunk: int = field(
+        default=64,
+        metadata={"help": ("Hessian rows (HVP directions) vmapped together while materialising the Hessian; an integer >= 1")},
+    )
+    curvature: str = field(
+        default="hessian",
+        metadata={
+            "help": (
+                f"the matrix inverted, one of {list(CURVATURES)}: the Hessian, or the Gauss-Newton matrix "
+                "(fragile.core.curvature.gauss_newton_matrix; positive semi-definite, so negative is moot)"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("negative", self.negative, NEGATIVE_POLICIES)
@@ -60,12 +74,18 @@ class ExactInfluence(SolvingEstimator):
     def _prepare(self) -> None:
         o = self.options
         if o.curvature == "gauss_newton":
-            h = gauss_newton_matrix(self.objective, self.theta, self.x_train, data_chunk=self.data_chunk or 256,
-                                    progress=self.progress)
+            h = gauss_newton_matrix(
+                self.objective, self.theta, self.x_train, data_chunk=self.data_chunk or 256, progress=self.progress
+            )
         else:
             h = hessian_matrix(
-                self.objective, self.theta, self.x_train, self.y_train,
-                data_chunk=self.data_chunk, vector_chunk=o.vector_chunk, progress=self.progress,
+                self.objective,
+                self.theta,
+                self.x_train,
+                self.y_train,
+                data_chunk=self.data_chunk,
+                vector_chunk=o.vector_chunk,
+                progress=self.progress,
             )
         self.hessian = 0.5 * (h + h.T)
         self.asymmetry = float((h - h.T).abs().max())

@@ -23,23 +23,51 @@ class LissaOptions(EstimatorOptions):
 
     depth: int = field(default=5000, metadata={"help": "recursion steps (minibatch HVPs) per repeat; an integer >= 1"})
     repeats: int = field(default=1, metadata={"help": "independent recursions averaged; an integer >= 1"})
-    batch_size: int | None = field(default=None, metadata={"help": (
-        "training examples per minibatch HVP; an integer in [1, n], or None for the full batch (deterministic)")})
-    scale: float | None = field(default=None, metadata={"help": (
-        "the series' scale s (it converges when the spectrum of H + λI lies in (0, 2s)); a finite number > 0, or None for "
-        "scale_margin·(|λmax| + λ) with λmax from power iteration on HVPs")})
-    scale_margin: float = field(default=1.5, metadata={"help": (
-        "the factor on |λmax| + λ when scale is None; a finite number > 0")})
-    power_rtol: float = field(default=1e-6, metadata={"help": (
-        "the power iteration for λmax stops when it changes by less than this, relative; a finite number > 0 (the "
-        "margin makes 1e-3 enough for the scale, and it saves most of the iteration's full-data HVPs)")})
-    seed: int = field(default=0, metadata={"help": (
-        "seed of the minibatch draws and of the power iteration's start; an integer >= 0")})
-    growth_tolerance: float = field(default=10.0, metadata={"help": (
-        "divergence test: a recursion whose iterate passes ‖h_j‖ > growth_tolerance·(j+1)·‖v‖ has diverged (and raises); "
-        "a finite number > 0")})
-    vector_chunk: int = field(default=8, metadata={"help": (
-        "right-hand sides whose recursions run together, one vmapped minibatch HVP per step; an integer >= 1")})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": ("training examples per minibatch HVP; an integer in [1, n], or None for the full batch (deterministic)")
+        },
+    )
+    scale: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "the series' scale s (it converges when the spectrum of H + λI lies in (0, 2s)); a finite number > 0, "
+                "or None for scale_margin·(|λmax| + λ) with λmax from power iteration on HVPs"
+            )
+        },
+    )
+    scale_margin: float = field(
+        default=1.5, metadata={"help": ("the factor on |λmax| + λ when scale is None; a finite number > 0")}
+    )
+    power_rtol: float = field(
+        default=1e-6,
+        metadata={
+            "help": (
+                "the power iteration for λmax stops when it changes by less than this, relative; a finite number > 0 (the "
+                "margin makes 1e-3 enough for the scale, and it saves most of the iteration's full-data HVPs)"
+            )
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": ("seed of the minibatch draws and of the power iteration's start; an integer >= 0")}
+    )
+    growth_tolerance: float = field(
+        default=10.0,
+        metadata={
+            "help": (
+                "divergence test: a recursion whose iterate passes ‖h_j‖ > growth_tolerance·(j+1)·‖v‖ has diverged (and raises); "
+                "a finite number > 0"
+            )
+        },
+    )
+    vector_chunk: int = field(
+        default=8,
+        metadata={
+            "help": ("right-hand sides whose recursions run together, one vmapped minibatch HVP per step; an integer >= 1")
+        },
+    )
 
     def __post_init__(self) -> None:
         check_int("depth", self.depth, minimum=1)
@@ -89,8 +117,17 @@ class LissaInfluence(SolvingEstimator):
 
     def _recursion(self) -> dict[str, Any]:
         o = self.options
-        return {"n": self.n, "damping": self.damping, "scale": self.scale, "depth": o.depth, "repeats": o.repeats,
-                "batch_size": o.batch_size, "seed": o.seed, "growth_tolerance": o.growth_tolerance, "exact_matvec": self.hvp}
+        return {
+            "n": self.n,
+            "damping": self.damping,
+            "scale": self.scale,
+            "depth": o.depth,
+            "repeats": o.repeats,
+            "batch_size": o.batch_size,
+            "seed": o.seed,
+            "growth_tolerance": o.growth_tolerance,
+            "exact_matvec": self.hvp,
+        }
 
     def inverse_hvp(self, v: torch.Tensor) -> Solve:
         self.prepare()

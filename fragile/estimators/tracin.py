@@ -36,12 +36,24 @@ from fragile.estimators.registry import register
 class TracInOptions(EstimatorOptions):
     """Options of :class:`TracInInfluence`."""
 
-    checkpoints: torch.Tensor | None = field(default=None, metadata={"help": (
-        "required: a (C, p) tensor of saved parameter vectors θ_k, C >= 1, finite (one model of a TrainResult.checkpoints "
-        "stack: result.checkpoints[:, k])")})
-    lrs: tuple[float, ...] | None = field(default=None, metadata={"help": (
-        "C step sizes η_k, finite and > 0, one per checkpoint (a sequence or a 1-D tensor, whose values are used as "
-        "stored: a float32 tensor gives 0.3 as 0.30000001); None means all 1.0. Kept as a tuple of floats")})
+    checkpoints: torch.Tensor | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "required: a (C, p) tensor of saved parameter vectors θ_k, C >= 1, finite "
+                "(one model of a TrainResult.checkpoints stack: result.checkpoints[:, k])"
+            )
+        },
+    )
+    lrs: tuple[float, ...] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "C step sizes η_k, finite and > 0, one per checkpoint (a sequence or a 1-D tensor, whose values are used as "
+                "stored: a float32 tensor gives 0.3 as 0.30000001); None means all 1.0. Kept as a tuple of floats"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         ck = self.checkpoints
@@ -110,10 +122,18 @@ class TracInInfluence(InfluenceEstimator):
         :meth:`~fragile.estimators.base.InfluenceEstimator.train_scores`, at ``theta`` instead of θ*."""
         g_test = self.objective.sample_grads(theta, x_test, y_test, self.grad_chunk)
         step = self.grad_chunk or idxs.numel()
-        return torch.cat([
-            (g_test @ self.objective.point_grads(theta, self.x_train[chunk], self.y_train[chunk], self.grad_chunk).T).cpu()
-            for chunk in (idxs[i : i + step] for i in range(0, idxs.numel(), step))
-        ], dim=1) / self.n
+        return (
+            torch.cat(
+                [
+                    (
+                        g_test @ self.objective.point_grads(theta, self.x_train[chunk], self.y_train[chunk], self.grad_chunk).T
+                    ).cpu()
+                    for chunk in (idxs[i : i + step] for i in range(0, idxs.numel(), step))
+                ],
+                dim=1,
+            )
+            / self.n
+        )
 
     def _details(self) -> dict[str, Any]:
         return {"num_checkpoints": int(self.checkpoints.shape[0]), "lrs": list(self.lrs)}

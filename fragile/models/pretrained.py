@@ -73,5 +73,7 @@ def imagenet_classifier(name: str, weights: str = "", *, num_classes: int = 1000
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except (RuntimeError, OSError, EOFError) as exc:
-            raise InvalidArgumentError(f"weights={weights!r}: {path} does not fit torchvision's {name} ({str(exc)[:300]})") from None
+            raise InvalidArgumentError(
+                f"weights={weights!r}: {path} does not fit torchvision's {name} ({str(exc)[:300]})"
+            ) from None
     return model.eval()

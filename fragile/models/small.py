@@ -124,9 +124,13 @@ def build_model(name: str, *, seed: int, dtype: torch.dtype = torch.float64, **k
     from fragile.models.vision import VGG, LeNet, resnet
 
     cls = {
-        "mlp": MLP, "koh_liang_cnn": KohLiangCNN, "lenet": LeNet,
-        "vgg11": lambda **kw: VGG("vgg11", **kw), "vgg13": lambda **kw: VGG("vgg13", **kw),
-        "resnet18": lambda **kw: resnet(18, **kw), "resnet50": lambda **kw: resnet(50, **kw),
+        "mlp": MLP,
+        "koh_liang_cnn": KohLiangCNN,
+        "lenet": LeNet,
+        "vgg11": lambda **kw: VGG("vgg11", **kw),
+        "vgg13": lambda **kw: VGG("vgg13", **kw),
+        "resnet18": lambda **kw: resnet(18, **kw),
+        "resnet50": lambda **kw: resnet(50, **kw),
     }[name]
     try:
         with torch.random.fork_rng(devices=[]):

@@ -31,10 +31,17 @@ class LeNet(nn.Module):
         check_int("num_classes", num_classes, minimum=2)
         check_choice("image_size", image_size, (28, 32))
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2 if image_size == 28 else 0), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_channels, 6, 5, padding=2 if image_size == 28 else 0),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
-        self.classifier = nn.Sequential(nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -92,7 +99,9 @@ def resnet(depth: int = 18, in_channels: int = 3, num_classes: int = 10, width: 
             stride = 2 if stage > 0 and i == 0 else 1
             downsample = None
             if stride != 1 or inplanes != planes * block.expansion:
-                downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride), _group_norm(planes * block.expansion))
+                downsample = nn.Sequential(
+                    conv1x1(inplanes, planes * block.expansion, stride), _group_norm(planes * block.expansion)
+                )
             layers.append(block(inplanes, planes, stride, downsample, norm_layer=_group_norm))
             inplanes = planes * block.expansion
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes)]

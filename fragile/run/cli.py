@@ -8,8 +8,8 @@ import sys
 import click
 import yaml
 
-from fragile.run import runner, sweep
 from fragile.errors import FragileError
+from fragile.run import runner, sweep
 
 
 def _parse_value(text: str):
@@ -53,10 +53,15 @@ def _execution(scheduler: str | None, workers: int | None) -> dict:
 
 
 _scheduler_option = click.option(
-    "--scheduler", default=None, metavar="WHERE",
+    "--scheduler",
+    default=None,
+    metavar="WHERE",
     help="where sweep jobs run: in-process, local (a Dask LocalCluster on this machine) or tcp://HOST:PORT "
-         "(an existing Dask scheduler; its workers must see .cache/ at the same path). Default: the profile's.")
-_workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, help="worker processes of a local cluster (default: one per CPU)")
+    "(an existing Dask scheduler; its workers must see .cache/ at the same path). Default: the profile's.",
+)
+_workers_option = click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="worker processes of a local cluster (default: one per CPU)"
+)
 
 
 @main.command("run")
@@ -66,7 +71,14 @@ _workers_option = click.option("--workers", type=click.IntRange(min=1), default=
 @click.option("-o", "--output", type=click.Path(), default=None, help="executed notebook path (default: runs/…)")
 @_scheduler_option
 @_workers_option
-def run_cmd(section: str, profile: str, params: tuple[tuple[str, str], ...], output: str | None, scheduler: str | None, workers: int | None) -> None:
+def run_cmd(
+    section: str,
+    profile: str,
+    params: tuple[tuple[str, str], ...],
+    output: str | None,
+    scheduler: str | None,
+    workers: int | None,
+) -> None:
     """Run SECTION (e.g. iris) with a profile and overrides; writes under runs/, never into the book."""
     try:
         overrides = {k: _parse_value(v) for k, v in params} | _execution(scheduler, workers)

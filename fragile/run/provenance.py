@@ -100,8 +100,9 @@ def device_description(device: str = "cpu") -> str:
     return "; ".join(_describe_device(d) for d in device.split(", "))
 
 
-def collect(parameters: dict[str, Any], *, profile: str, dataset: str, device: str, code_module: str, started: float,
-            finished: float) -> dict[str, Any]:
+def collect(
+    parameters: dict[str, Any], *, profile: str, dataset: str, device: str, code_module: str, started: float, finished: float
+) -> dict[str, Any]:
     """Everything a reader needs to know about how a section's numbers were produced.
 
     Args:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from fragile.atomic import atomic_write_bytes
-from fragile.config import PROFILES, from_dict, load_yaml
 from fragile.book.chapter import COMMON_FIELDS, EXECUTION_PARAMETERS, Chapter
+from fragile.config import PROFILES, from_dict, load_yaml
 from fragile.errors import FragileError, InvalidArgumentError
 from fragile.run.code import code_problem, notebook_code
 
@@ -118,7 +118,9 @@ def load_profile(profile: str, root: Path | None = None) -> dict[str, dict[str, 
     return {k: dict(v or {}) for k, v in data.items()}
 
 
-def resolve_parameters(section: Section, profile: str, overrides: dict[str, Any] | None = None, root: Path | None = None) -> dict[str, Any]:
+def resolve_parameters(
+    section: Section, profile: str, overrides: dict[str, Any] | None = None, root: Path | None = None
+) -> dict[str, Any]:
     """The parameters a run gets: profile values, then overrides, then ``profile`` itself.
 
     Everything is checked here, before anything executes: names the notebook does not declare are refused, and
@@ -228,7 +230,9 @@ def run_section(
     return output
 
 
-def _execute(section: Section, profile: str, params: dict[str, Any], run_params: dict[str, Any], output: Path, root: Path, progress: bool) -> None:
+def _execute(
+    section: Section, profile: str, params: dict[str, Any], run_params: dict[str, Any], output: Path, root: Path, progress: bool
+) -> None:
     import nbformat
     import papermill as pm
 
@@ -239,13 +243,23 @@ def _execute(section: Section, profile: str, params: dict[str, Any], run_params:
     os.environ["TQDM_DISABLE"] = "1"
     try:
         pm.execute_notebook(
-            str(section.path), tmp, parameters=run_params, cwd=str(root), kernel_name="python3",
-            progress_bar=progress, log_output=False, request_save_on_cell_execute=False,
+            str(section.path),
+            tmp,
+            parameters=run_params,
+            cwd=str(root),
+            kernel_name="python3",
+            progress_bar=progress,
+            log_output=False,
+            request_save_on_cell_execute=False,
         )
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata["fragile"] = {
-            "section": section.name, "profile": profile, "parameters": params,
-            "template_digest": template_digest(section.path), "params_digest": params_digest(params), **code,
+            "section": section.name,
+            "profile": profile,
+            "parameters": params,
+            "template_digest": template_digest(section.path),
+            "params_digest": params_digest(params),
+            **code,
         }
         atomic_write_bytes(output, nbformat.writes(nb).encode())
     except pm.PapermillExecutionError as exc:
@@ -279,8 +293,10 @@ def run_book_sections(
     overrides = dict(overrides or {})
     bad = sorted(set(overrides) - set(EXECUTION_PARAMETERS))
     if bad:
-        raise InvalidArgumentError(f"book runs take only execution overrides {list(EXECUTION_PARAMETERS)}, not {bad}; "
-                                   "change book/params/<profile>.yml instead")
+        raise InvalidArgumentError(
+            f"book runs take only execution overrides {list(EXECUTION_PARAMETERS)}, not {bad}; "
+            "change book/params/<profile>.yml instead"
+        )
     chosen = [s for s in sections(root) if not only or s.name in only or s.short in only]
     for section in chosen:  # every name is checked before the first section starts
         resolve_parameters(section, profile, overrides, root)
@@ -288,7 +304,9 @@ def run_book_sections(
     with schedulers(overrides.get("n_workers") or None) as cluster:
         for section in chosen:
             log.info("running section %s (profile %s)", section.name, profile)
-            out.append(run_section(section.name, profile, overrides, output=book_section_path(section, root), root=root, cluster=cluster))
+            out.append(
+                run_section(section.name, profile, overrides, output=book_section_path(section, root), root=root, cluster=cluster)
+            )
     return out
 
 
@@ -301,8 +319,12 @@ def toc_yaml() -> str:
     own pages."""
     from fragile.chapters.registry import CHAPTERS
 
-    lines = ["# Written by fragile.run.runner.write_toc from fragile.chapters.registry: edit the registry, not this file.",
-             "format: jb-book", "root: index", "parts:"]
+    lines = [
+        "# Written by fragile.run.runner.write_toc from fragile.chapters.registry: edit the registry, not this file.",
+        "format: jb-book",
+        "root: index",
+        "parts:",
+    ]
     parts: dict[str, list[str]] = {}
     for chapter in CHAPTERS.values():
         parts.setdefault(chapter.part, []).append(f"sections/{chapter.notebook}")

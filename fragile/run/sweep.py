@@ -129,7 +129,11 @@ def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache:
     try:
         payload = job.fn(**job.config, **(job.runtime or {}))
     except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
-        return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, time.perf_counter() - start
+        return (
+            "failed",
+            {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+            time.perf_counter() - start,
+        )
     finally:
         torch.set_num_threads(threads)
     ResultCache(cache_root, enabled=use_cache).save(job.name, cache_config, payload)
@@ -163,7 +167,9 @@ def connect(scheduler: str, n_workers: int | None = None):
         try:
             client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
         except (OSError, TimeoutError) as exc:
-            raise InvalidArgumentError(f"scheduler={scheduler!r}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({exc})") from None
+            raise InvalidArgumentError(
+                f"scheduler={scheduler!r}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({exc})"
+            ) from None
     log.info("Dask dashboard: %s", client.dashboard_link)
     return client
 
@@ -263,8 +269,20 @@ def run_sweep(
             # A fresh token per sweep: the cluster may still hold an earlier sweep's task of the same job
             # (released asynchronously), and reusing it would skip publishing to this sweep's cache.
             token = uuid.uuid4().hex[:8]
-            futures = {client.submit(_execute, job, keyed[job.name], str(cache.root), use_cache, key=f"fragile-{job.key}-{token}",
-                                     pure=False, retries=1, resources=job.resources): job for job in todo}
+            futures = {
+                client.submit(
+                    _execute,
+                    job,
+                    keyed[job.name],
+                    str(cache.root),
+                    use_cache,
+                    key=f"fragile-{job.key}-{token}",
+                    pure=False,
+                    retries=1,
+                    resources=job.resources,
+                ): job
+                for job in todo
+            }
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fragile import Objective, TrainSpec, build_model, fit, synthetic_classification
-from fragile.run.devices import resolve_device
 from fragile.core.ground_truth import loo_retrain
 from fragile.estimators import make_estimator
+from fragile.run.devices import resolve_device
 
 CUDA = torch.device("cuda")
 
@@ -44,12 +44,20 @@ def test_training_on_the_gpu_matches_the_cpu(problem):
     torch.testing.assert_close(gpu.params.cpu(), cpu.params, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("method, kwargs", [
-    ("exact", {}), ("cg", {"rtol": 1e-10, "max_iter": 500}), ("lissa", {"depth": 400, "seed": 0}), ("arnoldi", {"rank": 10}),
-])
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("exact", {}),
+        ("cg", {"rtol": 1e-10, "max_iter": 500}),
+        ("lissa", {"depth": 400, "seed": 0}),
+        ("arnoldi", {"rank": 10}),
+    ],
+)
 def test_every_estimator_on_the_gpu_matches_the_cpu(problem, method, kwargs):
     model, objective, theta, data = problem
-    cpu = make_estimator(method, objective, theta, data.x, data.y, damping=0.01, progress=False, **kwargs).influences(data.x[:3], data.y[:3])
+    cpu = make_estimator(method, objective, theta, data.x, data.y, damping=0.01, progress=False, **kwargs).influences(
+        data.x[:3], data.y[:3]
+    )
     obj_g, xg, yg = on_cuda(model, data)
     gpu = make_estimator(method, obj_g, theta.to(CUDA), xg, yg, damping=0.01, progress=False, **kwargs).influences(xg[:3], yg[:3])
     assert gpu.predicted.device.type == "cpu"  # results come back as small CPU tensors
@@ -71,14 +79,30 @@ def test_a_table1_job_on_the_gpu_gives_the_cpus_numbers():
 
     from fragile.chapters.mnist_cifar10 import MnistCifar10Config, run_model
 
-    cfg = MnistCifar10Config(device="cpu", mnist_architectures=("lenet",), cifar10_architectures=(), dtype="float64", n_train=20,
-                             n_test=30, batch_size=10, train_steps=40, top_k=4, lissa_depth=20, lissa_batch_size=10,
-                             cg_max_iter=10, arnoldi_rank=5, use_cache=False, scheduler="in-process")
+    cfg = MnistCifar10Config(
+        device="cpu",
+        mnist_architectures=("lenet",),
+        cifar10_architectures=(),
+        dtype="float64",
+        n_train=20,
+        n_test=30,
+        batch_size=10,
+        train_steps=40,
+        top_k=4,
+        lissa_depth=20,
+        lissa_batch_size=10,
+        cg_max_iter=10,
+        arnoldi_rank=5,
+        use_cache=False,
+        scheduler="in-process",
+    )
     cpu = run_model(cfg, "mnist", "lenet", 0.001, 0)
     gpu = run_model(cfg, "mnist", "lenet", 0.001, 0, device="cuda")
     assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
     np.testing.assert_array_equal(gpu["test_points"], cpu["test_points"])
-    np.testing.assert_allclose(gpu["estimators"]["arnoldi"]["predicted"], cpu["estimators"]["arnoldi"]["predicted"], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        gpu["estimators"]["arnoldi"]["predicted"], cpu["estimators"]["arnoldi"]["predicted"], rtol=1e-5, atol=1e-9
+    )
     for g, c in zip(gpu["per_test_point"], cpu["per_test_point"], strict=True):
         np.testing.assert_array_equal(g["chosen"], c["chosen"])
         np.testing.assert_allclose(g["actual"], c["actual"], rtol=1e-5, atol=1e-9)
