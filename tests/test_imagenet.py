@@ -286,7 +286,7 @@ def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
     for key in ("imagenet_corr", "imagenet_drift", "cifar100"):
         assert rows[key].verdict.startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
     rows = {c.key: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
-    assert all(r["verdict"].startswith("not run") for r in rows.values())
+    assert all(r.verdict.startswith("not run") for r in rows.values())
 
 
 def test_weights_that_are_not_here_are_refused_before_any_work(tmp_path, monkeypatch):

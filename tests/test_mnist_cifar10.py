@@ -346,5 +346,5 @@ def test_lissa_depth_claim_orders_architectures_by_their_weight_layers():
     assert got.verdict == "reproduced" and got.value == pytest.approx(1.0) and "small_cnn (7 layers) 0.30" in got.ours
     better = [m("small_cnn", [0.5]), m("lenet", [0.9]), m("vgg11", [0.05])]
     assert lissa_depth_claim(better).verdict == "not reproduced" and lissa_depth_claim(better).value == pytest.approx(-1.0)
-    assert lissa_depth_claim([m("small_cnn", [0.9]), m("lenet", [0.5]), m("vgg11", [0.2])])["verdict"] == "partly reproduced"
-    assert lissa_depth_claim(worse[:2])["verdict"].startswith("not run")
+    assert lissa_depth_claim([m("small_cnn", [0.9]), m("lenet", [0.5]), m("vgg11", [0.2])]).verdict == "partly reproduced"
+    assert lissa_depth_claim(worse[:2]).verdict.startswith("not run")

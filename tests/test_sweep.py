@@ -67,8 +67,8 @@ def test_rerun_recomputes_nothing_and_failures_are_reported(tmp_path, client):
     jobs = [Job(f"f/{s}", fail_if, {"seed": s, "bad": 1}) for s in range(3)]
     report = run_sweep(jobs, cache_dir=str(tmp_path), client=client, progress=False)
     assert sorted(report.done) == ["f/0", "f/2"] and list(report.failed) == ["f/1"]
-    assert "seed 1 is the bad one" in report.failed["f/1"]["error"] and "Traceback" in report.failed["f/1"]["traceback"]
-    assert report.failed["f/1"]["config"] == {"seed": 1, "bad": 1}
+    assert "seed 1 is the bad one" in report.failed["f/1"].error and "Traceback" in report.failed["f/1"].traceback
+    assert report.failed["f/1"].config == {"seed": 1, "bad": 1}
     assert "2 done, 0 cached, 1 failed" in report.summary()
 
 
@@ -167,7 +167,7 @@ def test_worker_that_dies_mid_job_is_retried_or_reported(tmp_path):
             assert not report.failed and report.results["flaky"]["value"] == 7 and len(report.done) == 4
             doomed = Job("doomed", always_die, {})
             report = run_sweep([doomed, *ok], cache_dir=str(tmp_path / "b"), client=c, progress=False)
-            assert list(report.failed) == ["doomed"] and "KilledWorker" in report.failed["doomed"]["error"]
+            assert list(report.failed) == ["doomed"] and "KilledWorker" in report.failed["doomed"].error
             assert sorted(report.done) == sorted(j.name for j in ok)
         finally:
             close(c)

@@ -1,4 +1,4 @@
-"""What every chapter shares: its declaration (:class:`Chapter`: name, number, title, config, jobs, results),
+"""What every chapter shares: its declaration (:class:`Chapter`: name, number, part, config, jobs, results),
 the common config fields (:class:`ChapterConfig`), strict config from the parameters cell, the "how this page
 was made" banner at the top, and the provenance summary at the end."""
 
@@ -82,8 +82,8 @@ class Chapter:
 
     Attributes:
         name: the short name the CLI takes (``iris``) and the module's name under :mod:`fragile.chapters`.
-        number: its place in the book: the notebook is ``notebooks/<NN>_<name>.ipynb``.
-        title: the chapter's title.
+        number: its place in the book: the notebook is ``notebooks/<NN>_<name>.ipynb``, whose first heading is the
+            chapter's title.
         part: the caption of the book part it belongs to.
         config: its config class; the notebook's ``parameters`` cell declares exactly its fields.
         glue_prefix: the prefix of every number it glues for other pages (``{glue:text}`sections/…::<prefix>_…```).
@@ -93,7 +93,6 @@ class Chapter:
 
     name: str
     number: int
-    title: str
     part: str
     config: type[ChapterConfig]
     glue_prefix: str

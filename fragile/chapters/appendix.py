@@ -1106,12 +1106,5 @@ def timing_bars(t2):
 
 
 CHAPTER = Chapter(
-    name="appendix",
-    number=5,
-    title="Appendix studies: optimiser, initialisation, several test points, groups, and cost",
-    part=PAPER_PART,
-    config=AppendixConfig,
-    glue_prefix="app",
-    jobs=study_jobs,
-    run=run_study,
+    name="appendix", number=5, part=PAPER_PART, config=AppendixConfig, glue_prefix="app", jobs=study_jobs, run=run_study
 )

@@ -904,12 +904,5 @@ def peers_markdown(report: dict[str, Any]) -> str:
 
 
 CHAPTER = Chapter(
-    name="estimands",
-    number=6,
-    title="Beyond the paper: what do influence functions estimate?",
-    part=BEYOND_PART,
-    config=EstimandsConfig,
-    glue_prefix="est",
-    jobs=study_jobs,
-    run=run_study,
+    name="estimands", number=6, part=BEYOND_PART, config=EstimandsConfig, glue_prefix="est", jobs=study_jobs, run=run_study
 )

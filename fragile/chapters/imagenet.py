@@ -597,12 +597,5 @@ def claims(
 
 
 CHAPTER = Chapter(
-    name="imagenet",
-    number=4,
-    title="ImageNet and CIFAR-100: when the ground truth itself is unreliable",
-    part=PAPER_PART,
-    config=ImageNetConfig,
-    glue_prefix="inet",
-    jobs=imagenet_jobs,
-    run=run_study,
+    name="imagenet", number=4, part=PAPER_PART, config=ImageNetConfig, glue_prefix="inet", jobs=imagenet_jobs, run=run_study
 )

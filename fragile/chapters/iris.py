@@ -411,12 +411,5 @@ def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int,
 
 
 CHAPTER = Chapter(
-    name="iris",
-    number=1,
-    title="Iris: influence functions on small networks",
-    part=PAPER_PART,
-    config=IrisConfig,
-    glue_prefix="iris",
-    jobs=architecture_jobs,
-    run=run_study,
+    name="iris", number=1, part=PAPER_PART, config=IrisConfig, glue_prefix="iris", jobs=architecture_jobs, run=run_study
 )

@@ -341,12 +341,5 @@ def measured_time_markdown(cfg: MnistCifar10Config, costs_path: str) -> str:
 
 
 CHAPTER = Chapter(
-    name="mnist_cifar10",
-    number=3,
-    title="MNIST and CIFAR-10: deeper networks and the stochastic inverse-HVP (Table 1)",
-    part=PAPER_PART,
-    config=MnistCifar10Config,
-    glue_prefix="mc10",
-    jobs=model_jobs,
-    run=run_study,
+    name="mnist_cifar10", number=3, part=PAPER_PART, config=MnistCifar10Config, glue_prefix="mc10", jobs=model_jobs, run=run_study
 )

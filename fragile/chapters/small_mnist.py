@@ -441,8 +441,6 @@ def claims(models: list[dict[str, Any]], headline_wd: float) -> list[Claim]:
                 claim="Top-band Spearman across test points (with weight decay): highest – lowest",
                 paper=f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}",
                 ours=f"{hi:.2f} – {lo:.2f}",
-                ours_low=lo,
-                ours_high=hi,
                 verdict=verdict,
             )
         )
@@ -491,12 +489,5 @@ def claims(models: list[dict[str, Any]], headline_wd: float) -> list[Claim]:
 
 
 CHAPTER = Chapter(
-    name="small_mnist",
-    number=2,
-    title="Small MNIST: the exact Hessian of a small CNN",
-    part=PAPER_PART,
-    config=SmallMnistConfig,
-    glue_prefix="smnist",
-    jobs=model_jobs,
-    run=run_study,
+    name="small_mnist", number=2, part=PAPER_PART, config=SmallMnistConfig, glue_prefix="smnist", jobs=model_jobs, run=run_study
 )

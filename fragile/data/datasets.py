@@ -113,8 +113,13 @@ class SmallMnist:
 
 
 def load_small_mnist(
-    data_root: str | Path, *, download: bool = False, validation_size: int = 5000, keep_fraction: float = 0.1,
-    seed: int = 0, dtype: torch.dtype = torch.float64,
+    data_root: str | Path,
+    *,
+    download: bool = False,
+    validation_size: int = 5000,
+    keep_fraction: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> SmallMnist:
     """Koh & Liang's "small MNIST" from a torchvision MNIST data root.
 
@@ -147,11 +152,14 @@ def load_small_mnist(
     except RuntimeError as exc:
         raise InvalidArgumentError(
             f"data_root={str(root)!r} holds no torchvision MNIST (expected {root / 'MNIST' / 'raw'}/train-images-idx3-ubyte "
-            f"and the three other files); pass download=True with internet, or leave data_root empty for the offline digits ({exc})"
+            "and the three other files); pass download=True with internet, or leave data_root empty for the offline digits "
+            f"({exc})"
         ) from None
     n_all = len(train_set)
     if validation_size >= n_all:
-        raise InvalidArgumentError(f"validation_size={validation_size} is not allowed; the data root has only {n_all} training images")
+        raise InvalidArgumentError(
+            f"validation_size={validation_size} is not allowed; the data root has only {n_all} training images"
+        )
     perm = np.arange(n_all - validation_size)
     np.random.RandomState(seed).shuffle(perm)
     kept = perm[: int(len(perm) * keep_fraction)] + validation_size
@@ -187,11 +195,14 @@ def split_by_class(data: Dataset, n_train_per_class: int, n_test_per_class: int,
         need = n_train_per_class + n_test_per_class
         if members.numel() < need:
             raise InvalidArgumentError(
-                f"n_train_per_class + n_test_per_class = {need} is not allowed; class {c} of {data.name} has {members.numel()} members"
+                f"n_train_per_class + n_test_per_class = {need} is not allowed; "
+                f"class {c} of {data.name} has {members.numel()} members"
             )
         members = members[torch.randperm(members.numel(), generator=gen)]
         test_idx.append(members[:n_test_per_class])
         train_idx.append(members[n_test_per_class:need])
     tr, te = torch.sort(torch.cat(train_idx)).values, torch.sort(torch.cat(test_idx)).values
-    return (Dataset(data.x[tr], data.y[tr], f"{data.name}-train", data.source),
-            Dataset(data.x[te], data.y[te], f"{data.name}-test", data.source))
+    return (
+        Dataset(data.x[tr], data.y[tr], f"{data.name}-train", data.source),
+        Dataset(data.x[te], data.y[te], f"{data.name}-test", data.source),
+    )

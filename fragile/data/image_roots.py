@@ -40,16 +40,26 @@ def _torchvision_class(name: str, verify_checksums: bool):
     # torchvision's CIFAR classes accept only the files of the official archive (by MD5). A copy in the same
     # layout (a mirror's re-pickled batches, or the tests' own small roots) is read by the same code with
     # the checksums off; its shapes and labels are still checked below.
-    return type(f"Unverified{cls.__name__}", (cls,), {
-        "train_list": [[f, None] for f, _ in cls.train_list],
-        "test_list": [[f, None] for f, _ in cls.test_list],
-        "meta": {**cls.meta, "md5": None},
-    })
+    return type(
+        f"Unverified{cls.__name__}",
+        (cls,),
+        {
+            "train_list": [[f, None] for f, _ in cls.train_list],
+            "test_list": [[f, None] for f, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        },
+    )
 
 
 def load_image_set(
-    name: str, data_root: str | Path, *, train: bool, download: bool = False, normalise: bool = True,
-    verify_checksums: bool = True, dtype: torch.dtype = torch.float32,
+    name: str,
+    data_root: str | Path,
+    *,
+    train: bool,
+    download: bool = False,
+    normalise: bool = True,
+    verify_checksums: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """One split of MNIST, CIFAR-10 or CIFAR-100 from a torchvision data root, as a (N, C, H, W) tensor.
 

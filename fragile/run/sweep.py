@@ -94,6 +94,16 @@ class Job:
         return f"{self.name}/{config_key(self.cache_config)}"
 
 
+@dataclass(frozen=True)
+class JobFailure:
+    """A job that raised (or whose worker died): its config, the error line and the traceback. A value of its own
+    type beside the results, never a result with a flag in it."""
+
+    config: dict[str, Any]
+    error: str
+    traceback: str = ""
+
+
 @dataclass
 class SweepReport:
     """What a sweep did: results by job name, and which jobs ran, came from the cache, or failed."""
@@ -101,14 +111,14 @@ class SweepReport:
     results: dict[str, Any] = field(default_factory=dict)
     done: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, JobFailure] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # run time of each job computed now
     dashboard: str | None = None  # the Dask dashboard of the cluster used, if any
 
     def summary(self) -> str:
         line = f"{len(self.done)} done, {len(self.cached)} cached, {len(self.failed)} failed"
         for name, info in self.failed.items():
-            line += f"\n  failed {name}: {info['error']} (config {info['config']})"
+            line += f"\n  failed {name}: {info.error} (config {info.config})"
         return line
 
 
@@ -250,7 +260,7 @@ def run_sweep(
             report.results[job.name] = value
             report.done.append(job.name)
         else:
-            report.failed[job.name] = {"config": job.config, **value}
+            report.failed[job.name] = JobFailure(job.config, **value)
             log.error("job %s failed: %s", job.name, value["error"])
 
     todo.sort(key=lambda j: -j.cost)  # stable: equal costs keep their order
