@@ -36,6 +36,11 @@ class Claim:
     verdict: str
     value: float = math.nan
 
+    @classmethod
+    def not_run(cls, key: str, claim: str, paper: str, verdict: str) -> Claim:
+        """A claim this run could not test; ``verdict`` says why and what would test it."""
+        return cls(key=key, claim=claim, paper=paper, ours="not run", verdict=verdict)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

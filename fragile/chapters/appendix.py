@@ -320,19 +320,10 @@ def run_summed_and_groups(
     idx = torch.as_tensor(tp, device=run.device)
     x_test, y_test = model.x_test[idx], model.y_test[idx]
     out: dict[str, Any] = {
-        "dataset": dataset,
-        "architecture": architecture,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "stand_in": run.data.stand_in,
-        "num_params": objective.num_params,
-        "n_train": len(y),
-        **model.stats,
-        "train_seconds": model.seconds,
+        **run.record(dataset, architecture, weight_decay, seed),
         "test_points": tp,
         "test_losses": model.test_losses[tp],
         "estimator": cfg.estimator,
-        "device": str(run.device),
     }
     est = make_estimator(
         cfg.estimator, objective, theta, x, y, **estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params)
@@ -758,16 +749,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
             )
         )
     else:
-        out.append(
-            Claim(
-                key="optimizer",
-                claim=claim,
-                paper=paper,
-                ours="not run",
-                value=math.nan,
-                verdict="not run: needs two or more optimisers",
-            )
-        )
+        out.append(Claim.not_run("optimizer", claim, paper, "not run: needs two or more optimisers"))
     # 2. initialisation
     init = spread(init_table(results.get("init", [])), "architecture")
     claim = (
@@ -790,7 +772,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
             )
         )
     else:
-        out.append(Claim(key="init", claim=claim, paper="qualitative", ours="not run", value=math.nan, verdict="not run"))
+        out.append(Claim.not_run("init", claim, "qualitative", "not run"))
     # 3. summed loss
     summed = summed_table(results.get("summed_group", []))
     paper_arch = {"mnist": "small_cnn", "cifar100": "resnet18"}
@@ -803,13 +785,11 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         rows = summed[(summed["dataset"] == ds) & summed["spearman"].notna()] if "spearman" in summed else summed.iloc[0:0]
         if not len(rows):
             out.append(
-                Claim(
-                    key=f"summed_{ds}",
-                    claim=claim,
-                    paper=f"{p['pearson']:.2f} / {p['spearman']:.2f}",
-                    ours="not run",
-                    value=math.nan,
-                    verdict=f"not run: add {ds}/{paper_arch[ds]} to summed_group_models",
+                Claim.not_run(
+                    f"summed_{ds}",
+                    claim,
+                    f"{p['pearson']:.2f} / {p['spearman']:.2f}",
+                    f"not run: add {ds}/{paper_arch[ds]} to summed_group_models",
                 )
             )
             continue
@@ -843,14 +823,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         cells = groups[(groups["dataset"] == ds) & (groups["size"] != "all")] if len(groups) else groups
         if not len(cells) or not cells["spearman"].notna().any():
             out.append(
-                Claim(
-                    key=f"group_{ds}",
-                    claim=claim,
-                    paper=f"{lo:.2f} to {hi:.2f}",
-                    ours="not run",
-                    value=math.nan,
-                    verdict=f"not run: add {ds}/resnet18 to summed_group_models",
-                )
+                Claim.not_run(f"group_{ds}", claim, f"{lo:.2f} to {hi:.2f}", f"not run: add {ds}/resnet18 to summed_group_models")
             )
             continue
         arch = "resnet18" if (cells["architecture"] == "resnet18").any() else cells["architecture"].iloc[0]

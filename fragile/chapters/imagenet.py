@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.book.chapter import COMMON_FIELDS, PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim
 from fragile.chapters.protocol import DTYPES, agreement, finished, job_fields, retrain_chosen, run_jobs
 from fragile.chapters.table1_protocol import Table1Config, correlations_table, model_jobs
@@ -204,14 +204,7 @@ class ImageNetConfig(ChapterConfig):
         """The CIFAR-100 rows as a Table 1 config: the fields here, the rest Table 1's protocol."""
         try:
             return Table1Config(
-                seed=self.seed,
-                profile=self.profile,
-                device=self.device,
-                use_cache=self.use_cache,
-                results_dir=self.results_dir,
-                cache_dir=self.cache_dir,
-                scheduler=self.scheduler,
-                n_workers=self.n_workers,
+                **{name: getattr(self, name) for name in COMMON_FIELDS if name != "n_seeds"},
                 n_seeds=self.cifar100_n_seeds,
                 data_root=self.cifar100_data_root,
                 mnist_architectures=(),

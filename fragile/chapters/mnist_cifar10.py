@@ -187,16 +187,12 @@ def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[C
         )
     else:
         out.append(
-            Claim(
-                key="resnet50",
-                claim="ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
-                paper=f"{paper_mean:.2f}",
-                ours="not run",
-                value=math.nan,
-                verdict=(
-                    "needs the real data set and a GPU: run with `--profile paper` (ResNet-50 is not in this profile's "
-                    "mnist_architectures: too slow for a CPU)"
-                ),
+            Claim.not_run(
+                "resnet50",
+                "ResNet-50 on MNIST: influence correlates poorly with leave-one-out (mean Spearman)",
+                f"{paper_mean:.2f}",
+                "needs the real data set and a GPU: run with `--profile paper` (ResNet-50 is not in this profile's "
+                "mnist_architectures: too slow for a CPU)",
             )
         )
     if len(table):
@@ -235,13 +231,11 @@ def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[C
         )
     else:
         out.append(
-            Claim(
-                key="vgg_wd",
-                claim=claim,
-                paper="qualitative (some higher without)",
-                ours="not run",
-                value=math.nan,
-                verdict="needs the real data set: run with `--profile paper` (VGG on CIFAR-10, with and without weight decay)",
+            Claim.not_run(
+                "vgg_wd",
+                claim,
+                "qualitative (some higher without)",
+                "needs the real data set: run with `--profile paper` (VGG on CIFAR-10, with and without weight decay)",
             )
         )
     out.append(lissa_depth_claim(models))
@@ -269,14 +263,7 @@ def lissa_depth_claim(models: list[dict[str, Any]]) -> Claim:
         if "residuals" in est:
             per.setdefault(m["architecture"], []).extend(np.asarray(est["residuals"], dtype=float).tolist())
     if len(per) < 3:
-        return Claim(
-            key="lissa_depth",
-            claim=claim,
-            paper="qualitative",
-            ours="not run",
-            value=math.nan,
-            verdict="not run: needs LiSSA on at least three architectures",
-        )
+        return Claim.not_run("lissa_depth", claim, "qualitative", "not run: needs LiSSA on at least three architectures")
     depth = {a: weight_layers(a) for a in per}
     mean = {a: float(np.mean(v)) for a, v in per.items()}
     order = sorted(per, key=depth.get)

@@ -476,13 +476,11 @@ def claims(models: list[dict[str, Any]], headline_wd: float) -> list[Claim]:
         )
     else:
         out.append(
-            Claim(
-                key="wd_fall",
-                claim="Correlation falls again for weight decay above 0.01",
-                paper="qualitative (falls)",
-                ours="not run",
-                value=math.nan,
-                verdict="not run (needs 0.01 and a larger value in weight_decays)",
+            Claim.not_run(
+                "wd_fall",
+                "Correlation falls again for weight decay above 0.01",
+                "qualitative (falls)",
+                "not run (needs 0.01 and a larger value in weight_decays)",
             )
         )
     return out

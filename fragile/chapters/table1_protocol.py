@@ -351,6 +351,23 @@ class Table1Model:
     data: ImageData
     device: torch.device
 
+    def record(self, dataset: str, architecture: str, weight_decay: float, seed: int) -> dict[str, Any]:
+        """What every job of this protocol reports about its network: which one it is, its data, its fit and where
+        it ran."""
+        return {
+            "dataset": dataset,
+            "architecture": architecture,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "stand_in": self.data.stand_in,
+            "num_params": self.trained.objective.num_params,
+            "n_train": len(self.data.train),
+            "n_test": len(self.data.test),
+            **self.trained.stats,
+            "train_seconds": self.trained.seconds,
+            "device": str(self.device),
+        }
+
 
 def train_table1_model(
     cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, device: str | None = None
@@ -394,21 +411,11 @@ def run_model(
         m: estimate(m, objective, theta, x, y, x_test, y_test, **estimator_kwargs(cfg, m, x.shape[0], objective.num_params))
         for m in methods
     }
-    out: dict[str, Any] = {
-        "dataset": dataset,
-        "architecture": architecture,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "stand_in": run.data.stand_in,
-        "num_params": objective.num_params,
-        "n_train": len(run.data.train),
-        "n_test": len(run.data.test),
-        **model.stats,
-        "train_seconds": model.seconds,
+    out = {
+        **run.record(dataset, architecture, weight_decay, seed),
         "test_points": tp,
         "test_losses": model.test_losses[tp],
         "estimators": estimators,
-        "device": str(dev),
     }
     primary = estimators[cfg.estimator]
     if "failed" in primary:
