@@ -50,7 +50,9 @@ def test_interrupted_save_leaves_no_entry(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", boom)
+    import fragile.run.cache
+
+    monkeypatch.setattr(fragile.run.cache, "encode", boom)  # interrupted while the payload is written
     with pytest.raises(KeyboardInterrupt):
         cache.save("x", {"a": 1}, {"t": 1})
     assert cache.load("x", {"a": 1}) is None
@@ -70,7 +72,7 @@ def test_truncated_entry_is_detected_and_recomputed(tmp_path):
 
     cache = ResultCache(tmp_path)
     cache.save("x", {"a": 1}, {"t": torch.arange(1000)})
-    payload = cache.path("x", {"a": 1}) / "payload.pt"
+    payload = cache.path("x", {"a": 1}) / "payload.npz"
     payload.write_bytes(payload.read_bytes()[:100])
     with pytest.raises(CacheCorruptError, match="corrupt"):
         cache.load("x", {"a": 1})

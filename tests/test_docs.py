@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # Citations of things a reader of the repository cannot open.
-OUTSIDE = re.compile(r"design\.md|paper-brief|\.\./shared/|/work/shared|\b[Ii]ssue [0-9]+")
+OUTSIDE = re.compile(r"design\.md|paper-brief|\.\./shared/|\b[Ii]ssue [0-9]+")
 CITATION = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
 
 

@@ -78,13 +78,13 @@ def test_the_same_jobs_swept_again_on_one_client_publish_to_the_new_cache(tmp_pa
     run_sweep(jobs, cache_dir=str(tmp_path / "a"), client=client, progress=False)
     second = run_sweep(jobs, cache_dir=str(tmp_path / "b"), client=client, progress=False)
     assert len(second.done) == 2
-    assert all((tmp_path / "b" / job.key / "payload.pt").is_file() for job in jobs)
+    assert all((tmp_path / "b" / job.key / "payload.json").is_file() for job in jobs)
 
 
 def test_corrupt_entry_is_recomputed(tmp_path):
     jobs = _grid()[:2]
     first = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
-    entry = tmp_path / jobs[0].key / "payload.pt"
+    entry = tmp_path / jobs[0].key / "payload.npz"
     entry.write_bytes(entry.read_bytes()[:50])
     again = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
     assert again.done == [jobs[0].name] and again.cached == [jobs[1].name]

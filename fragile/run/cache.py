@@ -1,9 +1,11 @@
 """On-disk cache of expensive results (trained models, Hessians, retraining results), keyed by config.
 
-Each entry lives in ``<root>/<name>/<hash of config>/`` with ``config.json`` and ``payload.pt``. An
-entry is published by renaming a finished temporary folder, so an interrupted run leaves no partial
-entry and the next run recomputes only what did not finish. On load the saved config is compared with
-the requested one, and a mismatch is refused (:class:`CacheMismatchError`), never silently reused.
+Each entry lives in ``<root>/<name>/<hash of config>/`` with ``config.json``, the result as
+``payload.json`` + ``payload.npz`` (:mod:`fragile.run.payload`: JSON and raw arrays, never a pickle, so loading
+an entry runs no code whoever wrote it) and the SHA-256 of both. An entry is published by renaming a finished
+temporary folder, so an interrupted run leaves no partial entry and the next run recomputes only what did not
+finish. On load the saved config is compared with the requested one, and a mismatch is refused
+(:class:`CacheMismatchError`), never silently reused.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fragile.atomic import _clean
 from fragile.errors import FragileError
+from fragile.run.payload import PayloadError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ class CacheCorruptError(FragileError):
     """A cache entry's payload does not match the digest saved with it (truncated or altered)."""
 
 
-def _digest(path: Path) -> str:
+def _payload_digest(entry: Path) -> str:
+    """SHA-256 over the payload's two files, in a fixed order."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for name in ("payload.json", "payload.npz"):
+        with open(entry / name, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -72,7 +75,7 @@ class ResultCache:
         if not self.enabled:
             return None
         entry = self.path(name, config)
-        if not (entry / "payload.pt").is_file():
+        if not (entry / "payload.json").is_file():
             return None
         saved = json.loads((entry / "config.json").read_text())
         if saved != json.loads(json.dumps(_clean(config), sort_keys=True)):
@@ -80,10 +83,13 @@ class ResultCache:
                 f"cache entry {entry} was saved with a different config; delete it or run with use_cache=False"
             )
         saved_digest = entry / "payload.sha256"
-        if not saved_digest.is_file() or saved_digest.read_text().strip() != _digest(entry / "payload.pt"):
+        if not saved_digest.is_file() or saved_digest.read_text().strip() != _payload_digest(entry):
             raise CacheCorruptError(f"cache entry {entry} is corrupt (payload digest mismatch); it will not be loaded")
         log.info("cache hit: %s", entry)
-        return torch.load(entry / "payload.pt", weights_only=False)
+        try:
+            return decode((entry / "payload.json").read_text(), (entry / "payload.npz").read_bytes())
+        except (PayloadError, ValueError, OSError) as exc:
+            raise CacheCorruptError(f"cache entry {entry} is corrupt ({exc}); it will not be loaded") from None
 
     def discard(self, name: str, config: dict[str, Any]) -> None:
         """Remove an entry (e.g. a corrupt one) so that it is recomputed."""
@@ -98,8 +104,10 @@ class ResultCache:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
         try:
             (tmp / "config.json").write_text(json.dumps(_clean(config), sort_keys=True, indent=2))
-            torch.save(payload, tmp / "payload.pt")
-            (tmp / "payload.sha256").write_text(_digest(tmp / "payload.pt"))
+            text, arrays = encode(payload)
+            (tmp / "payload.json").write_text(text)
+            (tmp / "payload.npz").write_bytes(arrays)
+            (tmp / "payload.sha256").write_text(_payload_digest(tmp))
             if entry.exists():  # a concurrent writer got there first; both computed the same thing
                 shutil.rmtree(tmp)
                 return

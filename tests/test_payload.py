@@ -1,0 +1,88 @@
+"""Job results stored without pickle: every value back bit for bit, nothing that can run code, bad values refused."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fragile.run.cache import CacheCorruptError, ResultCache
+from fragile.run.payload import PayloadError, decode, encode
+
+
+def result():
+    return {
+        "name": "iris/d1-w5",
+        "flags": [True, False, None],
+        "floats": [0.1, 1 / 3, math.nan, -math.inf, 1e-300],
+        "ints": (1, 2, 3),
+        "scalar32": np.float32(0.1),
+        "array": np.random.default_rng(0).normal(size=(3, 4)),
+        "ints64": np.arange(5),
+        "mask": np.array([True, False]),
+        "tensor": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7,
+        "nested": {"runs": [{"predicted": np.linspace(0, 1, 7), "seed": 3}]},
+    }
+
+
+def test_every_value_comes_back_bit_for_bit():
+    original = result()
+    back = decode(*encode(original))
+    assert back["name"] == original["name"] and back["flags"] == original["flags"]
+    assert (
+        back["floats"][:2] == original["floats"][:2]
+        and math.isnan(back["floats"][2])
+        and back["floats"][3:] == [-math.inf, 1e-300]
+    )
+    assert back["ints"] == (1, 2, 3) and isinstance(back["ints"], tuple)
+    assert back["scalar32"] == float(np.float32(0.1))  # the same value, as a Python float
+    for key in ("array", "ints64", "mask"):
+        assert back[key].dtype == original[key].dtype and np.array_equal(back[key], original[key])
+    assert isinstance(back["tensor"], torch.Tensor) and back["tensor"].dtype == torch.float32
+    assert torch.equal(back["tensor"], original["tensor"])
+    assert np.array_equal(back["nested"]["runs"][0]["predicted"], original["nested"]["runs"][0]["predicted"])
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"obj": object()}, "result['obj']"),
+        ({1: "int key"}, "key 1"),
+        ({"__array__": "a0"}, "__array__"),
+        ({"x": [np.array(["a", "b"], dtype=object)]}, "result['x'][0]"),
+        ({"t": torch.zeros(2, dtype=torch.bfloat16)}, "bfloat16"),
+    ],
+)
+def test_a_value_that_cannot_be_stored_exactly_is_refused_naming_where_it_is(bad, where):
+    with pytest.raises(PayloadError, match=__import__("re").escape(where)):
+        encode(bad)
+
+
+def test_a_cache_entry_is_json_and_arrays_and_loading_it_runs_no_pickle(tmp_path, monkeypatch):
+    cache = ResultCache(tmp_path)
+    cache.save("job", {"a": 1}, result())
+    entry = cache.path("job", {"a": 1})
+    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "payload.json", "payload.npz", "payload.sha256"]
+    json.loads((entry / "payload.json").read_text())  # plain JSON
+    with np.load(entry / "payload.npz", allow_pickle=False) as archive:
+        assert all(archive[k].dtype != object for k in archive.files)
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache load unpickled something")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    back = cache.load("job", {"a": 1})
+    assert np.array_equal(back["array"], result()["array"])
+
+
+def test_an_entry_whose_parts_do_not_match_is_corrupt_not_loaded(tmp_path):
+    cache = ResultCache(tmp_path)
+    cache.save("job", {"a": 1}, {"x": np.arange(3)})
+    entry = cache.path("job", {"a": 1})
+    (entry / "payload.json").write_text('{"x": {"__array__": "a7"}}')  # names an array the .npz does not hold
+    with pytest.raises(CacheCorruptError, match="corrupt"):
+        cache.load("job", {"a": 1})
