@@ -98,3 +98,18 @@ def readme_modules() -> set[str]:
 def test_the_readme_module_table_matches_the_tree():
     tree = {m for m in MODULES if not m.endswith("__main__") and m.count(".") and not (PACKAGE / m.split(".", 1)[1]).is_dir()}
     assert readme_modules() == tree
+
+
+def test_the_book_pages_read_each_chapters_numbers_under_its_registered_glue_prefix():
+    import re
+
+    from fragile.chapters.registry import CHAPTERS
+
+    prefixes = {c.notebook: c.glue_prefix for c in CHAPTERS.values()}
+    refs = []
+    for page in sorted((ROOT / "book").glob("*.md")):
+        refs += re.findall(r"sections/(\d\d_\w+)\.ipynb::(\w+)", page.read_text())
+    assert refs, "the book's pages glue no chapter number"
+    for notebook, key in refs:
+        assert notebook in prefixes, notebook
+        assert key.startswith(prefixes[notebook] + "_"), (notebook, key)
