@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-VERDICTS = ("reproduced", "partly reproduced", "not reproduced")
-
 
 @dataclass(frozen=True)
 class Claim:

@@ -42,14 +42,13 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim
-from fragile.chapters.protocol import run_jobs
+from fragile.chapters.protocol import check_device_here, run_jobs
 from fragile.chapters.table1_protocol import (
     ARCHITECTURES,
     DATASETS,
     OPTIMIZERS,
     TEST_POINTS,
     Table1Config,
-    check_device_here,
     estimator_kwargs,
     model_jobs,
     train_table1_model,

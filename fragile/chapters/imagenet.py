@@ -30,7 +30,7 @@ import torch
 
 from fragile.book.chapter import COMMON_FIELDS, PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim
-from fragile.chapters.protocol import DTYPES, agreement, finished, job_fields, retrain_chosen, run_jobs
+from fragile.chapters.protocol import DTYPES, agreement, check_device_here, finished, job_fields, retrain_chosen, run_jobs
 from fragile.chapters.table1_protocol import Table1Config, correlations_table, model_jobs
 from fragile.core.objective import Objective
 from fragile.core.selection import random_test_points, select_top_k
@@ -468,8 +468,7 @@ def run_study(
 
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
     """
-    if cfg.scheduler in ("in-process", "local") and client is None:
-        resolve_device(cfg.device)
+    check_device_here(cfg, client)
     check_weights(cfg)
     if not resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET"):
         ensure_stand_in(cfg)  # once here, not by every worker at the same time

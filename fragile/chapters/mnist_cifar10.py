@@ -21,12 +21,11 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter
 from fragile.book.claims import Claim
-from fragile.chapters.protocol import run_jobs
+from fragile.chapters.protocol import check_device_here, run_jobs
 from fragile.chapters.table1_protocol import (
     TEST_POINTS,
     Table1Config,
     build_network,
-    check_device_here,
     correlations_table,
     model_jobs,
 )

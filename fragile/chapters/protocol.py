@@ -34,6 +34,7 @@ from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset, load_iris, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
 from fragile.errors import FragileError
 from fragile.estimators import make_estimator
+from fragile.run.devices import resolve_device
 from fragile.run.sweep import Job, SweepReport, run_sweep
 
 log = logging.getLogger(__name__)
@@ -304,3 +305,10 @@ def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, 
 def finished(report: SweepReport, jobs: Sequence[Job]) -> list[Any]:
     """The results of those of ``jobs`` that finished, in job order."""
     return [report.results[j.name] for j in jobs if j.name in report.results]
+
+
+def check_device_here(cfg: ChapterConfig, client) -> None:
+    """Refuse, before any job starts, a CUDA device that is not here when the jobs run here (in-process or a local
+    cluster); a remote cluster's workers check their own."""
+    if cfg.scheduler in ("in-process", "local") and client is None:
+        resolve_device(cfg.device)

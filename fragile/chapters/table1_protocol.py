@@ -513,13 +513,6 @@ def model_jobs(
     return jobs
 
 
-def check_device_here(cfg: ChapterConfig, client) -> None:
-    """Refuse, before any job starts, a CUDA device that is not here when the jobs run here (in-process or a local
-    cluster); a remote cluster's workers check their own."""
-    if cfg.scheduler in ("in-process", "local") and client is None:
-        resolve_device(cfg.device)
-
-
 def correlations_table(models: list[dict[str, Any]]):
     """One row per (data set, architecture, weight decay, seed, test point): Spearman, Pearson, drift, agreement."""
     import pandas as pd
