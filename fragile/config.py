@@ -8,6 +8,7 @@ block would otherwise silently replace the first).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from fragile.errors import InvalidArgumentError
+from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
 
 T = TypeVar("T")
 
@@ -116,3 +117,109 @@ def to_dict(config: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+# -- declared settings ----------------------------------------------------------------------------------------
+
+Check = typing.Callable[[str, Any], None]
+
+
+def setting(default: Any, help_text: str, check: Check | None = None) -> Any:
+    """A config field: its default, its help text (meaning, and the paper's value where it has one) and the check
+    of its range, kept in the field's metadata; :func:`check_settings` runs the checks and :func:`settings_help`
+    lists the help."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "check": check})
+
+
+def check_settings(config: Any) -> None:
+    """Run the check of every field of ``config`` declared with :func:`setting`; raises
+    :class:`InvalidArgumentError` naming the first field out of range."""
+    for f in dataclasses.fields(config):
+        check = f.metadata.get("check")
+        if check is not None:
+            check(f.name, getattr(config, f.name))
+
+
+def settings_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, help)`` of every field of the config class ``cls`` declared with :func:`setting`."""
+    hints = typing.get_type_hints(cls)
+    return [
+        (f.name, _type_name(hints[f.name]), f.default, f.metadata["help"])
+        for f in dataclasses.fields(cls)
+        if "help" in f.metadata
+    ]
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def positive(name: str, value: Any) -> None:
+    """A finite number > 0."""
+    check_positive(name, value)
+
+
+def non_negative(name: str, value: Any) -> None:
+    """A finite number >= 0."""
+    check_positive(name, value, allow_zero=True)
+
+
+def at_least(minimum: int) -> Check:
+    """An integer >= ``minimum``."""
+    return functools.partial(_check_int_in, minimum=minimum, maximum=None)
+
+
+def between(minimum: int, maximum: int) -> Check:
+    """An integer in ``[minimum, maximum]``."""
+    return functools.partial(_check_int_in, minimum=minimum, maximum=maximum)
+
+
+def _check_int_in(name: str, value: Any, *, minimum: int, maximum: int | None) -> None:
+    check_int(name, value, minimum=minimum, maximum=maximum)
+
+
+def one_of(allowed: typing.Iterable[Any]) -> Check:
+    """One of ``allowed``."""
+    return functools.partial(_check_choice_in, allowed=tuple(allowed))
+
+
+def _check_choice_in(name: str, value: Any, *, allowed: tuple) -> None:
+    check_choice(name, value, allowed)
+
+
+def fraction(*, low_open: bool = True, high: float = 1.0, high_open: bool = False) -> Check:
+    """A number in (0, high] (or with the ends as asked)."""
+    return functools.partial(_check_fraction, low_open=low_open, high=high, high_open=high_open)
+
+
+def _check_fraction(name: str, value: Any, *, low_open: bool, high: float, high_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0.0 < value if low_open else 0.0 <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, {high:g}{')' if high_open else ']'}"
+        raise InvalidArgumentError(f"{name}={value!r} is not allowed; it must be in {interval}")
+
+
+def each(check: Check, *, distinct: bool = False, nonempty: bool = False) -> Check:
+    """A sequence whose every element passes ``check`` (named after the sequence), without repeats with
+    ``distinct``, not empty with ``nonempty``."""
+    return functools.partial(_check_each, check=check, distinct=distinct, nonempty=nonempty)
+
+
+def _check_each(name: str, values: Any, *, check: Check, distinct: bool, nonempty: bool) -> None:
+    if nonempty and not values:
+        raise InvalidArgumentError(f"{name} is empty; give at least one value")
+    for v in values:
+        check(name, v)
+    if distinct and len(set(values)) != len(values):
+        raise InvalidArgumentError(f"{name}={list(values)} repeats a value")
+
+
+def optional(check: Check) -> Check:
+    """``None``, or a value that passes ``check``."""
+    return functools.partial(_check_optional, check=check)
+
+
+def _check_optional(name: str, value: Any, *, check: Check) -> None:
+    if value is not None:
+        check(name, value)

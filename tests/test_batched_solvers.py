@@ -25,6 +25,7 @@ from fragile import (
 )
 from fragile.core.curvature import hessian_matrix, hvp
 from fragile.core.solvers import (
+    LissaRecursion,
     cg_solve,
     cg_solve_many,
     lissa_ihvp,
@@ -235,7 +236,8 @@ def test_lissa_batched_equals_one_at_a_time(setup, options):
 
         return mv
 
-    batched = lissa_ihvps(recording(drawn_batched), vs, **common)
+    recursion = LissaRecursion(**{k: v for k, v in common.items() if k != "exact_matvec"})
+    batched = lissa_ihvps(recording(drawn_batched), vs, recursion, exact_matvec=matvec)
     steps = options["depth"] * options.get("repeats", 1)
     assert batched.iterations.tolist() == [steps] * len(vs)
     for i, v in enumerate(vs):
@@ -250,7 +252,7 @@ def test_lissa_batched_equals_one_at_a_time(setup, options):
         assert len(drawn_single) == len(drawn_batched) == steps
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(drawn_batched, drawn_single))
         if i == 0:
-            one = lissa_ihvp(batch_matvec, v, **common)  # the one-vector entry point
+            one = lissa_ihvp(batch_matvec, v, recursion, exact_matvec=matvec)  # the one-vector entry point
             assert _rel(one.x, x) <= RTOL and one.iterations == steps
 
 
@@ -271,7 +273,7 @@ def test_lissa_bitwise_where_the_arithmetic_is_identical(setup, dtype, batch_siz
         return torch.stack([one(v.clone(), idx) for v in vs_])
 
     common = {"n": len(data), "damping": DAMPING, "scale": 2.5, "depth": 12, "repeats": 2, "batch_size": batch_size, "seed": 5}
-    batched = lissa_ihvps(rowwise, vs, **common)
+    batched = lissa_ihvps(rowwise, vs, LissaRecursion(**common))
     for i, v in enumerate(vs):
         x_ref, residual, _ = _lissa_reference(one, v.clone(), **common)
         assert torch.equal(batched.x[i], x_ref), i
@@ -280,12 +282,13 @@ def test_lissa_bitwise_where_the_arithmetic_is_identical(setup, dtype, batch_siz
 
 def test_lissa_divergence_names_the_row(setup):
     _, _, data, _, batch_matvec, vs, evals, _ = setup
+    diverging = LissaRecursion(n=len(data), damping=DAMPING, scale=0.2 * float(evals[-1]), depth=300)
     with pytest.raises(
         SolverDivergedError, match=r"lissa diverged at recursion step \d+ of repeat 0 of right-hand side \d of 5 .*scale"
     ):
-        lissa_ihvps(batch_matvec, vs, n=len(data), damping=DAMPING, scale=0.2 * float(evals[-1]), depth=300)
+        lissa_ihvps(batch_matvec, vs, diverging)
     with pytest.raises(SolverDivergedError, match=r"lissa diverged at recursion step \d+ of repeat 0 \(‖h‖=.*scale"):
-        lissa_ihvp(batch_matvec, vs[0], n=len(data), damping=DAMPING, scale=0.2 * float(evals[-1]), depth=300)
+        lissa_ihvp(batch_matvec, vs[0], diverging)
 
 
 # -- the estimators ---------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def test_arguments_are_checked(setup, mlp):
     with pytest.raises(InvalidArgumentError, match="vs has shape"):
         cg_solve_many(matvec, vs[0])
     with pytest.raises(InvalidArgumentError, match="vs has shape"):
-        lissa_ihvps(batch_matvec, vs[:0], n=30, damping=0.0, scale=1.0, depth=1)
+        lissa_ihvps(batch_matvec, vs[:0], LissaRecursion(n=30, damping=0.0, scale=1.0, depth=1))
     with pytest.raises(InvalidArgumentError, match="vector_chunk"):
         solve_in_chunks(lambda c: cg_solve_many(matvec, c), vs, 0)
     objective, theta, data = mlp

@@ -11,9 +11,11 @@ from scipy import stats
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.chapters import estimands as E
+from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.core.ground_truth import pbrf_retrain, proximal_response
 from fragile.core.selection import select_top_k
 from fragile.errors import InvalidArgumentError
+from fragile.run.payload import decode, encode
 
 TINY = dict(
     n_seeds=1,
@@ -61,7 +63,10 @@ def iris_run():
 
 def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(iris_run):
     cfg, res = iris_run
-    (rec,) = res["records"]
+    assert isinstance(res, E.EstimandsResult) and res.setting == "iris/d1" and res.n_train == len(cfg.iris_data()[0])
+    (model,) = res.models
+    (point,) = model.points
+    assert model.depth == 1 and model.seed == 0 and model.train_accuracy is None
     train, test = cfg.iris_data()
     obj = Objective(
         build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="relu"), cfg.iris_weight_decay
@@ -70,43 +75,65 @@ def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(
     spec = TrainSpec("gd", lr=cfg.iris_lr, steps=cfg.iris_train_steps)
     theta = fit(obj, theta0, train.x, train.y, spec, progress=False).params[0]
     t = int(obj.sample_losses(theta, test.x, test.y).argmax())
-    assert rec["test_point"] == t
+    assert point.test_point == t
     x_t, y_t = test.x[t : t + 1], test.y[t : t + 1]
     exact = make_estimator("exact", obj, theta, train.x, train.y, damping=cfg.iris_damping, progress=False).influences(x_t, y_t)
     chosen = select_top_k(exact.predicted[0].numpy(), cfg.iris_top_k)  # the paper's selection, by the first estimator
-    np.testing.assert_array_equal(rec["chosen"], chosen)
-    np.testing.assert_allclose(rec["estimates"]["exact"]["predicted"], exact.predicted[0].numpy()[chosen], rtol=1e-10)
+    np.testing.assert_array_equal(point.chosen, chosen)
+    assert isinstance(point.estimates["exact"], Estimate) and not point.estimates["exact"].failed
+    np.testing.assert_allclose(point.estimates["exact"].predicted, exact.predicted[0].numpy()[chosen], rtol=1e-10)
     warm = loo_retrain_sequential(
         obj, theta, train.x, train.y, chosen, spec.replace(steps=cfg.iris_retrain_steps), x_t, y_t, progress=False
     )
-    np.testing.assert_allclose(rec["truths"]["warm"], warm.actual[:, 0].numpy(), rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(rec["truths"]["warm_corrected"], warm.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(point.truths.warm, warm.actual[:, 0].numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(point.truths.warm_corrected, warm.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
     cold = loo_retrain_sequential(obj, theta0, train.x, train.y, chosen, spec, x_t, y_t, progress=False)
-    np.testing.assert_allclose(rec["truths"]["cold"], cold.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(point.truths.cold, cold.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
     # one problem at a time (no stacking) and solved tightly: the stacked solve agrees to its own stationarity
     for name, fn in (("pbrf", pbrf_retrain), ("proximal", proximal_response)):
         alone = fn(
             obj, theta, train.x, train.y, chosen, x_t, y_t, damping=cfg.iris_damping, chunk_size=1, max_iter=300, tolerance=1e-10
         )
-        np.testing.assert_allclose(rec["truths"][name], alone.actual[:, 0].numpy(), rtol=2e-2, atol=1e-8)
-    assert rec["pbrf_stationarity"] < 1e-2 and rec["unsolved"] == {"pbrf": 0, "proximal": 0}
+        np.testing.assert_allclose(point.truths.of(name), alone.actual[:, 0].numpy(), rtol=2e-2, atol=1e-8)
+    assert model.pbrf.stationarity < 1e-2 and model.pbrf.unsolved == 0 and model.proximal.unsolved == 0
 
 
 def test_the_tables_are_the_correlations_and_distances_of_the_records(iris_run):
     cfg, res = iris_run
-    (rec,) = res["records"]
+    (model,) = res.models
+    (point,) = model.points
     grid = E.grid_table([res])
     assert len(grid) == len(cfg.iris_estimators) * len(E.GROUND_TRUTHS)
     for _, row in grid.iterrows():
-        expected = stats.spearmanr(rec["estimates"][row["estimator"]]["predicted"], rec["truths"][row["ground_truth"]])[0]
+        expected = stats.spearmanr(point.estimates[row["estimator"]].predicted, point.truths.of(row["ground_truth"]))[0]
         assert row["spearman"] == pytest.approx(expected, abs=1e-12)
     chain = E.chain_table([res])
     lin = chain[chain["gap"] == "linearisation"].iloc[0]
-    a, b = rec["truths"]["pbrf"], rec["estimates"]["exact_gn"]["predicted"]
+    a, b = point.truths.pbrf, point.estimates["exact_gn"].predicted
     assert lin["relative_distance"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-12)
     assert "solver error (LiSSA)" not in set(chain["gap"])  # lissa was not run: its step is left out, not faked
     summary = E.grid_summary(grid, "iris")
     assert list(summary.index) == list(cfg.iris_estimators) and summary.shape[1] == len(E.GROUND_TRUTHS)
+
+
+def test_a_failed_estimator_is_a_value_the_tables_leave_blank_and_name():
+    k = 4
+    truths = E.GroundTruths(*(np.arange(k, dtype=float) * (g + 1) for g in range(len(E.GROUND_TRUTHS))))
+    reversed_order = Estimate("exact", np.arange(k, dtype=float)[::-1].copy(), np.zeros(1), 0.5)
+    failed = EstimatorFailure("cg", "H + λI is indefinite")
+    point = E.PointResult(3, np.arange(k), 0.0, truths, {"exact": reversed_order, "cg": failed})
+    solve = E.ProximalSolve(stationarity=1e-3, unsolved=0, seconds=0.25)
+    res = E.EstimandsResult(
+        "iris/d1", 10, 20, False, E.IRIS_DATA, (E.ModelResult(1, 0, 1e-4, 1.0, None, solve, solve, (point,)),)
+    )
+    grid = E.grid_table([res])
+    assert grid[grid["estimator"] == "cg"]["spearman"].isna().all()
+    np.testing.assert_allclose(grid[grid["estimator"] == "exact"]["spearman"], -1.0)
+    assert E.estimator_failures([res]) == ["iris/d1 seed 0: cg: H + λI is indefinite"]
+    assert list(E.timing_table([res])["method"]) == ["exact", "proximal response", "PBRF"]
+    # the cache's pickle-free format rebuilds the failure as its own type
+    back = decode(*encode(res)).models[0].points[0]
+    assert back.estimates["cg"] == failed and back.estimates["cg"].failed and isinstance(back.estimates["exact"], Estimate)
 
 
 def test_depth_statistics_by_hand():

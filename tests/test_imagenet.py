@@ -6,11 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch.func import functional_call
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential
 from fragile.chapters.imagenet import (
+    FineTunedPoint,
     ImageNetConfig,
+    ImageNetNetwork,
+    ImageNetResult,
     build_network,
     check_weights,
     choose_random_test_points,
@@ -20,10 +24,13 @@ from fragile.chapters.imagenet import (
     imagenet_jobs,
     influence_prefixes,
     load_folders,
+    network_rows,
     run_imagenet,
     run_study,
     stand_in_root,
 )
+from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
+from fragile.chapters.table1_protocol import Network, PointResult, Retraining, Table1Result
 from fragile.data.image_folders import write_digit_folders
 from fragile.errors import InvalidArgumentError
 from fragile.models.pretrained import imagenet_classifier
@@ -164,7 +171,7 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
     with torch.no_grad():
         body = {k: v for k, v in params.items() if not k.startswith("13.")}
         feats = lambda x: functional_call(model[:-1], dict(body), (x,))  # noqa: E731
-        phi, phi_test = feats(data.train.x), feats(data.val.x[torch.as_tensor(out["test_points"])])
+        phi, phi_test = feats(data.train.x), feats(data.val.x[torch.as_tensor(out.test_points)])
     w0 = torch.cat([params["13.weight"].reshape(-1), params["13.bias"]])
     k, d = params["13.weight"].shape
 
@@ -181,7 +188,7 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
         ]
     )
     g_train += cfg.weight_decay * w0  # ∇L(z_i) is the point's loss plus the regulariser (the estimators' convention)
-    y_test = data.val.y[torch.as_tensor(out["test_points"])]
+    y_test = data.val.y[torch.as_tensor(out.test_points)]
     g_test = torch.stack(
         [
             torch.autograd.functional.jacobian(lambda w, t=t: loss(w, phi_test[t : t + 1], y_test[t : t + 1])[0], w0)
@@ -189,11 +196,21 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
         ]
     )
     closed = (g_test @ torch.linalg.solve(hessian, g_train.T) / n).numpy()
-    for t, e in enumerate(out["per_test_point"]):
-        np.testing.assert_allclose(e["predicted"], closed[t, e["chosen"]], rtol=1e-6, atol=1e-12)
+    assert isinstance(out, ImageNetResult) and out.failure == "" and out.estimate.method == "exact"
+    np.testing.assert_allclose(out.estimate.predicted, closed, rtol=1e-6, atol=1e-12)
+    for t, e in enumerate(out.per_test_point):
+        assert e.index == out.test_points[t]
+        np.testing.assert_allclose(e.predicted, closed[t, e.chosen], rtol=1e-6, atol=1e-12)
         # the top 4 by |predicted| over all training images
-        assert set(e["chosen"].tolist()) == set(np.argsort(-np.abs(closed[t]))[:4].tolist())
-    assert out["influence_params"] == ["13"] and out["influence_num_params"] == w0.numel()
+        assert set(e.chosen.tolist()) == set(np.argsort(-np.abs(closed[t]))[:4].tolist())
+        assert e.agreement.spearman == pytest.approx(stats.spearmanr(e.predicted, e.actual)[0])
+        assert e.agreement_vs_control.pearson == pytest.approx(stats.pearsonr(e.predicted, e.actual_vs_control)[0])
+    net = out.network
+    assert net.influence_params == ("13",) and net.influence_num_params == w0.numel() and net.num_params == full.num_params
+    assert net.seed == 1 and net.n_train == 30 and net.n_val == 20 and net.stand_in and net.device == "cpu"
+    (row,) = network_rows([out], cfg.influence_params)
+    assert row["θ for influence"] == "head: 13" and row["max residual"] == out.estimate.residuals.max()
+    assert row["fine-tuning steps per removal"] == out.retraining.steps and row["estimator seconds"] == out.estimate.seconds
 
 
 def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_control(head_job):
@@ -203,71 +220,71 @@ def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_contro
         for p, v in zip(model.parameters(), full.unflatten(theta).values()):
             p.copy_(v)
     head = Objective(model, cfg.weight_decay, ("13",))
-    tp = torch.as_tensor(out["test_points"])
-    union = np.unique(np.concatenate([e["chosen"] for e in out["per_test_point"]]))
+    tp = torch.as_tensor(out.test_points)
+    union = np.unique(np.concatenate([e.chosen for e in out.per_test_point]))
+    assert out.retraining.models == len(union)
     seq = loo_retrain_sequential(
         head,
         head.initial_params(),
         data.train.x,
         data.train.y,
         torch.as_tensor(union),
-        spec.replace(steps=out["retrain_steps"]),
+        spec.replace(steps=out.retraining.steps),
         data.val.x[tp],
         data.val.y[tp],
         progress=False,
     )
-    for t, e in enumerate(out["per_test_point"]):
-        rows = [int(np.flatnonzero(union == i)[0]) for i in e["chosen"]]
-        np.testing.assert_allclose(e["actual"], seq.actual[rows, t].numpy(), rtol=1e-6, atol=1e-10)
-        np.testing.assert_allclose(out["drift"][t], seq.drift[t].item(), rtol=1e-6, atol=1e-12)
-        np.testing.assert_allclose(e["actual_vs_control"], e["actual"] - out["drift"][t], atol=1e-10)
+    drift = out.retraining.drift
+    for t, e in enumerate(out.per_test_point):
+        rows = [int(np.flatnonzero(union == i)[0]) for i in e.chosen]
+        np.testing.assert_allclose(e.actual, seq.actual[rows, t].numpy(), rtol=1e-6, atol=1e-10)
+        np.testing.assert_allclose(drift[t], seq.drift[t].item(), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(e.actual_vs_control, e.actual - drift[t], atol=1e-10)
     table = drift_table([out])
-    for t, e in enumerate(out["per_test_point"]):
+    for t, e in enumerate(out.per_test_point):
         row = table.iloc[t]
-        assert row["drift"] == pytest.approx(out["drift"][t])
-        assert row["median_abs_removal_vs_control"] == pytest.approx(np.median(np.abs(e["actual_vs_control"])))
-        assert row["drift_over_removal"] == pytest.approx(abs(out["drift"][t]) / np.median(np.abs(e["actual_vs_control"])))
+        assert row["drift"] == pytest.approx(drift[t]) and row["test_point"] == e.index
+        assert row["median_abs_removal_vs_control"] == pytest.approx(np.median(np.abs(e.actual_vs_control)))
+        assert row["drift_over_removal"] == pytest.approx(abs(drift[t]) / np.median(np.abs(e.actual_vs_control)))
+        assert row["spearman_vs_control"] == e.agreement_vs_control.spearman
+
+
+IMAGENET_NETWORK = ImageNetNetwork(0, "small_resnet18", False, 1000, ("10", "13"), 200, 30, 20, 1.0, 0.5, 0.01, 9, "cpu")
 
 
 def _network(spearmans, pearsons, drifts, own):
-    per = [
-        {
-            "test_point": t,
-            "spearman": s,
-            "pearson": p,
-            "spearman_vs_control": s,
-            "pearson_vs_control": p,
-            "predicted": np.ones(3),
-            "actual": np.ones(3) * d + o,
-            "actual_vs_control": np.array([o, -o, o]),
-        }
+    """A finished ImageNet job whose test points have these agreements, drifts and removal effects (± ``own``)."""
+    per = tuple(
+        FineTunedPoint(t, np.arange(3), np.ones(3), np.ones(3) * d + o, np.array([o, -o, o]), Agreement(s, p), Agreement(s, p))
         for t, (s, p, d, o) in enumerate(zip(spearmans, pearsons, drifts, own))
-    ]
-    return {"seed": 0, "test_losses": np.ones(len(per)), "drift": np.array(drifts), "per_test_point": per}
+    )
+    n = len(per)
+    return ImageNetResult(
+        network=IMAGENET_NETWORK,
+        test_points=np.arange(n),
+        test_losses=np.ones(n),
+        estimate=Estimate("lissa", np.ones((n, 30)), np.full(n, 0.2), 1.5),
+        retraining=Retraining(models=3 * n, steps=3, drift=np.array(drifts), control_grad_norm=0.0, seconds=1.0),
+        per_test_point=per,
+    )
 
 
 def _c100(values):
+    """Finished CIFAR-100 Table 1 jobs, one per seed, with these Spearman (and Pearson) values per test point."""
+    fit = Fit(train_loss=0.1, train_accuracy=1.0, test_accuracy=0.5, grad_norm=0.01, seconds=1.0)
     return [
-        {
-            "dataset": "cifar100",
-            "architecture": "resnet18",
-            "weight_decay": 5e-4,
-            "seed": s,
-            "test_losses": np.ones(2),
-            "drift": np.zeros(2),
-            "per_test_point": [
-                {
-                    "test_point": kind,
-                    "spearman": v,
-                    "pearson": v,
-                    "spearman_vs_control": v,
-                    "predicted": np.ones(2),
-                    "actual": np.ones(2),
-                    "actual_vs_control": np.ones(2),
-                }
+        Table1Result(
+            network=Network("cifar100", "resnet18", 5e-4, s, False, 1000, 50, 30, fit, "cpu"),
+            primary="lissa",
+            test_points=np.arange(2),
+            test_losses=np.ones(2),
+            estimators={"lissa": Estimate("lissa", np.ones((2, 50)), np.full(2, 0.2), 1.5)},
+            retraining=Retraining(models=4, steps=3, drift=np.zeros(2), control_grad_norm=0.0, seconds=1.0),
+            per_test_point=tuple(
+                PointResult(kind, np.arange(2), np.ones(2), np.ones(2), np.ones(2), v, v, v, ())
                 for kind, v in zip(("highest loss", "median loss"), vs)
-            ],
-        }
+            ),
+        )
         for s, vs in enumerate(values)
     ]
 
@@ -287,6 +304,16 @@ def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
         assert rows[key].verdict.startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
     rows = {c.key: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
     assert all(r.verdict.startswith("not run") for r in rows.values())
+
+
+def test_a_failed_estimator_leaves_the_network_in_the_tables_without_numbers():
+    failed = ImageNetResult(IMAGENET_NETWORK, np.arange(2), np.ones(2), EstimatorFailure("cg", "negative curvature"), None, ())
+    assert failed.failure == "cg: negative curvature"
+    (row,) = network_rows([failed], "last_block")
+    assert row["θ for influence"] == "last_block: 10, 13" and row["fine-tuning steps per removal"] is None
+    assert math.isnan(row["max residual"]) and math.isnan(row["estimator seconds"]) and row["val accuracy"] == 0.5
+    assert drift_table([failed]).empty
+    assert len(drift_table([failed, _network([0.1], [0.1], [0.5], [0.01])])) == 1
 
 
 def test_weights_that_are_not_here_are_refused_before_any_work(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Every chapter's real job results survive the pickle-free cache bit for bit: each chapter's smoke study is run
 once into a fresh cache and once from it, and the two sets of results must be identical."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def identical(a, b, where="result"):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             identical(x, y, f"{where}[{i}]")
+    elif dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            identical(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
     elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), where
     elif isinstance(a, torch.Tensor):

@@ -12,7 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fragile"
-PROTOCOLS = {"fragile.chapters.protocol", "fragile.chapters.table1_protocol", "fragile.chapters.registry"}
+PROTOCOLS = {
+    "fragile.chapters.protocol",
+    "fragile.chapters.results",
+    "fragile.chapters.table1_protocol",
+    "fragile.chapters.registry",
+}
 
 
 def module_name(path: Path) -> str:

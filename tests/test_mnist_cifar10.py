@@ -1,6 +1,8 @@
 """The MNIST/CIFAR-10 (Table 1) section's own logic: data and stand-ins, inputs, config checks, job keys, and that a
 model job's numbers match independent computations (sequential leave-one-out, an exact estimator built here)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,29 @@ from data_roots import write_cifar_root, write_mnist_root
 from scipy import stats
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential, make_estimator
-from fragile.chapters.mnist_cifar10 import MnistCifar10Config, claims, lissa_depth_claim, paper_comparison, table1, weight_layers
-from fragile.chapters.table1_protocol import build_network, load_data, model_inputs, model_jobs, run_model
+from fragile.chapters.mnist_cifar10 import (
+    MnistCifar10Config,
+    claims,
+    estimator_comparison,
+    lissa_depth_claim,
+    models_table,
+    paper_comparison,
+    table1,
+    weight_layers,
+)
+from fragile.chapters.results import Estimate, EstimatorFailure, Fit
+from fragile.chapters.table1_protocol import (
+    Comparison,
+    Network,
+    PointResult,
+    Retraining,
+    Table1Result,
+    build_network,
+    load_data,
+    model_inputs,
+    model_jobs,
+    run_model,
+)
 from fragile.core.selection import choose_test_points
 from fragile.core.selection import test_points_by_kind as points_by_kind  # not collected as a test
 from fragile.errors import InvalidArgumentError
@@ -132,9 +155,10 @@ def job():
 
 def test_a_model_job_takes_the_highest_and_median_loss_test_points_and_matches_an_exact_estimator(job):
     cfg, data, objective, spec, theta, out = job
-    assert "failed" not in out and out["num_params"] == 2616 and out["retrain_steps"] == 4
+    assert isinstance(out, Table1Result) and out.failure == "" and out.primary == "lissa"
+    assert out.network.num_params == 2616 and out.retraining.steps == 4 and out.network.n_train == 20
     losses = objective.sample_losses(theta, data.test.x, data.test.y).double().numpy()
-    tp = out["test_points"]
+    tp = out.test_points
     assert tp[0] == int(np.argmax(losses)) and tp.tolist() == choose_test_points(losses, 2).tolist()
     assert losses[tp[1]] == pytest.approx(np.sort(losses)[::-1][(len(losses) - 1) // 2])
     exact = make_estimator(
@@ -143,20 +167,29 @@ def test_a_model_job_takes_the_highest_and_median_loss_test_points_and_matches_a
     reference = exact.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()
     assert exact.spectrum.smallest + cfg.damping > 0  # H + λI positive definite: every solver's system
     scale = np.abs(reference).max()
-    np.testing.assert_allclose(out["estimators"]["cg"]["predicted"], reference, rtol=1e-3, atol=1e-3 * scale)
-    assert out["estimators"]["cg"]["residuals"].max() < 1e-4
+    cg, lissa = out.estimators["cg"], out.estimators["lissa"]
+    assert isinstance(cg, Estimate) and isinstance(lissa, Estimate) and cg.method == "cg" and lissa.scale > 0
+    np.testing.assert_allclose(cg.predicted, reference, rtol=1e-3, atol=1e-3 * scale)
+    assert cg.residuals.max() < 1e-4
     # LiSSA is a truncated stochastic series: close to exact, with its residual saying how close.
-    lissa = out["estimators"]["lissa"]["predicted"]
-    assert np.linalg.norm(lissa - reference) / np.linalg.norm(reference) < 0.2
-    assert out["estimators"]["lissa"]["lambda_max"] == pytest.approx(exact.spectrum.largest, rel=0.01)
+    assert np.linalg.norm(lissa.predicted - reference) / np.linalg.norm(reference) < 0.2
+    assert lissa.lambda_max == pytest.approx(exact.spectrum.largest, rel=0.01)
+    # each compared estimator's agreement on the same chosen points, against the actual changes and against LiSSA
+    for e in out.per_test_point:
+        assert [c.method for c in e.compared] == ["cg", "arnoldi"]
+        t = out.per_test_point.index(e)
+        got = e.compared[0]
+        assert got.spearman == pytest.approx(stats.spearmanr(cg.predicted[t, e.chosen], e.actual)[0])
+        assert got.spearman_vs_primary == pytest.approx(stats.spearmanr(cg.predicted[t, e.chosen], e.predicted)[0])
 
 
 def test_a_model_jobs_leave_one_out_values_are_sequential_retraining(job):
     cfg, data, objective, spec, theta, out = job
     t = 1
-    entry = out["per_test_point"][t]
-    i = int(entry["chosen"][-1])
-    ti = int(out["test_points"][t])
+    entry = out.per_test_point[t]
+    assert entry.kind == "median loss"
+    i = int(entry.chosen[-1])
+    ti = int(out.test_points[t])
     seq = loo_retrain_sequential(
         objective,
         theta,
@@ -168,35 +201,33 @@ def test_a_model_jobs_leave_one_out_values_are_sequential_retraining(job):
         data.test.y[ti : ti + 1],
         progress=False,
     )
-    assert float(entry["actual"][-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
-    assert entry["spearman"] == pytest.approx(stats.spearmanr(entry["predicted"], entry["actual"])[0])
-    assert entry["pearson"] == pytest.approx(stats.pearsonr(entry["predicted"], entry["actual"])[0])
-    assert set(entry["chosen"]) == set(np.argsort(-np.abs(out["estimators"]["lissa"]["predicted"][t]))[: cfg.top_k])
+    assert float(entry.actual[-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
+    assert entry.spearman == pytest.approx(stats.spearmanr(entry.predicted, entry.actual)[0])
+    assert entry.pearson == pytest.approx(stats.pearsonr(entry.predicted, entry.actual)[0])
+    assert set(entry.chosen) == set(np.argsort(-np.abs(out.estimators["lissa"].predicted[t]))[: cfg.top_k])
+    np.testing.assert_allclose(entry.actual_vs_control, entry.actual - out.retraining.drift[t], atol=1e-6)
 
 
-def _model(ds, arch, wd, seed, spearmans, stand_in=False):
-    return {
-        "dataset": ds,
-        "architecture": arch,
-        "weight_decay": wd,
-        "seed": seed,
-        "stand_in": stand_in,
-        "estimators": {},
-        "test_losses": np.ones(2),
-        "drift": np.zeros(2),
-        "per_test_point": [
-            {
-                "test_point": k,
-                "predicted": np.ones(3),
-                "actual": np.ones(3),
-                "actual_vs_control": np.ones(3),
-                "spearman": s,
-                "pearson": s / 2,
-                "spearman_vs_control": s,
-            }
-            for k, s in zip(("highest loss", "median loss"), spearmans)
-        ],
-    }
+FIT = Fit(train_loss=0.1, train_accuracy=1.0, test_accuracy=0.9, grad_norm=0.01, seconds=1.0)
+
+
+def _model(ds, arch, wd, seed, spearmans, stand_in=False, *, residuals=(0.5, 0.5), compared=()):
+    """A finished Table 1 job whose test points have the Spearman ``spearmans`` (Pearson half of it) and LiSSA the
+    solve ``residuals``."""
+    points = tuple(
+        PointResult(k, np.arange(3), np.ones(3), np.ones(3), np.ones(3), s, s / 2, s, compared)
+        for k, s in zip(("highest loss", "median loss"), spearmans)
+    )
+    lissa = Estimate("lissa", np.ones((2, 20)), np.array(residuals), 2.0, lambda_max=3.0, scale=4.5)
+    return Table1Result(
+        network=Network(ds, arch, wd, seed, stand_in, 100, 20, 30, FIT, "cpu"),
+        primary="lissa",
+        test_points=np.arange(2),
+        test_losses=np.ones(2),
+        estimators={"lissa": lissa},
+        retraining=Retraining(models=6, steps=3, drift=np.zeros(2), control_grad_norm=0.0, seconds=1.0),
+        per_test_point=points,
+    )
 
 
 def test_table1_cells_give_spearman_pearson_and_the_spread_over_seeds():
@@ -213,6 +244,33 @@ def test_table1_cells_give_spearman_pearson_and_the_spread_over_seeds():
     rows = {(r["test point"], r["weight decay"]): r for r in paper_comparison(models)}
     assert rows[("highest loss", "with")]["paper"] == 0.22 and rows[("highest loss", "with")]["ours"] == pytest.approx(0.3)
     assert np.isnan(rows[("median loss", "without")]["ours"])
+
+
+def test_a_failed_estimator_is_named_in_the_tables_and_its_numbers_are_nan():
+    message = "negative curvature " + "x" * 300
+    ok = _model("mnist", "lenet", 0.001, 0, [0.3, 0.4], compared=(Comparison("cg", 0.7, 0.8),))
+    ok = dataclasses.replace(ok, estimators={**ok.estimators, "cg": Estimate("cg", np.ones((2, 20)), np.full(2, 1e-6), 5.0)})
+    cg_failed = _model("mnist", "lenet", 0.001, 1, [0.3, 0.4])
+    cg_failed = dataclasses.replace(cg_failed, estimators={**cg_failed.estimators, "cg": EstimatorFailure("cg", message)})
+    lissa_failed = dataclasses.replace(
+        _model("mnist", "small_cnn", 0.001, 0, []), estimators={"lissa": EstimatorFailure("lissa", "diverged")}, retraining=None
+    )
+    assert lissa_failed.failure == "lissa: diverged" and cg_failed.failure == "" and ok.failure == ""
+    rows = models_table([ok, cg_failed, lissa_failed]).set_index(["architecture", "seed"])
+    assert rows.loc[("small_cnn", 0), "failed"] == "lissa: diverged" and np.isnan(rows.loc[("small_cnn", 0), "lissa_seconds"])
+    assert rows.loc[("lenet", 0), "lissa_max_residual"] == 0.5 and rows.loc[("lenet", 0), "lambda_max"] == 3.0
+    assert rows.loc[("lenet", 0), "cg_max_residual"] == 1e-6 and rows.loc[("lenet", 0), "cg_seconds"] == 5.0
+    assert rows.loc[("lenet", 1), "cg_failed"] == message[:200] and np.isnan(rows.loc[("lenet", 1), "cg_max_residual"])
+    assert rows.loc[("lenet", 1), "train_loss"] == 0.1 and rows.loc[("lenet", 1), "failed"] == ""
+    t = table1([ok, lissa_failed])
+    assert t.loc["small_cnn", ("MNIST", "median loss", "wd 0.001")] == "failed"
+    assert t.loc["lenet", ("MNIST", "median loss", "wd 0.001")] == "0.40 (0.20)"
+    markdown, failures = estimator_comparison([ok, cg_failed], ("cg",))
+    lines = markdown.splitlines()
+    assert lines[0] == "| data set | architecture | wd | test point | LiSSA vs LOO | cg vs LOO | cg vs LiSSA |"
+    assert lines[2] == "| mnist | lenet | 0.001 | highest loss | 0.30 | 0.70 | 0.80 |"
+    assert lines[4] == "| mnist | lenet | 0.001 | highest loss | 0.30 | failed |  |"
+    assert failures == [f"cg: {message[:160]}"]
 
 
 def test_claims_follow_the_stated_rules():
@@ -339,7 +397,7 @@ def test_lissa_depth_claim_orders_architectures_by_their_weight_layers():
     assert [weight_layers(a) for a in ("lenet", "small_cnn", "vgg11", "resnet18")] == [5, 7, 9, 21]
 
     def m(arch, residuals):
-        return {"architecture": arch, "estimators": {"lissa": {"residuals": np.array(residuals)}}}
+        return _model("mnist", arch, 0.001, 0, [0.5, 0.5], residuals=residuals)
 
     worse = [m("small_cnn", [0.25, 0.35]), m("lenet", [0.2]), m("vgg11", [0.5, 0.7]), m("small_cnn", [0.3])]
     got = lissa_depth_claim(worse)

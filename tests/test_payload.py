@@ -86,3 +86,58 @@ def test_an_entry_whose_parts_do_not_match_is_corrupt_not_loaded(tmp_path):
     (entry / "payload.json").write_text('{"x": {"__array__": "a7"}}')  # names an array the .npz does not hold
     with pytest.raises(CacheCorruptError, match="corrupt"):
         cache.load("job", {"a": 1})
+
+
+def test_a_registered_record_comes_back_as_its_own_type_bit_for_bit():
+    from fragile.chapters.results import Estimate, EstimatorFailure, Fit
+
+    rng = np.random.default_rng(1)
+    original = {
+        "fit": Fit(0.1, 1.0, 0.9, 1e-7, 2.5),
+        "estimators": {
+            "exact": Estimate("exact", rng.normal(size=(2, 5)), np.zeros(2), 0.01, eigenvalues=np.arange(3.0)),
+            "cg": EstimatorFailure("cg", "H + λI is not positive definite"),
+        },
+    }
+    back = decode(*encode(original))
+    assert back["fit"] == original["fit"] and type(back["fit"]) is Fit
+    exact = back["estimators"]["exact"]
+    assert type(exact) is Estimate and not exact.failed and exact.lambda_max is None
+    assert np.array_equal(exact.predicted, original["estimators"]["exact"].predicted)
+    assert np.array_equal(exact.eigenvalues, np.arange(3.0))
+    assert back["estimators"]["cg"] == original["estimators"]["cg"] and back["estimators"]["cg"].failed
+
+
+def test_a_dataclass_that_is_not_a_registered_record_is_refused_when_saved():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Unregistered:
+        x: int
+
+    with pytest.raises(PayloadError, match=r"result\['r'\]: a Unregistered is not a registered record"):
+        encode({"r": Unregistered(1)})
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("os:system", "outside this package"),
+        ("fragile.errors:InvalidArgumentError", "not registered"),
+        ("fragile.no_such_module:Thing", "does not exist"),
+    ],
+)
+def test_a_payload_can_build_only_this_packages_registered_records(name, match):
+    text = json.dumps({"r": {"__record__": name, "fields": {"x": "rm -rf /"}}})
+    _, npz = encode({})
+    with pytest.raises(PayloadError, match=match):
+        decode(text, npz)
+
+
+def test_a_record_whose_stored_fields_differ_from_its_type_is_refused():
+    from fragile.chapters.results import Agreement
+
+    text, npz = encode({"r": Agreement(0.5, 0.4)})
+    tampered = text.replace('"pearson"', '"other"')
+    with pytest.raises(PayloadError, match="has fields"):
+        decode(tampered, npz)

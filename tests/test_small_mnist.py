@@ -7,7 +7,9 @@ import torch
 from data_roots import write_mnist_root
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
-from fragile.chapters.small_mnist import SmallMnistConfig, claims, load_data, model_jobs, run_model
+from fragile.chapters.results import Estimate, Fit
+from fragile.chapters.small_mnist import SmallMnistConfig, SmallMnistResult, claims, load_data, model_jobs, run_model
+from fragile.chapters.table1_protocol import PointResult, Retraining
 from fragile.core.selection import choose_test_points
 from fragile.errors import InvalidArgumentError
 
@@ -105,21 +107,25 @@ def sweep_model():
 
 def test_a_model_job_reports_its_training_and_influence(sweep_model):
     cfg, data, out = sweep_model
-    assert "failed" not in out and not out["headline"] and out["primary"] == "cg"
-    assert out["num_params"] == 2616 and out["n_train"] == 20
+    assert isinstance(out, SmallMnistResult) and not out.failure and not out.headline and out.primary == "cg"
+    assert out.num_params == 2616 and out.n_train == 20
+    assert isinstance(out.estimators["cg"], Estimate) and out.estimators["cg"].eigenvalues is None
+    assert set(out.bands) == {"top"} and len(out.bands["top"]) == cfg.n_test_points and not out.relative_error
+    assert all(e.kind == "top" and not e.compared for e in out.bands["top"])
+    assert out.retraining.steps == cfg.retrain_steps and out.retraining.drift.shape == (cfg.n_test_points,)
     objective = Objective(build_model("koh_liang_cnn", seed=0, dtype=torch.float32), 0.1)
     spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
     theta = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False).params[0]
     losses = objective.sample_losses(theta, data.test.x, data.test.y).double().numpy()
-    assert out["test_points"].tolist() == choose_test_points(losses, cfg.n_test_points).tolist()
+    assert out.test_points.tolist() == choose_test_points(losses, cfg.n_test_points).tolist()
     # The same influences from an estimator built here, on the independently retrained θ*: exact, not CG.
     exact = make_estimator(
         "exact", objective, theta, data.train.x, data.train.y, damping=cfg.damping, negative="keep", progress=False
     )
-    tp = torch.as_tensor(out["test_points"])
+    tp = torch.as_tensor(out.test_points)
     reference = exact.influences(data.test.x[tp], data.test.y[tp]).predicted.double().numpy()
     assert exact.spectrum.smallest + cfg.damping > 0  # H + λI positive definite: CG's system
-    np.testing.assert_allclose(out["estimators"]["cg"]["predicted"], reference, rtol=2e-3, atol=2e-3 * np.abs(reference).max())
+    np.testing.assert_allclose(out.estimators["cg"].predicted, reference, rtol=2e-3, atol=2e-3 * np.abs(reference).max())
 
 
 def test_shared_leave_one_out_models_are_mapped_to_the_right_test_point(sweep_model):
@@ -128,9 +134,9 @@ def test_shared_leave_one_out_models_are_mapped_to_the_right_test_point(sweep_mo
     spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
     theta = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False).params[0]
     t = 1
-    entry = out["bands"]["top"][t]
-    i = int(entry["chosen"][-1])
-    tp = int(out["test_points"][t])
+    entry = out.bands["top"][t]
+    i = int(entry.chosen[-1])
+    tp = int(out.test_points[t])
     seq = loo_retrain_sequential(
         objective,
         theta,
@@ -142,32 +148,35 @@ def test_shared_leave_one_out_models_are_mapped_to_the_right_test_point(sweep_mo
         data.test.y[tp : tp + 1],
         progress=False,
     )
-    assert float(entry["actual"][-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
-    assert entry["spearman"] == pytest.approx(float(__import__("scipy").stats.spearmanr(entry["predicted"], entry["actual"])[0]))
+    assert float(entry.actual[-1]) == pytest.approx(float(seq.actual[0, 0]), rel=1e-3, abs=1e-7)
+    assert entry.spearman == pytest.approx(float(__import__("scipy").stats.spearmanr(entry.predicted, entry.actual)[0]))
 
 
 def test_claims_follow_the_stated_rules():
+    def points(band, spearmans):
+        ones = np.ones(3)
+        return tuple(PointResult(band, np.arange(3), ones, ones, ones, s, s, s, ()) for s in spearmans)
+
     def model(wd, headline, top, band=None):
-        bands = {
-            "top": [
-                {"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s}
-                for s in top
-            ]
-        }
-        if band is not None:
-            bands["band"] = [
-                {"predicted": np.ones(3), "actual": np.ones(3), "actual_vs_control": np.ones(3), "spearman": s, "pearson": s}
-                for s in band
-            ]
-        return {
-            "seed": 0,
-            "weight_decay": wd,
-            "headline": headline,
-            "bands": bands,
-            "test_points": np.arange(len(top)),
-            "test_losses": np.ones(len(top)),
-            "drift": np.zeros(len(top)),
-        }
+        n = len(top)
+        return SmallMnistResult(
+            seed=0,
+            weight_decay=wd,
+            headline=headline,
+            n_train=20,
+            n_test=50,
+            num_params=2616,
+            primary="exact",
+            fit=Fit(0.0, 1.0, 1.0, 0.0, 0.0),
+            test_points=np.arange(n),
+            test_losses=np.ones(n),
+            test_labels=np.zeros(n, dtype=np.int64),
+            test_predicted_labels=np.zeros(n, dtype=np.int64),
+            estimators={"exact": Estimate("exact", np.ones((n, 20)), np.zeros(n), 0.0)},
+            retraining=Retraining(3, 8, np.zeros(n), 0.0, 0.0),
+            bands={"top": points("top", top)} | ({} if band is None else {"band": points("band", band)}),
+            relative_error={},
+        )
 
     models = [model(0.001, True, [0.9, 0.45], [0.1, 0.0]), model(0.01, False, [0.8, 0.6]), model(0.1, False, [0.3, 0.2])]
     got = {c.key: c for c in claims(models, 0.001)}

@@ -35,12 +35,15 @@ def test_same_numbers_in_process_and_on_two_workers(tmp_path, client):
 def _iris_numbers(groups) -> list[torch.Tensor]:
     out = []
     for g in groups:
-        for r in g["runs"]:
-            out += [
-                torch.as_tensor(r[k])
-                for k in ("predicted_all", "actual", "actual_vs_control", "lambda_max", "grad_norm")
-                if k in r
-            ]
+        assert isinstance(g, iris.ArchitectureResult)
+        for r in g.runs:
+            if isinstance(r, iris.IrisRun):
+                out += [
+                    torch.as_tensor(v)
+                    for v in (r.predicted_all, r.loo.actual, r.loo.actual_vs_control, r.lambda_max, r.grad_norm)
+                ]
+            else:
+                assert isinstance(r, iris.FailedRun) and r.failure.message
     return out
 
 

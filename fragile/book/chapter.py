@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from fragile.config import PROFILES, from_dict, to_dict
-from fragile.errors import check_choice, check_int
+from fragile.config import PROFILES, at_least, check_settings, from_dict, one_of, setting, to_dict
+from fragile.errors import check_choice
 from fragile.run.devices import DEVICE_CHOICES, check_device_name
 from fragile.run.provenance import collect, write_summary
 from fragile.run.sweep import check_scheduler
@@ -19,47 +19,43 @@ from fragile.run.sweep import check_scheduler
 T = TypeVar("T")
 
 
+def _scheduler(name: str, value: str) -> None:
+    check_scheduler(value)
+
+
 @dataclass(frozen=True)
 class ChapterConfig:
-    """The fields every chapter's config has: where it runs, how it caches, where it writes. Each chapter's
-    config inherits these (and their checks) and adds the values its numbers depend on.
-
-    Attributes:
-        seed: first model seed; seeds are ``seed … seed + n_seeds − 1``.
-        profile: the parameter profile this run belongs to (``smoke``/``default``/``paper``).
-        device: where to compute; the names a chapter accepts are its ``DEVICES``.
-        use_cache: reuse finished jobs from ``cache_dir``.
-        results_dir: where ``summary.json`` goes.
-        cache_dir: the result cache.
-        scheduler: where the jobs run: ``in-process``, ``local`` (a Dask ``LocalCluster``) or a Dask
-            scheduler address such as ``tcp://host:8786``. Does not change any number.
-        n_workers: worker processes of a ``local`` cluster; 0 means one per CPU core.
-        n_seeds: models per configuration, for the spread over seeds (the paper reports single runs).
-    """
+    """The fields every chapter's config has: where it runs, how it caches, where it writes, each with its help text
+    and check. Each chapter's config inherits these (and their checks) and adds the values its numbers depend on,
+    declared with :func:`~fragile.config.setting` so that :func:`~fragile.config.check_settings` checks them and
+    ``fragile params`` lists them."""
 
     # The device names a chapter accepts; a chapter whose models are tiny keeps to the CPU.
     DEVICES: ClassVar[tuple[str, ...]] = ("cpu",)
 
-    seed: int = 0
-    profile: str = "default"
-    device: str = "cpu"
-    use_cache: bool = True
-    results_dir: str = "results"
-    cache_dir: str = ".cache"
-    scheduler: str = "local"
-    n_workers: int = 0
-    n_seeds: int = 1
+    seed: int = setting(0, "first model seed; seeds are seed … seed + n_seeds − 1", at_least(0))
+    profile: str = setting("default", "the parameter profile this run belongs to", one_of(PROFILES))
+    device: str = setting("cpu", "where to compute: the chapter's DEVICES (cpu; cuda, cuda:N or auto where allowed)")
+    use_cache: bool = setting(True, "reuse finished jobs from cache_dir")
+    results_dir: str = setting("results", "where summary.json goes")
+    cache_dir: str = setting(".cache", "the result cache")
+    scheduler: str = setting(
+        "local",
+        (
+            "where the jobs run: in-process, local (a Dask LocalCluster) or a Dask scheduler address such as "
+            "tcp://host:8786; does not change any number"
+        ),
+        _scheduler,
+    )
+    n_workers: int = setting(0, "worker processes of a local cluster; 0 means one per CPU core", at_least(0))
+    n_seeds: int = setting(1, "models per configuration, for the spread over seeds (the paper reports single runs)", at_least(1))
 
     def __post_init__(self) -> None:
-        check_int("seed", self.seed, minimum=0)
-        check_choice("profile", self.profile, PROFILES)
+        check_settings(self)
         if self.DEVICES == DEVICE_CHOICES:
             check_device_name(self.device)
         else:
             check_choice("device", self.device, self.DEVICES)
-        check_scheduler(self.scheduler)
-        check_int("n_workers", self.n_workers, minimum=0)
-        check_int("n_seeds", self.n_seeds, minimum=1)
 
     @property
     def seeds(self) -> list[int]:

@@ -10,39 +10,55 @@ from matplotlib.ticker import MaxNLocator
 
 WD_COLOURS = {"with weight decay": "#1b7837", "without weight decay": "#b2182b"}
 
+SPEARMAN_LIMITS = (-1.05, 1.05)
+"""The y range of a Spearman axis: all of [−1, 1] with a margin, so that dots at ±1 are not cut."""
+
+
+def _label_axes(ax, *, xlabel: str, ylabel: str, title: str, legend_loc: str | None = None) -> None:
+    """The finish the book's line and dot charts share: axis labels, a 10-pt title, a 7-pt legend (``legend_loc``
+    None: matplotlib's default place) and a light grid."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc=legend_loc)
+    ax.grid(alpha=0.3)
+
+
+def _dots_and_diagonal(
+    ax, predicted, actual, *, lo: float, size: float, alpha: float, colour: str, diagonal_label: str | None = None
+):
+    """One dot per point (actual on x, predicted on y) and the dashed y = x line from ``lo`` to the largest value, on
+    ``ax`` or, when it is None, on a new figure's axes; returns the axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.scatter(actual, predicted, s=size, alpha=alpha, color=colour)
+    hi = float(max(np.max(actual), np.max(predicted)))
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label=diagonal_label)
+    return ax
+
 
 def predicted_vs_actual(predicted: np.ndarray, actual: np.ndarray, *, title: str, ax=None):
     """Scatter of predicted against actual loss changes with the y = x line and the Spearman/Pearson."""
     from fragile.core.metrics import correlation
 
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.scatter(actual, predicted, s=18, alpha=0.8, color="#2166ac")
     lo = float(min(np.min(actual), np.min(predicted)))
-    hi = float(max(np.max(actual), np.max(predicted)))
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="y = x")
+    ax = _dots_and_diagonal(ax, predicted, actual, lo=lo, size=18, alpha=0.8, colour="#2166ac", diagonal_label="y = x")
     rho = correlation(predicted, actual, "spearman") if len(actual) >= 3 else float("nan")
     r = correlation(predicted, actual, "pearson") if len(actual) >= 3 else float("nan")
     ax.set_title(f"{title}\nSpearman {rho:.2f} · Pearson {r:.2f}", fontsize=9)
     ax.set_xlabel("actual Δ test loss (leave-one-out retraining)")
     ax.set_ylabel("predicted Δ test loss (influence)")
     ax.ticklabel_format(style="sci", scilimits=(-3, 3))
-    return fig or ax.figure
+    return ax.figure
 
 
 def param_change_norms(predicted: np.ndarray, actual: np.ndarray, *, title: str, ax=None):
     """The paper's Figure 1a–b: norm of the predicted vs the retrained parameter change, one dot per point."""
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.scatter(actual, predicted, s=14, alpha=0.6, color="#5e3c99")
-    hi = float(max(np.max(actual), np.max(predicted)))
-    ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+    ax = _dots_and_diagonal(ax, predicted, actual, lo=0, size=14, alpha=0.6, colour="#5e3c99")
     ax.set_xlabel("‖θ₋ᵢ − θ*‖ after retraining")
     ax.set_ylabel("‖predicted parameter change‖")
     ax.set_title(title, fontsize=9)
-    return fig or ax.figure
+    return ax.figure
 
 
 def sweep(table, *, x: str, y: str, ylabel: str, title: str, logy: bool = False, reference: dict[str, float] | None = None):
@@ -72,11 +88,7 @@ def sweep(table, *, x: str, y: str, ylabel: str, title: str, logy: bool = False,
             )
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
+    _label_axes(ax, xlabel=x, ylabel=ylabel, title=title, legend_loc="best")
     return fig
 
 
@@ -87,11 +99,7 @@ def correlation_vs_diagnostic(table, *, diagnostic: str, xlabel: str, title: str
         sub = table[(table["wd"] == label) & (table[diagnostic] > 0)]
         ax.scatter(sub[diagnostic], sub["spearman"], s=14, alpha=0.6, color=colour, label=label)
     ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("Spearman (predicted vs actual)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label_axes(ax, xlabel=xlabel, ylabel="Spearman (predicted vs actual)", title=title)
     return fig
 
 
@@ -111,12 +119,14 @@ def correlation_per_test_point(table, *, band_names: dict[str, str], paper_range
         ax.plot(sub["test_point"], sub["spearman"], marker=marker, color=colour, ls="-", lw=0.8, label=name)
     ax.axhline(0, color="grey", lw=0.6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("test point (0 = highest test loss, last = median)")
-    ax.set_ylabel("Spearman (predicted vs actual)")
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
+    ax.set_ylim(*SPEARMAN_LIMITS)
+    _label_axes(
+        ax,
+        xlabel="test point (0 = highest test loss, last = median)",
+        ylabel="Spearman (predicted vs actual)",
+        title=title,
+        legend_loc="lower left",
+    )
     return fig
 
 
@@ -131,11 +141,7 @@ def hessian_spectrum(eigenvalues: np.ndarray, *, title: str, damping: float | No
     if damping:
         ax.axhline(damping, color="grey", ls="--", lw=0.8, label=f"damping λ = {damping:g}")
     ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue rank (largest first)")
-    ax.set_ylabel("|eigenvalue|")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _label_axes(ax, xlabel="eigenvalue rank (largest first)", ylabel="|eigenvalue|", title=title)
     return fig
 
 
@@ -157,12 +163,8 @@ def correlation_vs_weight_decay(table, *, title: str):
     if positive:
         ax.set_xscale("symlog", linthresh=positive[0])
     ax.axvline(0.01, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("weight decay")
-    ax.set_ylabel("Spearman, top band")
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
+    ax.set_ylim(*SPEARMAN_LIMITS)
+    _label_axes(ax, xlabel="weight decay", ylabel="Spearman, top band", title=title, legend_loc="lower left")
     return fig
 
 

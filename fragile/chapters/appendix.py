@@ -18,7 +18,8 @@ Studies 1 and 2 are plain Table 1 model jobs (:mod:`fragile.chapters.table1_prot
 one of the Table 1 chapter's is the same cache entry. Studies 3 and 4 share one sweep job per (data set,
 architecture, seed) that trains the network once
 (:func:`~fragile.chapters.table1_protocol.train_table1_model`), solves once, and retrains the top points and the
-groups in one stack.
+groups in one stack; it returns a :class:`SummedGroupResult`. :func:`run_study` collects every study's results, each
+with the optimiser and learning rate of its network, as :class:`AppendixResults`.
 
 Linearity: influence is linear in the test loss, so the predicted change of the summed loss is the sum of the
 per-test-point predictions. The solvers LiSSA (one seed: every right-hand side sees the same minibatches),
@@ -35,30 +36,35 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
+from fragile.book.chapter import PAPER_PART, Chapter
 from fragile.book.claims import Claim
 from fragile.chapters.protocol import check_device_here, run_jobs
+from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.chapters.table1_protocol import (
     ARCHITECTURES,
     DATASETS,
     OPTIMIZERS,
     TEST_POINTS,
+    Network,
+    Retraining,
     Table1Config,
-    estimator_kwargs,
+    Table1Models,
+    Table1Result,
     model_jobs,
     train_table1_model,
 )
+from fragile.config import at_least, each, non_negative, one_of, positive, setting
 from fragile.core.ground_truth import group_retrain
 from fragile.core.metrics import aggregate_over_seeds, correlation
 from fragile.core.selection import random_test_points, select_top_k
-from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int
 from fragile.estimators import SolvingEstimator, group_influence, make_estimator
-from fragile.run.devices import DEVICE_CHOICES
+from fragile.run.payload import record
 from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
@@ -88,143 +94,6 @@ NAMES = {
     "resnet50": "ResNet-50",
 }
 DATA_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-T1 = Table1Config  # the Table 1 protocol's config: this chapter's shared fields take its defaults
-
-
-@dataclass(frozen=True)
-class AppendixConfig(ChapterConfig):
-    """Every value the appendix chapter depends on; the defaults are the paper's protocol as far as it is known.
-
-    Attributes:
-        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``n_seeds`` is the number of seeds of the
-        optimiser, summed-loss and group studies; ``device`` may be ``cuda``, ``cuda:N`` or ``auto``)
-        data_root, download, verify_checksums, n_train, n_test, split_seed, width, lr, batch_size, train_steps,
-        retrain_fraction, top_k, damping, estimator, compare_estimators, lissa_depth, lissa_repeats,
-        lissa_batch_size, lissa_scale, cg_max_iter, cg_rtol, arnoldi_rank, negative_eigenvalues, data_chunk,
-        chunk_size: as in :class:`~fragile.chapters.mnist_cifar10.MnistCifar10Config` (same meaning, same defaults); ``lr``
-        is Adam's, for the initialisation, summed-loss and group studies. The summed-loss and group jobs run
-        only ``estimator`` (``compare_estimators`` serve the optimiser and initialisation studies).
-        weight_decay: L2 coefficient of every model (not stated; Table 1's 0.001).
-        optimizers: optimisers of the optimiser study (paper: Adam, GD, Nesterov, RMSProp), on LeNet and MNIST.
-        optimizer_lrs: one learning rate per optimiser, in the same order (not stated by the paper).
-        init_architectures: networks of the initialisation study (paper: small CNN and LeNet), on MNIST.
-        init_seeds: seeds of the initialisation study (``seed`` … ``seed + init_seeds − 1``; paper: several).
-            A seed sets the initialisation and the minibatch order, as in the Table 1 chapter.
-        summed_group_models: ``data set/architecture`` pairs of the summed-loss and group studies (paper: the
-            small CNN on small MNIST and ResNet-18 on CIFAR-100 for the summed loss, ResNet-18 on MNIST and on
-            CIFAR-100 for groups).
-        summed_test_points: test points whose losses are summed (paper: 8), chosen at random with ``choice_seed``.
-        choice_seed: seed of the random test points and of the groups.
-        group_kinds: ``random`` (members drawn from the whole training set) and/or ``same class`` (from one
-            class drawn at random); the paper does not say how its groups were formed.
-        group_sizes: training points per group (not stated by the paper; ours stay within one CIFAR-100 class of 500).
-        groups_per_size: groups of each kind and size; each (kind, size) cell's correlation is over these.
-    """
-
-    DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
-
-    device: str = "auto"
-    data_root: str = T1.data_root
-    download: bool = T1.download
-    verify_checksums: bool = T1.verify_checksums
-    n_train: int = T1.n_train
-    n_test: int = T1.n_test
-    split_seed: int = T1.split_seed
-    width: int = T1.width
-    weight_decay: float = 0.001
-    lr: float = T1.lr
-    batch_size: int = T1.batch_size
-    train_steps: int = T1.train_steps
-    retrain_fraction: float = T1.retrain_fraction
-    top_k: int = T1.top_k
-    damping: float = T1.damping
-    estimator: str = T1.estimator
-    compare_estimators: tuple[str, ...] = T1.compare_estimators
-    lissa_depth: int = T1.lissa_depth
-    lissa_repeats: int = T1.lissa_repeats
-    lissa_batch_size: int = T1.lissa_batch_size
-    lissa_scale: float = T1.lissa_scale
-    cg_max_iter: int = T1.cg_max_iter
-    cg_rtol: float = T1.cg_rtol
-    arnoldi_rank: int = T1.arnoldi_rank
-    negative_eigenvalues: str = T1.negative_eigenvalues
-    data_chunk: int = T1.data_chunk
-    chunk_size: int = T1.chunk_size
-    optimizers: tuple[str, ...] = ("adam", "gd", "nesterov", "rmsprop")
-    optimizer_lrs: tuple[float, ...] = (0.001, 0.1, 0.01, 0.001)
-    init_architectures: tuple[str, ...] = ("small_cnn", "lenet")
-    init_seeds: int = 5
-    summed_group_models: tuple[str, ...] = ("mnist/small_cnn", "mnist/resnet18", "cifar100/resnet18")
-    summed_test_points: int = 8
-    choice_seed: int = 0
-    group_kinds: tuple[str, ...] = GROUP_KINDS
-    group_sizes: tuple[int, ...] = (25, 100, 400)
-    groups_per_size: int = 10
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        _check_unique_choices("optimizers", self.optimizers, OPTIMIZERS)
-        if len(self.optimizer_lrs) != len(self.optimizers):
-            raise InvalidArgumentError(
-                f"optimizer_lrs has {len(self.optimizer_lrs)} values but optimizers has {len(self.optimizers)}; "
-                "give one learning rate per optimiser, in the same order"
-            )
-        for lr in self.optimizer_lrs:
-            check_positive("optimizer_lrs", lr)
-        _check_unique_choices("init_architectures", self.init_architectures, tuple(ARCHITECTURES))
-        check_int("init_seeds", self.init_seeds, minimum=2)
-        for pair in self.summed_group_models:
-            _split_model(pair)
-        if len(set(self.summed_group_models)) != len(self.summed_group_models):
-            raise InvalidArgumentError(f"summed_group_models={list(self.summed_group_models)} repeats a model")
-        if not (self.optimizers or self.init_architectures or self.summed_group_models):
-            raise InvalidArgumentError(
-                "optimizers, init_architectures and summed_group_models are all empty; give at least one study something to run"
-            )
-        check_int("summed_test_points", self.summed_test_points, minimum=2)
-        if self.n_test and self.summed_test_points > self.n_test:
-            raise InvalidArgumentError(
-                f"summed_test_points={self.summed_test_points} is not allowed; it must be at most n_test={self.n_test}"
-            )
-        check_int("choice_seed", self.choice_seed, minimum=0)
-        if not self.group_kinds:
-            raise InvalidArgumentError(f"group_kinds is empty; choose from {list(GROUP_KINDS)}")
-        _check_unique_choices("group_kinds", self.group_kinds, GROUP_KINDS)
-        if not self.group_sizes or len(set(self.group_sizes)) != len(self.group_sizes):
-            raise InvalidArgumentError(f"group_sizes={list(self.group_sizes)} is not allowed; give one or more distinct sizes")
-        largest = self.n_train // 10 if "same class" in self.group_kinds else self.n_train - 1
-        for size in self.group_sizes:
-            check_int("group_sizes", size, minimum=2, maximum=largest if self.n_train else None)
-        check_int("groups_per_size", self.groups_per_size, minimum=3)
-        self.table1_config(mnist_architectures=("lenet",))  # the shared fields, checked by the Table 1 config (same names)
-        for opt, lr in zip(self.optimizers, self.optimizer_lrs):
-            self.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)
-
-    @property
-    def summed_models(self) -> list[tuple[str, str]]:
-        """(data set, architecture) of the summed-loss and group studies."""
-        return [_split_model(p) for p in self.summed_group_models]
-
-    def table1_config(self, **changes: Any) -> Table1Config:
-        """The Table 1 chapter's config with this chapter's shared fields, one weight decay, no architecture
-        unless ``changes`` names some, and ``changes``."""
-        values = {name: getattr(self, name) for name in SHARED_FIELDS}
-        values.update(
-            mnist_architectures=(), cifar10_architectures=(), cifar100_architectures=(), weight_decays=(self.weight_decay,)
-        )
-        values.update(changes)
-        return Table1Config(**values)
-
-
-SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(AppendixConfig) if f.name in {g.name for g in dataclasses.fields(T1)})
-
-
-def _check_unique_choices(name: str, values: tuple, allowed: tuple) -> None:
-    for v in values:
-        check_choice(name, v, allowed)
-    if len(set(values)) != len(values):
-        raise InvalidArgumentError(f"{name}={list(values)} repeats a value")
 
 
 def _split_model(pair: str) -> tuple[str, str]:
@@ -237,16 +106,207 @@ def _split_model(pair: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-# --- studies 3 and 4: one job per (data set, architecture, seed) -------------------------------------------------
+def _model_pair(name: str, pair: str) -> None:
+    """A ``data set/architecture`` pair, such as ``mnist/small_cnn``."""
+    _split_model(pair)
 
 
 @dataclass(frozen=True)
+class AppendixConfig(Table1Models):
+    """Every value the appendix chapter depends on, each with its help text; the defaults are the paper's protocol
+    as far as it is known. The fields of :class:`~fragile.chapters.table1_protocol.Table1Models` keep the Table 1
+    chapter's meaning and defaults; here ``n_seeds`` is the number of seeds of the optimiser, summed-loss and group
+    studies and ``lr`` is Adam's, for the initialisation, summed-loss and group studies. The summed-loss and group
+    jobs run only ``estimator`` (``compare_estimators`` serve the optimiser and initialisation studies)."""
+
+    weight_decay: float = setting(0.001, "L2 coefficient of every model (not stated; Table 1's 0.001)", non_negative)
+    optimizers: tuple[str, ...] = setting(
+        ("adam", "gd", "nesterov", "rmsprop"),
+        "optimisers of the optimiser study (paper: Adam, GD, Nesterov, RMSProp), on LeNet and MNIST",
+        each(one_of(OPTIMIZERS), distinct=True),
+    )
+    optimizer_lrs: tuple[float, ...] = setting(
+        (0.001, 0.1, 0.01, 0.001),
+        "one learning rate per optimiser, in the same order (not stated by the paper)",
+        each(positive),
+    )
+    init_architectures: tuple[str, ...] = setting(
+        ("small_cnn", "lenet"),
+        "networks of the initialisation study (paper: small CNN and LeNet), on MNIST",
+        each(one_of(ARCHITECTURES), distinct=True),
+    )
+    init_seeds: int = setting(
+        5,
+        (
+            "seeds of the initialisation study (seed … seed + init_seeds − 1; paper: several); a seed sets the "
+            "initialisation and the minibatch order, as in the Table 1 chapter"
+        ),
+        at_least(2),
+    )
+    summed_group_models: tuple[str, ...] = setting(
+        ("mnist/small_cnn", "mnist/resnet18", "cifar100/resnet18"),
+        (
+            "data set/architecture pairs of the summed-loss and group studies (paper: the small CNN on small MNIST and "
+            "ResNet-18 on CIFAR-100 for the summed loss, ResNet-18 on MNIST and on CIFAR-100 for groups)"
+        ),
+        each(_model_pair, distinct=True),
+    )
+    summed_test_points: int = setting(
+        8, "test points whose losses are summed (paper: 8), chosen at random with choice_seed", at_least(2)
+    )
+    choice_seed: int = setting(0, "seed of the random test points and of the groups", at_least(0))
+    group_kinds: tuple[str, ...] = setting(
+        GROUP_KINDS,
+        (
+            "random (members drawn from the whole training set) and/or same class (from one class drawn at random); "
+            "the paper does not say how its groups were formed"
+        ),
+        each(one_of(GROUP_KINDS), distinct=True, nonempty=True),
+    )
+    group_sizes: tuple[int, ...] = setting(
+        (25, 100, 400),
+        "training points per group (not stated by the paper; ours stay within one CIFAR-100 class of 500)",
+        each(at_least(2), distinct=True, nonempty=True),
+    )
+    groups_per_size: int = setting(
+        10, "groups of each kind and size; each (kind, size) cell's correlation is over these", at_least(3)
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.optimizer_lrs) != len(self.optimizers):
+            raise InvalidArgumentError(
+                f"optimizer_lrs has {len(self.optimizer_lrs)} values but optimizers has {len(self.optimizers)}; "
+                "give one learning rate per optimiser, in the same order"
+            )
+        if not (self.optimizers or self.init_architectures or self.summed_group_models):
+            raise InvalidArgumentError(
+                "optimizers, init_architectures and summed_group_models are all empty; give at least one study something to run"
+            )
+        if self.n_test and self.summed_test_points > self.n_test:
+            raise InvalidArgumentError(
+                f"summed_test_points={self.summed_test_points} is not allowed; it must be at most n_test={self.n_test}"
+            )
+        largest = self.n_train // 10 if "same class" in self.group_kinds else self.n_train - 1
+        if self.n_train:
+            for size in self.group_sizes:
+                check_int("group_sizes", size, minimum=2, maximum=largest)
+        for opt, lr in zip(self.optimizers, self.optimizer_lrs):
+            self.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)
+
+    @property
+    def summed_models(self) -> list[tuple[str, str]]:
+        """(data set, architecture) of the summed-loss and group studies."""
+        return [_split_model(p) for p in self.summed_group_models]
+
+    def table1_config(self, **changes: Any) -> Table1Config:
+        """The Table 1 chapter's config with this chapter's shared fields, one weight decay, no architecture
+        unless ``changes`` names some, and ``changes``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(Table1Models)}
+        values.update(
+            mnist_architectures=(), cifar10_architectures=(), cifar100_architectures=(), weight_decays=(self.weight_decay,)
+        )
+        values.update(changes)
+        return Table1Config(**values)
+
+
+# --- studies 3 and 4: one job per (data set, architecture, seed) -------------------------------------------------
+
+
+@record
+@dataclass(frozen=True)
 class Group:
-    """A group of training points removed together."""
+    """A group of training points removed together.
+
+    Attributes:
+        kind: how its members were drawn (``random`` or ``same class``).
+        size: how many members it has.
+        members: their training indices, ascending.
+    """
 
     kind: str
     size: int
     members: np.ndarray
+
+
+@record
+@dataclass(frozen=True)
+class TopPointRemovals:
+    """Study 3 on one network: the top training points by |predicted change of the summed test loss|, each removed
+    alone.
+
+    Attributes:
+        chosen: the ``top_k`` training indices by |predicted|, most influential first.
+        predicted: their predicted changes of the summed test loss.
+        actual: the change retraining without each made to the summed test loss against θ*; ``actual_vs_control``
+            against the control (nothing removed).
+    """
+
+    chosen: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    actual_vs_control: np.ndarray
+
+
+@record
+@dataclass(frozen=True)
+class GroupRemovals:
+    """Study 4 on one network: every group removed, and the change of the summed test loss it made.
+
+    Attributes:
+        groups: the groups, in the order :func:`make_groups` drew them.
+        predicted: (G,) each group's predicted change: the sum of its members' (first-order group influence).
+        actual: (G,) the change retraining without the group made against θ*; ``actual_vs_control`` against the
+            control.
+    """
+
+    groups: tuple[Group, ...]
+    predicted: np.ndarray
+    actual: np.ndarray
+    actual_vs_control: np.ndarray
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """(G,) each group's kind."""
+        return np.array([g.kind for g in self.groups])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(G,) each group's size."""
+        return np.array([g.size for g in self.groups])
+
+
+@record
+@dataclass(frozen=True)
+class SummedGroupResult:
+    """One job of studies 3 and 4: a trained network, its influence on the summed test loss, the retrained removals.
+
+    The summed loss is the one test function here: :attr:`estimate` has one row (``predicted`` (1, n), ``residuals``
+    (1,)) and :attr:`retraining` one drift.
+
+    Attributes:
+        network: which network, and its fit.
+        test_points: the random test indices whose losses are summed, with ``test_losses`` their losses at θ*.
+        estimate: the one solve of the summed test gradient, or the estimator's failure.
+        retraining: the one stack of removals (the top points and the groups) with its drift control (``models``
+            counts the removals), or ``None`` when the estimator failed (nothing to remove); so are the next two.
+        top_points: each of the top points removed alone (study 3).
+        groups: each group removed (study 4).
+    """
+
+    network: Network
+    test_points: np.ndarray
+    test_losses: np.ndarray
+    estimate: Estimate | EstimatorFailure
+    retraining: Retraining | None
+    top_points: TopPointRemovals | None
+    groups: GroupRemovals | None
+
+    @property
+    def failure(self) -> str:
+        """Why the estimator failed, or ``""``."""
+        e = self.estimate
+        return f"{e.method}: {e.message}" if isinstance(e, EstimatorFailure) else ""
 
 
 def make_groups(labels: np.ndarray, kinds: tuple[str, ...], sizes: tuple[int, ...], per_size: int, seed: int) -> list[Group]:
@@ -303,7 +363,7 @@ def run_summed_and_groups(
     group_sizes: tuple[int, ...],
     groups_per_size: int,
     device: str | None = None,
-) -> dict[str, Any]:
+) -> SummedGroupResult:
     """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.table1_protocol.train_table1_model`), predict
     every training point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
     retrain warm-started (``cfg.retrain_steps`` steps, with the drift control) without each of the ``top_k`` points
@@ -318,24 +378,23 @@ def run_summed_and_groups(
     groups = make_groups(run.data.train.y.numpy(), group_kinds, group_sizes, groups_per_size, choice_seed)
     idx = torch.as_tensor(tp, device=run.device)
     x_test, y_test = model.x_test[idx], model.y_test[idx]
-    out: dict[str, Any] = {
-        **run.record(dataset, architecture, weight_decay, seed),
-        "test_points": tp,
-        "test_losses": model.test_losses[tp],
-        "estimator": cfg.estimator,
-    }
-    est = make_estimator(
-        cfg.estimator, objective, theta, x, y, **estimator_kwargs(cfg, cfg.estimator, len(y), objective.num_params)
-    )
+    network = run.network(dataset, architecture, weight_decay, seed)
+    method = cfg.estimator
+    est = make_estimator(method, objective, theta, x, y, **cfg.solver_kwargs(method, len(y), objective.num_params))
     try:
         predicted, residual, seconds = summed_influence(est, x_test, y_test)
     except FragileError as exc:  # e.g. LiSSA diverging: reported, not hidden
-        log.warning("%s failed: %s", cfg.estimator, exc)
-        out["failed"] = f"{cfg.estimator}: {exc}"
-        return out
-    out.update({"predicted": predicted, "influence_seconds": seconds, "residual": residual})
-    if est.spectrum is not None and math.isfinite(est.spectrum.largest):
-        out["lambda_max"] = float(est.spectrum.largest)
+        log.warning("%s failed: %s", method, exc)
+        return SummedGroupResult(network, tp, model.test_losses[tp], EstimatorFailure(method, str(exc)), None, None, None)
+    lambda_max = float(est.spectrum.largest) if est.spectrum is not None and math.isfinite(est.spectrum.largest) else None
+    estimate = Estimate(
+        method=method,
+        predicted=predicted[None],
+        residuals=np.array([residual]),
+        seconds=seconds,
+        lambda_max=lambda_max,
+        scale=float(est.scale) if method == "lissa" else None,
+    )
     chosen = select_top_k(predicted, cfg.top_k)
     removals = [[int(i)] for i in chosen] + [g.members.tolist() for g in groups]
     start = time.perf_counter()
@@ -353,31 +412,17 @@ def run_summed_and_groups(
     )
     actual, vs_control = res.actual.sum(1).double().numpy(), res.actual_vs_control.sum(1).double().numpy()
     k = len(chosen)
-    members = [g.members for g in groups]
-    out.update(
-        {
-            "retrain_seconds": time.perf_counter() - start,
-            "retrain_models": len(removals) + 1,
-            "retrain_steps": cfg.retrain_steps,
-            "drift": float(res.drift.sum()),
-            "control_grad_norm": res.control_grad_norm,
-            "summed": {
-                "chosen": chosen,
-                "predicted": predicted[chosen],
-                "actual": actual[:k],
-                "actual_vs_control": vs_control[:k],
-            },
-            "groups": {
-                "kind": [g.kind for g in groups],
-                "size": [g.size for g in groups],
-                "members": members,
-                "predicted": group_influence(torch.as_tensor(predicted)[None], members)[0].numpy(),
-                "actual": actual[k:],
-                "actual_vs_control": vs_control[k:],
-            },
-        }
+    retraining = Retraining(
+        models=len(removals),
+        steps=cfg.retrain_steps,
+        drift=np.array([float(res.drift.sum())]),
+        control_grad_norm=res.control_grad_norm,
+        seconds=time.perf_counter() - start,
     )
-    return out
+    top_points = TopPointRemovals(chosen, predicted[chosen], actual[:k], vs_control[:k])
+    group_predicted = group_influence(torch.as_tensor(estimate.predicted), [g.members for g in groups])[0].numpy()
+    removed_groups = GroupRemovals(tuple(groups), group_predicted, actual[k:], vs_control[k:])
+    return SummedGroupResult(network, tp, model.test_losses[tp], estimate, retraining, top_points, removed_groups)
 
 
 def summed_group_job(
@@ -392,7 +437,7 @@ def summed_group_job(
     groups_per_size: int,
     device: str | None = None,
     **fields: Any,
-) -> dict[str, Any]:
+) -> SummedGroupResult:
     """One sweep job of studies 3 and 4: :func:`run_summed_and_groups` for the config :func:`study_jobs` keyed it by."""
     return run_summed_and_groups(
         Table1Config(**fields),
@@ -412,19 +457,33 @@ def summed_group_job(
 # --- the sweep -------------------------------------------------------------------------------------------------
 
 
-def study_jobs(cfg: AppendixConfig) -> dict[str, list[tuple[dict[str, Any], Job]]]:
-    """Each study's jobs, with labels: ``optimizer`` and ``init`` are Table 1 model jobs (a job with the fields of
-    one of the Table 1 chapter's has its name and key, so it is the same cache entry); ``summed_group`` are
+@dataclass(frozen=True)
+class StudyJob:
+    """A sweep job as a study runs it.
+
+    Attributes:
+        job: the sweep job.
+        optimizer, lr: the optimiser and learning rate its network is trained with (Adam at ``lr`` but in study 1).
+    """
+
+    job: Job
+    optimizer: str
+    lr: float
+
+
+def study_jobs(cfg: AppendixConfig) -> dict[str, list[StudyJob]]:
+    """Each study's jobs: ``optimizer`` and ``init`` are Table 1 model jobs (a job with the fields of one of the
+    Table 1 chapter's has its name and key, so it is the same cache entry); ``summed_group`` are
     :func:`summed_group_job` jobs named ``appendix/…``. The same job may serve two studies."""
-    out: dict[str, list[tuple[dict[str, Any], Job]]] = {s: [] for s in STUDIES}
+    out: dict[str, list[StudyJob]] = {s: [] for s in STUDIES}
     for opt, lr in zip(cfg.optimizers, cfg.optimizer_lrs):
         for job in model_jobs(cfg.table1_config(mnist_architectures=("lenet",), optimizer=opt, lr=lr)):
             if opt == "adam" and lr != cfg.lr:  # Adam at another lr than the other studies' Adam: another model
                 job = dataclasses.replace(job, name=f"{job.name}-lr{lr:g}")
-            out["optimizer"].append(({"optimizer": opt, "lr": lr}, job))
+            out["optimizer"].append(StudyJob(job, opt, lr))
     if cfg.init_architectures:
         for job in model_jobs(cfg.table1_config(mnist_architectures=cfg.init_architectures, n_seeds=cfg.init_seeds)):
-            out["init"].append(({}, job))
+            out["init"].append(StudyJob(job, "adam", cfg.lr))
     extra = {
         "summed_test_points": cfg.summed_test_points,
         "choice_seed": cfg.choice_seed,
@@ -435,55 +494,112 @@ def study_jobs(cfg: AppendixConfig) -> dict[str, list[tuple[dict[str, Any], Job]
     for dataset, arch in cfg.summed_models:
         variant = cfg.table1_config(compare_estimators=(), **{f"{dataset}_architectures": (arch,)})
         for job in model_jobs(variant, prefix="appendix", fn=summed_group_job, extra=extra, cost_factor=2.0):
-            out["summed_group"].append(({}, job))
+            out["summed_group"].append(StudyJob(job, "adam", cfg.lr))
     return out
 
 
-def unique_jobs(studies: dict[str, list[tuple[dict[str, Any], Job]]]) -> list[Job]:
+def unique_jobs(studies: dict[str, list[StudyJob]]) -> list[Job]:
     """Every distinct job once (a job two studies share runs once); a name given to two different keys is an error."""
     seen: dict[str, Job] = {}
     for entries in studies.values():
-        for _, job in entries:
+        for entry in entries:
+            job = entry.job
             if job.name in seen and seen[job.name].key != job.key:
                 raise FragileError(f"two different jobs are named {job.name}: {seen[job.name].key} and {job.key}")
             seen.setdefault(job.name, job)
     return list(seen.values())
 
 
-def run_study(cfg: AppendixConfig, *, progress: bool = True, client=None) -> tuple[dict[str, list[dict[str, Any]]], SweepReport]:
-    """Every study's jobs through one sweep; returns each study's finished results (labelled) and the report."""
+@dataclass(frozen=True)
+class StudyResult:
+    """A finished job as a study reads it.
+
+    Attributes:
+        job: the job's name.
+        optimizer, lr: the optimiser and learning rate its network was trained with.
+        result: what the job returned: a Table 1 model (studies 1 and 2) or a summed-loss/group job (3 and 4).
+    """
+
+    job: str
+    optimizer: str
+    lr: float
+    result: Table1Result | SummedGroupResult
+
+
+@dataclass(frozen=True)
+class AppendixResults:
+    """Every study's finished jobs, in job order; a job two studies share is an entry of each.
+
+    Attributes:
+        optimizer: study 1's Table 1 models, one per optimiser and seed.
+        init: study 2's Table 1 models, one per network and seed.
+        summed_group: studies 3 and 4's jobs, one per network and seed.
+    """
+
+    optimizer: tuple[StudyResult, ...] = ()
+    init: tuple[StudyResult, ...] = ()
+    summed_group: tuple[StudyResult, ...] = ()
+
+    def by_study(self) -> list[tuple[str, tuple[StudyResult, ...]]]:
+        """(study, its entries) in :data:`STUDIES` order."""
+        return [(study, getattr(self, study)) for study in STUDIES]
+
+    @property
+    def entries(self) -> list[StudyResult]:
+        """Every study's entries, study after study."""
+        return [e for _, entries in self.by_study() for e in entries]
+
+    def failures(self) -> list[str]:
+        """One line per entry whose estimator failed: the study, the job and why."""
+        return [
+            f"{study}: {e.job}: {e.result.failure}" for study, entries in self.by_study() for e in entries if e.result.failure
+        ]
+
+
+def run_study(cfg: AppendixConfig, *, progress: bool = True, client=None) -> tuple[AppendixResults, SweepReport]:
+    """Every study's jobs through one sweep; returns each study's finished results and the report."""
     check_device_here(cfg, client)
     studies = study_jobs(cfg)
     _, report = run_jobs(cfg, unique_jobs(studies), progress=progress, client=client)
-    results = {
-        s: [{**report.results[j.name], **label, "job": j.name} for label, j in entries if j.name in report.results]
-        for s, entries in studies.items()
+    finished = {
+        study: tuple(
+            StudyResult(e.job.name, e.optimizer, e.lr, report.results[e.job.name])
+            for e in entries
+            if e.job.name in report.results
+        )
+        for study, entries in studies.items()
     }
-    return results, report
+    return AppendixResults(**finished), report
 
 
 # --- tables ----------------------------------------------------------------------------------------------------
 
 
-def _test_point_rows(models: list[dict[str, Any]], labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def _sd(values: np.ndarray) -> float:
+    """The sample sd (ddof 1) of ``values``, NaN for fewer than two."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def _test_point_rows(entries: tuple[StudyResult, ...], *, with_optimizer: bool = False) -> list[dict[str, Any]]:
     rows = []
-    for m in models:
-        lam = next((e["lambda_max"] for e in m.get("estimators", {}).values() if "lambda_max" in e), math.nan)
-        for t, e in enumerate(m.get("per_test_point", [])):
-            actual_sd = float(np.std(e["actual"], ddof=1)) if len(e.get("actual", [])) > 1 else math.nan
-            predicted_sd = float(np.std(e["predicted"], ddof=1)) if len(e.get("predicted", [])) > 1 else math.nan
-            drift = float(m["drift"][t]) if "drift" in m else math.nan
+    for entry in entries:
+        m = entry.result
+        fit = m.network.fit
+        lam = next((e.lambda_max for e in m.estimators.values() if not e.failed and e.lambda_max is not None), math.nan)
+        for t, e in enumerate(m.per_test_point):
+            actual_sd, predicted_sd = _sd(e.actual), _sd(e.predicted)
+            drift = float(m.retraining.drift[t]) if m.retraining is not None else math.nan
             rows.append(
                 {
-                    **{k: m[k] for k in labels},
-                    "architecture": m["architecture"],
-                    "seed": m["seed"],
-                    "test_point": e["test_point"],
-                    "spearman": e["spearman"],
-                    "pearson": e["pearson"],
-                    "train_accuracy": m["train_accuracy"],
-                    "test_accuracy": m["test_accuracy"],
-                    "grad_norm": m["grad_norm"],
+                    **({"optimizer": entry.optimizer, "lr": entry.lr} if with_optimizer else {}),
+                    "architecture": m.network.architecture,
+                    "seed": m.network.seed,
+                    "test_point": e.kind,
+                    "spearman": e.spearman,
+                    "pearson": e.pearson,
+                    "train_accuracy": fit.train_accuracy,
+                    "test_accuracy": fit.test_accuracy,
+                    "grad_norm": fit.grad_norm,
                     "lambda_max": lam,
                     "drift": drift,
                     "actual_sd": actual_sd,
@@ -494,23 +610,23 @@ def _test_point_rows(models: list[dict[str, Any]], labels: tuple[str, ...] = ())
     return rows
 
 
-def optimizer_table(models: list[dict[str, Any]]):
+def optimizer_table(entries: tuple[StudyResult, ...]):
     """One row per (optimiser, seed, test point): the fit (accuracies, final gradient norm, λmax and, for GD,
     lr × λmax, which must stay below 2 for GD to converge), the correlations, and the drift of the control (the
     test loss's change when retraining removes nothing) beside the spread (sd) of the leave-one-out changes."""
     import pandas as pd
 
-    table = pd.DataFrame(_test_point_rows(models, ("optimizer", "lr")))
+    table = pd.DataFrame(_test_point_rows(entries, with_optimizer=True))
     if len(table):
         table["lr_x_lambda_max"] = table["lr"] * table["lambda_max"]
     return table
 
 
-def init_table(models: list[dict[str, Any]]):
+def init_table(entries: tuple[StudyResult, ...]):
     """One row per (architecture, seed, test point) of the initialisation study."""
     import pandas as pd
 
-    return pd.DataFrame(_test_point_rows(models))
+    return pd.DataFrame(_test_point_rows(entries))
 
 
 def spread(table, by: str, test_point: str = HIGHEST) -> dict[str, dict[str, Any]]:
@@ -532,62 +648,64 @@ def across(per: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {s: aggregate_over_seeds([v[s]["mean"] for v in per.values()]).as_dict() for s in ("spearman", "pearson")}
 
 
-def summed_table(results: list[dict[str, Any]]):
+def _network_columns(m: Table1Result | SummedGroupResult) -> dict[str, Any]:
+    """The columns that say which network a row of the summed-loss and group tables is."""
+    net = m.network
+    return {"dataset": net.dataset, "architecture": net.architecture, "seed": net.seed, "stand_in": net.stand_in}
+
+
+def summed_table(entries: tuple[StudyResult, ...]):
     """One row per network of the summed-loss study: Spearman/Pearson of the summed loss over the top points, the
     summed drift (the control's change: every retrained model shares it, so it shifts the actual changes without
     changing a correlation), the spread (sd) of the actual changes it is compared with, and the solve residual."""
     import pandas as pd
 
     rows = []
-    for m in results:
+    for entry in entries:
+        m = entry.result
         row = {
-            "dataset": m["dataset"],
-            "architecture": m["architecture"],
-            "seed": m["seed"],
-            "stand_in": m["stand_in"],
-            "test_accuracy": m["test_accuracy"],
-            "grad_norm": m["grad_norm"],
-            "failed": m.get("failed", ""),
+            **_network_columns(m),
+            "test_accuracy": m.network.fit.test_accuracy,
+            "grad_norm": m.network.fit.grad_norm,
+            "failed": m.failure,
         }
-        if "summed" in m:
-            s = m["summed"]
+        if m.top_points is not None:
+            s, drift = m.top_points, float(m.retraining.drift[0])
+            actual_sd = float(np.std(s.actual, ddof=1))
             row.update(
                 {
-                    "points": len(s["chosen"]),
-                    "spearman": correlation(s["predicted"], s["actual"], "spearman"),
-                    "pearson": correlation(s["predicted"], s["actual"], "pearson"),
-                    "drift": m["drift"],
-                    "actual_sd": float(np.std(s["actual"], ddof=1)),
-                    "drift_over_sd": m["drift"] / float(np.std(s["actual"], ddof=1)),
-                    "residual": m["residual"],
+                    "points": len(s.chosen),
+                    "spearman": correlation(s.predicted, s.actual, "spearman"),
+                    "pearson": correlation(s.predicted, s.actual, "pearson"),
+                    "drift": drift,
+                    "actual_sd": actual_sd,
+                    "drift_over_sd": drift / actual_sd,
+                    "residual": float(m.estimate.residuals[0]),
                 }
             )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def group_table(results: list[dict[str, Any]]):
+def group_table(entries: tuple[StudyResult, ...]):
     """One row per (network, group kind, group size), and one per (network, kind) over all sizes (size "all"):
     Spearman/Pearson between predicted and actual group removals, and the mean predicted and actual change (the
     actual also without the drift: against the control model)."""
     import pandas as pd
 
     rows = []
-    for m in results:
-        if "groups" not in m:
+    for entry in entries:
+        g = entry.result.groups
+        if g is None:
             continue
-        g = m["groups"]
-        kinds, sizes = np.array(g["kind"]), np.array(g["size"])
-        for kind in dict.fromkeys(g["kind"]):
-            cells = [(str(s), (kinds == kind) & (sizes == s)) for s in dict.fromkeys(g["size"])] + [("all", kinds == kind)]
+        kinds, sizes = g.kinds, g.sizes
+        for kind in dict.fromkeys(kinds.tolist()):
+            cells = [(str(s), (kinds == kind) & (sizes == s)) for s in dict.fromkeys(sizes.tolist())] + [("all", kinds == kind)]
             for size, mask in cells:
-                p, a, c = g["predicted"][mask], g["actual"][mask], g["actual_vs_control"][mask]
+                p, a, c = g.predicted[mask], g.actual[mask], g.actual_vs_control[mask]
                 rows.append(
                     {
-                        "dataset": m["dataset"],
-                        "architecture": m["architecture"],
-                        "seed": m["seed"],
-                        "stand_in": m["stand_in"],
+                        **_network_columns(entry.result),
                         "kind": kind,
                         "size": size,
                         "groups": int(mask.sum()),
@@ -601,38 +719,40 @@ def group_table(results: list[dict[str, Any]]):
     return pd.DataFrame(rows)
 
 
-def timing_table(results: dict[str, list[dict[str, Any]]]):
+def _seconds(e: Estimate | EstimatorFailure) -> float:
+    return math.nan if e.failed else e.seconds
+
+
+def timing_table(results: AppendixResults):
     """The paper's Table 2 from this chapter's jobs: seconds per job spent training, in each estimator and
-    retraining (in all and per retrained model), one row per distinct job; NaN where a job's record has no time
-    (a cache entry made before the times were recorded)."""
+    retraining (in all and per retrained model, the drift control counted), one row per distinct job; NaN where
+    an estimator failed (and, when it was the one whose points are retrained, for the retraining)."""
     import pandas as pd
 
     rows, seen = [], set()
-    for study in STUDIES:
-        for m in results.get(study, []):
-            if m["job"] in seen:
+    for study, entries in results.by_study():
+        for entry in entries:
+            if entry.job in seen:
                 continue
-            seen.add(m["job"])
+            seen.add(entry.job)
+            m, net = entry.result, entry.result.network
             row = {
-                "job": m["job"],
+                "job": entry.job,
                 "study": study,
-                "dataset": m["dataset"],
-                "stand_in": bool(m.get("stand_in", False)),
-                "architecture": m["architecture"],
-                "optimizer": m.get("optimizer", "adam"),
-                "seed": m["seed"],
-                "num_params": m["num_params"],
-                "training": m.get("train_seconds", math.nan),
+                "dataset": net.dataset,
+                "stand_in": net.stand_in,
+                "architecture": net.architecture,
+                "optimizer": entry.optimizer,
+                "seed": net.seed,
+                "num_params": net.num_params,
+                "training": net.fit.seconds,
             }
-            if "estimators" in m:
-                for name, est in m["estimators"].items():
-                    row[name] = est.get("seconds", math.nan)
-                models = m.get("loo_models", 0) + 1
-                row["retraining"] = m.get("loo_seconds", math.nan)
+            if isinstance(m, Table1Result):
+                row.update({name: _seconds(e) for name, e in m.estimators.items()})
             else:
-                row[m["estimator"] + " (summed)"] = m.get("influence_seconds", math.nan)
-                models = m.get("retrain_models", 0)
-                row["retraining"] = m.get("retrain_seconds", math.nan)
+                row[f"{m.estimate.method} (summed)"] = _seconds(m.estimate)
+            models = m.retraining.models + 1 if m.retraining is not None else 0
+            row["retraining"] = m.retraining.seconds if m.retraining is not None else math.nan
             row["retrained models"] = models
             row["per retrained model"] = row["retraining"] / models if models else math.nan
             rows.append(row)
@@ -714,7 +834,17 @@ def _fmt(summary: dict[str, Any]) -> str:
     return f"{summary['mean']:.2f}" + (f" ± {summary['std']:.2f}" if summary["n"] > 1 and math.isfinite(summary["std"]) else "")
 
 
-def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool]) -> list[Claim]:
+def _qualified(verdict: str, arch: str, paper_arch: str, stand_in: bool) -> tuple[str, str]:
+    """A claim's verdict and the label its number carries, for a number computed with ``arch`` where the paper's is
+    ``paper_arch``: another network is named, and a stand-in data set's number is never a verdict on the paper's."""
+    if stand_in:
+        return "needs the real data set: run with `--profile paper`", " (STAND-IN: digits, not CIFAR-100)"
+    if arch != paper_arch:
+        verdict += f" with {NAMES[arch]}, not {NAMES[paper_arch]}"
+    return verdict, ""
+
+
+def claims(results: AppendixResults, *, stand_in: dict[str, bool]) -> list[Claim]:
     """The appendix claims, our number beside the paper's, and a verdict by a stated rule.
 
     Rules (stated in the chapter): a correlation claim is *reproduced* when our Pearson and our Spearman are both
@@ -727,7 +857,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     """
     out = []
     # 1. optimiser
-    opt = across(spread(optimizer_table(results.get("optimizer", [])), "optimizer"))
+    opt = across(spread(optimizer_table(results.optimizer), "optimizer"))
     paper = (
         f"Pearson {PAPER_OPTIMIZER['pearson'][0]:.2f} ± {PAPER_OPTIMIZER['pearson'][1]:.2f}, "
         f"Spearman {PAPER_OPTIMIZER['spearman'][0]:.2f} ± {PAPER_OPTIMIZER['spearman'][1]:.2f}"
@@ -750,7 +880,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     else:
         out.append(Claim.not_run("optimizer", claim, paper, "not run: needs two or more optimisers"))
     # 2. initialisation
-    init = spread(init_table(results.get("init", [])), "architecture")
+    init = spread(init_table(results.init), "architecture")
     claim = (
         "Initialisation (small CNN, LeNet; top 40 of the highest-loss test point): variance across seeds is low (sd of Spearman "
         "over seeds; the claim's other half, that correlations are inconsistent, is not a number: see each network's mean)"
@@ -773,7 +903,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     else:
         out.append(Claim.not_run("init", claim, "qualitative", "not run"))
     # 3. summed loss
-    summed = summed_table(results.get("summed_group", []))
+    summed = summed_table(results.summed_group)
     paper_arch = {"mnist": "small_cnn", "cifar100": "resnet18"}
     for ds in ("mnist", "cifar100"):
         p = PAPER_SUMMED[ds]
@@ -798,12 +928,9 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         use = use[use["architecture"] == arch]
         pe, sp = aggregate_over_seeds(list(use["pearson"])), aggregate_over_seeds(list(use["spearman"]))
         hits = _close(pe.mean, p["pearson"]) + _close(sp.mean, p["spearman"])
-        verdict = ("not reproduced", "partly reproduced", "reproduced")[hits]
-        if arch != paper_arch[ds]:
-            verdict += f" with {NAMES[arch]}, not {NAMES[paper_arch[ds]]}"
-        label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
-        if stand_in.get(ds):
-            verdict = "needs the real data set: run with `--profile paper`"
+        verdict, label = _qualified(
+            ("not reproduced", "partly reproduced", "reproduced")[hits], arch, paper_arch[ds], stand_in.get(ds, False)
+        )
         out.append(
             Claim(
                 key=f"summed_{ds}",
@@ -815,7 +942,7 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
             )
         )
     # 4. groups
-    groups = group_table(results.get("summed_group", []))
+    groups = group_table(results.summed_group)
     for ds in ("mnist", "cifar100"):
         lo, hi = PAPER_GROUP[ds]
         claim = f"Group influence, {DATA_NAMES[ds]}, ResNet-18: correlation between predicted and actual group removals (range)"
@@ -828,14 +955,12 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
         arch = "resnet18" if (cells["architecture"] == "resnet18").any() else cells["architecture"].iloc[0]
         cells = cells[cells["architecture"] == arch]
         by_cell = cells.groupby(["kind", "size"], sort=False)["spearman"].mean().dropna()
-        verdict = (
-            "reproduced" if (by_cell <= POOR).all() else ("partly reproduced" if by_cell.median() <= POOR else "not reproduced")
+        verdict, label = _qualified(
+            "reproduced" if (by_cell <= POOR).all() else ("partly reproduced" if by_cell.median() <= POOR else "not reproduced"),
+            arch,
+            "resnet18",
+            stand_in.get(ds, False),
         )
-        if arch != "resnet18":
-            verdict += f" with {NAMES[arch]}, not ResNet-18"
-        label = " (STAND-IN: digits, not CIFAR-100)" if stand_in.get(ds) else ""
-        if stand_in.get(ds):
-            verdict = "needs the real data set: run with `--profile paper`"
         out.append(
             Claim(
                 key=f"group_{ds}",
@@ -874,12 +999,12 @@ def claims(results: dict[str, list[dict[str, Any]]], *, stand_in: dict[str, bool
     return out
 
 
-def observations(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+def observations(results: AppendixResults) -> list[str]:
     """What this run's numbers say beside each other, as sentences computed from them (for the discussion):
     the optimisers' spread against the seeds' spread of the same network, and the summed-loss and group
     correlations against the same network's single-test-point correlation."""
     out = []
-    opt_t, init_t = optimizer_table(results.get("optimizer", [])), init_table(results.get("init", []))
+    opt_t, init_t = optimizer_table(results.optimizer), init_table(results.init)
     opt, init = across(spread(opt_t, "optimizer")), spread(init_t, "architecture")
     if opt and opt["spearman"]["n"] >= 2 and "lenet" in init and math.isfinite(init["lenet"]["spearman"]["std"]):
         x, y = opt["spearman"]["std"], init["lenet"]["spearman"]["std"]
@@ -905,16 +1030,16 @@ def observations(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 "what the retrained models measure."
             )
     single = {a: v["spearman"]["mean"] for a, v in init.items()}
-    s_table, g_table = summed_table(results.get("summed_group", [])), group_table(results.get("summed_group", []))
-    for m in results.get("summed_group", []):
-        arch, ds = m["architecture"], m["dataset"]
-        if ds != "mnist" or arch not in single or "summed" not in m:
+    s_table, g_table = summed_table(results.summed_group), group_table(results.summed_group)
+    for entry in results.summed_group:
+        arch, ds, seed = entry.result.network.architecture, entry.result.network.dataset, entry.result.network.seed
+        if ds != "mnist" or arch not in single or entry.result.top_points is None:
             continue
-        row = s_table[(s_table["dataset"] == ds) & (s_table["architecture"] == arch) & (s_table["seed"] == m["seed"])].iloc[0]
+        row = s_table[(s_table["dataset"] == ds) & (s_table["architecture"] == arch) & (s_table["seed"] == seed)].iloc[0]
         cells = g_table[
             (g_table["dataset"] == ds)
             & (g_table["architecture"] == arch)
-            & (g_table["seed"] == m["seed"])
+            & (g_table["seed"] == seed)
             & (g_table["size"] != "all")
         ]
         groups = (
@@ -923,7 +1048,7 @@ def observations(results: dict[str, list[dict[str, Any]]]) -> list[str]:
             else ""
         )
         out.append(
-            f"**Summed loss and groups against one test point ({NAMES[arch]}, MNIST, seed {m['seed']}).** The summed-loss "
+            f"**Summed loss and groups against one test point ({NAMES[arch]}, MNIST, seed {seed}).** The summed-loss "
             f"Spearman is {row['spearman']:.2f} against {single[arch]:.2f} for the highest-loss test point alone (mean over "
             f"seeds){groups}. The paper's poor group correlations are ResNet-18's; a network on which single-point influence "
             "works is expected to do better."
@@ -964,13 +1089,14 @@ def predicted_vs_actual_panels(items: list[tuple[str, np.ndarray, np.ndarray]]):
     return fig
 
 
-def optimizer_panels(models: list[dict[str, Any]], seed: int):
+def optimizer_panels(entries: tuple[StudyResult, ...], seed: int):
     """Predicted against actual loss change of the highest-loss test point, one panel per optimiser (first seed)."""
     items = []
-    for m in models:
-        if m["seed"] == seed and m.get("per_test_point"):
-            e = m["per_test_point"][0]
-            items.append((f"{m['optimizer']} (lr {m['lr']:g})", e["predicted"], e["actual"]))
+    for entry in entries:
+        m = entry.result
+        if m.network.seed == seed and m.per_test_point:
+            e = m.per_test_point[0]
+            items.append((f"{entry.optimizer} (lr {entry.lr:g})", e.predicted, e.actual))
     return predicted_vs_actual_panels(items)
 
 
@@ -1011,43 +1137,45 @@ def correlation_strip(table, *, by: str, title: str, paper: dict[str, tuple[floa
     return fig
 
 
-def _model_title(m: dict[str, Any]) -> str:
-    return (
-        f"{NAMES[m['architecture']]}, {DATA_NAMES[m['dataset']]}" + (" STAND-IN" if m["stand_in"] else "") + f", seed {m['seed']}"
-    )
+def _model_title(net: Network) -> str:
+    return f"{NAMES[net.architecture]}, {DATA_NAMES[net.dataset]}" + (" STAND-IN" if net.stand_in else "") + f", seed {net.seed}"
 
 
-def summed_panels(results: list[dict[str, Any]]):
+def summed_panels(entries: tuple[StudyResult, ...]):
     """Predicted against actual change of the summed test loss over the top points, one panel per network."""
     return predicted_vs_actual_panels(
-        [(_model_title(m) + "\nsummed loss", m["summed"]["predicted"], m["summed"]["actual"]) for m in results if "summed" in m]
+        [
+            (_model_title(e.result.network) + "\nsummed loss", e.result.top_points.predicted, e.result.top_points.actual)
+            for e in entries
+            if e.result.top_points is not None
+        ]
     )
 
 
-def group_panels(results: list[dict[str, Any]]):
+def group_panels(entries: tuple[StudyResult, ...]):
     """Predicted against actual change of the summed test loss when each group is removed, one panel per network;
     colour = kind, marker size = group size."""
-    shown = [m for m in results if "groups" in m]
+    shown = [e.result for e in entries if e.result.groups is not None]
     fig, axes = _panels(len(shown), ncols=3, size=(3.4, 3.0))
     colours = {"random": "#1b7837", "same class": "#762a83"}
     for ax, m in zip(axes, shown):
-        g = m["groups"]
-        kinds, sizes = np.array(g["kind"]), np.array(g["size"], dtype=float)
-        for kind in dict.fromkeys(g["kind"]):
+        g = m.groups
+        kinds, sizes = g.kinds, g.sizes.astype(float)
+        for kind in dict.fromkeys(kinds.tolist()):
             mask = kinds == kind
             ax.scatter(
-                g["actual"][mask],
-                g["predicted"][mask],
+                g.actual[mask],
+                g.predicted[mask],
                 s=8 + 40 * sizes[mask] / sizes.max(),
                 alpha=0.6,
                 color=colours[kind],
                 label=kind,
             )
-        lo = float(min(np.min(g["actual"]), np.min(g["predicted"])))
-        hi = float(max(np.max(g["actual"]), np.max(g["predicted"])))
+        lo = float(min(np.min(g.actual), np.min(g.predicted)))
+        hi = float(max(np.max(g.actual), np.max(g.predicted)))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
         ax.set_title(
-            f"{_model_title(m)}\nall groups: Spearman {correlation(g['predicted'], g['actual'], 'spearman'):.2f}", fontsize=7
+            f"{_model_title(m.network)}\nall groups: Spearman {correlation(g.predicted, g.actual, 'spearman'):.2f}", fontsize=7
         )
         ax.set_xlabel("actual Δ summed loss (group retraining)", fontsize=7)
         ax.set_ylabel("predicted (sum of influences)", fontsize=7)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,16 +31,18 @@ import torch
 
 from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
 from fragile.chapters.protocol import DTYPES, SmallMnistData, estimate, iris_split, run_jobs, small_mnist_data
-from fragile.config import to_dict
+from fragile.chapters.results import Estimate, EstimatorFailure
+from fragile.config import at_least, between, each, non_negative, one_of, optional, positive, setting, to_dict
 from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
 from fragile.core.selection import highest_loss, select_top_k
 from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset
-from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.errors import InvalidArgumentError, check_choice
 from fragile.estimators import METHODS
-from fragile.models.small import build_model
+from fragile.models.small import ACTIVATIONS, build_model
+from fragile.run.payload import record
 from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 # The Iris chapter's default split: this chapter's Iris models see the same training and test flowers.
 IRIS_TEST_FRACTION = 0.2
 IRIS_SPLIT_SEED = 0
+IRIS_DATA = "Iris (scikit-learn's copy)"
 ESTIMATORS = ("exact", "exact_gn") + tuple(m for m in METHODS if m != "exact")
 GROUND_TRUTHS = ("warm", "warm_corrected", "cold", "proximal", "pbrf")
 TRUTH_NAMES = {
@@ -72,103 +76,71 @@ UNSOLVED = 1.0
 
 @dataclass(frozen=True)
 class EstimandsConfig(ChapterConfig):
-    """Every value the chapter depends on.
+    """Every value the chapter depends on, each with its help text, besides the common fields of
+    :class:`~fragile.book.chapter.ChapterConfig` (the CPU only: the models are small). The ``iris_*`` fields are the
+    Iris networks (full-batch GD, as in the Iris chapter), the ``mnist_*`` fields the small-MNIST CNN (Adam, as in
+    its chapter)."""
 
-    Attributes:
-        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; the CPU only: the models are small)
-        n_seeds: models per Iris depth and small-MNIST seeds.
-        selection: ``top`` (the ``top_k`` largest |prediction| of the first estimator, the paper's protocol)
-            or ``random`` (Bae et al.'s).
-        iris_depths: hidden-layer counts of the Iris sweep (width ``iris_width``, the paper's 5).
-        iris_width, iris_activation, iris_lr, iris_train_steps, iris_retrain_steps, iris_weight_decay,
-            iris_damping, iris_top_k: the Iris networks, full-batch GD, as in the Iris chapter.
-        iris_estimators: estimators run on Iris; the first chooses the points under ``top``.
-        mnist_n_train, mnist_n_test, mnist_lr, mnist_batch_size, mnist_train_steps, mnist_retrain_steps,
-            mnist_weight_decay, mnist_damping, mnist_top_k: the small-MNIST CNN (Adam), as in its chapter.
-        mnist_test_points: test points per small-MNIST model: the highest-loss ones.
-        mnist_dtype: the CNN's precision: ``float32`` halves the cost; ``float64`` lets the PBRF and proximal solves
-            reach a smaller gradient (the chapter reports how far they got).
-        mnist_estimators: estimators run on small MNIST; ``exact`` (the Hessian materialised by HVPs)
-            costs about 2 s per training image on one core, so the default leaves it out.
-        lissa_depth, lissa_batch_size: LiSSA's recursion depth and minibatch (None: full batch).
-        cg_max_iter: CG iteration cap. arnoldi_rank: Arnoldi's kept eigenpairs.
-        tracin_checkpoints: checkpoints of the training kept for TracIn (evenly spaced, the last is θ*).
-        pbrf_max_iter: L-BFGS iterations per PBRF / proximal-response solve.
-        chunk_size: leave-one-out models per training stack.
-    """
-
-    n_seeds: int = 2
-    selection: str = "top"
-    iris_depths: tuple[int, ...] = (1, 2, 3)
-    iris_width: int = 5
-    iris_activation: str = "relu"
-    iris_lr: float = 0.3
-    iris_train_steps: int = 4000
-    iris_retrain_steps: int = 1000
-    iris_weight_decay: float = 0.001
-    iris_damping: float = 0.01
-    iris_top_k: int = 20
-    iris_estimators: tuple[str, ...] = ESTIMATORS
-    mnist_n_train: int = 60
-    mnist_n_test: int = 500
-    mnist_lr: float = 0.003
-    mnist_batch_size: int = 30
-    mnist_train_steps: int = 500
-    mnist_retrain_steps: int = 100
-    mnist_weight_decay: float = 0.001
-    mnist_damping: float = 0.01
-    mnist_top_k: int = 8
-    mnist_dtype: str = "float32"
-    mnist_test_points: int = 1
-    mnist_estimators: tuple[str, ...] = tuple(m for m in ESTIMATORS if m != "exact")
-    lissa_depth: int = 50
-    lissa_batch_size: int | None = None
-    cg_max_iter: int = 200
-    arnoldi_rank: int = 20
-    tracin_checkpoints: int = 10
-    pbrf_max_iter: int = 100
-    chunk_size: int = 64
+    n_seeds: int = setting(2, "models per Iris depth and small-MNIST seeds", at_least(1))
+    selection: str = setting(
+        "top",
+        "top (the top_k largest |prediction| of the first estimator, the paper's protocol) or random (Bae et al.'s)",
+        one_of(SELECTIONS),
+    )
+    iris_depths: tuple[int, ...] = setting(
+        (1, 2, 3), "hidden-layer counts of the Iris sweep (width iris_width, the paper's 5)", each(between(1, 12))
+    )
+    iris_width: int = setting(5, "hidden units per layer", at_least(1))
+    iris_activation: str = setting("relu", "hidden activation", one_of(ACTIVATIONS))
+    iris_lr: float = setting(0.3, "gradient-descent learning rate", positive)
+    iris_train_steps: int = setting(4000, "full-batch GD steps to θ*", at_least(1))
+    iris_retrain_steps: int = setting(1000, "warm-started leave-one-out steps", at_least(1))
+    iris_weight_decay: float = setting(0.001, "L2 coefficient", non_negative)
+    iris_damping: float = setting(0.01, "λ added to the Hessian", non_negative)
+    iris_top_k: int = setting(20, "training points evaluated per test point", at_least(1))
+    iris_estimators: tuple[str, ...] = setting(
+        ESTIMATORS, "estimators run on Iris; the first chooses the points under top", each(one_of(ESTIMATORS), nonempty=True)
+    )
+    mnist_n_train: int = setting(60, "training digits", at_least(20))
+    mnist_n_test: int = setting(500, "held-out digits the test points are chosen from", at_least(10))
+    mnist_lr: float = setting(0.003, "Adam's learning rate", positive)
+    mnist_batch_size: int = setting(30, "minibatch size", at_least(1))
+    mnist_train_steps: int = setting(500, "Adam steps to θ*", at_least(1))
+    mnist_retrain_steps: int = setting(100, "warm-started leave-one-out steps", at_least(1))
+    mnist_weight_decay: float = setting(0.001, "L2 coefficient", non_negative)
+    mnist_damping: float = setting(0.01, "λ added to the Hessian", non_negative)
+    mnist_top_k: int = setting(8, "training points evaluated per test point", at_least(1))
+    mnist_dtype: str = setting(
+        "float32",
+        (
+            "the CNN's precision: float32 halves the cost; float64 lets the PBRF and proximal solves reach a smaller "
+            "gradient (the chapter reports how far they got)"
+        ),
+        one_of(("float32", "float64")),
+    )
+    mnist_test_points: int = setting(1, "test points per small-MNIST model: the highest-loss ones", at_least(0))
+    mnist_estimators: tuple[str, ...] = setting(
+        tuple(m for m in ESTIMATORS if m != "exact"),
+        (
+            "estimators run on small MNIST; exact (the Hessian materialised by HVPs) costs about 2 s per training image "
+            "on one core, so the default leaves it out"
+        ),
+        each(one_of(ESTIMATORS), nonempty=True),
+    )
+    lissa_depth: int = setting(50, "LiSSA's recursion depth", at_least(1))
+    lissa_batch_size: int | None = setting(None, "LiSSA's minibatch (None: the full batch)", optional(at_least(1)))
+    cg_max_iter: int = setting(200, "CG iteration cap", at_least(1))
+    arnoldi_rank: int = setting(20, "Arnoldi's kept eigenpairs", at_least(1))
+    tracin_checkpoints: int = setting(
+        10, "checkpoints of the training kept for TracIn (evenly spaced, the last is θ*)", at_least(1)
+    )
+    pbrf_max_iter: int = setting(100, "L-BFGS iterations per PBRF / proximal-response solve", at_least(1))
+    chunk_size: int = setting(64, "leave-one-out models per training stack (memory, not numbers)", at_least(1))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("selection", self.selection, SELECTIONS)
-        check_choice("mnist_dtype", self.mnist_dtype, ("float32", "float64"))
         if not self.iris_depths and not self.mnist_test_points:
             raise InvalidArgumentError("iris_depths is empty and mnist_test_points is 0: nothing to run")
-        for d in self.iris_depths:
-            check_int("iris_depths", d, minimum=1, maximum=12)
-        for name in (
-            "iris_width",
-            "iris_train_steps",
-            "iris_retrain_steps",
-            "iris_top_k",
-            "mnist_batch_size",
-            "mnist_train_steps",
-            "mnist_retrain_steps",
-            "mnist_top_k",
-            "lissa_depth",
-            "cg_max_iter",
-            "arnoldi_rank",
-            "tracin_checkpoints",
-            "pbrf_max_iter",
-            "chunk_size",
-        ):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("mnist_test_points", self.mnist_test_points, minimum=0)
-        check_int("mnist_n_train", self.mnist_n_train, minimum=20)
-        check_int("mnist_n_test", self.mnist_n_test, minimum=10)
-        if self.lissa_batch_size is not None:
-            check_int("lissa_batch_size", self.lissa_batch_size, minimum=1)
-        for name in ("iris_lr", "mnist_lr"):
-            check_positive(name, getattr(self, name))
-        for name in ("iris_weight_decay", "iris_damping", "mnist_weight_decay", "mnist_damping"):
-            check_positive(name, getattr(self, name), allow_zero=True)
-        for name in ("iris_estimators", "mnist_estimators"):
-            methods = getattr(self, name)
-            if not methods:
-                raise InvalidArgumentError(f"{name} is empty; choose from {list(ESTIMATORS)}")
-            for m in methods:
-                check_choice(name, m, ESTIMATORS)
         # The PBRF's proximity is weight decay + damping: with both 0 its objective has no minimum.
         if self.iris_weight_decay + self.iris_damping <= 0 or self.mnist_weight_decay + self.mnist_damping <= 0:
             raise InvalidArgumentError("weight decay + damping must be > 0 for each data set (the PBRF's proximity term)")
@@ -189,6 +161,139 @@ class EstimandsConfig(ChapterConfig):
         )
 
 
+# -- what a job returns --------------------------------------------------------------------------------------
+
+
+@record
+@dataclass(frozen=True)
+class GroundTruths:
+    """The five ground truths (:data:`GROUND_TRUTHS`) of removing training points: each the change of a test loss
+    per removed point, NaN where a proximal solve ended unsolved. A :class:`PointResult` holds them over its chosen
+    points, (k,) each; while a job runs, over a model's union of chosen points and every test point, (len(union), n_test).
+
+    Attributes:
+        warm: warm-started leave-one-out against θ* (the paper's).
+        warm_corrected: the same retrained models against the control run with nothing removed.
+        cold: cold-started leave-one-out from θ₀, against its own control.
+        proximal: the proximal response, solved from θ*.
+        pbrf: the proximal Bregman response function.
+    """
+
+    warm: np.ndarray
+    warm_corrected: np.ndarray
+    cold: np.ndarray
+    proximal: np.ndarray
+    pbrf: np.ndarray
+
+    def of(self, name: str) -> np.ndarray:
+        """The ground truth ``name``, one of :data:`GROUND_TRUTHS`."""
+        check_choice("ground truth", name, GROUND_TRUTHS)
+        return getattr(self, name)
+
+    def narrowed(self, rows: list[int], j: int) -> GroundTruths:
+        """From (removals, n_test) arrays: the removals ``rows`` for test point ``j``."""
+        return GroundTruths(**{g: self.of(g)[rows, j] for g in GROUND_TRUTHS})
+
+
+@record
+@dataclass(frozen=True)
+class ProximalSolve:
+    """How one model's PBRF or proximal-response problems were solved (one L-BFGS run over the stacked problems of
+    its chosen points).
+
+    Attributes:
+        stationarity: median over the points of ‖∇F‖ at the returned solution over the removal's own pull
+            ε‖∇L(z_m)‖: well below 1 the solution is near a stationary point.
+        unsolved: points whose solve ended above :data:`UNSOLVED`; their ground truth is NaN.
+        seconds: wall time of the run.
+    """
+
+    stationarity: float
+    unsolved: int
+    seconds: float
+
+
+@record
+@dataclass(frozen=True)
+class PointResult:
+    """One test point: its chosen training points, every estimator's predictions on them and the five ground truths.
+
+    Attributes:
+        test_point: the test index.
+        chosen: the chosen training indices (by |prediction| of the first estimator, or at random).
+        drift: what continued training alone (the warm start's control run) does to this test loss.
+        truths: the ground truths of removing each chosen point.
+        estimates: by estimator name, its :class:`~fragile.chapters.results.Estimate` narrowed to this test point
+            (``predicted`` on the chosen points, (k,); ``residuals`` of this point's solve) or its failure.
+    """
+
+    test_point: int
+    chosen: np.ndarray
+    drift: float
+    truths: GroundTruths
+    estimates: dict[str, Estimate | EstimatorFailure]
+
+
+@record
+@dataclass(frozen=True)
+class ModelResult:
+    """One trained model of a job: its fit, its proximal solves and its test points.
+
+    Attributes:
+        depth: hidden layers (Iris); None for the small-MNIST CNN.
+        seed: the model's seed.
+        grad_norm: ‖∇‖ of the training objective at the end of training.
+        train_seconds: wall time of its training (an Iris stack's time shared evenly by its seeds).
+        train_accuracy: fraction of training points classified correctly (small MNIST; None for Iris: not measured).
+        proximal, pbrf: how its proximal-response and PBRF solves went.
+        points: one :class:`PointResult` per test point.
+    """
+
+    depth: int | None
+    seed: int
+    grad_norm: float
+    train_seconds: float
+    train_accuracy: float | None
+    proximal: ProximalSolve
+    pbrf: ProximalSolve
+    points: tuple[PointResult, ...]
+
+    @property
+    def solves(self) -> dict[str, ProximalSolve]:
+        """The two solves by ground-truth name, in the order they ran."""
+        return {"proximal": self.proximal, "pbrf": self.pbrf}
+
+
+@record
+@dataclass(frozen=True)
+class EstimandsResult:
+    """One job: all seeds of one Iris depth, or one small-MNIST seed.
+
+    Attributes:
+        setting: ``iris/d<depth>`` or ``mnist``.
+        num_params: p, the length of θ.
+        n_train: training points.
+        stand_in: whether the data are the offline stand-in for Koh & Liang's small MNIST (False for Iris).
+        data: what the data are.
+        models: its trained models (an Iris depth's seeds; the one small-MNIST model).
+    """
+
+    setting: str
+    num_params: int
+    n_train: int
+    stand_in: bool
+    data: str
+    models: tuple[ModelResult, ...]
+
+    @property
+    def kind(self) -> str:
+        """``Iris`` or ``small MNIST``: what the tables group the settings by."""
+        return "Iris" if self.setting.startswith("iris") else "small MNIST"
+
+
+# -- the jobs ------------------------------------------------------------------------------------------------
+
+
 def _estimator_kwargs(cfg: EstimandsConfig, method: str, damping: float, checkpoints: torch.Tensor, lr_per_checkpoint: float):
     common = {"damping": damping, "progress": False}
     if method == "exact":
@@ -206,31 +311,25 @@ def _estimator_kwargs(cfg: EstimandsConfig, method: str, damping: float, checkpo
     return method, common
 
 
-def _estimates(cfg, methods, objective, theta, x, y, x_test, y_test, damping, checkpoints, lr_per_checkpoint) -> dict:
-    """Every estimator's predictions (n_test, n), seconds and worst solve residual; a failed solver is reported, not hidden."""
+def _estimates(
+    cfg, methods, objective, theta, x, y, x_test, y_test, damping, checkpoints, lr_per_checkpoint
+) -> dict[str, Estimate | EstimatorFailure]:
+    """Every estimator's predictions (n_test, n) by name; a failed solver is reported as its failure, not hidden."""
     out = {}
     for m in methods:
         name, kwargs = _estimator_kwargs(cfg, m, damping, checkpoints, lr_per_checkpoint)
-        res = estimate(name, objective, theta, x, y, x_test, y_test, **kwargs)
-        if "failed" in res:
-            out[m] = res
-            continue
-        out[m] = {
-            "predicted": res["predicted"],
-            "seconds": res["seconds"],
-            "residual": float(res["residuals"].max()) if res["residuals"].size else math.nan,
-        }
+        out[m] = estimate(name, objective, theta, x, y, x_test, y_test, **kwargs)
     return out
 
 
-def _choose(cfg, k, estimates, methods, t, n, seed) -> np.ndarray:
+def _choose(cfg, k, estimates: dict[str, Estimate | EstimatorFailure], methods, t, n, seed) -> np.ndarray:
     if cfg.selection == "random":
         gen = np.random.default_rng([seed, t])
         return np.sort(gen.choice(n, size=k, replace=False))
     first = estimates[methods[0]]
-    if "failed" in first:
-        raise InvalidArgumentError(f"{methods[0]} (the first estimator, which chooses the points) failed: {first['failed']}")
-    return select_top_k(first["predicted"][t], k)
+    if isinstance(first, EstimatorFailure):
+        raise InvalidArgumentError(f"{methods[0]} (the first estimator, which chooses the points) failed: {first.message}")
+    return select_top_k(first.predicted[t], k)
 
 
 @dataclass(frozen=True)
@@ -244,84 +343,87 @@ class _Model:
     y_test: torch.Tensor
 
 
-def _truths(objective, models: list[_Model], x, y, damping, retrain, train, pbrf_max_iter, chunk_size) -> list[dict]:
-    """The five ground truths for the removal of each point of each model's ``union``: (len(union), n_test) arrays.
+@dataclass(frozen=True)
+class _Measured:
+    """One model's ground truths over its union, (len(union), n_test), the drift of its test losses, (n_test,), and
+    how its proximal solves went."""
+
+    truths: GroundTruths
+    drift: np.ndarray
+    proximal: ProximalSolve
+    pbrf: ProximalSolve
+
+
+def _truths(objective, models: list[_Model], x, y, damping, retrain, train, pbrf_max_iter, chunk_size) -> list[_Measured]:
+    """The five ground truths for the removal of each point of each model's ``union``.
 
     The warm starts of all models train as one batched stack, the cold starts as another (their own lengths).
     """
-    warm = loo_retrain_many(
-        objective,
-        [LOOTask(m.theta, torch.as_tensor(m.union), m.x_test, m.y_test) for m in models],
-        x,
-        y,
-        retrain,
-        chunk_size=chunk_size,
-        progress=False,
-    )
-    cold = loo_retrain_many(
-        objective,
-        [LOOTask(m.theta0, torch.as_tensor(m.union), m.x_test, m.y_test) for m in models],
-        x,
-        y,
-        train,
-        chunk_size=chunk_size,
-        progress=False,
-    )
+
+    def retrain_stack(start: Callable[[_Model], torch.Tensor], spec: TrainSpec):
+        tasks = [LOOTask(start(m), torch.as_tensor(m.union), m.x_test, m.y_test) for m in models]
+        return loo_retrain_many(objective, tasks, x, y, spec, chunk_size=chunk_size, progress=False)
+
+    warm = retrain_stack(lambda m: m.theta, retrain)
+    cold = retrain_stack(lambda m: m.theta0, train)
     out = []
     n = x.shape[0]
     for m, w, c in zip(models, warm, cold):
         # ‖∇F‖ at the returned solution against the size of the removal's own pull ε‖∇L(z_m)‖: how well it was solved
         pull = objective.point_grads(m.theta, x[torch.as_tensor(m.union)], y[torch.as_tensor(m.union)]).norm(dim=1) / n
-        seconds = {}
-        start = time.perf_counter()
-        prox = proximal_response(objective, m.theta, x, y, m.union, m.x_test, m.y_test, damping=damping, max_iter=pbrf_max_iter)
-        seconds["proximal"] = time.perf_counter() - start
-        start = time.perf_counter()
-        pbrf = pbrf_retrain(objective, m.theta, x, y, m.union, m.x_test, m.y_test, damping=damping, max_iter=pbrf_max_iter)
-        seconds["pbrf"] = time.perf_counter() - start
-        stationarity = {"proximal": (prox.objective_grad_norm / pull).numpy(), "pbrf": (pbrf.objective_grad_norm / pull).numpy()}
-        solved = {g: v <= UNSOLVED for g, v in stationarity.items()}
-        out.append(
-            {
-                "warm": w.actual.double().numpy(),
-                "warm_corrected": w.actual_vs_control.double().numpy(),
-                "cold": c.actual_vs_control.double().numpy(),
-                # a solve that ended far from a stationary point (the objective can be unbounded below for deep ReLU
-                # networks, and L-BFGS may leave θ*'s basin) measures nothing: left out, and counted in the chapter
-                "proximal": np.where(solved["proximal"][:, None], prox.actual.double().numpy(), np.nan),
-                "pbrf": np.where(solved["pbrf"][:, None], pbrf.actual.double().numpy(), np.nan),
-                "drift": w.drift.double().numpy(),
-                "pbrf_stationarity": float(np.median(stationarity["pbrf"])),
-                "proximal_stationarity": float(np.median(stationarity["proximal"])),
-                "unsolved": {g: int((~v).sum()) for g, v in solved.items()},
-                "seconds": seconds,
-            }
+        responses, solves = {}, {}
+        for name, respond in (("proximal", proximal_response), ("pbrf", pbrf_retrain)):
+            start = time.perf_counter()
+            response = respond(objective, m.theta, x, y, m.union, m.x_test, m.y_test, damping=damping, max_iter=pbrf_max_iter)
+            seconds = time.perf_counter() - start
+            stationarity = (response.objective_grad_norm / pull).numpy()
+            solved = stationarity <= UNSOLVED
+            # a solve that ended far from a stationary point (the objective can be unbounded below for deep ReLU
+            # networks, and L-BFGS may leave θ*'s basin) measures nothing: left out, and counted in the chapter
+            responses[name] = np.where(solved[:, None], response.actual.double().numpy(), np.nan)
+            solves[name] = ProximalSolve(float(np.median(stationarity)), int((~solved).sum()), seconds)
+        truths = GroundTruths(
+            warm=w.actual.double().numpy(),
+            warm_corrected=w.actual_vs_control.double().numpy(),
+            cold=c.actual_vs_control.double().numpy(),
+            proximal=responses["proximal"],
+            pbrf=responses["pbrf"],
         )
+        out.append(_Measured(truths, w.drift.double().numpy(), solves["proximal"], solves["pbrf"]))
     return out
 
 
-def _rows(setting, seed, test_points, chosen, union, estimates, truths) -> list[dict[str, Any]]:
-    """One record per test point: predictions and ground truths over its chosen points."""
+def _model_result(
+    measured: _Measured,
+    test_points,
+    chosen,
+    union,
+    estimates: dict[str, Estimate | EstimatorFailure],
+    *,
+    depth: int | None,
+    seed: int,
+    grad_norm: float,
+    train_seconds: float,
+    train_accuracy: float | None,
+) -> ModelResult:
+    """One model's result (the keywords as :class:`ModelResult` has them): its solves and one :class:`PointResult`
+    per test point, with the predictions and ground truths over its chosen points."""
     pos = {int(i): r for r, i in enumerate(union)}
-    records = []
+    points = []
     for j, t in enumerate(test_points):
-        rows = [pos[int(i)] for i in chosen[j]]
-        rec = {
-            "setting": setting,
-            "seed": seed,
-            "test_point": int(t),
-            "chosen": np.asarray(chosen[j]),
-            "truths": {g: truths[g][rows, j] for g in GROUND_TRUTHS},
-            "drift": float(truths["drift"][j]),
-            "estimates": {
-                m: (e if "failed" in e else {**e, "predicted": e["predicted"][j, chosen[j]]}) for m, e in estimates.items()
-            },
+        picked = chosen[j]
+        narrowed = {
+            m: e
+            if isinstance(e, EstimatorFailure)
+            else replace(e, predicted=e.predicted[j, picked], residuals=e.residuals[j : j + 1])
+            for m, e in estimates.items()
         }
-        records.append(rec)
-    return records
+        truths = measured.truths.narrowed([pos[int(i)] for i in picked], j)
+        points.append(PointResult(int(t), np.asarray(picked), float(measured.drift[j]), truths, narrowed))
+    return ModelResult(depth, seed, grad_norm, train_seconds, train_accuracy, measured.proximal, measured.pbrf, tuple(points))
 
 
-def run_iris_depth(cfg: EstimandsConfig, depth: int) -> dict[str, Any]:
+def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
     """All seeds of one Iris depth: train (one stack), estimate, choose, the five ground truths, per seed.
 
     Cost: one stack of ``n_seeds`` models for ``iris_train_steps`` GD steps; per seed the estimators, a warm
@@ -366,23 +468,25 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> dict[str, Any]:
         cfg.pbrf_max_iter,
         cfg.chunk_size,
     )
-    records = []
-    for r, ((seed, t, est, chosen, _), tr) in enumerate(zip(prepared, truths)):
-        for rec in _rows(f"iris/d{depth}", seed, [t], [chosen], chosen, est, tr):
-            rec.update(
-                depth=depth,
-                grad_norm=float(trained.grad_norm[r]),
-                train_seconds=train_seconds / cfg.n_seeds,
-                truth_seconds=tr["seconds"],
-                pbrf_stationarity=tr["pbrf_stationarity"],
-                proximal_stationarity=tr["proximal_stationarity"],
-                unsolved=tr["unsolved"],
-            )
-            records.append(rec)
-    return {"setting": f"iris/d{depth}", "depth": depth, "num_params": objective.num_params, "n_train": n, "records": records}
+    results = tuple(
+        _model_result(
+            measured,
+            [t],
+            [chosen],
+            chosen,
+            est,
+            depth=depth,
+            seed=seed,
+            grad_norm=float(trained.grad_norm[r]),
+            train_seconds=train_seconds / cfg.n_seeds,
+            train_accuracy=None,
+        )
+        for r, ((seed, t, est, chosen, _), measured) in enumerate(zip(prepared, truths))
+    )
+    return EstimandsResult(f"iris/d{depth}", objective.num_params, n, stand_in=False, data=IRIS_DATA, models=results)
 
 
-def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
+def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
     """One small-MNIST CNN (float64): train by Adam, its ``mnist_test_points`` highest-loss test points,
     every estimator, the chosen points per test point, the five ground truths over their union."""
     data = cfg.mnist_data()
@@ -417,7 +521,7 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
     chosen = [_choose(cfg, k, est, cfg.mnist_estimators, j, n, seed) for j in range(len(tps))]
     union = np.unique(np.concatenate(chosen))
     # Minibatch retraining keeps the training's minibatch order (its seed) for the cold start.
-    truths = _truths(
+    (measured,) = _truths(
         objective,
         [_Model(theta0, theta, union, x_t, y_t)],
         x,
@@ -427,30 +531,22 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> dict[str, Any]:
         spec,
         cfg.pbrf_max_iter,
         cfg.chunk_size,
-    )[0]
+    )
     with torch.no_grad():
         accuracy = float((objective.logits(theta, x).argmax(-1) == y).double().mean())
-    records = _rows("mnist", seed, tps.tolist(), chosen, union, est, truths)
-    for rec in records:
-        rec.update(
-            depth=None,
-            grad_norm=float(trained.grad_norm[0]),
-            train_seconds=train_seconds,
-            truth_seconds=truths["seconds"],
-            pbrf_stationarity=truths["pbrf_stationarity"],
-            proximal_stationarity=truths["proximal_stationarity"],
-            unsolved=truths["unsolved"],
-            train_accuracy=accuracy,
-        )
-    return {
-        "setting": "mnist",
-        "seed": seed,
-        "num_params": objective.num_params,
-        "n_train": n,
-        "records": records,
-        "stand_in": data.stand_in,
-        "data": data.description,
-    }
+    model = _model_result(
+        measured,
+        tps.tolist(),
+        chosen,
+        union,
+        est,
+        depth=None,
+        seed=seed,
+        grad_norm=float(trained.grad_norm[0]),
+        train_seconds=train_seconds,
+        train_accuracy=accuracy,
+    )
+    return EstimandsResult("mnist", objective.num_params, n, stand_in=data.stand_in, data=data.description, models=(model,))
 
 
 # Settings of the estimators and ground truths that both kinds of job depend on.
@@ -473,12 +569,12 @@ def _key(cfg: EstimandsConfig, prefix: str) -> dict[str, Any]:
     return {f: d[f] for f in stack + _SHARED_FIELDS + own}
 
 
-def iris_job(depth: int, **fields: Any) -> dict[str, Any]:
+def iris_job(depth: int, **fields: Any) -> EstimandsResult:
     """Sweep job: :func:`run_iris_depth` for the fields :func:`study_jobs` keyed it by."""
     return run_iris_depth(EstimandsConfig(**fields), depth)
 
 
-def mnist_job(model_seed: int, **fields: Any) -> dict[str, Any]:
+def mnist_job(model_seed: int, **fields: Any) -> EstimandsResult:
     """Sweep job: :func:`run_mnist_seed` for the fields :func:`study_jobs` keyed it by."""
     return run_mnist_seed(EstimandsConfig(**fields), model_seed)
 
@@ -491,7 +587,7 @@ def study_jobs(cfg: EstimandsConfig) -> list[Job]:
     return jobs
 
 
-def run_study(cfg: EstimandsConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
+def run_study(cfg: EstimandsConfig, *, progress: bool = True, client=None) -> tuple[list[EstimandsResult], SweepReport]:
     """Every job through the sweep layer; returns the finished jobs' results (in job order) and the report."""
     return run_jobs(cfg, study_jobs(cfg), progress=progress, client=client)
 
@@ -499,8 +595,21 @@ def run_study(cfg: EstimandsConfig, *, progress: bool = True, client=None) -> tu
 # -- tables --------------------------------------------------------------------------------------------------
 
 
-def _records(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [rec for res in results for rec in res["records"]]
+def _points(results: list[EstimandsResult]) -> Iterator[tuple[EstimandsResult, ModelResult, PointResult]]:
+    """Every test point of every model of every job, with its job and model."""
+    return ((res, model, point) for res in results for model in res.models for point in model.points)
+
+
+def estimator_failures(results: list[EstimandsResult]) -> list[str]:
+    """One line per (model, estimator) that failed, with why (the first 160 characters)."""
+    return sorted(
+        {
+            f"{res.setting} seed {model.seed}: {m}: {e.message[:160]}"
+            for res, model, point in _points(results)
+            for m, e in point.estimates.items()
+            if isinstance(e, EstimatorFailure)
+        }
+    )
 
 
 def _finite_correlation(a: np.ndarray, b: np.ndarray, statistic: str) -> float:
@@ -509,19 +618,23 @@ def _finite_correlation(a: np.ndarray, b: np.ndarray, statistic: str) -> float:
     return correlation(a[keep], b[keep], statistic) if keep.sum() >= 3 else math.nan
 
 
-def grid_table(results: list[dict[str, Any]], statistic: str = "spearman") -> pd.DataFrame:
+def grid_table(results: list[EstimandsResult], statistic: str = "spearman") -> pd.DataFrame:
     """One row per (setting, seed, test point, estimator, ground truth): the correlation over the chosen points."""
     rows = []
-    for rec in _records(results):
-        for m, e in rec["estimates"].items():
+    for res, model, point in _points(results):
+        for m, e in point.estimates.items():
             for g in GROUND_TRUTHS:
-                value = math.nan if "failed" in e else _finite_correlation(e["predicted"], rec["truths"][g], statistic)
+                value = (
+                    math.nan
+                    if isinstance(e, EstimatorFailure)
+                    else _finite_correlation(e.predicted, point.truths.of(g), statistic)
+                )
                 rows.append(
                     {
-                        "setting": rec["setting"],
-                        "depth": rec["depth"],
-                        "seed": rec["seed"],
-                        "test_point": rec["test_point"],
+                        "setting": res.setting,
+                        "depth": model.depth,
+                        "seed": model.seed,
+                        "test_point": point.test_point,
                         "estimator": m,
                         "ground_truth": g,
                         statistic: value,
@@ -559,14 +672,16 @@ def depth_trend(grid: pd.DataFrame, estimator: str, truth: str, statistic: str =
     return correlation(sub["depth"].to_numpy(float), sub["mean"].to_numpy(float), "spearman")
 
 
-def _stage(rec: dict[str, Any], name: str) -> np.ndarray | None:
-    if name in rec["truths"]:
-        return rec["truths"][name]
-    e = rec["estimates"].get(name)
-    return None if e is None or "failed" in e else e["predicted"]
+def _stage(point: PointResult, name: str) -> np.ndarray | None:
+    """A stage of :data:`CHAIN` on one test point's chosen points: a ground truth, or an estimator's predictions
+    (None where that estimator was not run or failed)."""
+    if name in GROUND_TRUTHS:
+        return point.truths.of(name)
+    e = point.estimates.get(name)
+    return e.predicted if isinstance(e, Estimate) else None
 
 
-def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+def chain_table(results: list[EstimandsResult]) -> pd.DataFrame:
     """Bae et al.'s decomposition: for each consecutive step of :data:`CHAIN` (where both ends were computed),
     the Spearman between the two ends and their relative distance ``‖a − b‖ / ‖b‖`` over the chosen points,
     as mean ± sd per setting kind (Iris, all depths; small MNIST).
@@ -574,10 +689,9 @@ def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     Every stage is a loss change per removed point (removal weight 1/n), so the distances are comparable.
     """
     rows = []
-    for rec in _records(results):
-        kind = "Iris" if rec["setting"].startswith("iris") else "small MNIST"
+    for res, _, point in _points(results):
         for a, b, what in CHAIN:
-            va, vb = _stage(rec, a), _stage(rec, b)
+            va, vb = _stage(point, a), _stage(point, b)
             if va is None or vb is None:
                 continue
             keep = np.isfinite(va) & np.isfinite(vb)
@@ -585,7 +699,7 @@ def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
             denom = float(np.linalg.norm(vb))
             rows.append(
                 {
-                    "data": kind,
+                    "data": res.kind,
                     "step": f"{TRUTH_NAMES.get(a, a)} → {TRUTH_NAMES.get(b, b)}",
                     "gap": what,
                     "spearman": _finite_correlation(va, vb, "spearman"),
@@ -608,40 +722,34 @@ def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     return out
 
 
-def solve_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+def solve_table(results: list[EstimandsResult]) -> pd.DataFrame:
     """How well the proximal solves went, per model: the median relative stationarity ‖∇F‖ / (ε‖∇L(z_m)‖) of the
     PBRF and proximal-response solves, and how many chosen points' solves ended above 1 (left out as unsolved)."""
-    rows = []
-    for res in results:
-        seen = set()
-        for rec in res["records"]:
-            if (rec["setting"], rec["seed"]) in seen:
-                continue
-            seen.add((rec["setting"], rec["seed"]))
-            rows.append(
-                {
-                    "setting": rec["setting"],
-                    "seed": rec["seed"],
-                    "points": len(rec["chosen"]),
-                    "pbrf_stationarity": rec["pbrf_stationarity"],
-                    "pbrf_unsolved": rec["unsolved"]["pbrf"],
-                    "proximal_stationarity": rec["proximal_stationarity"],
-                    "proximal_unsolved": rec["unsolved"]["proximal"],
-                }
-            )
+    rows = [
+        {
+            "setting": res.setting,
+            "seed": model.seed,
+            "points": len(model.points[0].chosen),
+            "pbrf_stationarity": model.pbrf.stationarity,
+            "pbrf_unsolved": model.pbrf.unsolved,
+            "proximal_stationarity": model.proximal.stationarity,
+            "proximal_unsolved": model.proximal.unsolved,
+        }
+        for res in results
+        for model in res.models
+    ]
     return pd.DataFrame(rows)
 
 
-def timing_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+def timing_table(results: list[EstimandsResult]) -> pd.DataFrame:
     """Seconds per estimator and per PBRF / proximal solve set, median over models, per setting kind."""
     rows = []
-    for rec in _records(results):
-        kind = "Iris" if rec["setting"].startswith("iris") else "small MNIST"
-        for m, e in rec["estimates"].items():
-            if "failed" not in e:
-                rows.append({"data": kind, "method": m, "seconds": e["seconds"]})
-        for g, s in rec["truth_seconds"].items():
-            rows.append({"data": kind, "method": TRUTH_NAMES[g], "seconds": s})
+    for res, model, point in _points(results):
+        for m, e in point.estimates.items():
+            if isinstance(e, Estimate):
+                rows.append({"data": res.kind, "method": m, "seconds": e.seconds})
+        for g, solve in model.solves.items():
+            rows.append({"data": res.kind, "method": TRUTH_NAMES[g], "seconds": solve.seconds})
     if not rows:
         return pd.DataFrame(columns=["data", "method", "seconds"])
     return pd.DataFrame(rows).groupby(["data", "method"], sort=False)["seconds"].median().reset_index()
@@ -675,7 +783,7 @@ def undefined_depths(grid: pd.DataFrame, estimator: str = "exact") -> list[int]:
     return sorted(int(d) for d, g in sub.groupby("depth") if g["spearman"].isna().all())
 
 
-def pbrf_claims(results: list[dict[str, Any]], *, iris_width: int) -> list[dict[str, Any]]:
+def pbrf_claims(results: list[EstimandsResult], *, iris_width: int) -> list[dict[str, Any]]:
     """The paper's claims that this chapter can re-test with the PBRF as the ground truth: each row has our number
     against the paper's ground truth (warm-start leave-one-out, as in its own chapter) and against the PBRF, for the
     same models. ``key`` matches the claim keys of the Iris and small-MNIST chapters."""
@@ -732,7 +840,7 @@ def pbrf_claims(results: list[dict[str, Any]], *, iris_width: int) -> list[dict[
     return out
 
 
-def observations(results: list[dict[str, Any]]) -> list[str]:
+def observations(results: list[EstimandsResult]) -> list[str]:
     """Computed sentences for the discussion: which ground truth each estimator agrees with best, the largest gap
     of the chain, and whether the depth effect survives against the PBRF."""
     grid = grid_table(results)

@@ -30,18 +30,32 @@ import torch
 
 from fragile.book.chapter import COMMON_FIELDS, PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim
-from fragile.chapters.protocol import DTYPES, agreement, check_device_here, finished, job_fields, retrain_chosen, run_jobs
-from fragile.chapters.table1_protocol import Table1Config, correlations_table, model_jobs
+from fragile.chapters.protocol import (
+    DTYPES,
+    SolverSettings,
+    agreement,
+    check_device_here,
+    estimate,
+    finished,
+    folder,
+    job_fields,
+    retrain_chosen,
+    run_jobs,
+    solver_default,
+)
+from fragile.chapters.results import Agreement, Estimate, EstimatorFailure
+from fragile.chapters.table1_protocol import Retraining, Table1Config, Table1Result, correlations_table, model_jobs
+from fragile.config import at_least, non_negative, one_of, positive, setting
 from fragile.core.objective import Objective
 from fragile.core.selection import random_test_points, select_top_k
 from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset, resolve_data_root
 from fragile.data.image_folders import load_image_folder, write_digit_folders
-from fragile.errors import FragileError, InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.estimators import make_estimator
+from fragile.errors import InvalidArgumentError, check_choice
 from fragile.models.pretrained import imagenet_classifier, weights_file
 from fragile.models.small import build_model
 from fragile.run.devices import DEVICE_CHOICES, resolve_device
+from fragile.run.payload import record
 from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
@@ -61,122 +75,93 @@ PAPER_MAX_CORRELATION = 0.15  # Pearson and Spearman below this for both test po
 
 
 @dataclass(frozen=True)
-class ImageNetConfig(ChapterConfig):
-    """Every value the ImageNet & CIFAR-100 section depends on. Values the paper does not state are marked so.
-
-    Attributes:
-        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` may be ``cuda``, ``cuda:N``
-        or ``auto`` here)
-        data_root: an ImageFolder root with ``train/<class>/*`` and ``val/<class>/*`` (ImageNet's layout;
-            for ImageNet itself a class-balanced subset folder: every image is held in memory); empty means
-            the offline stand-in, which the chapter writes to ``<cache_dir>/imagenet_stand_in``: real MNIST
-            digits as RGB PNGs, ten classes (not ImageNet).
-        stand_in_train_per_class: training images per class of the stand-in.
-        stand_in_val_per_class: validation images per class of the stand-in.
-        image_size: side of the square crop the images are resized to (ImageNet: 224).
-        architecture: ``resnet50`` (the paper), ``resnet18`` (torchvision's ImageNet networks) or
-            ``small_resnet18`` (a ResNet-18 for small images at ``width``, group norm; the stand-in's).
-        width: first-layer channels of ``small_resnet18``.
-        weights: ``""`` (seeded initialisation, trained here), ``"torchvision"`` (its ImageNet weights from
-            its cache, never downloaded) or a state-dict file; torchvision architectures only.
-        dtype: floating type.
-        weight_decay: L2 coefficient of the objective (not stated for ImageNet).
-        lr: Adam's learning rate for training and fine-tuning (the paper's fastai schedule is not ours).
-        batch_size: minibatch size.
-        train_epochs: epochs of training from ``θ₀`` before the study (0 with pretrained weights: θ* is them).
-        retrain_epochs: fine-tuning epochs after each removal (the paper: 2).
-        top_k: training images removed per test point, by |predicted| (the paper: 50).
-        n_test_points: validation images chosen at random (seeded by ``seed``; the paper: 2).
-        influence_params: the parameters influence is computed over (``INFLUENCE_PARAMS``).
-        retrain_params: what fine-tuning updates: ``all`` parameters (the paper) or only ``influence_params``.
-        estimator: inverse-HVP method (``lissa``, ``arnoldi``, ``cg``, ``exact``; not stated).
-        damping: λ added to the Hessian.
-        lissa_depth, lissa_batch_size: LiSSA's recursion depth and images per Hessian sample.
-        arnoldi_rank: eigenpairs kept by ``arnoldi``.
-        cg_max_iter: conjugate-gradient iteration cap.
-        data_chunk: images per HVP chunk.
-        chunk_size: fine-tuned models per training stack.
-        cifar100: also run the CIFAR-100 rows.
-        cifar100_data_root: torchvision root holding ``cifar-100-python``; empty means ``FRAGILE_DATA``, then
-            the offline stand-in (digits as 3×32×32, ten classes: not CIFAR-100).
-        cifar100_architecture: the Table 1 architecture (paper: ResNet-18).
-        cifar100_width: its first-layer channels (torchvision: 64).
-        cifar100_weight_decay: paper: 5e-4.
-        cifar100_n_train, cifar100_n_test: images (0 = all: 50,000 / 10,000).
-        cifar100_train_steps, cifar100_batch_size: Adam training (not stated).
-        cifar100_test_points_per_kind: highest-loss and median-loss test points each (paper: several).
-        cifar100_n_seeds: initialisations (paper: several).
-        cifar100_top_k: training points retrained per test point (Table 1 protocol: 40).
-        cifar100_lissa_depth, cifar100_lissa_batch_size: LiSSA for the CIFAR-100 rows.
-    """
+class ImageNetConfig(SolverSettings, ChapterConfig):
+    """Every value the ImageNet & CIFAR-100 section depends on, each with its help text, besides the common fields
+    of :class:`~fragile.book.chapter.ChapterConfig` (``device`` may be ``cuda``, ``cuda:N`` or ``auto`` here) and the
+    estimators' of :class:`~fragile.chapters.protocol.SolverSettings` (``chunk_size``: fine-tuned models per
+    training stack). The ``cifar100_*`` fields are the CIFAR-100 rows' Table 1 fields (:meth:`cifar100_config`).
+    Values the paper does not state are marked so."""
 
     DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
 
-    device: str = "auto"
-    data_root: str = ""
-    stand_in_train_per_class: int = 30
-    stand_in_val_per_class: int = 10
-    image_size: int = 224
-    architecture: str = "resnet50"
-    width: int = 64
-    weights: str = "torchvision"
-    dtype: str = "float32"
-    weight_decay: float = 0.0
-    lr: float = 0.0001
-    batch_size: int = 256
-    train_epochs: int = 0
-    retrain_epochs: int = 2
-    top_k: int = 50
-    n_test_points: int = 2
-    influence_params: str = "last_block"
-    retrain_params: str = "all"
-    estimator: str = "lissa"
-    damping: float = 0.01
-    lissa_depth: int = 5000
-    lissa_batch_size: int = 256
-    arnoldi_rank: int = 100
-    cg_max_iter: int = 100
-    data_chunk: int = 256
-    chunk_size: int = 4
-    cifar100: bool = True
-    cifar100_data_root: str = ""
-    cifar100_architecture: str = "resnet18"
-    cifar100_width: int = 64
-    cifar100_weight_decay: float = 0.0005
-    cifar100_n_train: int = 0
-    cifar100_n_test: int = 0
-    cifar100_train_steps: int = 20000
-    cifar100_batch_size: int = 128
-    cifar100_test_points_per_kind: int = 3
-    cifar100_n_seeds: int = 3
-    cifar100_top_k: int = 40
-    cifar100_lissa_depth: int = 5000
-    cifar100_lissa_batch_size: int = 1024
+    device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    data_root: str = setting(
+        "",
+        (
+            "an ImageFolder root with train/<class>/* and val/<class>/* (ImageNet's layout; for ImageNet itself a "
+            "class-balanced subset folder: every image is held in memory); empty means the offline stand-in, which the "
+            "chapter writes to <cache_dir>/imagenet_stand_in: real MNIST digits as RGB PNGs, ten classes (not ImageNet)"
+        ),
+        folder,
+    )
+    stand_in_train_per_class: int = setting(30, "training images per class of the stand-in", at_least(1))
+    stand_in_val_per_class: int = setting(10, "validation images per class of the stand-in", at_least(1))
+    image_size: int = setting(224, "side of the square crop the images are resized to (ImageNet: 224)", at_least(16))
+    architecture: str = setting(
+        "resnet50",
+        (
+            "resnet50 (the paper), resnet18 (torchvision's ImageNet networks) or small_resnet18 (a ResNet-18 for small "
+            "images at width, group norm; the stand-in's)"
+        ),
+        one_of(ARCHITECTURES),
+    )
+    width: int = setting(64, "first-layer channels of small_resnet18", at_least(8))
+    weights: str = setting(
+        "torchvision",
+        (
+            '"" (seeded initialisation, trained here), "torchvision" (its ImageNet weights from its cache, never '
+            "downloaded) or a state-dict file; torchvision architectures only"
+        ),
+        folder,
+    )
+    dtype: str = setting("float32", "floating type", one_of(DTYPES))
+    weight_decay: float = setting(0.0, "L2 coefficient of the objective (not stated for ImageNet)", non_negative)
+    lr: float = setting(
+        0.0001, "Adam's learning rate for training and fine-tuning (the paper's fastai schedule is not ours)", positive
+    )
+    batch_size: int = setting(256, "minibatch size", at_least(1))
+    train_epochs: int = setting(
+        0, "epochs of training from θ₀ before the study (0 with pretrained weights: θ* is them)", at_least(0)
+    )
+    retrain_epochs: int = setting(2, "fine-tuning epochs after each removal (the paper: 2)", at_least(1))
+    top_k: int = setting(50, "training images removed per test point, by |predicted| (the paper: 50)", at_least(1))
+    n_test_points: int = setting(2, "validation images chosen at random (seeded by seed; the paper: 2)", at_least(1))
+    influence_params: str = setting(
+        "last_block", f"the parameters influence is computed over: one of {list(INFLUENCE_PARAMS)}", one_of(INFLUENCE_PARAMS)
+    )
+    retrain_params: str = setting(
+        "all", "what fine-tuning updates: all parameters (the paper) or only influence_params", one_of(RETRAIN_PARAMS)
+    )
+    estimator: str = setting("lissa", f"inverse-HVP method, one of {list(ESTIMATORS)} (not stated)", one_of(ESTIMATORS))
+    negative_eigenvalues: str = solver_default("negative_eigenvalues", "keep")
+    cg_max_iter: int = solver_default("cg_max_iter", 100)
+    cg_rtol: float = solver_default("cg_rtol", 1e-10)
+    lissa_batch_size: int = solver_default("lissa_batch_size", 256)
+    chunk_size: int = solver_default("chunk_size", 4)
+    cifar100: bool = setting(True, "also run the CIFAR-100 rows")
+    cifar100_data_root: str = setting(
+        "",
+        (
+            "torchvision root holding cifar-100-python; empty means FRAGILE_DATA, then the offline stand-in (digits as "
+            "3×32×32, ten classes: not CIFAR-100)"
+        ),
+        folder,
+    )
+    cifar100_architecture: str = setting("resnet18", "the Table 1 architecture (paper: ResNet-18)")
+    cifar100_width: int = setting(64, "its first-layer channels (torchvision: 64)")
+    cifar100_weight_decay: float = setting(0.0005, "L2 coefficient (paper: 5e-4)")
+    cifar100_n_train: int = setting(0, "training images (0 = all: 50,000)")
+    cifar100_n_test: int = setting(0, "test images (0 = all: 10,000)")
+    cifar100_train_steps: int = setting(20000, "Adam training steps (not stated)")
+    cifar100_batch_size: int = setting(128, "Adam minibatch size (not stated)")
+    cifar100_test_points_per_kind: int = setting(3, "highest-loss and median-loss test points each (paper: several)")
+    cifar100_n_seeds: int = setting(3, "initialisations (paper: several)")
+    cifar100_top_k: int = setting(40, "training points retrained per test point (Table 1 protocol: 40)")
+    cifar100_lissa_depth: int = setting(5000, "LiSSA recursion depth for the CIFAR-100 rows")
+    cifar100_lissa_batch_size: int = setting(1024, "LiSSA minibatch for the CIFAR-100 rows")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("data_root", "weights", "cifar100_data_root"):
-            if not isinstance(getattr(self, name), str):
-                raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is not allowed; give a path or an empty string")
-        for name in (
-            "stand_in_train_per_class",
-            "stand_in_val_per_class",
-            "batch_size",
-            "retrain_epochs",
-            "top_k",
-            "lissa_depth",
-            "lissa_batch_size",
-            "arnoldi_rank",
-            "cg_max_iter",
-            "data_chunk",
-            "chunk_size",
-        ):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("image_size", self.image_size, minimum=16)
-        check_int("width", self.width, minimum=8)
-        check_int("train_epochs", self.train_epochs, minimum=0)
-        check_int("n_test_points", self.n_test_points, minimum=1)
-        check_choice("architecture", self.architecture, ARCHITECTURES)
         if self.weights and self.architecture == "small_resnet18":
             raise InvalidArgumentError(
                 f"weights={self.weights!r} is not allowed with architecture='small_resnet18' (no ImageNet weights exist "
@@ -186,13 +171,6 @@ class ImageNetConfig(ChapterConfig):
             raise InvalidArgumentError(
                 "train_epochs=0 is not allowed with weights='': a randomly initialised network must be trained first"
             )
-        check_choice("dtype", self.dtype, tuple(DTYPES))
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_positive("lr", self.lr)
-        check_choice("influence_params", self.influence_params, INFLUENCE_PARAMS)
-        check_choice("retrain_params", self.retrain_params, RETRAIN_PARAMS)
-        check_choice("estimator", self.estimator, ESTIMATORS)
-        check_positive("damping", self.damping, allow_zero=True)
         if self.cifar100:
             self.cifar100_config()  # its own checks, by the Table 1 config's names
 
@@ -333,18 +311,91 @@ def _steps(epochs: int, n: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n / batch_size))
 
 
-def _estimator_kwargs(cfg: ImageNetConfig, n: int, p: int) -> dict[str, Any]:
-    common = {"damping": cfg.damping, "data_chunk": cfg.data_chunk, "progress": False}
-    if cfg.estimator == "lissa":
-        return {**common, "depth": cfg.lissa_depth, "batch_size": min(cfg.lissa_batch_size, n), "power_rtol": 1e-2, "seed": 0}
-    if cfg.estimator == "arnoldi":
-        return {**common, "rank": min(cfg.arnoldi_rank, p)}
-    if cfg.estimator == "cg":
-        return {**common, "max_iter": cfg.cg_max_iter}
-    return common
+@record
+@dataclass(frozen=True)
+class ImageNetNetwork:
+    """What an ImageNet job reports about its network: which one it is, its data, its fit and where it ran.
+
+    Attributes:
+        seed: the seed of its initialisation, minibatch order and test points.
+        architecture: the network (``ARCHITECTURES``).
+        stand_in: whether its images are the offline stand-in (digits, not ImageNet).
+        num_params: p of the whole network.
+        influence_params: the parameter-name prefixes θ for influence is made of (``("all",)`` for every one).
+        influence_num_params: the length of that θ.
+        n_train, n_val: training and validation images.
+        train_accuracy, val_accuracy: fraction of correctly classified training and validation images at θ*.
+        grad_norm: ‖∇‖ of the full training objective at the end of training (NaN when θ* is pretrained weights).
+        train_steps: Adam steps of the training (0 with pretrained weights).
+        device: where it ran (resolved).
+    """
+
+    seed: int
+    architecture: str
+    stand_in: bool
+    num_params: int
+    influence_params: tuple[str, ...]
+    influence_num_params: int
+    n_train: int
+    n_val: int
+    train_accuracy: float
+    val_accuracy: float
+    grad_norm: float
+    train_steps: int
+    device: str
 
 
-def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> dict[str, Any]:
+@record
+@dataclass(frozen=True)
+class FineTunedPoint:
+    """One random test point: its top training images, their predicted and fine-tuned changes, and the agreement.
+
+    Attributes:
+        index: the test point's validation index.
+        chosen: the ``top_k`` training indices by |predicted|, most influential first.
+        predicted: the estimator's predictions on ``chosen``.
+        actual: the fine-tuned change of the test loss against θ*; ``actual_vs_control`` against the drift control.
+        agreement: predicted against ``actual``; ``agreement_vs_control`` against ``actual_vs_control``.
+    """
+
+    index: int
+    chosen: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    actual_vs_control: np.ndarray
+    agreement: Agreement
+    agreement_vs_control: Agreement
+
+
+@record
+@dataclass(frozen=True)
+class ImageNetResult:
+    """One ImageNet job: a network, the estimator on its random test points, and the fine-tuned ground truth.
+
+    Attributes:
+        network: which network, and its fit.
+        test_points: the validation indices, with ``test_losses`` their losses at θ*.
+        estimate: the estimator's :class:`~fragile.chapters.results.Estimate` over the parameter subset, or its failure.
+        retraining: the fine-tuning with each top image removed and the drift control (its ``steps`` are per
+            removal), or ``None`` when the estimator failed (nothing to remove).
+        per_test_point: one :class:`FineTunedPoint` per test point (empty when the estimator failed).
+    """
+
+    network: ImageNetNetwork
+    test_points: np.ndarray
+    test_losses: np.ndarray
+    estimate: Estimate | EstimatorFailure
+    retraining: Retraining | None
+    per_test_point: tuple[FineTunedPoint, ...]
+
+    @property
+    def failure(self) -> str:
+        """Why the estimator failed, or ``""``."""
+        e = self.estimate
+        return f"{e.method}: {e.message}" if isinstance(e, EstimatorFailure) else ""
+
+
+def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> ImageNetResult:
     """One network of the ImageNet study: θ*, two random test points, influence on a parameter subset, the top
     ``top_k`` images fine-tuned away one at a time with the drift control, and correlations.
 
@@ -382,66 +433,43 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> d
         train_acc = float((subset.logits(theta_sub, x).argmax(1) == y).double().mean())
     tp = choose_random_test_points(len(data.val), cfg.n_test_points, seed)
     x_test, y_test = x_val[torch.as_tensor(tp, device=dev)], y_val[torch.as_tensor(tp, device=dev)]
-    est = make_estimator(cfg.estimator, subset, theta_sub, x, y, **_estimator_kwargs(cfg, n, subset.num_params))
-    out: dict[str, Any] = {
-        "seed": seed,
-        "stand_in": data.stand_in,
-        "architecture": cfg.architecture,
-        "num_params": full.num_params,
-        "influence_params": list(prefixes or ["all"]),
-        "influence_num_params": subset.num_params,
-        "n_train": n,
-        "n_val": len(data.val),
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "grad_norm": grad_norm,
-        "test_points": tp,
-        "test_losses": val_losses[tp],
-        "device": str(dev),
-        "train_steps": train_spec.steps if cfg.train_epochs else 0,
-    }
-    try:
-        res = est.influences(x_test, y_test)
-    except FragileError as exc:
-        log.warning("%s failed: %s", cfg.estimator, exc)
-        out["failed"] = f"{cfg.estimator}: {exc}"
-        return out
-    predicted = res.predicted.double().numpy()
-    out.update({"estimator_seconds": res.seconds, "residuals": res.residuals.double().numpy()})
+    network = ImageNetNetwork(
+        seed=seed,
+        architecture=cfg.architecture,
+        stand_in=data.stand_in,
+        num_params=full.num_params,
+        influence_params=tuple(prefixes or ("all",)),
+        influence_num_params=subset.num_params,
+        n_train=n,
+        n_val=len(data.val),
+        train_accuracy=train_acc,
+        val_accuracy=val_acc,
+        grad_norm=grad_norm,
+        train_steps=train_spec.steps if cfg.train_epochs else 0,
+        device=str(dev),
+    )
+    influence = estimate(
+        cfg.estimator, subset, theta_sub, x, y, x_test, y_test, **cfg.solver_kwargs(cfg.estimator, n, subset.num_params)
+    )
+    if isinstance(influence, EstimatorFailure):
+        return ImageNetResult(network, tp, val_losses[tp], influence, None, ())
+    predicted = influence.predicted
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
     retrain_obj, retrain_theta = (full, theta) if cfg.retrain_params == "all" else (subset, theta_sub)
     retrain_spec = train_spec.replace(steps=_steps(cfg.retrain_epochs, n, cfg.batch_size))
     loo = retrain_chosen(retrain_obj, retrain_theta, x, y, chosen, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size)
-    out.update(
-        {
-            "loo_models": int(loo.union.size),
-            "retrain_steps": retrain_spec.steps,
-            "drift": loo.drift,
-            "control_grad_norm": loo.control_grad_norm,
-        }
-    )
     per_tp = []
     for t in range(len(tp)):
         rows = loo.rows(chosen[t])
         pred, actual, vs_control = predicted[t, chosen[t]], loo.actual[rows, t], loo.actual_vs_control[rows, t]
-        against_control = agreement(pred, vs_control)
         per_tp.append(
-            {
-                "test_point": int(tp[t]),
-                "chosen": chosen[t],
-                "predicted": pred,
-                "actual": actual,
-                "actual_vs_control": vs_control,
-                **agreement(pred, actual),
-                "spearman_vs_control": against_control["spearman"],
-                "pearson_vs_control": against_control["pearson"],
-            }
+            FineTunedPoint(int(tp[t]), chosen[t], pred, actual, vs_control, agreement(pred, actual), agreement(pred, vs_control))
         )
-    out["per_test_point"] = per_tp
-    return out
+    retraining = Retraining(int(loo.union.size), retrain_spec.steps, loo.drift, loo.control_grad_norm, loo.seconds)
+    return ImageNetResult(network, tp, val_losses[tp], influence, retraining, tuple(per_tp))
 
 
-def imagenet_job(model_seed: int, device: str | None = None, **fields: Any) -> dict[str, Any]:
+def imagenet_job(model_seed: int, device: str | None = None, **fields: Any) -> ImageNetResult:
     """One sweep job: :func:`run_imagenet` for the config :func:`imagenet_jobs` keyed it by."""
     return run_imagenet(ImageNetConfig(**fields), model_seed, device=device)
 
@@ -463,7 +491,7 @@ def imagenet_jobs(cfg: ImageNetConfig) -> list[Job]:
 
 def run_study(
     cfg: ImageNetConfig, *, progress: bool = True, client=None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], SweepReport]:
+) -> tuple[list[ImageNetResult], list[Table1Result], SweepReport]:
     """The ImageNet jobs and (with ``cifar100``) the CIFAR-100 Table 1 jobs in one sweep.
 
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
@@ -478,7 +506,32 @@ def run_study(
     return finished(report, jobs), finished(report, c100), report
 
 
-def drift_table(models: list[dict[str, Any]]):
+def network_rows(models: list[ImageNetResult], influence_params: str) -> list[dict[str, Any]]:
+    """One row per ImageNet network: size, θ for influence (``influence_params`` is the config's name of it), fit,
+    fine-tuning steps, and the estimator's worst solve residual and seconds (NaN where it failed)."""
+    rows = []
+    for m in models:
+        net, est = m.network, m.estimate
+        rows.append(
+            {
+                "seed": net.seed,
+                "architecture": net.architecture,
+                "parameters": net.num_params,
+                "θ for influence": f"{influence_params}: " + ", ".join(net.influence_params),
+                "its parameters": net.influence_num_params,
+                "training images": net.n_train,
+                "train accuracy": net.train_accuracy,
+                "val accuracy": net.val_accuracy,
+                "grad norm": net.grad_norm,
+                "fine-tuning steps per removal": m.retraining.steps if m.retraining is not None else None,
+                "max residual": float(est.residuals.max()) if isinstance(est, Estimate) else math.nan,
+                "estimator seconds": est.seconds if isinstance(est, Estimate) else math.nan,
+            }
+        )
+    return rows
+
+
+def drift_table(models: list[ImageNetResult]):
     """The paper's comparison, per test point: the drift of the control (fine-tuning with nothing removed)
     beside the removal effects it has to be told apart from.
 
@@ -490,27 +543,30 @@ def drift_table(models: list[dict[str, Any]]):
 
     rows = []
     for m in models:
-        for t, e in enumerate(m.get("per_test_point", [])):
-            own = float(np.median(np.abs(e["actual_vs_control"])))
+        if m.retraining is None:
+            continue
+        for t, e in enumerate(m.per_test_point):
+            own = float(np.median(np.abs(e.actual_vs_control)))
+            drift = float(m.retraining.drift[t])
             rows.append(
                 {
-                    "seed": m["seed"],
-                    "test_point": e["test_point"],
-                    "test_loss": float(m["test_losses"][t]),
-                    "drift": float(m["drift"][t]),
-                    "median_abs_removal": float(np.median(np.abs(e["actual"]))),
+                    "seed": m.network.seed,
+                    "test_point": e.index,
+                    "test_loss": float(m.test_losses[t]),
+                    "drift": drift,
+                    "median_abs_removal": float(np.median(np.abs(e.actual))),
                     "median_abs_removal_vs_control": own,
-                    "drift_over_removal": abs(float(m["drift"][t])) / own if own else math.inf,
-                    "spearman": e["spearman"],
-                    "pearson": e["pearson"],
-                    "spearman_vs_control": e["spearman_vs_control"],
-                    "pearson_vs_control": e["pearson_vs_control"],
+                    "drift_over_removal": abs(drift) / own if own else math.inf,
+                    "spearman": e.agreement.spearman,
+                    "pearson": e.agreement.pearson,
+                    "spearman_vs_control": e.agreement_vs_control.spearman,
+                    "pearson_vs_control": e.agreement_vs_control.pearson,
                 }
             )
     return pd.DataFrame(rows)
 
 
-def cifar100_table(models: list[dict[str, Any]]):
+def cifar100_table(models: list[Table1Result]):
     """Per CIFAR-100 network and test point: kind, loss, Spearman and Pearson against leave-one-out."""
     table = correlations_table(models)
     return (
@@ -519,7 +575,7 @@ def cifar100_table(models: list[dict[str, Any]]):
 
 
 def claims(
-    imagenet: list[dict[str, Any]], cifar100: list[dict[str, Any]], *, imagenet_stand_in: bool, cifar100_stand_in: bool
+    imagenet: list[ImageNetResult], cifar100: list[Table1Result], *, imagenet_stand_in: bool, cifar100_stand_in: bool
 ) -> list[Claim]:
     """The section's claims, our numbers beside the paper's, and a verdict by a stated rule.
 

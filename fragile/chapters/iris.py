@@ -8,31 +8,37 @@ highest loss, compute exact influence (materialised Hessian) on every training p
 ``retrain_steps`` steps with the drift control, and correlate predicted with actual loss changes.
 Each architecture is one job of a :mod:`fragile.run.sweep` (its seeds train as one vectorised stack, which is
 faster than spreading them over processes); jobs run on Dask workers, are cached one by one, and an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. A job returns an :class:`ArchitectureResult`: one :class:`IrisRun` per
+seed and weight decay, or a :class:`FailedRun` where the damped Hessian was singular.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, number
-from fragile.chapters.protocol import iris_split, job_fields, run_jobs
-from fragile.core.ground_truth import LOOTask, loo_retrain_many
+from fragile.chapters.protocol import agreement, iris_split, job_fields, run_jobs
+from fragile.chapters.results import Agreement, Estimate, EstimatorFailure
+from fragile.config import at_least, between, each, fraction, non_negative, one_of, positive, setting
+from fragile.core.ground_truth import LOOResult, LOOTask, loo_retrain_many
 from fragile.core.metrics import aggregate_over_seeds, correlation
 from fragile.core.objective import Objective
 from fragile.core.selection import SELECTION_SCORES, select_top_k
 from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset
-from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
+from fragile.errors import InvalidArgumentError
 from fragile.estimators import NEGATIVE_POLICIES, make_estimator
 from fragile.models.small import ACTIVATIONS, build_model
+from fragile.run.payload import record
 from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
@@ -43,74 +49,39 @@ MAX_WIDTH = 200
 
 @dataclass(frozen=True)
 class IrisConfig(ChapterConfig):
-    """Every value the Iris section depends on. Values the paper does not state are marked so.
+    """Every value the Iris section depends on, each with its help text (``fragile params iris`` lists them), besides
+    the common fields of :class:`~fragile.book.chapter.ChapterConfig` (``device`` is the CPU only here: the models
+    are tiny). Values the paper does not state are marked so."""
 
-    Attributes:
-        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` is the CPU only here:
-        the models are tiny)
-        n_seeds: seeds per configuration (the paper reports single runs).
-        depths: hidden-layer counts of the depth sweep, at width ``headline_width``.
-        widths: widths of the width sweep, at depth 1.
-        headline_width: width of the headline network and of the depth sweep (paper: 5).
-        activation: hidden activation (paper: ReLU).
-        weight_decay: L2 coefficient of the "with weight decay" runs (paper: not stated for Iris).
-        damping_with_wd: damping λ with weight decay (paper: none).
-        damping_without_wd: damping λ without weight decay (paper: 0.001).
-        negative_eigenvalues: policy for negative Hessian eigenvalues (paper: damping only, i.e. keep).
-        lr: gradient-descent learning rate (paper: not stated).
-        train_steps: full-batch GD steps to θ* (paper: 60,000).
-        retrain_steps: warm-started leave-one-out steps (paper: 7,500).
-        test_fraction: share of Iris held out as test points (paper: split not stated).
-        split_seed: seed of the stratified train/test split.
-        selection_fraction: share of training points evaluated (paper: 16.6 %).
-        selection_by: ranking for the selection: ``abs`` = |predicted influence| (paper: unconfirmed).
-        chunk_size: models per retraining stack.
-    """
-
-    n_seeds: int = 10
-    depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
-    widths: tuple[int, ...] = (8, 14, 20, 30, 40, 50)
-    headline_width: int = 5
-    activation: str = "relu"
-    weight_decay: float = 0.001
-    damping_with_wd: float = 0.0
-    damping_without_wd: float = 0.001
-    negative_eigenvalues: str = "keep"
-    lr: float = 0.3
-    train_steps: int = 60000
-    retrain_steps: int = 7500
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    selection_fraction: float = 0.166
-    selection_by: str = "abs"
-    chunk_size: int = 512
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.depths:
-            raise InvalidArgumentError("depths is empty; give at least one depth")
-        for d in self.depths:
-            check_int("depths", d, minimum=1, maximum=MAX_DEPTH)
-        if not self.widths:
-            raise InvalidArgumentError("widths is empty; give at least one width")
-        for w in self.widths:
-            check_int("widths", w, minimum=1, maximum=MAX_WIDTH)
-        check_int("headline_width", self.headline_width, minimum=1, maximum=MAX_WIDTH)
-        check_choice("activation", self.activation, ACTIVATIONS)
-        check_positive("weight_decay", self.weight_decay)
-        check_positive("damping_with_wd", self.damping_with_wd, allow_zero=True)
-        check_positive("damping_without_wd", self.damping_without_wd, allow_zero=True)
-        check_choice("negative_eigenvalues", self.negative_eigenvalues, NEGATIVE_POLICIES)
-        check_positive("lr", self.lr)
-        check_int("train_steps", self.train_steps, minimum=1)
-        check_int("retrain_steps", self.retrain_steps, minimum=1)
-        if not 0.0 < self.test_fraction < 0.5:
-            raise InvalidArgumentError(f"test_fraction={self.test_fraction!r} is not allowed; it must be in (0, 0.5)")
-        check_int("split_seed", self.split_seed, minimum=0)
-        if not 0.0 < self.selection_fraction <= 1.0:
-            raise InvalidArgumentError(f"selection_fraction={self.selection_fraction!r} is not allowed; it must be in (0, 1]")
-        check_choice("selection_by", self.selection_by, SELECTION_SCORES)
-        check_int("chunk_size", self.chunk_size, minimum=1)
+    n_seeds: int = setting(10, "seeds per configuration (the paper reports single runs)", at_least(1))
+    depths: tuple[int, ...] = setting(
+        (1, 2, 3, 4, 5, 6, 7, 8),
+        "hidden-layer counts of the depth sweep, at width headline_width",
+        each(between(1, MAX_DEPTH), nonempty=True),
+    )
+    widths: tuple[int, ...] = setting(
+        (8, 14, 20, 30, 40, 50), "widths of the width sweep, at depth 1", each(between(1, MAX_WIDTH), nonempty=True)
+    )
+    headline_width: int = setting(5, "width of the headline network and of the depth sweep (paper: 5)", between(1, MAX_WIDTH))
+    activation: str = setting("relu", "hidden activation (paper: ReLU)", one_of(ACTIVATIONS))
+    weight_decay: float = setting(0.001, 'L2 coefficient of the "with weight decay" runs (paper: not stated for Iris)', positive)
+    damping_with_wd: float = setting(0.0, "damping λ with weight decay (paper: none)", non_negative)
+    damping_without_wd: float = setting(0.001, "damping λ without weight decay (paper: 0.001)", non_negative)
+    negative_eigenvalues: str = setting(
+        "keep", "policy for negative Hessian eigenvalues (paper: damping only, i.e. keep)", one_of(NEGATIVE_POLICIES)
+    )
+    lr: float = setting(0.3, "gradient-descent learning rate (paper: not stated)", positive)
+    train_steps: int = setting(60000, "full-batch GD steps to θ* (paper: 60,000)", at_least(1))
+    retrain_steps: int = setting(7500, "warm-started leave-one-out steps (paper: 7,500)", at_least(1))
+    test_fraction: float = setting(
+        0.2, "share of Iris held out as test points (paper: split not stated)", fraction(high=0.5, high_open=True)
+    )
+    split_seed: int = setting(0, "seed of the stratified train/test split", at_least(0))
+    selection_fraction: float = setting(0.166, "share of training points evaluated (paper: 16.6 %)", fraction())
+    selection_by: str = setting(
+        "abs", "ranking for the selection: abs = |predicted influence| (paper: unconfirmed)", one_of(SELECTION_SCORES)
+    )
+    chunk_size: int = setting(512, "models per retraining stack (memory, not numbers)", at_least(1))
 
 
 def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:
@@ -118,8 +89,179 @@ def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:
     return iris_split(cfg.test_fraction, cfg.split_seed)
 
 
-def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool = True) -> dict[str, Any]:
-    """All seeds, with and without weight decay, for one architecture. Returns plain arrays per run.
+@record
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """Warm-started leave-one-out retraining of one run's chosen training points, with the drift control.
+
+    Attributes:
+        actual: (k,) change of the test loss against θ* when each chosen point is removed.
+        actual_vs_control: (k,) the same change against the control run (the same steps, nothing removed).
+        drift: control − θ* on the test loss: what continued training alone does to it.
+        param_change: (k,) ‖θ₋ᵢ − θ*‖ of each retrained model.
+        control_grad_norm: the control's final full-batch gradient norm.
+    """
+
+    actual: np.ndarray
+    actual_vs_control: np.ndarray
+    drift: float
+    param_change: np.ndarray
+    control_grad_norm: float
+
+    @classmethod
+    def of(cls, result: LOOResult) -> LeaveOneOut:
+        """The retraining of one model on its one test point."""
+        return cls(
+            actual=result.actual[:, 0].numpy(),
+            actual_vs_control=result.actual_vs_control[:, 0].numpy(),
+            drift=float(result.drift[0]),
+            param_change=result.param_change.numpy(),
+            control_grad_norm=result.control_grad_norm,
+        )
+
+
+# What the headline reports of each run (:meth:`IrisRun.statistics`).
+HEADLINE_STATS = ("spearman", "pearson", "sign_agreement", "sign_agreement_vs_control", "drift_to_signal")
+
+
+@record
+@dataclass(frozen=True)
+class IrisRun:
+    """One seed and weight decay of an architecture: exact influence on the highest-loss test point, checked by
+    retraining the chosen training points.
+
+    Attributes:
+        seed, weight_decay: which model of the architecture's stack.
+        damping: λ added to the Hessian.
+        test_index: the held-out point with the highest loss at θ*; ``test_loss`` is that loss.
+        train_loss: the final mean training loss of gradient descent.
+        grad_norm: ‖∇‖ of the training objective at θ*.
+        lambda_min, num_negative: the smallest Hessian eigenvalue at θ* and the count of negative ones (the
+            largest is the estimate's ``lambda_max``).
+        lr_times_lambda_max: lr·λmax: gradient descent stops converging near 2.
+        estimate: exact influence of every training point on the test point (``predicted`` is (1, n)).
+        chosen: the k evaluated training indices, by ``selection_by``, most influential first.
+        predicted_param_change: (k,) ‖(1/n)(H+λI)⁻¹∇L(zᵢ)‖ of each chosen point.
+        loo: the retrained ground truth of the chosen points.
+    """
+
+    failed: ClassVar[bool] = False
+
+    seed: int
+    weight_decay: float
+    damping: float
+    test_index: int
+    test_loss: float
+    train_loss: float
+    grad_norm: float
+    lambda_min: float
+    num_negative: int
+    lr_times_lambda_max: float
+    estimate: Estimate
+    chosen: np.ndarray
+    predicted_param_change: np.ndarray
+    loo: LeaveOneOut
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest Hessian eigenvalue at θ* (the exact estimator always learns it)."""
+        return float(self.estimate.lambda_max)
+
+    @property
+    def residual(self) -> float:
+        """Relative residual of the inverse-HVP solve."""
+        return float(self.estimate.residuals.max())
+
+    @property
+    def predicted_all(self) -> np.ndarray:
+        """(n,) predicted change of the test loss when each training point is removed."""
+        return self.estimate.predicted[0]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(k,) the predicted changes of the chosen points."""
+        return self.predicted_all[self.chosen]
+
+    @property
+    def agreement(self) -> Agreement:
+        """Predicted against actual (against θ*) changes of the chosen points."""
+        return agreement(self.predicted, self.loo.actual)
+
+    # What the drift control changes. For one test point the control's drift shifts every actual change by the same
+    # amount, so rank and linear correlations are unchanged by it; signs and magnitudes are not.
+
+    @property
+    def sign_agreement(self) -> float:
+        """Share of chosen points whose predicted and actual (against θ*) changes have the same sign."""
+        return float(np.mean(np.sign(self.predicted) == np.sign(self.loo.actual)))
+
+    @property
+    def sign_agreement_vs_control(self) -> float:
+        """The same share with the actual change measured against the control."""
+        return float(np.mean(np.sign(self.predicted) == np.sign(self.loo.actual_vs_control)))
+
+    @property
+    def drift_to_signal(self) -> float:
+        """``|drift| / median |actual − drift|``: above 1, continued training alone moves the test loss more than
+        removing a typical chosen point does."""
+        signal = float(np.median(np.abs(self.loo.actual_vs_control)))
+        return abs(self.loo.drift) / signal if signal > 0 else math.inf
+
+    def statistics(self) -> dict[str, float]:
+        """What the headline reports of this run, by the names of :data:`HEADLINE_STATS`."""
+        a = self.agreement
+        values = (a.spearman, a.pearson, self.sign_agreement, self.sign_agreement_vs_control, self.drift_to_signal)
+        return dict(zip(HEADLINE_STATS, values, strict=True))
+
+
+@record
+@dataclass(frozen=True)
+class FailedRun:
+    """A seed and weight decay whose damped Hessian was singular: no estimate, nothing retrained.
+
+    Attributes:
+        seed, weight_decay: which model of the architecture's stack.
+        failure: the exact estimator's failure, with why.
+    """
+
+    failed: ClassVar[bool] = True
+
+    seed: int
+    weight_decay: float
+    failure: EstimatorFailure
+
+
+@record
+@dataclass(frozen=True)
+class ArchitectureResult:
+    """One architecture's job: every seed with and without weight decay.
+
+    Attributes:
+        depth, width: hidden layers and units per hidden layer.
+        num_params: p, the length of θ.
+        k: training points evaluated per run.
+        n_train: training points.
+        runs: one per seed with weight decay, then one per seed without, in seed order.
+    """
+
+    depth: int
+    width: int
+    num_params: int
+    k: int
+    n_train: int
+    runs: tuple[IrisRun | FailedRun, ...]
+
+    def finished(self, with_weight_decay: bool) -> tuple[IrisRun, ...]:
+        """The runs with (or without) weight decay that did not fail, in seed order."""
+        return tuple(r for r in self.runs if not r.failed and (r.weight_decay > 0) == with_weight_decay)
+
+    @property
+    def failures(self) -> tuple[FailedRun, ...]:
+        return tuple(r for r in self.runs if r.failed)
+
+
+def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool = True) -> ArchitectureResult:
+    """All seeds, with and without weight decay, for one architecture.
 
     Cost: one stack of ``2·n_seeds`` models for ``train_steps`` steps, ``2·n_seeds`` exact Hessians
     (p ≤ a few hundred), and one leave-one-out stack of ``2·n_seeds·(k+1)`` models for ``retrain_steps``.
@@ -136,18 +278,11 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
     base = Objective(models[0], 0.0)
     theta0 = torch.stack([Objective(m).initial_params() for m in models])
     wd_t = torch.tensor(wds, dtype=theta0.dtype)
-    trained = fit(
-        base,
-        theta0,
-        train.x,
-        train.y,
-        TrainSpec("gd", lr=cfg.lr, steps=cfg.train_steps),
-        weight_decay=wd_t,
-        progress=progress,
-        desc=f"train d={depth} w={width}",
-    )
+    spec = TrainSpec("gd", lr=cfg.lr, steps=cfg.train_steps)
+    trained = fit(base, theta0, train.x, train.y, spec, weight_decay=wd_t, progress=progress, desc=f"train d={depth} w={width}")
 
-    runs: list[dict[str, Any]] = []
+    # A finished run waits for its retraining, which all runs share as one stack.
+    pending: list[FailedRun | partial[IrisRun]] = []
     tasks: list[LOOTask] = []
     for r, (seed, wd) in enumerate(zip(seeds, wds)):
         theta = trained.params[r]
@@ -162,64 +297,42 @@ def run_architecture(cfg: IrisConfig, depth: int, width: int, *, progress: bool 
             res = est.influences(test.x[t : t + 1], test.y[t : t + 1])
         except InvalidArgumentError as exc:  # singular H + λI: reported as a failed run, not hidden
             log.warning("depth %d width %d seed %d wd %g: %s", depth, width, seed, wd, exc)
-            runs.append({"seed": seed, "weight_decay": wd, "failed": str(exc)})
+            pending.append(FailedRun(seed, wd, EstimatorFailure("exact", str(exc))))
             continue
         predicted = res.predicted[0]
         chosen = select_top_k(predicted.numpy(), k, by=cfg.selection_by)
         dtheta = est.predicted_param_changes(torch.as_tensor(chosen))
-        spec = est.spectrum
-        runs.append(
-            {
-                "seed": seed,
-                "weight_decay": wd,
-                "damping": damping,
-                "test_index": t,
-                "test_loss": float(test_losses[t]),
-                "train_loss": float(trained.losses[-1, r]),
-                "grad_norm": float(trained.grad_norm[r]),
-                "lambda_max": spec.largest,
-                "lambda_min": spec.smallest,
-                "num_negative": spec.num_negative,
-                "lr_times_lambda_max": cfg.lr * spec.largest,
-                "predicted_all": predicted.numpy(),
-                "chosen": chosen,
-                "predicted": predicted.numpy()[chosen],
-                "predicted_param_change": dtheta.norm(dim=1).numpy(),
-                "residual": float(res.residuals.max()),
-            }
+        spectrum = est.spectrum
+        pending.append(
+            partial(
+                IrisRun,
+                seed=seed,
+                weight_decay=wd,
+                damping=damping,
+                test_index=t,
+                test_loss=float(test_losses[t]),
+                train_loss=float(trained.losses[-1, r]),
+                grad_norm=float(trained.grad_norm[r]),
+                lambda_min=spectrum.smallest,
+                num_negative=spectrum.num_negative,
+                lr_times_lambda_max=cfg.lr * spectrum.largest,
+                estimate=Estimate(
+                    "exact", res.predicted.numpy(), res.residuals.numpy(), res.seconds, lambda_max=spectrum.largest
+                ),
+                chosen=chosen,
+                predicted_param_change=dtheta.norm(dim=1).numpy(),
+            )
         )
         tasks.append(LOOTask(theta, torch.as_tensor(chosen), test.x[t : t + 1], test.y[t : t + 1], weight_decay=wd))
 
-    loo = loo_retrain_many(
-        base,
-        tasks,
-        train.x,
-        train.y,
-        TrainSpec("gd", lr=cfg.lr, steps=cfg.retrain_steps),
-        chunk_size=cfg.chunk_size,
-        progress=progress,
-    )
-    done = iter(loo)
-    for run in runs:
-        if "failed" in run:
-            continue
-        lr_ = next(done)
-        actual, vs_control = lr_.actual[:, 0].numpy(), lr_.actual_vs_control[:, 0].numpy()
-        run.update(
-            {
-                "actual": actual,
-                "actual_vs_control": vs_control,
-                "drift": float(lr_.drift[0]),
-                "actual_param_change": lr_.param_change.numpy(),
-                "control_grad_norm": lr_.control_grad_norm,
-                "spearman": correlation(run["predicted"], actual, "spearman"),
-                "pearson": correlation(run["predicted"], actual, "pearson"),
-            }
-        )
-    return {"depth": depth, "width": width, "num_params": base.num_params, "k": k, "n_train": n, "runs": runs}
+    # Leave-one-out retraining continues the same gradient descent from θ*.
+    retrain = spec.replace(steps=cfg.retrain_steps)
+    done = iter(loo_retrain_many(base, tasks, train.x, train.y, retrain, chunk_size=cfg.chunk_size, progress=progress))
+    runs = tuple(run if isinstance(run, FailedRun) else run(loo=LeaveOneOut.of(next(done))) for run in pending)
+    return ArchitectureResult(depth=depth, width=width, num_params=base.num_params, k=k, n_train=n, runs=runs)
 
 
-def architecture_job(depth: int, width: int, **fields: Any) -> dict[str, Any]:
+def architecture_job(depth: int, width: int, **fields: Any) -> ArchitectureResult:
     """One sweep job: :func:`run_architecture` for the config that :func:`architecture_jobs` keyed it by."""
     return run_architecture(IrisConfig(**fields), depth, width, progress=False)
 
@@ -245,7 +358,7 @@ def architecture_jobs(cfg: IrisConfig) -> list[Job]:
     ]
 
 
-def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
+def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[list[ArchitectureResult], SweepReport]:
     """Every architecture, through the sweep layer on ``cfg.scheduler`` (or ``client``).
 
     Returns the finished architectures in :func:`architectures` order and the sweep's report (done,
@@ -255,36 +368,51 @@ def run_study(cfg: IrisConfig, *, progress: bool = True, client=None) -> tuple[l
     return run_jobs(cfg, architecture_jobs(cfg), progress=progress, client=client)
 
 
-def derived_metrics(run: dict[str, Any]) -> dict[str, float]:
-    """What the drift control changes. For one test point the control's drift shifts every actual change
-    by the same amount, so rank and linear correlations are unchanged by it; signs and magnitudes are not.
-
-    Returns the share of evaluated points whose predicted and actual changes have the same sign, against
-    θ* and against the control, and ``|drift| / median |actual − drift|``: above 1, continued training
-    alone moves the test loss more than removing a typical evaluated point does.
-    """
-    if "actual" not in run:
-        return {"sign_agreement": math.nan, "sign_agreement_vs_control": math.nan, "drift_to_signal": math.nan}
-    pred = np.sign(run["predicted"])
-    signal = float(np.median(np.abs(run["actual_vs_control"])))
-    return {
-        "sign_agreement": float(np.mean(pred == np.sign(run["actual"]))),
-        "sign_agreement_vs_control": float(np.mean(pred == np.sign(run["actual_vs_control"]))),
-        "drift_to_signal": abs(run["drift"]) / signal if signal > 0 else math.inf,
-    }
+def architecture(groups: Sequence[ArchitectureResult], depth: int, width: int) -> ArchitectureResult:
+    """The finished architecture of ``depth`` hidden layers of ``width`` units."""
+    return next(g for g in groups if g.depth == depth and g.width == width)
 
 
-def runs_table(groups: list[dict[str, Any]]):
-    """One row per (architecture, weight decay, seed) with the scalar results, as a pandas DataFrame."""
+# A finished run's own values in the runs table, in column order (its leave-one-out and statistics follow).
+RUN_COLUMNS = (
+    "damping",
+    "test_index",
+    "test_loss",
+    "train_loss",
+    "grad_norm",
+    "lambda_max",
+    "lambda_min",
+    "num_negative",
+    "lr_times_lambda_max",
+    "residual",
+)
+
+
+def runs_table(groups: Sequence[ArchitectureResult]):
+    """One row per (architecture, weight decay, seed) with the scalar results, as a pandas DataFrame; a failed run's
+    row says why in ``failed`` and has no numbers."""
     import pandas as pd
 
     rows = []
     for g in groups:
-        for r in g["runs"]:
-            row = {"depth": g["depth"], "width": g["width"], "num_params": g["num_params"]}
-            row.update({k: v for k, v in r.items() if not isinstance(v, np.ndarray) and not k.endswith("_vs_control")})
-            row.update(derived_metrics(r))
-            row["wd"] = "with weight decay" if r["weight_decay"] > 0 else "without weight decay"
+        for r in g.runs:
+            row: dict[str, Any] = {
+                "depth": g.depth,
+                "width": g.width,
+                "num_params": g.num_params,
+                "seed": r.seed,
+                "weight_decay": r.weight_decay,
+            }
+            if isinstance(r, FailedRun):
+                row["failed"] = r.failure.message
+            else:
+                row.update(
+                    **{column: getattr(r, column) for column in RUN_COLUMNS},
+                    drift=r.loo.drift,
+                    control_grad_norm=r.loo.control_grad_norm,
+                    **r.statistics(),
+                )
+            row["wd"] = "with weight decay" if r.weight_decay > 0 else "without weight decay"
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -294,18 +422,15 @@ def seed_summary(values) -> dict[str, Any]:
     return aggregate_over_seeds(list(values)).as_dict()
 
 
-HEADLINE_STATS = ("spearman", "pearson", "sign_agreement", "sign_agreement_vs_control", "drift_to_signal")
-
-
-def headline(groups: list[dict[str, Any]], width: int) -> dict[str, Any]:
+def headline(groups: Sequence[ArchitectureResult], width: int) -> dict[str, Any]:
     """Spearman/Pearson of the depth-1 network at ``width`` with and without weight decay: the first seed's
-    value (the paper reports one run) and the spread over all seeds."""
-    g = next(g for g in groups if g["depth"] == 1 and g["width"] == width)
+    value (the paper reports one run) and the spread over all seeds, as a plain dict for JSON and glue."""
+    g = architecture(groups, 1, width)
     out = {}
     for label, with_wd in (("with_wd", True), ("without_wd", False)):
-        runs = [{**r, **derived_metrics(r)} for r in g["runs"] if (r["weight_decay"] > 0) == with_wd and "failed" not in r]
+        stats = [r.statistics() for r in g.finished(with_wd)]
         out[label] = {
-            stat: {"first_seed": runs[0][stat] if runs else math.nan, **seed_summary(r[stat] for r in runs)}
+            stat: {"first_seed": stats[0][stat] if stats else math.nan, **seed_summary(s[stat] for s in stats)}
             for stat in HEADLINE_STATS
         }
     return out
@@ -320,7 +445,7 @@ def _verdict(ok: bool, partly: bool) -> str:
     return "reproduced" if ok else ("partly reproduced" if partly else "not reproduced")
 
 
-def claims(groups: list[dict[str, Any]], headline_width: int, widths: tuple[int, ...]) -> list[Claim]:
+def claims(groups: Sequence[ArchitectureResult], headline_width: int, widths: tuple[int, ...]) -> list[Claim]:
     """The paper's Iris claims, our number beside theirs, and a verdict by a stated rule.
 
     Rules (stated in the chapter): a number is *reproduced* when our mean over seeds is within 0.1

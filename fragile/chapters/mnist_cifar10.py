@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,11 @@ import torch
 from fragile.book.chapter import PAPER_PART, Chapter
 from fragile.book.claims import Claim
 from fragile.chapters.protocol import check_device_here, run_jobs
+from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.chapters.table1_protocol import (
     TEST_POINTS,
     Table1Config,
+    Table1Result,
     build_network,
     correlations_table,
     model_jobs,
@@ -41,7 +44,7 @@ class MnistCifar10Config(Table1Config):
     data sets' architecture lists saying which models the table has."""
 
 
-def run_study(cfg: MnistCifar10Config, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
+def run_study(cfg: MnistCifar10Config, *, progress: bool = True, client=None) -> tuple[list[Table1Result], SweepReport]:
     """Every model through the sweep layer; returns the finished models (table order) and the report."""
     check_device_here(cfg, client)
     return run_jobs(cfg, model_jobs(cfg), progress=progress, client=client)
@@ -54,36 +57,69 @@ PAPER_CELLS = {("resnet50", "mnist", "highest loss", True): 0.22, ("resnet50", "
 PAPER_RESNET50_MNIST_WITHOUT_WD = 0.13
 
 
-def models_table(models: list[dict[str, Any]]):
-    """One row per trained network: size, fit, λmax, and each estimator's time and worst solve residual."""
+def models_table(models: list[Table1Result]):
+    """One row per trained network: size, fit, λmax, and each estimator's time and worst solve residual (NaN, and
+    ``<name>_failed`` its message, where it failed); ``failed`` says why the primary estimator failed, or ``""``."""
     import pandas as pd
 
     rows = []
     for m in models:
-        row = {
-            k: m[k]
-            for k in (
-                "dataset",
-                "architecture",
-                "weight_decay",
-                "seed",
-                "num_params",
-                "train_accuracy",
-                "test_accuracy",
-                "train_loss",
-                "grad_norm",
-            )
+        net, fit = m.network, m.network.fit
+        row: dict[str, Any] = {
+            "dataset": net.dataset,
+            "architecture": net.architecture,
+            "weight_decay": net.weight_decay,
+            "seed": net.seed,
+            "num_params": net.num_params,
+            "train_accuracy": fit.train_accuracy,
+            "test_accuracy": fit.test_accuracy,
+            "train_loss": fit.train_loss,
+            "grad_norm": fit.grad_norm,
+            "failed": m.failure,
         }
-        row["failed"] = m.get("failed", "")
-        for name, est in m["estimators"].items():
-            row[f"{name}_seconds"] = est.get("seconds", math.nan)
-            row[f"{name}_max_residual"] = float(np.max(est["residuals"])) if "residuals" in est else math.nan
-            if "lambda_max" in est:
-                row.setdefault("lambda_max", est["lambda_max"])
-            if "failed" in est:
-                row[f"{name}_failed"] = est["failed"][:200]
+        for name, est in m.estimators.items():
+            if isinstance(est, Estimate):
+                row[f"{name}_seconds"] = est.seconds
+                row[f"{name}_max_residual"] = float(np.max(est.residuals))
+                if est.lambda_max is not None:
+                    row.setdefault("lambda_max", est.lambda_max)
+            else:
+                row[f"{name}_seconds"] = row[f"{name}_max_residual"] = math.nan
+                row[f"{name}_failed"] = est.message[:200]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def estimator_comparison(models: list[Table1Result], compare_estimators: Sequence[str]) -> tuple[str, list[str]]:
+    """The compared estimators beside LiSSA on the same test points and top training points: a Markdown table (one
+    row per network and test point: LiSSA's Spearman with leave-one-out, and each compared estimator's Spearman
+    with leave-one-out and with LiSSA, or "failed"), and each distinct failure message (cut to 160 characters)."""
+    rows = [
+        "| data set | architecture | wd | test point | LiSSA vs LOO | "
+        + " | ".join(f"{name} vs LOO | {name} vs LiSSA" for name in compare_estimators)
+        + " |",
+        "|" + "---|" * (4 + 1 + 2 * len(compare_estimators)),
+    ]
+    failures = set()
+    for m in models:
+        net = m.network
+        for name in compare_estimators:
+            if isinstance(est := m.estimators[name], EstimatorFailure):
+                failures.add(f"{name}: {est.message[:160]}")
+        for e in m.per_test_point:
+            cells = [
+                net.dataset + (" (stand-in)" if net.stand_in else ""),
+                net.architecture,
+                f"{net.weight_decay:g}",
+                e.kind,
+                f"{e.spearman:.2f}",
+            ]
+            compared = {c.method: c for c in e.compared}
+            for name in compare_estimators:
+                c = compared.get(name)
+                cells += ["failed", ""] if c is None else [f"{c.spearman:.2f}", f"{c.spearman_vs_primary:.2f}"]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows), sorted(failures)
 
 
 def _cell(values: list[float], pearsons: list[float]) -> str:
@@ -94,7 +130,7 @@ def _cell(values: list[float], pearsons: list[float]) -> str:
     return f"{s.mean:.2f} ({p.mean:.2f}){spread}"
 
 
-def table1(models: list[dict[str, Any]], *, stand_in: dict[str, bool] | None = None, not_run: dict[str, str] | None = None):
+def table1(models: list[Table1Result], *, stand_in: dict[str, bool] | None = None, not_run: dict[str, str] | None = None):
     """The paper's Table 1 as a DataFrame: rows = architecture, columns = (data set, test point, weight decay),
     cells = "Spearman (Pearson) ± standard deviation of Spearman over seeds" (no ± with one seed).
 
@@ -110,18 +146,19 @@ def table1(models: list[dict[str, Any]], *, stand_in: dict[str, bool] | None = N
     cells: dict[tuple[str, str, str], dict[str, str]] = {}
     archs: list[str] = []
     for m in models:
-        if m["architecture"] not in archs:
-            archs.append(m["architecture"])
+        if m.network.architecture not in archs:
+            archs.append(m.network.architecture)
     for (ds, arch, wd, kind), g in table.groupby(["dataset", "architecture", "weight_decay", "test_point"], sort=False):
         name = header[ds] + (" STAND-IN (digits)" if stand_in.get(ds) else "")
         col = (name, kind, f"wd {wd:g}" if wd else "no wd")
         cells.setdefault(col, {})[arch] = _cell(list(g["spearman"]), list(g["pearson"]))
     for m in models:
-        if "failed" in m:
-            name = header[m["dataset"]] + (" STAND-IN (digits)" if stand_in.get(m["dataset"]) else "")
+        if m.failure:
+            net = m.network
+            name = header[net.dataset] + (" STAND-IN (digits)" if stand_in.get(net.dataset) else "")
             for kind in TEST_POINTS:
-                col = (name, kind, f"wd {m['weight_decay']:g}" if m["weight_decay"] else "no wd")
-                cells.setdefault(col, {}).setdefault(m["architecture"], "failed")
+                col = (name, kind, f"wd {net.weight_decay:g}" if net.weight_decay else "no wd")
+                cells.setdefault(col, {}).setdefault(net.architecture, "failed")
     for arch, reason in (not_run or {}).items():
         if arch not in archs:
             archs.append(arch)
@@ -132,7 +169,7 @@ def table1(models: list[dict[str, Any]], *, stand_in: dict[str, bool] | None = N
     return frame
 
 
-def paper_comparison(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def paper_comparison(models: list[Table1Result]) -> list[dict[str, Any]]:
     """Our ResNet-50-on-MNIST Spearman beside the paper's cells (the only Table 1 cells known to us: docs/protocol.md#table-1)."""
     table = correlations_table(models)
     rows = []
@@ -156,7 +193,7 @@ def paper_comparison(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def claims(models: list[dict[str, Any]], *, stand_in: dict[str, bool]) -> list[Claim]:
+def claims(models: list[Table1Result], *, stand_in: dict[str, bool]) -> list[Claim]:
     """The paper's Table 1 claims, our number beside theirs, and a verdict by a stated rule.
 
     Rules (stated in the chapter): *ResNet-50 on MNIST is poor* is reproduced when our mean Spearman over its
@@ -247,7 +284,7 @@ def weight_layers(architecture: str) -> int:
     return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules())
 
 
-def lissa_depth_claim(models: list[dict[str, Any]]) -> Claim:
+def lissa_depth_claim(models: list[Table1Result]) -> Claim:
     """The appendix's *LiSSA is inaccurate, and worse for deeper networks*, from the solves of this chapter.
 
     Rule (stated in the chapter): LiSSA's relative residual ‖(H+λI)x − v‖/‖v‖, averaged per architecture over
@@ -258,9 +295,9 @@ def lissa_depth_claim(models: list[dict[str, Any]]) -> Claim:
     claim = "LiSSA's inverse-HVP is inaccurate, and worse for deeper networks (its residual against depth)"
     per: dict[str, list[float]] = {}
     for m in models:
-        est = m.get("estimators", {}).get("lissa", {})
-        if "residuals" in est:
-            per.setdefault(m["architecture"], []).extend(np.asarray(est["residuals"], dtype=float).tolist())
+        est = m.estimators.get("lissa")
+        if isinstance(est, Estimate):
+            per.setdefault(m.network.architecture, []).extend(np.asarray(est.residuals, dtype=float).tolist())
     if len(per) < 3:
         return Claim.not_run("lissa_depth", claim, "qualitative", "not run: needs LiSSA on at least three architectures")
     depth = {a: weight_layers(a) for a in per}

@@ -5,7 +5,8 @@ this module (the steps as the paper runs them are described in docs/protocol.md)
 
 - the data a chapter prepares the way another does (the stratified Iris split, the small-MNIST digits);
 - :func:`train_model`: fit a network and record the diagnostics every trained model carries;
-- :func:`estimate`: one estimator's predictions on the chosen test points, or its failure as a value;
+- :func:`estimate`: one estimator's predictions on the chosen test points, or its failure as a value
+  (the typed values every step returns are in :mod:`fragile.chapters.results`);
 - :func:`retrain_chosen`: warm-started leave-one-out retraining of the union of the chosen training points,
   with the drift control, each removed point retrained once for every test point;
 - :func:`agreement`: predicted against actual changes for one test point;
@@ -18,7 +19,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,14 +27,15 @@ import numpy as np
 import torch
 
 from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
-from fragile.config import to_dict
+from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
+from fragile.config import at_least, non_negative, one_of, positive, setting, to_dict
 from fragile.core.ground_truth import loo_retrain
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
 from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset, load_iris, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
-from fragile.errors import FragileError
-from fragile.estimators import make_estimator
+from fragile.errors import FragileError, InvalidArgumentError, check_int
+from fragile.estimators import NEGATIVE_POLICIES, make_estimator
 from fragile.run.devices import resolve_device
 from fragile.run.sweep import Job, SweepReport, run_sweep
 
@@ -110,6 +112,19 @@ def small_mnist_data(
     return SmallMnistData(train, test, desc, True, None)
 
 
+def folder(name: str, value: object) -> None:
+    """A folder path, or an empty string (for none)."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name}={value!r} is not allowed; give a folder path or an empty string")
+
+
+def class_balanced(name: str, value: object) -> None:
+    """0 (all) or a multiple of 10: a class-balanced subset of a ten-class data set."""
+    check_int(name, value, minimum=0)
+    if value % 10:  # type: ignore[operator]
+        raise InvalidArgumentError(f"{name}={value} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
+
+
 # -- train ----------------------------------------------------------------------------------------------------
 
 
@@ -124,8 +139,7 @@ class TrainedModel:
         x, y: the training inputs (as the network takes them) and labels.
         x_test, y_test: every test input and label.
         test_losses: every test point's loss at θ*, (n_test,), float64.
-        stats: the fit: training loss and accuracy, test accuracy, final full-batch gradient norm.
-        seconds: wall time of the training.
+        fit: the fit's diagnostics (losses, accuracies, final full-batch gradient norm, seconds).
     """
 
     objective: Objective
@@ -136,8 +150,7 @@ class TrainedModel:
     x_test: torch.Tensor
     y_test: torch.Tensor
     test_losses: np.ndarray
-    stats: dict[str, float]
-    seconds: float
+    fit: Fit
 
 
 def train_model(
@@ -153,16 +166,77 @@ def train_model(
     theta = trained.params[0]
     with torch.no_grad():
         test_losses = objective.sample_losses(theta, x_test, y_test).double().cpu().numpy()
-        stats = {
-            "train_loss": float(objective.sample_losses(theta, x, y).mean()),
-            "train_accuracy": float((objective.logits(theta, x).argmax(1) == y).double().mean()),
-            "test_accuracy": float((objective.logits(theta, x_test).argmax(1) == y_test).double().mean()),
-            "grad_norm": float(trained.grad_norm[0]),
-        }
-    return TrainedModel(objective, spec, theta, x, y, x_test, y_test, test_losses, stats, seconds)
+        diagnostics = Fit(
+            train_loss=float(objective.sample_losses(theta, x, y).mean()),
+            train_accuracy=float((objective.logits(theta, x).argmax(1) == y).double().mean()),
+            test_accuracy=float((objective.logits(theta, x_test).argmax(1) == y_test).double().mean()),
+            grad_norm=float(trained.grad_norm[0]),
+            seconds=seconds,
+        )
+    return TrainedModel(objective, spec, theta, x, y, x_test, y_test, test_losses, diagnostics)
 
 
 # -- estimate -------------------------------------------------------------------------------------------------
+
+# The estimators whose settings :class:`SolverSettings` holds.
+SOLVED_METHODS = ("exact", "cg", "lissa", "arnoldi")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How a chapter runs the inverse-HVP estimators, and how many leave-one-out models it stacks: the fields every
+    chapter that runs them shares, each with its help text and check. A chapter's config inherits them (before
+    :class:`~fragile.book.chapter.ChapterConfig`, whose checks run them) and redeclares only the defaults that
+    differ, with :func:`solver_default`."""
+
+    damping: float = setting(0.01, "λ added to the Hessian (the paper's code: 0.01)", non_negative)
+    negative_eigenvalues: str = setting(
+        "abs", "how exact and arnoldi treat negative eigenvalues (docs/conventions.md#hessian)", one_of(NEGATIVE_POLICIES)
+    )
+    cg_max_iter: int = setting(200, "conjugate-gradient iteration cap", at_least(1))
+    cg_rtol: float = setting(1e-5, "conjugate-gradient relative residual target", positive)
+    lissa_depth: int = setting(5000, "LiSSA recursion depth (not stated)", at_least(1))
+    lissa_repeats: int = setting(1, "LiSSA recursions averaged (not stated)", at_least(1))
+    lissa_batch_size: int = setting(
+        1024, "training points per LiSSA Hessian sample (the paper's code: 1,024); at most n are used", at_least(1)
+    )
+    lissa_scale: float = setting(
+        0.0,
+        "LiSSA's scale; 0 means 1.5·(λmax + damping), λmax by power iteration to 1 % (the paper's code: 10)",
+        non_negative,
+    )
+    arnoldi_rank: int = setting(100, "top eigenpairs kept by arnoldi (Schioppa et al. 2022); at most p are used", at_least(1))
+    data_chunk: int = setting(256, "training points per HVP chunk (memory, not numbers)", at_least(1))
+    chunk_size: int = setting(8, "leave-one-out models per training stack (memory, not numbers)", at_least(1))
+
+    def solver_kwargs(self, method: str, n: int, p: int) -> dict[str, Any]:
+        """The keyword arguments of ``method`` (one of :data:`SOLVED_METHODS`) for ``n`` training points and ``p``
+        parameters, as :func:`~fragile.estimators.make_estimator` takes them."""
+        common = {"damping": self.damping, "data_chunk": self.data_chunk, "progress": False}
+        if method == "exact":
+            # 8 vmapped rows per HVP call measured fastest for the small CNN on a CPU (benchmarks/exact_hessian.py).
+            return {**common, "negative": self.negative_eigenvalues, "vector_chunk": 8}
+        if method == "cg":
+            return {**common, "rtol": self.cg_rtol, "max_iter": self.cg_max_iter}
+        if method == "lissa":
+            return {
+                **common,
+                "depth": self.lissa_depth,
+                "repeats": self.lissa_repeats,
+                "batch_size": min(self.lissa_batch_size, n),
+                "scale": self.lissa_scale or None,
+                "power_rtol": 1e-2,
+                "seed": 0,
+            }
+        if method == "arnoldi":
+            return {**common, "rank": min(self.arnoldi_rank, p), "negative": self.negative_eigenvalues}
+        raise ValueError(f"solver_kwargs: method={method!r} is not one of {list(SOLVED_METHODS)}")
+
+
+def solver_default(name: str, default: Any) -> Any:
+    """The field ``name`` of :class:`SolverSettings` with another ``default``: its help text and check kept."""
+    base = next(f for f in dataclasses.fields(SolverSettings) if f.name == name)
+    return setting(default, base.metadata["help"], base.metadata["check"])
 
 
 def estimate(
@@ -174,35 +248,37 @@ def estimate(
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     *,
-    extra: Callable[[Any], dict[str, Any]] | None = None,
+    spectrum: bool = False,
     **kwargs: Any,
-) -> dict[str, Any]:
+) -> Estimate | EstimatorFailure:
     """Predicted influence of every training point on each test point by ``method`` (keyword arguments as
-    :func:`~fragile.estimators.make_estimator` takes them), as plain arrays: ``predicted`` (n_test, n),
-    ``residuals`` (n_test,), ``seconds``, ``lambda_max`` when the method learned it, LiSSA's ``scale``.
+    :func:`~fragile.estimators.make_estimator` takes them), as an :class:`~fragile.chapters.results.Estimate`
+    of plain arrays; ``spectrum`` adds the exact Hessian's eigenvalues (``method="exact"`` only: O(p³) time).
 
-    A solver that fails on this problem (LiSSA diverging, CG on an indefinite H + λI) is returned as
-    ``{"failed": message}``, never as numbers; a bad argument still raises. ``extra(estimator)`` adds fields of
-    the chapter's own (e.g. the exact Hessian's spectrum).
+    A solver that fails on this problem (LiSSA diverging, CG on an indefinite H + λI) is returned as an
+    :class:`~fragile.chapters.results.EstimatorFailure`, never as numbers; a bad argument still raises.
     """
+    if spectrum and method != "exact":
+        raise ValueError(f"estimate: spectrum=True needs method='exact', not {method!r}")
     est = make_estimator(method, objective, theta, x, y, **kwargs)
     try:
         res = est.influences(x_test, y_test)
     except FragileError as exc:
         log.warning("%s failed: %s", method, exc)
-        return {"failed": str(exc)}
-    out: dict[str, Any] = {
-        "predicted": res.predicted.double().numpy(),
-        "residuals": res.residuals.double().numpy(),
-        "seconds": res.seconds,
-    }
+        return EstimatorFailure(method, str(exc))
+    lambda_max = None
     if res.spectrum is not None and math.isfinite(res.spectrum.largest):
-        out["lambda_max"] = float(res.spectrum.largest)
-    if method == "lissa":
-        out["scale"] = float(est.scale)
-    if extra is not None:
-        out.update(extra(est))
-    return out
+        lambda_max = float(res.spectrum.largest)
+    return Estimate(
+        method=method,
+        predicted=res.predicted.double().numpy(),
+        residuals=res.residuals.double().numpy(),
+        seconds=res.seconds,
+        lambda_max=lambda_max,
+        scale=float(est.scale) if method == "lissa" else None,
+        eigenvalues=torch.linalg.eigvalsh(est.hessian.double()).numpy() if spectrum else None,
+        asymmetry=float(est.asymmetry) if spectrum else None,
+    )
 
 
 # -- retrain and correlate ------------------------------------------------------------------------------------
@@ -264,9 +340,9 @@ def retrain_chosen(
     )
 
 
-def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+def agreement(predicted: np.ndarray, actual: np.ndarray) -> Agreement:
     """Spearman and Pearson of predicted against actual changes over the same training points."""
-    return {"spearman": correlation(predicted, actual, "spearman"), "pearson": correlation(predicted, actual, "pearson")}
+    return Agreement(correlation(predicted, actual, "spearman"), correlation(predicted, actual, "pearson"))
 
 
 # -- jobs -----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ once and evaluated on all test points.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -31,22 +32,28 @@ from fragile.book.claims import Claim
 from fragile.chapters.protocol import (
     DTYPES,
     SmallMnistData,
-    agreement,
+    SolverSettings,
+    class_balanced,
     estimate,
+    folder,
     job_fields,
     retrain_chosen,
     run_jobs,
     small_mnist_data,
+    solver_default,
     train_model,
 )
-from fragile.core.metrics import correlation
+from fragile.chapters.results import Estimate, EstimatorFailure, Fit
+from fragile.chapters.table1_protocol import PointResult, Retraining, point_result
+from fragile.config import at_least, between, each, fraction, non_negative, one_of, positive, setting
 from fragile.core.objective import Objective
 from fragile.core.selection import choose_test_points, select_quantile_band, select_top_k
 from fragile.core.train import TrainSpec
 from fragile.data.datasets import resolve_data_root
-from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.estimators import METHODS, NEGATIVE_POLICIES
+from fragile.errors import InvalidArgumentError
+from fragile.estimators import METHODS
 from fragile.models.small import build_model
+from fragile.run.payload import record
 from fragile.run.sweep import Job, SweepReport
 
 log = logging.getLogger(__name__)
@@ -57,118 +64,71 @@ HEADLINE_METHODS = ("exact", "cg", "lissa", "arnoldi")
 
 
 @dataclass(frozen=True)
-class SmallMnistConfig(ChapterConfig):
-    """Every value the small-MNIST section depends on. Values the paper does not state are marked so.
+class SmallMnistConfig(SolverSettings, ChapterConfig):
+    """Every value the small-MNIST section depends on, each with its help text, besides the common fields of
+    :class:`~fragile.book.chapter.ChapterConfig` (``n_seeds``: models per weight decay, the paper reports one;
+    ``device`` is the CPU here) and the estimators' of :class:`~fragile.chapters.protocol.SolverSettings`. Values
+    the paper does not state are marked so."""
 
-    Attributes:
-        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` is the CPU here)
-        data_root: a torchvision MNIST data root for Koh & Liang's exact small MNIST; empty means the
-            ``FRAGILE_DATA`` environment variable, and if that is unset too, the 5,000 offline digits.
-        download: let torchvision download MNIST into ``data_root`` (needs internet).
-        n_train: training images: 0 = all (5,500 with a data root, 4,500 offline); otherwise a seeded
-            class-balanced subset (``n_train / 10`` per class).
-        n_test: test images the test points are chosen from: 0 = all (10,000 with a data root, 500 offline);
-            offline, a class-balanced held-out split disjoint from the training images.
-        split_seed: seed of the subset and split.
-        n_seeds: models per weight decay (the paper reports one).
-        dtype: floating type of the network (``float32`` halves the cost; eigendecomposition is in float64).
-        weight_decay: the headline weight decay (paper: 0.001); must be one of ``weight_decays``.
-        weight_decays: the weight-decay sweep (paper: values above 0.01 included; exact grid not stated).
-        damping: λ added to the Hessian (Koh & Liang: 0.01).
-        negative_eigenvalues: policy for negative eigenvalues of the exact Hessian (paper: keep).
-        sweep_estimator: estimator for the non-headline weight decays.
-        lr: Adam learning rate (Koh & Liang: 1e-4 with decays).
-        batch_size: Adam minibatch (Koh & Liang: 500).
-        train_steps: training steps (paper: 500,000).
-        retrain_steps: warm-started leave-one-out steps (paper: 30,000).
-        n_test_points: test points per model (paper: several; at least 8 here in ``paper``).
-        top_k: training points of the top band by |predicted| (paper: 100).
-        band_k: training points around ``band_quantile`` (paper: 100).
-        band_quantile: centre of the second band (paper: 0.3).
-        cg_max_iter: conjugate-gradient iteration cap.
-        cg_rtol: conjugate-gradient relative residual target.
-        lissa_depth: LiSSA recursion depth (not stated).
-        lissa_batch_size: images per LiSSA Hessian sample (not stated).
-        lissa_repeats: LiSSA recursions averaged (not stated).
-        arnoldi_rank: top eigenpairs (by magnitude) kept by ``arnoldi`` (Schioppa et al. 2022).
-        data_chunk: images per HVP chunk (about 250 is fastest for this CNN on a CPU).
-        chunk_size: leave-one-out models per training stack.
-    """
-
-    data_root: str = ""
-    download: bool = False
-    n_train: int = 0
-    n_test: int = 0
-    split_seed: int = 0
-    dtype: str = "float32"
-    weight_decay: float = 0.001
-    weight_decays: tuple[float, ...] = (0.0, 0.0001, 0.001, 0.01, 0.03, 0.1)
-    damping: float = 0.01
-    negative_eigenvalues: str = "abs"
-    sweep_estimator: str = "exact"
-    lr: float = 0.0001
-    batch_size: int = 500
-    train_steps: int = 500000
-    retrain_steps: int = 30000
-    n_test_points: int = 8
-    top_k: int = 100
-    band_k: int = 100
-    band_quantile: float = 0.3
-    cg_max_iter: int = 1000
-    cg_rtol: float = 1e-5
-    lissa_depth: int = 5000
-    lissa_batch_size: int = 500
-    lissa_repeats: int = 1
-    arnoldi_rank: int = 200
-    data_chunk: int = 250
-    chunk_size: int = 8
+    data_root: str = setting(
+        "",
+        (
+            "a torchvision MNIST data root for Koh & Liang's exact small MNIST; empty means the FRAGILE_DATA environment "
+            "variable, and if that is unset too, the 5,000 offline digits"
+        ),
+        folder,
+    )
+    download: bool = setting(False, "let torchvision download MNIST into data_root (needs internet)")
+    n_train: int = setting(
+        0,
+        (
+            "training images: 0 = all (5,500 with a data root, 4,500 offline); otherwise a seeded class-balanced subset "
+            "(n_train / 10 per class)"
+        ),
+        class_balanced,
+    )
+    n_test: int = setting(
+        0,
+        (
+            "test images the test points are chosen from: 0 = all (10,000 with a data root, 500 offline); offline, a "
+            "class-balanced held-out split disjoint from the training images"
+        ),
+        class_balanced,
+    )
+    split_seed: int = setting(0, "seed of the subset and split", at_least(0))
+    dtype: str = setting(
+        "float32", "floating type of the network (float32 halves the cost; eigendecomposition is in float64)", one_of(DTYPES)
+    )
+    weight_decay: float = setting(0.001, "the headline weight decay (paper: 0.001); must be one of weight_decays", non_negative)
+    weight_decays: tuple[float, ...] = setting(
+        (0.0, 0.0001, 0.001, 0.01, 0.03, 0.1),
+        "the weight-decay sweep (paper: values above 0.01 included; exact grid not stated)",
+        each(non_negative, distinct=True, nonempty=True),
+    )
+    sweep_estimator: str = setting("exact", "estimator for the non-headline weight decays", one_of(METHODS))
+    lr: float = setting(0.0001, "Adam learning rate (Koh & Liang: 1e-4 with decays)", positive)
+    batch_size: int = setting(500, "Adam minibatch (Koh & Liang: 500)", at_least(1))
+    train_steps: int = setting(500000, "training steps (paper: 500,000)", at_least(1))
+    retrain_steps: int = setting(30000, "warm-started leave-one-out steps (paper: 30,000)", at_least(1))
+    n_test_points: int = setting(8, "test points per model (paper: several; at least 8 here in paper)", at_least(1))
+    top_k: int = setting(100, "training points of the top band by |predicted| (paper: 100)", at_least(3))
+    band_k: int = setting(100, "training points around band_quantile (paper: 100)", at_least(3))
+    band_quantile: float = setting(0.3, "centre of the second band (paper: 0.3)", fraction(low_open=False))
+    cg_max_iter: int = solver_default("cg_max_iter", 1000)
+    lissa_batch_size: int = solver_default("lissa_batch_size", 500)
+    arnoldi_rank: int = setting(
+        200,
+        "top eigenpairs (by magnitude) kept by arnoldi (Schioppa et al. 2022); at most the CNN's 2,616 parameters",
+        between(1, KOH_LIANG_PARAMS),
+    )
+    data_chunk: int = solver_default("data_chunk", 250)  # about 250 images per HVP chunk is fastest for this CNN on a CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.data_root, str):
-            raise InvalidArgumentError(f"data_root={self.data_root!r} is not allowed; give a folder path or an empty string")
-        check_int("n_train", self.n_train, minimum=0)
-        if self.n_train % 10:
-            raise InvalidArgumentError(
-                f"n_train={self.n_train} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)"
-            )
-        check_int("n_test", self.n_test, minimum=0)
-        if self.n_test % 10:
-            raise InvalidArgumentError(
-                f"n_test={self.n_test} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)"
-            )
-        check_int("split_seed", self.split_seed, minimum=0)
-        check_choice("dtype", self.dtype, tuple(DTYPES))
-        if not self.weight_decays:
-            raise InvalidArgumentError("weight_decays is empty; give at least the headline weight_decay")
-        for wd in self.weight_decays:
-            check_positive("weight_decays", wd, allow_zero=True)
-        if len(set(self.weight_decays)) != len(self.weight_decays):
-            raise InvalidArgumentError(f"weight_decays={list(self.weight_decays)} repeats a value")
         if self.weight_decay not in self.weight_decays:
             raise InvalidArgumentError(
                 f"weight_decay={self.weight_decay!r} is not allowed; it must be one of weight_decays={list(self.weight_decays)}"
             )
-        check_positive("damping", self.damping, allow_zero=True)
-        check_choice("negative_eigenvalues", self.negative_eigenvalues, NEGATIVE_POLICIES)
-        check_choice("sweep_estimator", self.sweep_estimator, METHODS)
-        check_positive("lr", self.lr)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_int("train_steps", self.train_steps, minimum=1)
-        check_int("retrain_steps", self.retrain_steps, minimum=1)
-        check_int("n_test_points", self.n_test_points, minimum=1)
-        check_int("top_k", self.top_k, minimum=3)
-        check_int("band_k", self.band_k, minimum=3)
-        if not 0.0 <= self.band_quantile <= 1.0:
-            raise InvalidArgumentError(f"band_quantile={self.band_quantile!r} is not allowed; it must be in [0, 1]")
-        check_int("cg_max_iter", self.cg_max_iter, minimum=1)
-        check_positive("cg_rtol", self.cg_rtol)
-        check_int("lissa_depth", self.lissa_depth, minimum=1)
-        check_int("lissa_batch_size", self.lissa_batch_size, minimum=1)
-        check_int("lissa_repeats", self.lissa_repeats, minimum=1)
-        check_int("arnoldi_rank", self.arnoldi_rank, minimum=1, maximum=KOH_LIANG_PARAMS)
-        check_int("data_chunk", self.data_chunk, minimum=1)
-        check_int("chunk_size", self.chunk_size, minimum=1)
         if self.n_train:
             for name in ("top_k", "band_k", "batch_size", "lissa_batch_size"):
                 if getattr(self, name) > self.n_train:
@@ -197,26 +157,56 @@ def load_data(cfg: SmallMnistConfig) -> SmallMnistData:
     )
 
 
-def _estimator_kwargs(cfg: SmallMnistConfig, method: str) -> dict[str, Any]:
-    common = {"damping": cfg.damping, "data_chunk": cfg.data_chunk, "progress": False}
-    if method == "exact":  # 8 vmapped rows per HVP call measured fastest for this CNN on a CPU (benchmarks/exact_hessian.py)
-        return {**common, "negative": cfg.negative_eigenvalues, "vector_chunk": 8}
-    if method == "cg":
-        return {**common, "rtol": cfg.cg_rtol, "max_iter": cfg.cg_max_iter}
-    if method == "lissa":
-        return {**common, "depth": cfg.lissa_depth, "batch_size": cfg.lissa_batch_size, "repeats": cfg.lissa_repeats, "seed": 0}
-    if method == "arnoldi":
-        return {**common, "negative": cfg.negative_eigenvalues, "rank": cfg.arnoldi_rank}
-    return common
+@record
+@dataclass(frozen=True)
+class SmallMnistResult:
+    """One (seed, weight decay) job: the trained CNN, its estimators, the retrained ground truth, the bands.
 
+    Attributes:
+        seed, weight_decay: which model; ``headline`` whether its weight decay is the headline one.
+        n_train, n_test: training images and test images the test points were chosen from.
+        num_params: p, the length of θ.
+        primary: the estimator whose bands were retrained (``exact`` at the headline weight decay).
+        fit: the model's diagnostics at θ*.
+        test_points: the chosen test indices; ``test_losses`` their losses at θ*, ``test_labels`` their labels,
+            ``test_predicted_labels`` the model's predictions.
+        estimators: every estimator's :class:`~fragile.chapters.results.Estimate` or failure, by name (``exact``
+            with the Hessian's eigenvalues).
+        retraining: the ground truth, or ``None`` when the primary estimator failed (nothing to retrain).
+        bands: one :class:`~fragile.chapters.table1_protocol.PointResult` per test point, by band (``top``, and
+            ``band`` at the headline weight decay; empty when the primary failed): its ``kind`` is the band, its
+            ``compared`` every other estimator that did not fail (against exact, the primary, at the headline).
+        relative_error: ‖predicted − exact‖ / ‖exact‖ over all training points, (n_test_points,), of every other
+            estimator that did not fail, by name (headline only).
+    """
 
-def _exact_spectrum(est) -> dict[str, Any]:
-    return {"eigenvalues": torch.linalg.eigvalsh(est.hessian.double()).numpy(), "asymmetry": est.asymmetry}
+    seed: int
+    weight_decay: float
+    headline: bool
+    n_train: int
+    n_test: int
+    num_params: int
+    primary: str
+    fit: Fit
+    test_points: np.ndarray
+    test_losses: np.ndarray
+    test_labels: np.ndarray
+    test_predicted_labels: np.ndarray
+    estimators: dict[str, Estimate | EstimatorFailure]
+    retraining: Retraining | None
+    bands: dict[str, tuple[PointResult, ...]]
+    relative_error: dict[str, np.ndarray]
+
+    @property
+    def failure(self) -> str:
+        """Why the primary estimator failed, or ``""``."""
+        e = self.estimators[self.primary]
+        return f"{self.primary}: {e.message}" if isinstance(e, EstimatorFailure) else ""
 
 
 def _influence(
     cfg: SmallMnistConfig, method: str, objective: Objective, theta: torch.Tensor, data: SmallMnistData, tp: torch.Tensor
-) -> dict[str, Any]:
+) -> Estimate | EstimatorFailure:
     """Predicted influence of every training point on each chosen test point, or the solver's failure; the exact
     estimator adds the Hessian's spectrum."""
     return estimate(
@@ -227,13 +217,13 @@ def _influence(
         data.train.y,
         data.test.x[tp],
         data.test.y[tp],
-        extra=_exact_spectrum if method == "exact" else None,
-        **_estimator_kwargs(cfg, method),
+        spectrum=method == "exact",
+        **cfg.solver_kwargs(method, len(data.train), objective.num_params),
     )
 
 
-def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str, Any]:
-    """One trained CNN: training, influence, leave-one-out ground truth and correlations, as plain arrays.
+def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> SmallMnistResult:
+    """One trained CNN: training, influence, leave-one-out ground truth and correlations.
 
     Cost: ``train_steps`` Adam steps on minibatches of ``batch_size``; for the headline weight decay the
     exact Hessian (2,616 HVPs over all training images: O(p²) memory) plus ``cg`` and ``lissa`` solves,
@@ -257,25 +247,27 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
     methods = HEADLINE_METHODS if headline else (cfg.sweep_estimator,)
     estimators = {m: _influence(cfg, m, objective, theta, data, torch.as_tensor(tp)) for m in methods}
     primary = methods[0]
-    out: dict[str, Any] = {
-        "seed": seed,
-        "weight_decay": weight_decay,
-        "headline": headline,
-        "n_train": n,
-        "n_test": len(data.test),
-        "num_params": objective.num_params,
-        "primary": primary,
-        **model.stats,
-        "test_points": tp,
-        "test_losses": test_losses[tp],
-        "test_labels": data.test.y[tp].numpy(),
-        "test_predicted_labels": test_pred[tp].numpy(),
-        "estimators": estimators,
-    }
-    if "failed" in estimators[primary]:
-        out["failed"] = f"{primary}: {estimators[primary]['failed']}"
-        return out
-    predicted = estimators[primary]["predicted"]
+    result = SmallMnistResult(
+        seed=seed,
+        weight_decay=weight_decay,
+        headline=headline,
+        n_train=n,
+        n_test=len(data.test),
+        num_params=objective.num_params,
+        primary=primary,
+        fit=model.fit,
+        test_points=tp,
+        test_losses=test_losses[tp],
+        test_labels=data.test.y[tp].numpy(),
+        test_predicted_labels=test_pred[tp].numpy(),
+        estimators=estimators,
+        retraining=None,
+        bands={},
+        relative_error={},
+    )
+    if result.failure:
+        return result
+    predicted = estimators[primary].predicted
     bands = BANDS if headline else ("top",)
     chosen = {
         b: [
@@ -297,43 +289,20 @@ def run_model(cfg: SmallMnistConfig, seed: int, weight_decay: float) -> dict[str
         data.test.y[tp],
         chunk_size=cfg.chunk_size,
     )
-    out.update({"loo_models": int(loo.union.size), "drift": loo.drift, "control_grad_norm": loo.control_grad_norm})
-    out["bands"] = {}
-    for b in bands:
-        per_tp = []
-        for t in range(len(tp)):
-            idx = chosen[b][t]
-            rows = loo.rows(idx)
-            actual, vs_control = loo.actual[rows, t], loo.actual_vs_control[rows, t]
-            entry = {
-                "chosen": idx,
-                "predicted": predicted[t, idx],
-                "actual": actual,
-                "actual_vs_control": vs_control,
-                **agreement(predicted[t, idx], actual),
-            }
-            for m in methods[1:]:
-                if "failed" not in estimators[m]:
-                    entry[f"spearman_{m}"] = correlation(estimators[m]["predicted"][t, idx], actual, "spearman")
-            per_tp.append(entry)
-        out["bands"][b] = per_tp
-    if headline:
-        exact = estimators["exact"]["predicted"]
-        for m in methods[1:]:
-            est = estimators[m]
-            if "failed" in est:
-                continue
-            est["relative_error"] = np.linalg.norm(est["predicted"] - exact, axis=1) / np.linalg.norm(exact, axis=1)
-            est["spearman_vs_exact_top"] = np.array(
-                [
-                    correlation(est["predicted"][t, chosen["top"][t]], exact[t, chosen["top"][t]], "spearman")
-                    for t in range(len(tp))
-                ]
-            )
-    return out
+    others = {m: e for m in methods[1:] if isinstance(e := estimators[m], Estimate)}
+    # Only the headline model runs estimators beside its primary, and there the primary is exact.
+    relative_error = {
+        m: np.linalg.norm(e.predicted - predicted, axis=1) / np.linalg.norm(predicted, axis=1) for m, e in others.items()
+    }
+    return dataclasses.replace(
+        result,
+        retraining=Retraining(int(loo.union.size), cfg.retrain_steps, loo.drift, loo.control_grad_norm, loo.seconds),
+        bands={b: tuple(point_result(b, chosen[b][t], t, predicted, loo, others) for t in range(len(tp))) for b in bands},
+        relative_error=relative_error,
+    )
 
 
-def model_job(model_seed: int, model_weight_decay: float, **fields: Any) -> dict[str, Any]:
+def model_job(model_seed: int, model_weight_decay: float, **fields: Any) -> SmallMnistResult:
     """One sweep job: :func:`run_model` for the config that :func:`model_jobs` keyed it by."""
     return run_model(SmallMnistConfig(**fields), model_seed, model_weight_decay)
 
@@ -362,62 +331,97 @@ def model_jobs(cfg: SmallMnistConfig) -> list[Job]:
     return jobs
 
 
-def run_study(cfg: SmallMnistConfig, *, progress: bool = True, client=None) -> tuple[list[dict[str, Any]], SweepReport]:
+def run_study(cfg: SmallMnistConfig, *, progress: bool = True, client=None) -> tuple[list[SmallMnistResult], SweepReport]:
     """Every (seed, weight decay) model through the sweep layer; returns the finished models and the report."""
     return run_jobs(cfg, model_jobs(cfg), progress=progress, client=client)
 
 
-def correlations_table(models: list[dict[str, Any]]):
+def correlations_table(models: list[SmallMnistResult]):
     """One row per (seed, weight decay, test point, band) with Spearman and Pearson, as a DataFrame."""
     import pandas as pd
 
     rows = []
     for m in models:
-        for band, per_tp in m.get("bands", {}).items():
-            for t, e in enumerate(per_tp):
+        for band, points in m.bands.items():
+            for t, e in enumerate(points):
                 rows.append(
                     {
-                        "seed": m["seed"],
-                        "weight_decay": m["weight_decay"],
-                        "headline": m["headline"],
+                        "seed": m.seed,
+                        "weight_decay": m.weight_decay,
+                        "headline": m.headline,
                         "band": band,
                         "test_point": t,
-                        "test_index": int(m["test_points"][t]),
-                        "test_loss": float(m["test_losses"][t]),
-                        "spearman": e["spearman"],
-                        "pearson": e["pearson"],
-                        "drift": float(m["drift"][t]),
-                        "sign_agreement": float(np.mean(np.sign(e["predicted"]) == np.sign(e["actual_vs_control"]))),
-                        **{k: e[k] for k in e if k.startswith("spearman_")},
+                        "test_index": int(m.test_points[t]),
+                        "test_loss": float(m.test_losses[t]),
+                        "spearman": e.spearman,
+                        "pearson": e.pearson,
+                        "drift": float(m.retraining.drift[t]),
+                        "sign_agreement": e.sign_agreement,
+                        **{f"spearman_{c.method}": c.spearman for c in e.compared},
                     }
                 )
     return pd.DataFrame(rows)
 
 
-def models_table(models: list[dict[str, Any]]):
+def models_table(models: list[SmallMnistResult]):
     """One row per trained model: accuracy, loss, gradient norm, spectrum summary, estimator timings."""
     import pandas as pd
 
     rows = []
     for m in models:
-        row = {k: m[k] for k in ("seed", "weight_decay", "train_loss", "train_accuracy", "test_accuracy", "grad_norm", "primary")}
-        row["failed"] = m.get("failed", "")
-        ex = m["estimators"].get("exact", {})
-        if "eigenvalues" in ex:
-            ev = ex["eigenvalues"]
+        fit = m.fit
+        row = {
+            "seed": m.seed,
+            "weight_decay": m.weight_decay,
+            "train_loss": fit.train_loss,
+            "train_accuracy": fit.train_accuracy,
+            "test_accuracy": fit.test_accuracy,
+            "grad_norm": fit.grad_norm,
+            "primary": m.primary,
+            "failed": m.failure,
+        }
+        ex = m.estimators.get("exact")
+        if isinstance(ex, Estimate) and ex.eigenvalues is not None:
+            ev = ex.eigenvalues
             row.update({"lambda_max": float(ev[-1]), "lambda_min": float(ev[0]), "num_negative": int((ev < 0).sum())})
-        for name, est in m["estimators"].items():
-            row[f"{name}_seconds"] = est.get("seconds", math.nan)
-            row[f"{name}_max_residual"] = float(np.max(est["residuals"])) if "residuals" in est else math.nan
+        for name, est in m.estimators.items():
+            row[f"{name}_seconds"] = math.nan if est.failed else est.seconds
+            row[f"{name}_max_residual"] = math.nan if est.failed else float(np.max(est.residuals))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def estimator_summary(model: SmallMnistResult) -> dict[str, dict[str, float]]:
+    """Every estimator of the headline ``model`` that did not fail, for summary.json: its mean relative error and
+    top-band Spearman against exact (0 and 1 for exact itself), its mean top-band Spearman against leave-one-out,
+    its largest solve residual and its seconds."""
+    top = model.bands["top"]
+    out = {}
+    for name, est in model.estimators.items():
+        if est.failed:
+            continue
+        if name == model.primary:
+            error, vs_exact, vs_loo = 0.0, 1.0, [e.spearman for e in top]
+        else:
+            compared = [next(c for c in e.compared if c.method == name) for e in top]
+            error = float(np.mean(model.relative_error[name]))
+            vs_exact = float(np.mean([c.spearman_vs_primary for c in compared]))
+            vs_loo = [c.spearman for c in compared]
+        out[name] = {
+            "error_vs_exact": error,
+            "spearman_vs_exact": vs_exact,
+            "spearman_vs_loo": float(np.nanmean(vs_loo)),
+            "max_residual": float(np.max(est.residuals)),
+            "seconds": float(est.seconds),
+        }
+    return out
 
 
 # The paper's small-MNIST numbers (docs/protocol.md#small-mnist: from a reading note [note], unchecked against the PDF).
 PAPER_TOP_RANGE = (0.38, 0.92)
 
 
-def claims(models: list[dict[str, Any]], headline_wd: float) -> list[Claim]:
+def claims(models: list[SmallMnistResult], headline_wd: float) -> list[Claim]:
     """The paper's small-MNIST claims, our number beside theirs, and a verdict by a stated rule.
 
     Rules (stated in the chapter): the range claim is *reproduced* when our lowest and highest top-band

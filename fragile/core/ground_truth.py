@@ -189,37 +189,26 @@ def loo_retrain_many(
             raise InvalidArgumentError(f"LOOTask.weight_decay={t.weight_decay!r} is not allowed; it must be >= 0")
     removed_weight = removal_example_weight(removal_weight, n)
     dtype, device = tasks[0].theta_star.dtype, tasks[0].theta_star.device
-    starts, removed_rows, wds = [], [], []
+    starts, removed, wds = [], [], []
     for t, ix in zip(tasks, idxs):
-        rows = torch.cat([torch.tensor([-1]), ix])  # -1: the control, nothing removed
-        starts.append(t.theta_star.detach().expand(rows.numel(), -1))
-        removed_rows.append(rows)
+        models = [_NOTHING, *ix.split(1)]  # the control first, then one model per removed point
+        starts.append(t.theta_star.detach().expand(len(models), -1))
+        removed += models
         wd = objective.weight_decay if t.weight_decay is None else t.weight_decay
-        wds.append(torch.full((rows.numel(),), float(wd), dtype=dtype, device=device))
-    start_all, rows_all, wd_all = torch.cat(starts), torch.cat(removed_rows), torch.cat(wds)
-    total = rows_all.numel()
-    params_out = torch.empty(total, objective.num_params, dtype=dtype, device=device)
-    grad_norms = torch.empty(total, dtype=dtype, device=device)
-    chunks = list(range(0, total, chunk_size))
-    for start in tqdm(chunks, desc="leave-one-out", disable=not progress or len(chunks) == 1):
-        sl = slice(start, min(start + chunk_size, total))
-        rows = rows_all[sl]
-        weights = torch.ones(rows.numel(), n, dtype=dtype, device=device)
-        hit = rows >= 0
-        weights[torch.nonzero(hit).flatten(), rows[hit]] = removed_weight
-        res = fit(
-            objective,
-            start_all[sl],
-            x,
-            y,
-            spec,
-            weights=weights,
-            weight_decay=wd_all[sl],
-            progress=progress and len(chunks) == 1,
-            desc="leave-one-out",
-        )
-        params_out[sl] = res.params
-        grad_norms[sl] = res.grad_norm
+        wds.append(torch.full((len(models),), float(wd), dtype=dtype, device=device))
+    params_out, grad_norms = _retrain_without(
+        objective,
+        torch.cat(starts),
+        removed,
+        removed_weight,
+        x,
+        y,
+        spec,
+        weight_decay=torch.cat(wds),
+        chunk_size=chunk_size,
+        progress=progress,
+        desc="leave-one-out",
+    )
     results, offset = [], 0
     for t, ix in zip(tasks, idxs):
         size = ix.numel() + 1
@@ -237,6 +226,58 @@ def loo_retrain_many(
         )
         offset += size
     return results
+
+
+_NOTHING = torch.empty(0, dtype=torch.long)
+"""The removed indices of a control model: none."""
+
+
+def _retrain_without(
+    objective: Objective,
+    starts: torch.Tensor,
+    removed: Sequence[torch.Tensor],
+    removed_weight: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    weight_decay: torch.Tensor | None,
+    chunk_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one model per row of ``starts`` (M, p), model r with example weight ``removed_weight`` on the indices
+    ``removed[r]`` and 1 elsewhere, as stacks of ``chunk_size`` models on the same minibatch order (``spec.seed``).
+
+    Returns the trained parameters (M, p) and each model's full-batch gradient norm (M,). ``weight_decay`` (M,) gives
+    each model its own L2 coefficient (None: the objective's). One progress bar: over the stacks when there are
+    several, over the one stack's steps otherwise. Cost: ``ceil(M/chunk_size)·spec.steps`` stacked steps; the example
+    weights are built a stack at a time, so memory is ``chunk_size`` models' activations and ``chunk_size·n`` weights.
+    """
+    total, n = starts.shape[0], x.shape[0]
+    dtype, device = starts.dtype, starts.device
+    params = torch.empty(total, objective.num_params, dtype=dtype, device=device)
+    grad_norms = torch.empty(total, dtype=dtype, device=device)
+    chunks = list(range(0, total, chunk_size))
+    for start in tqdm(chunks, desc=desc, disable=not progress or len(chunks) == 1):
+        rows = slice(start, min(start + chunk_size, total))
+        weights = torch.ones(rows.stop - rows.start, n, dtype=dtype, device=device)
+        for r, idx in enumerate(removed[rows]):
+            weights[r, idx] = removed_weight
+        res = fit(
+            objective,
+            starts[rows],
+            x,
+            y,
+            spec,
+            weights=weights,
+            weight_decay=None if weight_decay is None else weight_decay[rows],
+            progress=progress and len(chunks) == 1,
+            desc=desc,
+        )
+        params[rows] = res.params
+        grad_norms[rows] = res.grad_norm
+    return params, grad_norms
 
 
 def loo_retrain_sequential(
@@ -332,30 +373,20 @@ def group_retrain(
     n = x.shape[0]
     members = [check_indices(f"groups[{g}]", grp, n) for g, grp in enumerate(groups)]
     _check(objective, theta_star, x, y, [0], x_test, y_test, chunk_size)
-    dtype, device = theta_star.dtype, theta_star.device
-    total = len(members) + 1  # row 0: the control
-    params = torch.empty(total, objective.num_params, dtype=dtype, device=device)
-    control_grad_norm = float("nan")
-    chunks = list(range(0, total, chunk_size))
-    for start in tqdm(chunks, desc="group retraining", disable=not progress or len(chunks) == 1):
-        rows = range(start, min(start + chunk_size, total))
-        weights = torch.ones(len(rows), n, dtype=dtype, device=device)
-        for r, row in enumerate(rows):
-            if row > 0:
-                weights[r, members[row - 1]] = 0.0
-        res = fit(
-            objective,
-            theta_star.detach().expand(len(rows), -1),
-            x,
-            y,
-            spec,
-            weights=weights,
-            progress=progress and len(chunks) == 1,
-            desc="group retraining",
-        )
-        params[start : start + len(rows)] = res.params
-        if start == 0:
-            control_grad_norm = float(res.grad_norm[0])
+    params, grad_norms = _retrain_without(
+        objective,
+        theta_star.detach().expand(len(members) + 1, -1),
+        [_NOTHING, *members],  # row 0: the control
+        0.0,
+        x,
+        y,
+        spec,
+        weight_decay=None,
+        chunk_size=chunk_size,
+        progress=progress,
+        desc="group retraining",
+    )
+    control_grad_norm = float(grad_norms[0])
     base = _summarise(objective, theta_star, torch.arange(len(members)), params, control_grad_norm, x_test, y_test, False)
     return GroupResult(**{f: getattr(base, f) for f in base.__dataclass_fields__}, groups=[m.cpu() for m in members])
 
@@ -434,20 +465,19 @@ def loo_cold_start(
     ``actual`` is the cold-start change and ``drift`` is zero) and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``.
     Cost: as :func:`loo_retrain` with ``spec.steps`` (the whole training) per model.
     """
-    return _against_control(
-        loo_retrain(
-            objective,
-            theta_init,
-            x,
-            y,
-            remove,
-            spec,
-            x_test,
-            y_test,
-            chunk_size=chunk_size,
-            progress=progress,
-            removal_weight=removal_weight,
-        )
+    # Cold start is the drift-corrected retraining started from θ₀ instead of θ*: the same stacks, the same control.
+    return loo_drift_corrected(
+        objective,
+        theta_init,
+        x,
+        y,
+        remove,
+        spec,
+        x_test,
+        y_test,
+        chunk_size=chunk_size,
+        progress=progress,
+        removal_weight=removal_weight,
     )
 
 

@@ -79,6 +79,11 @@ def _check_rhs(name: str, vs: torch.Tensor) -> None:
         raise InvalidArgumentError(f"{name} has shape {shape}; it must be a non-empty (m, p) tensor, one right-hand side per row")
 
 
+def _first_bad_row(bad: torch.Tensor) -> int | None:
+    """The first row a (k,) mask flags, or None when it flags none: the row a batched solver names when it raises."""
+    return int(torch.nonzero(bad)[0]) if bool(bad.any()) else None
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # Summed in the iterates' dtype, then float64 for the step lengths: CG formed α and β from Python floats before it
     # was batched, and a float32 quotient of two float32 sums would round them once more for nothing.
@@ -157,9 +162,8 @@ def cg_solve_many(
         dk = d[running]
         ad = matvecs(dk) + damping * dk
         curv = _rowdot(dk, ad)
-        bad = ~(curv > 0) | ~torch.isfinite(curv)
-        if bool(bad.any()):
-            k = int(torch.nonzero(bad)[0])
+        k = _first_bad_row(~(curv > 0) | ~torch.isfinite(curv))
+        if k is not None:
             row = f"right-hand side {int(running[k])} of {m}, " if m > 1 else ""
             raise SolverDivergedError(
                 f"cg: H + damping·I is not positive definite (curvature {float(curv[k]):.3g} along a search direction, "
@@ -179,18 +183,44 @@ def cg_solve_many(
     return Solves(x, relative_residuals(matvecs, damping, x, vs), iterations)
 
 
+@dataclass(frozen=True)
+class LissaRecursion:
+    """The settings of a LiSSA recursion (:func:`lissa_ihvps`), checked at construction.
+
+    Attributes:
+        n: number of training points the minibatches are drawn from.
+        damping: λ >= 0.
+        scale: s > 0; should exceed ``λmax(H+λI)/2`` and is usually set just above ``λmax``.
+        depth: recursion steps per repeat.
+        repeats: independent recursions averaged.
+        batch_size: examples per Hessian sample, at most ``n``; None uses the full batch (deterministic).
+        seed: seed of the minibatch draws.
+        growth_tolerance: the divergence test's factor (:func:`lissa_ihvps`).
+    """
+
+    n: int
+    damping: float
+    scale: float
+    depth: int
+    repeats: int = 1
+    batch_size: int | None = None
+    seed: int = 0
+    growth_tolerance: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_positive("damping", self.damping, allow_zero=True)
+        check_positive("scale", self.scale)
+        check_int("depth", self.depth, minimum=1)
+        check_int("repeats", self.repeats, minimum=1)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1, maximum=self.n)
+
+
 def lissa_ihvp(
     batch_matvec: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     v: torch.Tensor,
+    recursion: LissaRecursion,
     *,
-    n: int,
-    damping: float,
-    scale: float,
-    depth: int,
-    repeats: int = 1,
-    batch_size: int | None = None,
-    seed: int = 0,
-    growth_tolerance: float = 10.0,
     exact_matvec: MatVec | None = None,
 ) -> Solve:
     """LiSSA for one right-hand side ``v`` (p,): :func:`lissa_ihvps` with m = 1 (see there for the recursion).
@@ -198,33 +228,15 @@ def lissa_ihvp(
     ``batch_matvec`` maps ``((p,), index tensor or None)`` to (p,), ``exact_matvec`` (p,) to (p,).
     Cost: ``depth·repeats`` minibatch matvecs plus one full-data matvec for the residual; memory O(p).
     """
-    return lissa_ihvps(
-        _single(batch_matvec),
-        v.unsqueeze(0),
-        n=n,
-        damping=damping,
-        scale=scale,
-        depth=depth,
-        repeats=repeats,
-        batch_size=batch_size,
-        seed=seed,
-        growth_tolerance=growth_tolerance,
-        exact_matvec=None if exact_matvec is None else _single(exact_matvec),
-    )[0]
+    exact = None if exact_matvec is None else _single(exact_matvec)
+    return lissa_ihvps(_single(batch_matvec), v.unsqueeze(0), recursion, exact_matvec=exact)[0]
 
 
 def lissa_ihvps(
     batch_matvecs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     vs: torch.Tensor,
+    recursion: LissaRecursion,
     *,
-    n: int,
-    damping: float,
-    scale: float,
-    depth: int,
-    repeats: int = 1,
-    batch_size: int | None = None,
-    seed: int = 0,
-    growth_tolerance: float = 10.0,
     exact_matvec: MatVec | None = None,
 ) -> Solves:
     """The stochastic Neumann-series inverse HVP of Agarwal et al. (LiSSA) as used by Koh & Liang, for the m rows
@@ -247,14 +259,7 @@ def lissa_ihvps(
         batch_matvecs: ``((m, p) iterates, index tensor or None) -> H_b`` applied to each row, for a minibatch
             (None = all data).
         vs: (m, p) right-hand sides.
-        n: number of training points the minibatches are drawn from.
-        damping: λ >= 0.
-        scale: s > 0; should exceed ``λmax(H+λI)/2`` and is usually set just above ``λmax``.
-        depth: recursion steps per repeat.
-        repeats: independent recursions averaged.
-        batch_size: examples per Hessian sample; None uses the full batch (deterministic).
-        seed: seed of the minibatch draws.
-        growth_tolerance: the divergence test's factor (above).
+        recursion: n, damping λ, scale s, depth, repeats, batch size, seed and the divergence test's factor.
         exact_matvec: full-data ``(m, p) → (m, p)`` matvec for the residuals (defaults to ``batch_matvecs(x, None)``).
 
     Returns:
@@ -263,15 +268,11 @@ def lissa_ihvps(
     Cost: ``depth·repeats`` batched minibatch matvecs plus one full-data batched matvec for the residuals.
     Memory: O(m·p) per iterate (v, h, the running sum and the matvec's output), plus what one batched matvec needs.
     """
-    check_positive("damping", damping, allow_zero=True)
-    check_positive("scale", scale)
-    check_int("depth", depth, minimum=1)
-    check_int("repeats", repeats, minimum=1)
-    if batch_size is not None:
-        check_int("batch_size", batch_size, minimum=1, maximum=n)
     _check_rhs("vs", vs)
+    r = recursion
+    n, damping, scale, depth, repeats, batch_size = r.n, r.damping, r.scale, r.depth, r.repeats, r.batch_size
     m = vs.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(r.seed)
     # Norms in float64, as the one-row test takes them (Python floats): the floor 1e-300 is 0 in float32.
     v_norm = vs.norm(dim=1).double()
     v_floor = v_norm.clamp_min(1e-300)
@@ -282,9 +283,8 @@ def lissa_ihvps(
             idx = None if batch_size is None else torch.randint(0, n, (batch_size,), generator=gen)
             h = vs + h - (batch_matvecs(h, idx) + damping * h) / scale
             h_norm = h.norm(dim=1).double()
-            bad = ~torch.isfinite(h_norm) | (h_norm > growth_tolerance * (j + 1) * v_floor)
-            if bool(bad.any()):
-                k = int(torch.nonzero(bad)[0])
+            k = _first_bad_row(~torch.isfinite(h_norm) | (h_norm > r.growth_tolerance * (j + 1) * v_floor))
+            if k is not None:
                 row = f" of right-hand side {k} of {m}" if m > 1 else ""
                 raise SolverDivergedError(
                     f"lissa diverged at recursion step {j} of repeat {rep}{row} (‖h‖={float(h_norm[k]):.3g}, "

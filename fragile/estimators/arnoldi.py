@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from fragile.core.curvature import Spectrum
 from fragile.core.solvers import Solve, arnoldi_eigenpairs, relative_residual, spectral_inverse_weights
 from fragile.errors import InvalidArgumentError, check_choice, check_int
-from fragile.estimators.base import NEGATIVE_POLICIES, EstimatorOptions, SolvingEstimator, check_optional_int
+from fragile.estimators.base import NEGATIVE_POLICIES, EstimatorOptions, SolvingEstimator, check_optional_int, option
 from fragile.estimators.registry import register
 
 
@@ -17,18 +17,12 @@ from fragile.estimators.registry import register
 class ArnoldiOptions(EstimatorOptions):
     """Options of :class:`ArnoldiInfluence`."""
 
-    rank: int | None = field(
-        default=None, metadata={"help": ("top eigenpairs kept; an integer in [1, p], or None for p (full rank)")}
+    rank: int | None = option(None, "top eigenpairs kept; an integer in [1, p], or None for p (full rank)")
+    iterations: int | None = option(
+        None, "Arnoldi iterations (one HVP each); an integer in [rank, p], or None for min(p, 2·rank)"
     )
-    iterations: int | None = field(
-        default=None,
-        metadata={"help": ("Arnoldi iterations (one HVP each); an integer in [rank, p], or None for min(p, 2·rank)")},
-    )
-    negative: str = field(
-        default="keep",
-        metadata={"help": (f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)} (as for method='exact')")},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the Arnoldi start vector; an integer >= 0"})
+    negative: str = option("keep", f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)} (as for method='exact')")
+    seed: int = option(0, "seed of the Arnoldi start vector; an integer >= 0")
 
     def __post_init__(self) -> None:
         check_optional_int("rank", self.rank, minimum=1)

@@ -94,10 +94,10 @@ def _jsonable(value: Any) -> Any:
 class EstimatorOptions:
     """Base of the methods' option dataclasses.
 
-    Each subclass is a frozen dataclass whose fields carry ``metadata={"help": ...}`` (meaning and allowed range)
-    and whose ``__post_init__`` checks every range that does not depend on the problem, raising
-    :class:`~fragile.errors.InvalidArgumentError` naming the field; checks against the problem (sizes n and p)
-    are made by the estimator's constructor.
+    Each subclass is a frozen dataclass whose fields are declared with :func:`option` (a default and a help text:
+    meaning and allowed range) and whose ``__post_init__`` checks every range that does not depend on the problem,
+    raising :class:`~fragile.errors.InvalidArgumentError` naming the field; checks against the problem (sizes n and
+    p) are made by the estimator's constructor.
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +108,12 @@ class EstimatorOptions:
     def help(cls) -> dict[str, str]:
         """Each field's help text, by name."""
         return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+def option(default: Any, help_text: str) -> Any:
+    """A field of an :class:`EstimatorOptions` dataclass: its default and its help text (meaning and allowed range),
+    kept in the field's metadata, where :meth:`EstimatorOptions.help` reads it back."""
+    return field(default=default, metadata={"help": help_text})
 
 
 def check_optional_int(name: str, value: Any, *, minimum: int) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from fragile.core.solvers import Solve, cg_solve, cg_solve_many, solve_in_chunks
 from fragile.errors import check_int, check_positive
-from fragile.estimators.base import EstimatorOptions, SolvingEstimator, check_optional_int
+from fragile.estimators.base import EstimatorOptions, SolvingEstimator, check_optional_int, option
 from fragile.estimators.registry import register
 
 
@@ -16,21 +16,14 @@ from fragile.estimators.registry import register
 class CGOptions(EstimatorOptions):
     """Options of :class:`CGInfluence`."""
 
-    rtol: float = field(
-        default=1e-10, metadata={"help": ("relative residual ‖(H+λI)x − v‖/‖v‖ at which a solve stops; a finite number > 0")}
-    )
-    max_iter: int | None = field(
-        default=None,
-        metadata={"help": ("most CG iterations (one HVP each) per right-hand side; an integer >= 1, or None for 2p")},
-    )
-    vector_chunk: int = field(
-        default=8,
-        metadata={
-            "help": (
-                "right-hand sides solved together, one vmapped HVP per iteration; an integer >= 1 (8 keeps memory near one "
-                "HVP's while taking most of the batching's gain on the small-MNIST CNN)"
-            )
-        },
+    rtol: float = option(1e-10, "relative residual ‖(H+λI)x − v‖/‖v‖ at which a solve stops; a finite number > 0")
+    max_iter: int | None = option(None, "most CG iterations (one HVP each) per right-hand side; an integer >= 1, or None for 2p")
+    vector_chunk: int = option(
+        8,
+        (
+            "right-hand sides solved together, one vmapped HVP per iteration; an integer >= 1 (8 keeps memory near one "
+            "HVP's while taking most of the batching's gain on the small-MNIST CNN)"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from fragile.core.objective import Objective
 from fragile.core.solvers import Solve, relative_residual
 from fragile.errors import InvalidArgumentError, check_int
-from fragile.estimators.base import EstimatorOptions, SolvingEstimator
+from fragile.estimators.base import EstimatorOptions, SolvingEstimator, option
 from fragile.estimators.registry import register
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,8 @@ def _layer_blocks(objective: Objective) -> dict[str, LayerFactors]:
 class EKFACOptions(EstimatorOptions):
     """Options of :class:`EKFACInfluence`."""
 
-    vector_chunk: int = field(
-        default=64,
-        metadata={
-            "help": ("vectors whose residual HVPs against H + λI are vmapped together (memory grows with it); an integer >= 1")
-        },
+    vector_chunk: int = option(
+        64, "vectors whose residual HVPs against H + λI are vmapped together (memory grows with it); an integer >= 1"
     )
 
     def __post_init__(self) -> None:

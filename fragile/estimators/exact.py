@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ import torch
 from fragile.core.curvature import Spectrum, gauss_newton_matrix, hessian_matrix
 from fragile.core.solvers import Solve, relative_residual, spectral_inverse_weights
 from fragile.errors import check_choice, check_int
-from fragile.estimators.base import NEGATIVE_POLICIES, EstimatorOptions, SolvingEstimator
+from fragile.estimators.base import NEGATIVE_POLICIES, EstimatorOptions, SolvingEstimator, option
 from fragile.estimators.registry import register
 
 CURVATURES = ("hessian", "gauss_newton")
@@ -21,27 +21,22 @@ CURVATURES = ("hessian", "gauss_newton")
 class ExactOptions(EstimatorOptions):
     """Options of :class:`ExactInfluence`."""
 
-    negative: str = field(
-        default="keep",
-        metadata={
-            "help": (
-                f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)}: keep them as they are "
-                "(the paper's practice), clip them to 0, or use their magnitudes (abs)"
-            )
-        },
+    negative: str = option(
+        "keep",
+        (
+            f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)}: keep them as they are "
+            "(the paper's practice), clip them to 0, or use their magnitudes (abs)"
+        ),
     )
-    vector_chunk: int = field(
-        default=64,
-        metadata={"help": ("Hessian rows (HVP directions) vmapped together while materialising the Hessian; an integer >= 1")},
+    vector_chunk: int = option(
+        64, "Hessian rows (HVP directions) vmapped together while materialising the Hessian; an integer >= 1"
     )
-    curvature: str = field(
-        default="hessian",
-        metadata={
-            "help": (
-                f"the matrix inverted, one of {list(CURVATURES)}: the Hessian, or the Gauss-Newton matrix "
-                "(fragile.core.curvature.gauss_newton_matrix; positive semi-definite, so negative is moot)"
-            )
-        },
+    curvature: str = option(
+        "hessian",
+        (
+            f"the matrix inverted, one of {list(CURVATURES)}: the Hessian, or the Gauss-Newton matrix "
+            "(fragile.core.curvature.gauss_newton_matrix; positive semi-definite, so negative is moot)"
+        ),
     )
 
     def __post_init__(self) -> None:

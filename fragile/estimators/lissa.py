@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fragile.core.curvature import Spectrum, hvp, top_eigenvalue
-from fragile.core.solvers import Solve, lissa_ihvp, lissa_ihvps, solve_in_chunks
+from fragile.core.solvers import LissaRecursion, Solve, lissa_ihvp, lissa_ihvps, solve_in_chunks
 from fragile.errors import check_int, check_positive
-from fragile.estimators.base import EstimatorOptions, SolvingEstimator, check_optional_int
+from fragile.estimators.base import EstimatorOptions, SolvingEstimator, check_optional_int, option
 from fragile.estimators.registry import register
 
 log = logging.getLogger(__name__)
@@ -21,52 +21,36 @@ log = logging.getLogger(__name__)
 class LissaOptions(EstimatorOptions):
     """Options of :class:`LissaInfluence`."""
 
-    depth: int = field(default=5000, metadata={"help": "recursion steps (minibatch HVPs) per repeat; an integer >= 1"})
-    repeats: int = field(default=1, metadata={"help": "independent recursions averaged; an integer >= 1"})
-    batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": ("training examples per minibatch HVP; an integer in [1, n], or None for the full batch (deterministic)")
-        },
+    depth: int = option(5000, "recursion steps (minibatch HVPs) per repeat; an integer >= 1")
+    repeats: int = option(1, "independent recursions averaged; an integer >= 1")
+    batch_size: int | None = option(
+        None, "training examples per minibatch HVP; an integer in [1, n], or None for the full batch (deterministic)"
     )
-    scale: float | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "the series' scale s (it converges when the spectrum of H + λI lies in (0, 2s)); a finite number > 0, "
-                "or None for scale_margin·(|λmax| + λ) with λmax from power iteration on HVPs"
-            )
-        },
+    scale: float | None = option(
+        None,
+        (
+            "the series' scale s (it converges when the spectrum of H + λI lies in (0, 2s)); a finite number > 0, "
+            "or None for scale_margin·(|λmax| + λ) with λmax from power iteration on HVPs"
+        ),
     )
-    scale_margin: float = field(
-        default=1.5, metadata={"help": ("the factor on |λmax| + λ when scale is None; a finite number > 0")}
+    scale_margin: float = option(1.5, "the factor on |λmax| + λ when scale is None; a finite number > 0")
+    power_rtol: float = option(
+        1e-6,
+        (
+            "the power iteration for λmax stops when it changes by less than this, relative; a finite number > 0 (the "
+            "margin makes 1e-3 enough for the scale, and it saves most of the iteration's full-data HVPs)"
+        ),
     )
-    power_rtol: float = field(
-        default=1e-6,
-        metadata={
-            "help": (
-                "the power iteration for λmax stops when it changes by less than this, relative; a finite number > 0 (the "
-                "margin makes 1e-3 enough for the scale, and it saves most of the iteration's full-data HVPs)"
-            )
-        },
+    seed: int = option(0, "seed of the minibatch draws and of the power iteration's start; an integer >= 0")
+    growth_tolerance: float = option(
+        10.0,
+        (
+            "divergence test: a recursion whose iterate passes ‖h_j‖ > growth_tolerance·(j+1)·‖v‖ has diverged (and raises); "
+            "a finite number > 0"
+        ),
     )
-    seed: int = field(
-        default=0, metadata={"help": ("seed of the minibatch draws and of the power iteration's start; an integer >= 0")}
-    )
-    growth_tolerance: float = field(
-        default=10.0,
-        metadata={
-            "help": (
-                "divergence test: a recursion whose iterate passes ‖h_j‖ > growth_tolerance·(j+1)·‖v‖ has diverged (and raises); "
-                "a finite number > 0"
-            )
-        },
-    )
-    vector_chunk: int = field(
-        default=8,
-        metadata={
-            "help": ("right-hand sides whose recursions run together, one vmapped minibatch HVP per step; an integer >= 1")
-        },
+    vector_chunk: int = option(
+        8, "right-hand sides whose recursions run together, one vmapped minibatch HVP per step; an integer >= 1"
     )
 
     def __post_init__(self) -> None:
@@ -115,28 +99,29 @@ class LissaInfluence(SolvingEstimator):
             return self.hvp(v)
         return hvp(self.objective, self.theta, self.x_train[idx], self.y_train[idx], v, data_chunk=self.data_chunk)
 
-    def _recursion(self) -> dict[str, Any]:
+    def _recursion(self) -> LissaRecursion:
         o = self.options
-        return {
-            "n": self.n,
-            "damping": self.damping,
-            "scale": self.scale,
-            "depth": o.depth,
-            "repeats": o.repeats,
-            "batch_size": o.batch_size,
-            "seed": o.seed,
-            "growth_tolerance": o.growth_tolerance,
-            "exact_matvec": self.hvp,
-        }
+        return LissaRecursion(
+            n=self.n,
+            damping=self.damping,
+            scale=self.scale,
+            depth=o.depth,
+            repeats=o.repeats,
+            batch_size=o.batch_size,
+            seed=o.seed,
+            growth_tolerance=o.growth_tolerance,
+        )
 
     def inverse_hvp(self, v: torch.Tensor) -> Solve:
         self.prepare()
-        return lissa_ihvp(self._batch_hvp, v, **self._recursion())
+        return lissa_ihvp(self._batch_hvp, v, self._recursion(), exact_matvec=self.hvp)
 
     def inverse_hvps(self, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.prepare()
         recursion = self._recursion()
-        solves = solve_in_chunks(lambda chunk: lissa_ihvps(self._batch_hvp, chunk, **recursion), vs, self.options.vector_chunk)
+        solves = solve_in_chunks(
+            lambda chunk: lissa_ihvps(self._batch_hvp, chunk, recursion, exact_matvec=self.hvp), vs, self.options.vector_chunk
+        )
         return solves.x, solves.residuals.cpu()  # residuals on the CPU, as the one-at-a-time path returned them
 
     def _details(self) -> dict[str, Any]:

@@ -22,13 +22,13 @@ same sum in expectation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fragile.errors import InvalidArgumentError
-from fragile.estimators.base import EstimatorOptions, InfluenceEstimator
+from fragile.estimators.base import EstimatorOptions, InfluenceEstimator, option
 from fragile.estimators.registry import register
 
 
@@ -36,23 +36,19 @@ from fragile.estimators.registry import register
 class TracInOptions(EstimatorOptions):
     """Options of :class:`TracInInfluence`."""
 
-    checkpoints: torch.Tensor | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "required: a (C, p) tensor of saved parameter vectors θ_k, C >= 1, finite "
-                "(one model of a TrainResult.checkpoints stack: result.checkpoints[:, k])"
-            )
-        },
+    checkpoints: torch.Tensor | None = option(
+        None,
+        (
+            "required: a (C, p) tensor of saved parameter vectors θ_k, C >= 1, finite "
+            "(one model of a TrainResult.checkpoints stack: result.checkpoints[:, k])"
+        ),
     )
-    lrs: tuple[float, ...] | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "C step sizes η_k, finite and > 0, one per checkpoint (a sequence or a 1-D tensor, whose values are used as "
-                "stored: a float32 tensor gives 0.3 as 0.30000001); None means all 1.0. Kept as a tuple of floats"
-            )
-        },
+    lrs: tuple[float, ...] | None = option(
+        None,
+        (
+            "C step sizes η_k, finite and > 0, one per checkpoint (a sequence or a 1-D tensor, whose values are used as "
+            "stored: a float32 tensor gives 0.3 as 0.30000001); None means all 1.0. Kept as a tuple of floats"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The ``fragile`` command: list sections, run one, build the book, check the book is current."""
+"""The ``fragile`` command: list sections and their parameters, run one, build the book, check the book is current."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import click
 import yaml
 
+from fragile.config import settings_help
 from fragile.errors import FragileError
 from fragile.run import runner, sweep
 
@@ -39,6 +40,22 @@ def list_cmd() -> None:
             click.echo(f"{s.short}  ({s.path.name})")
             for name, info in s.parameters.items():
                 click.echo(f"    {name} = {info['default']}  [{info['inferred_type_name']}]  {info.get('help', '')}".rstrip())
+    except FragileError as exc:
+        _fail(exc)
+
+
+@main.command("params")
+@click.argument("section")
+@click.option("--profile", default=None, type=click.Choice(runner.PROFILES), help="show this profile's values")
+def params_cmd(section: str, profile: str | None) -> None:
+    """Every parameter of SECTION: its type, its default (or PROFILE's value) and what it means."""
+    try:
+        found = runner.find_section(section)
+        values = runner.load_profile(profile).get(found.name, {}) if profile else {}
+        for name, type_name, default, help_text in settings_help(found.chapter.config):
+            value = values.get(name, default)
+            click.echo(f"{name} = {value!r}  [{type_name}]")
+            click.echo(f"    {help_text}")
     except FragileError as exc:
         _fail(exc)
 

@@ -2,18 +2,23 @@
 ``allow_pickle=False``. Loading either runs no code, whoever wrote the files.
 
 What a result may hold: ``None``, ``bool``, ``int``, ``float`` (NaN and infinities included), ``str``, lists, tuples,
-dicts with string keys, numpy arrays and scalars of a numeric or boolean dtype, and torch tensors (stored as
-arrays and restored as CPU tensors of the same dtype). Anything else is refused by name when the result is
-saved, so an unsupported value fails its job loudly instead of being stored in a form that loads differently.
+dicts with string keys, numpy arrays and scalars of a numeric or boolean dtype, torch tensors (stored as
+arrays and restored as CPU tensors of the same dtype), and frozen dataclasses registered with :func:`record`
+(stored field by field and rebuilt by their constructor; a name that is not a registered record of this package is
+refused on load, so a payload can only ever build the package's own result types). Anything else is refused by
+name when the result is saved, so an unsupported value fails its job loudly instead of being stored in a form
+that loads differently.
 Values come back as they went in, bit for bit: arrays are stored raw, floats by their shortest round-trip
 ``repr``; a numpy scalar comes back as the Python number of the same value.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import io
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,12 +26,46 @@ import torch
 from fragile.errors import FragileError
 
 # Tags of the JSON objects that stand for a value JSON has no type for; no result's own dict may use them as keys.
-ARRAY, TENSOR, TUPLE = "__array__", "__tensor__", "__tuple__"
-TAGS = (ARRAY, TENSOR, TUPLE)
+ARRAY, TENSOR, TUPLE, RECORD = "__array__", "__tensor__", "__tuple__", "__record__"
+TAGS = (ARRAY, TENSOR, TUPLE, RECORD)
+# Only this package's modules may be imported to find a record type named in a payload.
+PACKAGE = "fragile."
+
+_RECORDS: dict[str, type] = {}
+R = TypeVar("R", bound=type)
 
 
 class PayloadError(FragileError, TypeError):
     """A result holds a value the payload format cannot store exactly; the message names where it is."""
+
+
+def record_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def record(cls: R) -> R:
+    """Register the frozen dataclass ``cls`` as a type job results may hold (a class decorator)."""
+    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__qualname__}: only frozen dataclasses can be payload records")
+    if not cls.__module__.startswith(PACKAGE):
+        raise TypeError(f"{cls.__qualname__}: payload records are this package's types only")
+    _RECORDS[record_name(cls)] = cls
+    return cls
+
+
+def _record_type(name: str) -> type:
+    """The registered record ``name``; its module (this package's only) is imported when it is not yet."""
+    if name not in _RECORDS:
+        module = name.partition(":")[0]
+        if not module.startswith(PACKAGE):
+            raise PayloadError(f"the payload names a record type {name!r} outside this package")
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise PayloadError(f"the payload names a record type {name!r} whose module does not exist") from exc
+    if name not in _RECORDS:
+        raise PayloadError(f"the payload names a record type {name!r} that is not registered")
+    return _RECORDS[name]
 
 
 def encode(result: Any) -> tuple[str, bytes]:
@@ -57,6 +96,12 @@ def encode(result: Any) -> tuple[str, bytes]:
             return {TUPLE: [enc(v, f"{where}[{i}]") for i, v in enumerate(value)]}
         if isinstance(value, list):
             return [enc(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            name = record_name(type(value))
+            if _RECORDS.get(name) is not type(value):
+                raise PayloadError(f"{where}: a {type(value).__name__} is not a registered record (see payload.record)")
+            fields = {f.name: enc(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+            return {RECORD: name, "fields": fields}
         if isinstance(value, dict):
             out = {}
             for k, v in value.items():
@@ -92,6 +137,13 @@ def decode(text: str, npz: bytes) -> Any:
                 return torch.from_numpy(array(value[TENSOR]).copy())
             if len(value) == 1 and TUPLE in value:
                 return tuple(dec(v) for v in value[TUPLE])
+            if RECORD in value:
+                cls = _record_type(value[RECORD])
+                fields = {k: dec(v) for k, v in value["fields"].items()}
+                names = {f.name for f in dataclasses.fields(cls)}
+                if set(fields) != names:
+                    raise PayloadError(f"the payload's {value[RECORD]} has fields {sorted(fields)}, the type {sorted(names)}")
+                return cls(**fields)
             return {k: dec(v) for k, v in value.items()}
         return value
 

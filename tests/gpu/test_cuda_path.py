@@ -77,9 +77,9 @@ def test_leave_one_out_on_the_gpu_matches_the_cpu(problem):
 def test_a_table1_job_on_the_gpu_gives_the_cpus_numbers():
     import numpy as np
 
-    from fragile.chapters.mnist_cifar10 import MnistCifar10Config, run_model
+    from fragile.chapters.table1_protocol import Table1Config, run_model
 
-    cfg = MnistCifar10Config(
+    cfg = Table1Config(
         device="cpu",
         mnist_architectures=("lenet",),
         cifar10_architectures=(),
@@ -98,11 +98,9 @@ def test_a_table1_job_on_the_gpu_gives_the_cpus_numbers():
     )
     cpu = run_model(cfg, "mnist", "lenet", 0.001, 0)
     gpu = run_model(cfg, "mnist", "lenet", 0.001, 0, device="cuda")
-    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
-    np.testing.assert_array_equal(gpu["test_points"], cpu["test_points"])
-    np.testing.assert_allclose(
-        gpu["estimators"]["arnoldi"]["predicted"], cpu["estimators"]["arnoldi"]["predicted"], rtol=1e-5, atol=1e-9
-    )
-    for g, c in zip(gpu["per_test_point"], cpu["per_test_point"], strict=True):
-        np.testing.assert_array_equal(g["chosen"], c["chosen"])
-        np.testing.assert_allclose(g["actual"], c["actual"], rtol=1e-5, atol=1e-9)
+    assert gpu.network.device.startswith("cuda") and cpu.network.device == "cpu"
+    np.testing.assert_array_equal(gpu.test_points, cpu.test_points)
+    np.testing.assert_allclose(gpu.estimators["arnoldi"].predicted, cpu.estimators["arnoldi"].predicted, rtol=1e-5, atol=1e-9)
+    for g, c in zip(gpu.per_test_point, cpu.per_test_point, strict=True):
+        np.testing.assert_array_equal(g.chosen, c.chosen)
+        np.testing.assert_allclose(g.actual, c.actual, rtol=1e-5, atol=1e-9)
