@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from brute_force import newton_minimise
+from brute_force import newton_minimise, write_measurement
 
 from fragile import Objective, correlation, fit, loo_retrain_sequential, make_estimator
 from fragile.chapters.appendix import (
@@ -411,28 +411,8 @@ def test_table2_has_each_jobs_seconds_once_and_the_mean_per_network():
 
 
 def test_the_gpu_table_reads_the_benchmarks_measurement(tmp_path):
-    import json
-
-    path = tmp_path / "gpu.json"
-    path.write_text(
-        json.dumps(
-            {
-                "device": "GPU X",
-                "torch": "2",
-                "date": "d",
-                "script": "s",
-                "rows": [
-                    {
-                        "architecture": "lenet",
-                        "params": 5,
-                        "adam_step_s": 0.002,
-                        "loo_stack8_step_s": 0.004,
-                        "hours_per_model": 0.5,
-                    }
-                ],
-            }
-        )
-    )
+    row = {"architecture": "lenet", "params": 5, "adam_step_s": 0.002, "loo_stack8_step_s": 0.004, "hours_per_model": 0.5}
+    path = write_measurement(tmp_path / "gpu.json", [row])
     frame, meta = gpu_table(path)
     assert meta["device"] == "GPU X" and frame.iloc[0]["Adam step of 128 images (ms)"] == pytest.approx(2.0)
     assert gpu_table(tmp_path / "none.json") == (None, {})
@@ -505,25 +485,13 @@ def test_observations_compare_the_studies_with_each_other():
 
 
 def test_the_paper_profiles_gpu_time_counts_its_jobs(tmp_path):
-    import json
-
     from fragile.chapters.appendix import paper_estimate_markdown
 
-    path = tmp_path / "gpu.json"
-    path.write_text(
-        json.dumps(
-            {
-                "device": "GPU X",
-                "torch": "2",
-                "date": "d",
-                "script": "s",
-                "rows": [
-                    {"architecture": a, "params": 1, "adam_step_s": 0.1, "loo_stack8_step_s": 0.1, "hours_per_model": h}
-                    for a, h in (("small_cnn", 1.0), ("lenet", 2.0))
-                ],
-            }
-        )
-    )
+    rows = [
+        {"architecture": a, "params": 1, "adam_step_s": 0.1, "loo_stack8_step_s": 0.1, "hours_per_model": h}
+        for a, h in (("small_cnn", 1.0), ("lenet", 2.0))
+    ]
+    path = write_measurement(tmp_path / "gpu.json", rows)
     text = paper_estimate_markdown(AppendixConfig(**TINY), path)  # LeNet: 4 optimisers + seed 1; small CNN: 2 seeds + 1 summed
     assert (
         "| LeNet | 5 | 2.00 | 10.0 |" in text
