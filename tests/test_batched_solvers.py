@@ -28,7 +28,6 @@ from fragile.core.solvers import (
     LissaRecursion,
     cg_solve,
     cg_solve_many,
-    lissa_ihvp,
     lissa_ihvps,
     relative_residual,
     solve_in_chunks,
@@ -252,7 +251,7 @@ def test_lissa_batched_equals_one_at_a_time(setup, options):
         assert len(drawn_single) == len(drawn_batched) == steps
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(drawn_batched, drawn_single))
         if i == 0:
-            one = lissa_ihvp(batch_matvec, v, recursion, exact_matvec=matvec)  # the one-vector entry point
+            one = lissa_ihvps(batch_matvec, v.unsqueeze(0), recursion, exact_matvec=matvec)[0]  # a batch of one
             assert _rel(one.x, x) <= RTOL and one.iterations == steps
 
 
@@ -288,7 +287,7 @@ def test_lissa_divergence_names_the_row(setup):
     ):
         lissa_ihvps(batch_matvec, vs, diverging)
     with pytest.raises(SolverDivergedError, match=r"lissa diverged at recursion step \d+ of repeat 0 \(‖h‖=.*scale"):
-        lissa_ihvp(batch_matvec, vs[0], diverging)
+        lissa_ihvps(batch_matvec, vs[:1], diverging)
 
 
 # -- the estimators ---------------------------------------------------------------------------------------------

@@ -383,6 +383,6 @@ def test_fit_rejects_bad_checkpoint_every_before_training(bad, monkeypatch):
     def no_work(*_a, **_k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(objective, "stacked_grads", no_work)
+    monkeypatch.setattr(objective, "stacked_train_losses", no_work)
     with pytest.raises(InvalidArgumentError, match="checkpoint_every="):
         fit(objective, objective.initial_params(), data.x, data.y, TrainSpec(steps=3), progress=False, checkpoint_every=bad)

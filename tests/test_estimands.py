@@ -12,7 +12,7 @@ from scipy import stats
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
 from fragile.chapters import estimands as E
 from fragile.chapters.results import Estimate, EstimatorFailure
-from fragile.core.ground_truth import pbrf_retrain, proximal_response
+from fragile.core.ground_truth import pbrf_retrain
 from fragile.core.selection import select_top_k
 from fragile.errors import InvalidArgumentError
 from fragile.run.payload import decode, encode
@@ -90,9 +90,20 @@ def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(
     cold = loo_retrain_sequential(obj, theta0, train.x, train.y, chosen, spec, x_t, y_t, progress=False)
     np.testing.assert_allclose(point.truths.cold, cold.actual_vs_control[:, 0].numpy(), rtol=1e-6, atol=1e-12)
     # one problem at a time (no stacking) and solved tightly: the stacked solve agrees to its own stationarity
-    for name, fn in (("pbrf", pbrf_retrain), ("proximal", proximal_response)):
-        alone = fn(
-            obj, theta, train.x, train.y, chosen, x_t, y_t, damping=cfg.iris_damping, chunk_size=1, max_iter=300, tolerance=1e-10
+    for name, fit_term in (("pbrf", "bregman"), ("proximal", "objective")):
+        alone = pbrf_retrain(
+            obj,
+            theta,
+            train.x,
+            train.y,
+            chosen,
+            x_t,
+            y_t,
+            damping=cfg.iris_damping,
+            fit_term=fit_term,
+            chunk_size=1,
+            max_iter=300,
+            tolerance=1e-10,
         )
         np.testing.assert_allclose(point.truths.of(name), alone.actual[:, 0].numpy(), rtol=2e-2, atol=1e-8)
     assert model.pbrf.stationarity < 1e-2 and model.pbrf.unsolved == 0 and model.proximal.unsolved == 0

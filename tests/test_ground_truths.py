@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
-from fragile.core.ground_truth import loo_cold_start, loo_drift_corrected, loo_retrain, pbrf_retrain, proximal_response
+from fragile.core.ground_truth import loo_retrain, pbrf_retrain
 from fragile.core.objective import bregman_cross_entropy
 from fragile.data.datasets import synthetic_classification
 from fragile.errors import InvalidArgumentError
@@ -92,6 +92,8 @@ def test_pbrf_refuses_bad_arguments_by_name():
         pbrf_retrain(obj, theta, data.x, data.y, [0], data.x[:1], data.y[:1], damping=0.0, epsilon=0.0)
     with pytest.raises(InvalidArgumentError, match="remove"):
         pbrf_retrain(obj, theta, data.x, data.y, [99], data.x[:1], data.y[:1], damping=0.0)
+    with pytest.raises(InvalidArgumentError, match="fit_term='loss'.*bregman.*objective"):
+        pbrf_retrain(obj, theta, data.x, data.y, [0], data.x[:1], data.y[:1], damping=0.0, fit_term="loss")
 
 
 def test_cold_started_leave_one_out_retrains_from_the_initialisation_against_theta_star():
@@ -101,7 +103,7 @@ def test_cold_started_leave_one_out_retrains_from_the_initialisation_against_the
     spec = TrainSpec("sgd", lr=0.1, steps=60, batch_size=10, seed=3)
     theta_star = fit(obj, theta0, data.x, data.y, spec, progress=False).params[0]
     x_test, y_test = data.x[:2], data.y[:2]
-    res = loo_cold_start(obj, theta0, data.x, data.y, [1, 5], spec, x_test, y_test, chunk_size=2, progress=False)
+    res = loo_retrain(obj, theta0, data.x, data.y, [1, 5], spec, x_test, y_test, chunk_size=2, progress=False).against_control()
     star = obj.sample_losses(theta_star, x_test, y_test)
     torch.testing.assert_close(res.test_loss_star, star, rtol=1e-9, atol=1e-12)  # the control reproduces θ*
     seq = loo_retrain_sequential(obj, theta0, data.x, data.y, [1, 5], spec, x_test, y_test, progress=False)
@@ -145,12 +147,14 @@ def test_all_four_ground_truths_meet_the_exact_influence_as_the_removal_weight_v
             "warm": loo_retrain(
                 obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test, progress=False, removal_weight=eps
             ).actual,
-            "drift-corrected": loo_drift_corrected(
+            "drift-corrected": loo_retrain(
                 obj, theta, data.x, data.y, remove, warm_spec, x_test, y_test, progress=False, removal_weight=eps
-            ).actual,
-            "cold": loo_cold_start(
-                obj, theta0, data.x, data.y, remove, spec, x_test, y_test, progress=False, removal_weight=eps
-            ).actual,
+            )
+            .against_control()
+            .actual,
+            "cold": loo_retrain(obj, theta0, data.x, data.y, remove, spec, x_test, y_test, progress=False, removal_weight=eps)
+            .against_control()
+            .actual,
             "pbrf": pbrf_retrain(
                 obj, theta, data.x, data.y, remove, x_test, y_test, damping=0.0, epsilon=eps, tolerance=1e-14, max_iter=2000
             ).actual,
@@ -189,7 +193,7 @@ def test_drift_corrected_leave_one_out_is_measured_against_the_control():
     spec = TrainSpec("sgd", lr=0.1, steps=40, batch_size=10, seed=1)
     theta = fit(obj, obj.initial_params(), data.x, data.y, spec, progress=False).params[0]  # far from converged
     paper = loo_retrain(obj, theta, data.x, data.y, [0, 7], spec, data.x[:3], data.y[:3], progress=False)
-    corrected = loo_drift_corrected(obj, theta, data.x, data.y, [0, 7], spec, data.x[:3], data.y[:3], progress=False)
+    corrected = paper.against_control()
     torch.testing.assert_close(corrected.actual, paper.actual - paper.drift, rtol=0, atol=1e-12)
     assert paper.drift.abs().max() > 1e-3 and torch.equal(corrected.drift, torch.zeros_like(corrected.drift))
 
@@ -200,12 +204,14 @@ def test_the_proximal_response_is_the_damped_influence_at_an_optimum_and_sees_no
     x_test, y_test = data.x[-3:], data.y[-3:]
     eps = 1e-3 / n
     damped = make_estimator("exact", obj, theta, data.x, data.y, damping=damping, progress=False).influences(x_test, y_test, [m])
-    prox = proximal_response(obj, theta, data.x, data.y, [m], x_test, y_test, damping=damping, epsilon=eps, tolerance=1e-14)
+    prox = pbrf_retrain(
+        obj, theta, data.x, data.y, [m], x_test, y_test, damping=damping, fit_term="objective", epsilon=eps, tolerance=1e-14
+    )
     np.testing.assert_allclose(prox.actual[0].numpy() / (n * eps), damped.predicted[:, 0].numpy(), rtol=2e-3)
     # away from the optimum the proximal response moves θ even for a vanishing removal; the PBRF does not
     early = fit(obj, theta0, data.x, data.y, spec.replace(steps=5), progress=False).params[0]
     g = obj.grad(early, data.x, data.y)
-    prox0 = proximal_response(obj, early, data.x, data.y, [m], x_test, y_test, damping=damping, epsilon=1e-9)
+    prox0 = pbrf_retrain(obj, early, data.x, data.y, [m], x_test, y_test, damping=damping, fit_term="objective", epsilon=1e-9)
     pbrf0 = pbrf_retrain(obj, early, data.x, data.y, [m], x_test, y_test, damping=damping, epsilon=1e-9)
     h = torch.func.hessian(lambda t: obj.train_loss(t, data.x, data.y))(early)
     newton = torch.linalg.solve(h + damping * torch.eye(h.shape[0], dtype=h.dtype), g).norm()

@@ -131,12 +131,15 @@ def test_the_final_gradient_norm_is_the_same_in_chunks(setup):
     weights = torch.ones(3, len(data.x), dtype=thetas.dtype)
     weights[1, :5] = 0.0  # a model with points removed
     wd = torch.tensor([0.0, 0.01, 0.1], dtype=thetas.dtype)
-    whole = objective.stacked_grads(thetas, data.x, data.y, weights, wd)[0]
-    chunked = _full_batch_grads(objective, thetas, data.x, data.y, weights, wd, chunk=5)
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    # Each model's gradient on its own, through the single-model objective with its own weights and weight decay.
+    one_by_one = torch.stack(
+        [objective.with_weight_decay(float(wd[k])).grad(thetas[k], data.x, data.y, weights[k]) for k in range(3)]
+    )
+    for chunk in (len(data.x), 5):  # one pass, and chunks whose weighted means are recombined
+        torch.testing.assert_close(
+            _full_batch_grads(objective, thetas, data.x, data.y, weights, wd, chunk=chunk), one_by_one, rtol=1e-12, atol=1e-14
+        )
+    unweighted = torch.stack([objective.grad(t, data.x, data.y) for t in thetas])
     torch.testing.assert_close(
-        _full_batch_grads(objective, thetas, data.x, data.y, None, None, chunk=7),
-        objective.stacked_grads(thetas, data.x, data.y)[0],
-        rtol=1e-12,
-        atol=1e-14,
+        _full_batch_grads(objective, thetas, data.x, data.y, None, None, chunk=7), unweighted, rtol=1e-12, atol=1e-14
     )

@@ -33,7 +33,7 @@ from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
 from fragile.chapters.protocol import DTYPES, SmallMnistData, estimate, iris_split, run_jobs, small_mnist_data
 from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.config import at_least, between, each, non_negative, one_of, optional, positive, setting, to_dict
-from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain, proximal_response
+from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
 from fragile.core.selection import highest_loss, select_top_k
@@ -151,14 +151,7 @@ class EstimandsConfig(ChapterConfig):
 
     def mnist_data(self) -> SmallMnistData:
         """The small-MNIST digits as the small-MNIST chapter takes them offline (its default split seed)."""
-        return small_mnist_data(
-            data_root="",
-            download=False,
-            n_train=self.mnist_n_train,
-            n_test=self.mnist_n_test,
-            split_seed=0,
-            dtype=DTYPES[self.mnist_dtype],
-        )
+        return small_mnist_data(self.mnist_n_train, self.mnist_n_test, dtype=DTYPES[self.mnist_dtype])
 
 
 # -- what a job returns --------------------------------------------------------------------------------------
@@ -372,9 +365,11 @@ def _truths(objective, models: list[_Model], x, y, damping, retrain, train, pbrf
         # ‖∇F‖ at the returned solution against the size of the removal's own pull ε‖∇L(z_m)‖: how well it was solved
         pull = objective.point_grads(m.theta, x[torch.as_tensor(m.union)], y[torch.as_tensor(m.union)]).norm(dim=1) / n
         responses, solves = {}, {}
-        for name, respond in (("proximal", proximal_response), ("pbrf", pbrf_retrain)):
+        for name, fit_term in (("proximal", "objective"), ("pbrf", "bregman")):
             start = time.perf_counter()
-            response = respond(objective, m.theta, x, y, m.union, m.x_test, m.y_test, damping=damping, max_iter=pbrf_max_iter)
+            response = pbrf_retrain(
+                objective, m.theta, x, y, m.union, m.x_test, m.y_test, damping=damping, fit_term=fit_term, max_iter=pbrf_max_iter
+            )
             seconds = time.perf_counter() - start
             stationarity = (response.objective_grad_norm / pull).numpy()
             solved = stationarity <= UNSOLVED

@@ -23,26 +23,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from fragile.book.chapter import COMMON_FIELDS, PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim
-from fragile.chapters.protocol import (
-    DTYPES,
-    SolverSettings,
-    agreement,
-    check_device_here,
-    estimate,
-    finished,
-    folder,
-    job_fields,
-    retrain_chosen,
-    run_jobs,
-    solver_default,
-)
+from fragile.chapters import protocol
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure
 from fragile.chapters.table1_protocol import Retraining, Table1Config, Table1Result, correlations_table, model_jobs
 from fragile.config import at_least, non_negative, one_of, positive, setting
@@ -54,7 +42,7 @@ from fragile.data.image_folders import load_image_folder, write_digit_folders
 from fragile.errors import InvalidArgumentError, check_choice
 from fragile.models.pretrained import imagenet_classifier, weights_file
 from fragile.models.small import build_model
-from fragile.run.devices import DEVICE_CHOICES, resolve_device
+from fragile.run.devices import resolve_device
 from fragile.run.payload import record
 from fragile.run.sweep import Job, SweepReport
 
@@ -75,16 +63,13 @@ PAPER_MAX_CORRELATION = 0.15  # Pearson and Spearman below this for both test po
 
 
 @dataclass(frozen=True)
-class ImageNetConfig(SolverSettings, ChapterConfig):
+class ImageNetConfig(protocol.AnyDevice, protocol.SolverSettings, ChapterConfig):
     """Every value the ImageNet & CIFAR-100 section depends on, each with its help text, besides the common fields
     of :class:`~fragile.book.chapter.ChapterConfig` (``device`` may be ``cuda``, ``cuda:N`` or ``auto`` here) and the
     estimators' of :class:`~fragile.chapters.protocol.SolverSettings` (``chunk_size``: fine-tuned models per
     training stack). The ``cifar100_*`` fields are the CIFAR-100 rows' Table 1 fields (:meth:`cifar100_config`).
     Values the paper does not state are marked so."""
 
-    DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
-
-    device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
     data_root: str = setting(
         "",
         (
@@ -92,7 +77,7 @@ class ImageNetConfig(SolverSettings, ChapterConfig):
             "class-balanced subset folder: every image is held in memory); empty means the offline stand-in, which the "
             "chapter writes to <cache_dir>/imagenet_stand_in: real MNIST digits as RGB PNGs, ten classes (not ImageNet)"
         ),
-        folder,
+        protocol.folder,
     )
     stand_in_train_per_class: int = setting(30, "training images per class of the stand-in", at_least(1))
     stand_in_val_per_class: int = setting(10, "validation images per class of the stand-in", at_least(1))
@@ -112,9 +97,9 @@ class ImageNetConfig(SolverSettings, ChapterConfig):
             '"" (seeded initialisation, trained here), "torchvision" (its ImageNet weights from its cache, never '
             "downloaded) or a state-dict file; torchvision architectures only"
         ),
-        folder,
+        protocol.folder,
     )
-    dtype: str = setting("float32", "floating type", one_of(DTYPES))
+    dtype: str = setting("float32", "floating type", one_of(protocol.DTYPES))
     weight_decay: float = setting(0.0, "L2 coefficient of the objective (not stated for ImageNet)", non_negative)
     lr: float = setting(
         0.0001, "Adam's learning rate for training and fine-tuning (the paper's fastai schedule is not ours)", positive
@@ -133,11 +118,11 @@ class ImageNetConfig(SolverSettings, ChapterConfig):
         "all", "what fine-tuning updates: all parameters (the paper) or only influence_params", one_of(RETRAIN_PARAMS)
     )
     estimator: str = setting("lissa", f"inverse-HVP method, one of {list(ESTIMATORS)} (not stated)", one_of(ESTIMATORS))
-    negative_eigenvalues: str = solver_default("negative_eigenvalues", "keep")
-    cg_max_iter: int = solver_default("cg_max_iter", 100)
-    cg_rtol: float = solver_default("cg_rtol", 1e-10)
-    lissa_batch_size: int = solver_default("lissa_batch_size", 256)
-    chunk_size: int = solver_default("chunk_size", 4)
+    negative_eigenvalues: str = protocol.solver_default("negative_eigenvalues", "keep")
+    cg_max_iter: int = protocol.solver_default("cg_max_iter", 100)
+    cg_rtol: float = protocol.solver_default("cg_rtol", 1e-10)
+    lissa_batch_size: int = protocol.solver_default("lissa_batch_size", 256)
+    chunk_size: int = protocol.solver_default("chunk_size", 4)
     cifar100: bool = setting(True, "also run the CIFAR-100 rows")
     cifar100_data_root: str = setting(
         "",
@@ -145,7 +130,7 @@ class ImageNetConfig(SolverSettings, ChapterConfig):
             "torchvision root holding cifar-100-python; empty means FRAGILE_DATA, then the offline stand-in (digits as "
             "3×32×32, ten classes: not CIFAR-100)"
         ),
-        folder,
+        protocol.folder,
     )
     cifar100_architecture: str = setting("resnet18", "the Table 1 architecture (paper: ResNet-18)")
     cifar100_width: int = setting(64, "its first-layer channels (torchvision: 64)")
@@ -176,7 +161,7 @@ class ImageNetConfig(SolverSettings, ChapterConfig):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return protocol.DTYPES[self.dtype]
 
     def cifar100_config(self) -> Table1Config:
         """The CIFAR-100 rows as a Table 1 config: the fields here, the rest Table 1's protocol."""
@@ -448,7 +433,7 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> I
         train_steps=train_spec.steps if cfg.train_epochs else 0,
         device=str(dev),
     )
-    influence = estimate(
+    influence = protocol.estimate(
         cfg.estimator, subset, theta_sub, x, y, x_test, y_test, **cfg.solver_kwargs(cfg.estimator, n, subset.num_params)
     )
     if isinstance(influence, EstimatorFailure):
@@ -457,13 +442,23 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> I
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
     retrain_obj, retrain_theta = (full, theta) if cfg.retrain_params == "all" else (subset, theta_sub)
     retrain_spec = train_spec.replace(steps=_steps(cfg.retrain_epochs, n, cfg.batch_size))
-    loo = retrain_chosen(retrain_obj, retrain_theta, x, y, chosen, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size)
+    loo = protocol.retrain_chosen(
+        retrain_obj, retrain_theta, x, y, chosen, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size
+    )
     per_tp = []
     for t in range(len(tp)):
         rows = loo.rows(chosen[t])
         pred, actual, vs_control = predicted[t, chosen[t]], loo.actual[rows, t], loo.actual_vs_control[rows, t]
         per_tp.append(
-            FineTunedPoint(int(tp[t]), chosen[t], pred, actual, vs_control, agreement(pred, actual), agreement(pred, vs_control))
+            FineTunedPoint(
+                int(tp[t]),
+                chosen[t],
+                pred,
+                actual,
+                vs_control,
+                protocol.agreement(pred, actual),
+                protocol.agreement(pred, vs_control),
+            )
         )
     retraining = Retraining(int(loo.union.size), retrain_spec.steps, loo.drift, loo.control_grad_norm, loo.seconds)
     return ImageNetResult(network, tp, val_losses[tp], influence, retraining, tuple(per_tp))
@@ -481,7 +476,7 @@ _NOT_IN_KEY = ("seed", "n_seeds", "cifar100", *(f for f in ImageNetConfig.__data
 def imagenet_jobs(cfg: ImageNetConfig) -> list[Job]:
     """The ImageNet study as sweep jobs, one per seed, keyed by what its numbers depend on (the data root
     resolved, so that ``FRAGILE_IMAGENET`` enters the key)."""
-    fields = job_fields(cfg, exclude=_NOT_IN_KEY)
+    fields = protocol.job_fields(cfg, exclude=_NOT_IN_KEY)
     fields["data_root"] = str(resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET") or "")
     return [
         Job(f"imagenet/{cfg.architecture}-seed{s}", imagenet_job, {"model_seed": s, **fields}, runtime={"device": cfg.device})
@@ -496,14 +491,14 @@ def run_study(
 
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
     """
-    check_device_here(cfg, client)
+    protocol.check_device_here(cfg, client)
     check_weights(cfg)
     if not resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET"):
         ensure_stand_in(cfg)  # once here, not by every worker at the same time
     jobs = imagenet_jobs(cfg)
     c100 = model_jobs(cfg.cifar100_config()) if cfg.cifar100 else []
-    _, report = run_jobs(cfg, jobs + c100, progress=progress, client=client)
-    return finished(report, jobs), finished(report, c100), report
+    _, report = protocol.run_jobs(cfg, jobs + c100, progress=progress, client=client)
+    return protocol.finished(report, jobs), protocol.finished(report, c100), report
 
 
 def network_rows(models: list[ImageNetResult], influence_params: str) -> list[dict[str, Any]]:
@@ -586,8 +581,6 @@ def claims(
     test point. A claim computed on a stand-in cannot be reproduced or refuted there: its verdict says it needs
     the real data set, with our stand-in number beside the paper's.
     """
-    real = "needs the real data set: run with `--profile paper`"
-    out = []
     drift = drift_table(imagenet)
     if len(drift):
         top = float(np.nanmax(np.r_[drift["spearman"], drift["pearson"]]))
@@ -595,38 +588,19 @@ def claims(
             f"max {top:.2f} (Spearman {', '.join(f'{v:.2f}' for v in drift['spearman'])}; "
             f"Pearson {', '.join(f'{v:.2f}' for v in drift['pearson'])})"
         )
-        verdict = "reproduced" if top < PAPER_MAX_CORRELATION else "not reproduced"
+        verdict = _on_data("reproduced" if top < PAPER_MAX_CORRELATION else "not reproduced", imagenet_stand_in)
         ratio = float(drift["drift_over_removal"].min())
         ours_d = f"drift {', '.join(f'{v:+.3f}' for v in drift['drift'])}; |drift| / median removal effect ≥ {ratio:.1f}"
-        verdict_d = "reproduced" if ratio > 1 else "not reproduced"
+        verdict_d = _on_data("reproduced" if ratio > 1 else "not reproduced", imagenet_stand_in)
     else:
         top = ratio = math.nan
         ours = ours_d = "not run"
         verdict = verdict_d = "not run: no ImageNet network finished"
-    if imagenet_stand_in and len(drift):
-        verdict, verdict_d = f"{real} (on the stand-in: {verdict})", f"{real} (on the stand-in: {verdict_d})"
-    out.append(
-        Claim(
-            key="imagenet_corr",
-            claim="ImageNet, ResNet-50: Pearson and Spearman below 0.15 for both random test points",
-            paper="< 0.15",
-            ours=ours,
-            value=top,
-            verdict=verdict,
-        )
-    )
-    out.append(
-        Claim(
-            key="imagenet_drift",
-            claim="ImageNet: fine-tuning with nothing removed already moves the test losses, swamping the leave-one-out signal",
-            paper="drift −0.679, +0.066",
-            ours=ours_d,
-            value=ratio,
-            verdict=verdict_d,
-        )
-    )
+    out = [
+        Claim(key="imagenet_corr", claim=CORRELATION_CLAIM, paper="< 0.15", ours=ours, value=top, verdict=verdict),
+        Claim(key="imagenet_drift", claim=DRIFT_CLAIM, paper="drift −0.679, +0.066", ours=ours_d, value=ratio, verdict=verdict_d),
+    ]
     table = cifar100_table(cifar100)
-    claim = "CIFAR-100, ResNet-18 (wd 5e-4): poor across high- and median-loss test points and initialisations (mean Spearman)"
     if len(table):
         means = table.groupby("test_point")["spearman"].mean()
         sds = table.groupby("test_point")["spearman"].std()
@@ -634,14 +608,25 @@ def claims(
             "; ".join(f"{k} {means[k]:.2f} ± {sds[k]:.2f}" for k in means.index)
             + f" ({table['seed'].nunique()} seeds, {len(table)} test points)"
         )
-        verdict = "reproduced" if bool((means < 0.3).all()) else "not reproduced"
-        if cifar100_stand_in:
-            verdict = f"{real} (on the stand-in: {verdict})"
+        verdict = _on_data("reproduced" if bool((means < 0.3).all()) else "not reproduced", cifar100_stand_in)
         value = float(means.max())
     else:
         ours, verdict, value = "not run", "not run: cifar100 is off in this profile", math.nan
-    out.append(Claim(key="cifar100", claim=claim, paper="poor (values not confirmed)", ours=ours, value=value, verdict=verdict))
+    paper = "poor (values not confirmed)"
+    out.append(Claim(key="cifar100", claim=CIFAR100_CLAIM, paper=paper, ours=ours, value=value, verdict=verdict))
     return out
+
+
+CORRELATION_CLAIM = "ImageNet, ResNet-50: Pearson and Spearman below 0.15 for both random test points"
+DRIFT_CLAIM = "ImageNet: fine-tuning with nothing removed already moves the test losses, swamping the leave-one-out signal"
+CIFAR100_CLAIM = (
+    "CIFAR-100, ResNet-18 (wd 5e-4): poor across high- and median-loss test points and initialisations (mean Spearman)"
+)
+
+
+def _on_data(verdict: str, stand_in: bool) -> str:
+    """A verdict computed on a stand-in can neither reproduce nor refute the paper: it says it needs the real data."""
+    return f"needs the real data set: run with `--profile paper` (on the stand-in: {verdict})" if stand_in else verdict
 
 
 CHAPTER = Chapter(

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from fragile.core.train import TrainSpec, fit
 from fragile.data.datasets import Dataset, load_iris, load_mnist_digits, load_small_mnist, resolve_data_root, split_by_class
 from fragile.errors import FragileError, InvalidArgumentError, check_int
 from fragile.estimators import NEGATIVE_POLICIES, make_estimator
-from fragile.run.devices import resolve_device
+from fragile.run.devices import DEVICE_CHOICES, resolve_device
 from fragile.run.sweep import Job, SweepReport, run_sweep
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,10 @@ class SmallMnistData:
 
 
 def small_mnist_data(
-    *, data_root: str, download: bool, n_train: int, n_test: int, split_seed: int, dtype: torch.dtype
+    n_train: int, n_test: int, *, split_seed: int = 0, dtype: torch.dtype, data_root: str = "", download: bool = False
 ) -> SmallMnistData:
-    """Koh & Liang's small MNIST from a data root, or the offline digits; subset and split as asked.
+    """Koh & Liang's small MNIST from a data root, or (``data_root`` empty, the default) the offline digits; subset and
+    split as asked.
 
     ``n_train``/``n_test`` of 0 mean all (5,500/10,000 from a data root; 4,500/500 offline), otherwise a seeded
     class-balanced subset. Deterministic: the same arguments give the same images in the same order.
@@ -180,6 +181,16 @@ def train_model(
 
 # The estimators whose settings :class:`SolverSettings` holds.
 SOLVED_METHODS = ("exact", "cg", "lissa", "arnoldi")
+
+
+@dataclass(frozen=True)
+class AnyDevice:
+    """A chapter that may run on a GPU: its config inherits this before
+    :class:`~fragile.book.chapter.ChapterConfig`, whose ``device`` then takes cpu, cuda, cuda:N or auto."""
+
+    DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
+
+    device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
 
 
 @dataclass(frozen=True)

@@ -148,12 +148,7 @@ class SmallMnistConfig(SolverSettings, ChapterConfig):
 def load_data(cfg: SmallMnistConfig) -> SmallMnistData:
     """Koh & Liang's small MNIST from a data root, or the offline digits; subset and split as ``cfg`` says."""
     return small_mnist_data(
-        data_root=cfg.data_root,
-        download=cfg.download,
-        n_train=cfg.n_train,
-        n_test=cfg.n_test,
-        split_seed=cfg.split_seed,
-        dtype=cfg.torch_dtype,
+        cfg.n_train, cfg.n_test, split_seed=cfg.split_seed, dtype=cfg.torch_dtype, data_root=cfg.data_root, download=cfg.download
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fragile.book.chapter import ChapterConfig
 from fragile.chapters.protocol import (
     DTYPES,
+    AnyDevice,
     Retrained,
     SolverSettings,
     TrainedModel,
@@ -44,7 +45,7 @@ from fragile.data.datasets import Dataset, load_mnist_digits, resolve_data_root,
 from fragile.data.image_roots import NORMALISATION, digits_as_cifar, load_image_set, standard_normalise
 from fragile.errors import InvalidArgumentError, check_choice
 from fragile.models.small import build_model
-from fragile.run.devices import DEVICE_CHOICES, resolve_device
+from fragile.run.devices import resolve_device
 from fragile.run.payload import record
 from fragile.run.sweep import Job
 
@@ -70,16 +71,13 @@ OPTIMIZERS = ("adam", "sgd", "gd", "nesterov", "rmsprop")
 
 
 @dataclass(frozen=True)
-class Table1Models(SolverSettings, ChapterConfig):
+class Table1Models(AnyDevice, SolverSettings, ChapterConfig):
     """Every value a Table 1 network, its estimators and its ground truth depend on, but which networks exist: the
     fields the MNIST & CIFAR-10 chapter's :class:`Table1Config` and the appendix chapter's config share, each with
     its help text, besides the common fields of :class:`~fragile.book.chapter.ChapterConfig` (``device`` may be
     ``cuda``, ``cuda:N`` or ``auto`` here) and the estimators' of :class:`~fragile.chapters.protocol.SolverSettings`.
     Values the paper does not state are marked so."""
 
-    DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
-
-    device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
     data_root: str = setting(
         "",
         (

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fragile.core.objective import Objective
 from fragile.core.train import TrainSpec, fit
-from fragile.errors import InvalidArgumentError, check_indices, check_int
+from fragile.errors import InvalidArgumentError, check_choice, check_indices, check_int
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,26 @@ class LOOResult:
     def drift(self) -> torch.Tensor:
         """``L(θ_control) − L(θ*)``, (n_test,): what continued training alone does to each test loss."""
         return self.test_loss_control - self.test_loss_star
+
+    def against_control(self) -> LOOResult:
+        """The same retraining measured against its control: ``actual`` is ``L(θ₋ᵢ) − L(θ_control)``, ``drift`` is
+        zero and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``.
+
+        Of :func:`loo_retrain` from θ* this is the drift-corrected leave-one-out: what continued training does on
+        its own (an unconverged θ*, minibatch noise) cancels, what the removal does remains. Of :func:`loo_retrain`
+        from the *initialisation* θ₀ with the original training's spec (same minibatch order and length) it is
+        cold-start leave-one-out (Bae et al. 2022), whose control is θ* itself when training is deterministic.
+        """
+        return LOOResult(
+            self.removed,
+            self.test_loss_control,
+            self.test_loss_control,
+            self.test_loss_removed,
+            self.param_change_vs_control,
+            self.param_change_vs_control,
+            self.control_grad_norm,
+            self.params_removed,
+        )
 
 
 def _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size) -> torch.Tensor:
@@ -391,96 +411,6 @@ def group_retrain(
     return GroupResult(**{f: getattr(base, f) for f in base.__dataclass_fields__}, groups=[m.cpu() for m in members])
 
 
-def _against_control(res: LOOResult) -> LOOResult:
-    """The same retraining measured against its control: ``actual`` is then ``L(θ₋ᵢ) − L(θ_control)``, drift 0."""
-    return LOOResult(
-        res.removed,
-        res.test_loss_control,
-        res.test_loss_control,
-        res.test_loss_removed,
-        res.param_change_vs_control,
-        res.param_change_vs_control,
-        res.control_grad_norm,
-        res.params_removed,
-    )
-
-
-def loo_drift_corrected(
-    objective: Objective,
-    theta_star: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    remove: Sequence[int] | torch.Tensor,
-    spec: TrainSpec,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    *,
-    chunk_size: int = 64,
-    progress: bool = True,
-    removal_weight: float | None = None,
-) -> LOOResult:
-    """Warm-started leave-one-out with the drift correction: the paper's retraining (:func:`loo_retrain`), each
-    model measured against the control that trained the same steps from θ* with nothing removed.
-
-    ``actual`` of the result is ``L(θ₋ᵢ) − L(θ_control)`` (``LOOResult.actual_vs_control`` of the paper's run),
-    ``drift`` is zero and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``. What continued training does on its own
-    (an unconverged θ*, minibatch noise) cancels; what the removal does remains. Cost: as :func:`loo_retrain`.
-    """
-    return _against_control(
-        loo_retrain(
-            objective,
-            theta_star,
-            x,
-            y,
-            remove,
-            spec,
-            x_test,
-            y_test,
-            chunk_size=chunk_size,
-            progress=progress,
-            removal_weight=removal_weight,
-        )
-    )
-
-
-def loo_cold_start(
-    objective: Objective,
-    theta_init: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    remove: Sequence[int] | torch.Tensor,
-    spec: TrainSpec,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    *,
-    chunk_size: int = 64,
-    progress: bool = True,
-    removal_weight: float | None = None,
-) -> LOOResult:
-    """Cold-started leave-one-out (Bae et al. 2022): retrain from the *initialisation* θ₀ with the same
-    minibatch order (``spec.seed``) and length as the original training, once without each point.
-
-    The reference is the control: the same retraining with nothing removed, which is θ* itself when training is
-    deterministic. The returned result is measured against it: ``test_loss_star`` is the control's losses (so
-    ``actual`` is the cold-start change and ``drift`` is zero) and ``param_change`` is ``‖θ₋ᵢ − θ_control‖``.
-    Cost: as :func:`loo_retrain` with ``spec.steps`` (the whole training) per model.
-    """
-    # Cold start is the drift-corrected retraining started from θ₀ instead of θ*: the same stacks, the same control.
-    return loo_drift_corrected(
-        objective,
-        theta_init,
-        x,
-        y,
-        remove,
-        spec,
-        x_test,
-        y_test,
-        chunk_size=chunk_size,
-        progress=progress,
-        removal_weight=removal_weight,
-    )
-
-
 @dataclass
 class PBRFResult(LOOResult):
     """:class:`LOOResult` of the proximal response functions (no control: ``test_loss_control`` is θ*'s, so
@@ -493,9 +423,55 @@ class PBRFResult(LOOResult):
     objective_grad_norm: torch.Tensor | None = None
 
 
-def _proximal_solves(
-    objective, theta_star, x, y, remove, x_test, y_test, *, damping, epsilon, max_iter, tolerance, fit_term: str, chunk_size: int
+FIT_TERMS = ("bregman", "objective")
+"""What a proximal response function fits near θ*: the loss's Bregman divergence (the PBRF) or the objective itself."""
+
+
+def pbrf_retrain(
+    objective: Objective,
+    theta_star: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    remove: Sequence[int] | torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    damping: float,
+    fit_term: str = "bregman",
+    epsilon: float | None = None,
+    max_iter: int = 500,
+    tolerance: float = 1e-10,
+    chunk_size: int = 64,
 ) -> PBRFResult:
+    """The proximal Bregman response function (Bae et al. 2022), the quantity damped Gauss–Newton influence
+    functions provably approximate, or with ``fit_term="objective"`` their proximal response function: for each
+    removed point m,
+
+        θ_m = argmin_θ  (1/n) Σ_j D(z_j(θ), z_j(θ*)) + ((weight_decay + damping)/2) ‖θ − θ*‖² − ε · L(z_m, θ)   (PBRF)
+        θ_m = argmin_θ  J(θ) + (damping/2) ‖θ − θ*‖² − ε · L(z_m, θ)                                              (objective)
+
+    with D the loss's Bregman divergence in the model outputs (:meth:`~fragile.core.objective.Objective.output_bregman`;
+    for cross-entropy :func:`~fragile.core.objective.bregman_cross_entropy`, the KL of the softmaxes), the
+    regulariser's own Bregman divergence folded into the proximity term, J the training objective (mean loss plus
+    weight decay), and ``L(z_m) = ℓ(z_m) + (wd/2)‖θ‖²`` the removed point's share of the objective (the estimators'
+    convention, :mod:`fragile.estimators.base`). ``epsilon`` defaults to 1/n, a removal; to first order
+    θ_m − θ* = ε (G + (wd + λ) I)⁻¹ ∇L(z_m) for the PBRF, G the Gauss–Newton matrix at θ*.
+
+    The objective's version is leave-one-out solved to convergence from θ* and kept near it by the damping: the
+    step between warm-started leave-one-out (damping 0, trained to convergence rather than for a fixed number of
+    steps) and the PBRF, from which it differs by J's gradient at θ* (non-convergence) and by the loss's curvature
+    beyond the outputs' Gauss–Newton part.
+
+    The points' problems are solved together, ``chunk_size`` at a time, as one full-batch L-BFGS run (strong-Wolfe
+    line search) on the stack of their parameters from θ* (the problems are independent, so the stack's minimiser
+    is each one's): ``max_iter`` iterations at most, each a few vmapped forward/backward passes over the training
+    set; memory of ``chunk_size`` models. ``objective_grad_norm`` reports each problem's own final gradient.
+
+    Raises:
+        InvalidArgumentError: bad shapes or indices, negative ``damping``, ``fit_term`` not in :data:`FIT_TERMS`,
+            non-positive ``epsilon``.
+    """
+    check_choice("fit_term", fit_term, FIT_TERMS)
     idx = _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size)
     if not damping >= 0:
         raise InvalidArgumentError(f"damping={damping!r} is not allowed; it must be >= 0")
@@ -562,99 +538,4 @@ def _proximal_solves(
         change.cpu(),
         float("nan"),
         objective_grad_norm=torch.cat(grad_norms).cpu(),
-    )
-
-
-def pbrf_retrain(
-    objective: Objective,
-    theta_star: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    remove: Sequence[int] | torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    *,
-    damping: float,
-    epsilon: float | None = None,
-    max_iter: int = 500,
-    tolerance: float = 1e-10,
-    chunk_size: int = 64,
-) -> PBRFResult:
-    """The proximal Bregman response function (Bae et al. 2022), the quantity damped Gauss–Newton influence
-    functions provably approximate: for each removed point m,
-
-        θ_m = argmin_θ  (1/n) Σ_j D(z_j(θ), z_j(θ*)) + ((weight_decay + damping)/2) ‖θ − θ*‖² − ε · L(z_m, θ),
-
-    with D the loss's Bregman divergence in the model outputs (:meth:`~fragile.core.objective.Objective.output_bregman`;
-    for cross-entropy :func:`~fragile.core.objective.bregman_cross_entropy`, the KL of the softmaxes), the
-    regulariser's own Bregman divergence folded into the proximity term, and ``L(z_m) = ℓ(z_m) + (wd/2)‖θ‖²`` the
-    removed point's share of the objective (the estimators' convention, :mod:`fragile.estimators.base`). ``epsilon``
-    defaults to 1/n, a removal; to first order θ_m − θ* = ε (G + (wd + λ) I)⁻¹ ∇L(z_m), G the Gauss–Newton matrix at θ*.
-
-    The points' problems are solved together, ``chunk_size`` at a time, as one full-batch L-BFGS run (strong-Wolfe
-    line search) on the stack of their parameters from θ* (the problems are independent, so the stack's minimiser
-    is each one's): ``max_iter`` iterations at most, each a few vmapped forward/backward passes over the training
-    set; memory of ``chunk_size`` models. ``objective_grad_norm`` reports each problem's own final gradient.
-
-    Raises:
-        InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
-    """
-    return _proximal_solves(
-        objective,
-        theta_star,
-        x,
-        y,
-        remove,
-        x_test,
-        y_test,
-        damping=damping,
-        epsilon=epsilon,
-        max_iter=max_iter,
-        tolerance=tolerance,
-        fit_term="bregman",
-        chunk_size=chunk_size,
-    )
-
-
-def proximal_response(
-    objective: Objective,
-    theta_star: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    remove: Sequence[int] | torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    *,
-    damping: float,
-    epsilon: float | None = None,
-    max_iter: int = 500,
-    tolerance: float = 1e-10,
-    chunk_size: int = 64,
-) -> PBRFResult:
-    """Bae et al.'s proximal response function: leave-one-out solved to convergence from θ*, kept near θ* by the damping,
-
-        θ_m = argmin_θ  J(θ) + (damping/2) ‖θ − θ*‖² − ε · L(z_m, θ),
-
-    with J the training objective itself (mean loss plus weight decay). It is the step between warm-started
-    leave-one-out (damping 0, trained to convergence rather than for a fixed number of steps) and the PBRF,
-    which replaces J by its Bregman divergence around θ*: the two differ by J's gradient at θ* (non-convergence)
-    and by the loss's curvature beyond the logits' Gauss–Newton part. Cost and solver: as :func:`pbrf_retrain`.
-
-    Raises:
-        InvalidArgumentError: bad shapes or indices, negative ``damping``, non-positive ``epsilon``.
-    """
-    return _proximal_solves(
-        objective,
-        theta_star,
-        x,
-        y,
-        remove,
-        x_test,
-        y_test,
-        damping=damping,
-        epsilon=epsilon,
-        max_iter=max_iter,
-        tolerance=tolerance,
-        fit_term="loss",
-        chunk_size=chunk_size,
     )

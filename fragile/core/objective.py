@@ -261,7 +261,7 @@ class Objective:
         ``thetas`` is (K, p); ``weights`` is (n,) shared or (K, n) per model; ``weight_decay`` (K,)
         gives each model its own L2 coefficient (default: the objective's). The forward pass is
         vmapped over the stack; the sum of the result has the K models' gradients as its gradient,
-        which is how :func:`stacked_grads` gets them from one backward pass.
+        which is how :func:`fragile.core.train.fit` gets them from one backward pass.
         """
         z = vmap(self.logits, in_dims=(0, None))(thetas, x)  # (K, n, C)
         losses = self._stacked_loss(z, y)
@@ -271,21 +271,6 @@ class Objective:
     def grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Gradient of :meth:`train_loss`, shape (p,)."""
         return grad(self.train_loss)(theta, x, y, weights)
-
-    def stacked_grads(
-        self,
-        thetas: torch.Tensor,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        weights: torch.Tensor | None = None,
-        weight_decay: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients and values of K models' objectives: ((K, p), (K,)). One forward and one backward."""
-        thetas = thetas.detach().requires_grad_(True)
-        with torch.enable_grad():
-            values = self.stacked_train_losses(thetas, x, y, weights, weight_decay)
-            (g,) = torch.autograd.grad(values.sum(), thetas)
-        return g, values.detach()
 
     def sample_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, grad_chunk: int | None = 256) -> torch.Tensor:
         """Per-example gradients of the measurement (by default ``∇ℓ(z_i, θ)``) without the regulariser, shape (n, p):

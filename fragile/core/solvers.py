@@ -5,8 +5,8 @@ it stops, so a caller can always tell a converged solve from a truncated one.
 
 CG and LiSSA come batched (:func:`cg_solve_many`, :func:`lissa_ihvps`): the m right-hand sides run their own
 recursions side by side, with one batched matvec per iteration for all of them (a vmapped HVP costs less per
-vector than m separate ones: fewer calls and larger kernels). The one-vector :func:`cg_solve` and
-:func:`lissa_ihvp` are the batched solvers with m = 1.
+vector than m separate ones: fewer calls and larger kernels). The one-vector :func:`cg_solve` is the batched
+solver with m = 1; LiSSA takes one vector as a (1, p) batch.
 """
 
 from __future__ import annotations
@@ -216,22 +216,6 @@ class LissaRecursion:
             check_int("batch_size", self.batch_size, minimum=1, maximum=self.n)
 
 
-def lissa_ihvp(
-    batch_matvec: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-    v: torch.Tensor,
-    recursion: LissaRecursion,
-    *,
-    exact_matvec: MatVec | None = None,
-) -> Solve:
-    """LiSSA for one right-hand side ``v`` (p,): :func:`lissa_ihvps` with m = 1 (see there for the recursion).
-
-    ``batch_matvec`` maps ``((p,), index tensor or None)`` to (p,), ``exact_matvec`` (p,) to (p,).
-    Cost: ``depth·repeats`` minibatch matvecs plus one full-data matvec for the residual; memory O(p).
-    """
-    exact = None if exact_matvec is None else _single(exact_matvec)
-    return lissa_ihvps(_single(batch_matvec), v.unsqueeze(0), recursion, exact_matvec=exact)[0]
-
-
 def lissa_ihvps(
     batch_matvecs: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     vs: torch.Tensor,
@@ -247,7 +231,7 @@ def lissa_ihvps(
     ``(H+λI)⁻¹v``; it converges when every eigenvalue of ``H+λI`` lies in ``(0, 2s)``.
 
     All rows take the same minibatch at each step, drawn from one generator seeded with ``seed`` in the same
-    order as a one-row run draws them, so each row's result is the one :func:`lissa_ihvp` returns for it alone
+    order as a one-row run draws them, so each row's result is the one a run of that row alone returns
     (up to the round-off of a batched matvec); each step makes one batched call ``batch_matvecs(h, idx)`` on
     the (m, p) iterates (e.g. :func:`fragile.core.curvature.hvp`, which vmaps a batch) instead of m calls.
 

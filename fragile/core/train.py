@@ -2,12 +2,13 @@
 
 One code path serves single models (K=1), seed sweeps and leave-one-out retraining: the K models'
 objectives are summed, so one backward pass gives every model its own gradient (see
-:meth:`~fragile.core.objective.Objective.stacked_grads`).
+:meth:`~fragile.core.objective.Objective.stacked_train_losses`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -172,10 +173,8 @@ def fit(
             saved.append(theta.clone())
             saved_steps.append(step)
         idx = next(stream)
-        if idx is None:
-            g, val = objective.stacked_grads(theta, x, y, weights, weight_decay)
-        else:
-            g, val = objective.stacked_grads(theta, x[idx], y[idx], None if weights is None else weights[:, idx], weight_decay)
+        xb, yb, wb = (x, y, weights) if idx is None else (x[idx], y[idx], None if weights is None else weights[:, idx])
+        g, val = _stacked_grads(objective.stacked_train_losses, theta, xb, yb, wb, weight_decay)
         losses[step] = val
         if spec.optimizer == "adam":
             m.mul_(b1).add_(g, alpha=1 - b1)
@@ -212,13 +211,25 @@ def fit(
     )
 
 
+def _stacked_grads(
+    losses: Callable[..., torch.Tensor], thetas: torch.Tensor, *batch: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients and values of K models' objectives, ((K, p), (K,)), from one forward and one backward pass: row k
+    of ``losses(thetas, *batch)`` depends on ``thetas[k]`` alone, so the gradient of their sum is each model's own."""
+    thetas = thetas.detach().requires_grad_(True)
+    with torch.enable_grad():
+        values = losses(thetas, *batch)
+        (g,) = torch.autograd.grad(values.sum(), thetas)
+    return g, values.detach()
+
+
 def _full_batch_grads(objective, theta, x, y, weights, weight_decay, chunk: int = 1024) -> torch.Tensor:
     """Each model's full-batch objective gradient, ``chunk`` examples at a time: a stack of large networks over
     all training images at once does not fit in memory (8 ResNet-18s over 4,500 images ran an H200 out of its
     139 GiB). Up to ``chunk`` examples it is the one-pass gradient, bit for bit."""
     n = x.shape[0]
     if n <= chunk:
-        return objective.stacked_grads(theta, x, y, weights, weight_decay)[0]
+        return _stacked_grads(objective.stacked_train_losses, theta, x, y, weights, weight_decay)[0]
     k = theta.shape[0]
     w = torch.ones(k, n, dtype=theta.dtype, device=theta.device) if weights is None else weights
     total = w.sum(dim=1)
@@ -231,7 +242,7 @@ def _full_batch_grads(objective, theta, x, y, weights, weight_decay, chunk: int 
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         share = w[:, sl].sum(dim=1) / total  # the chunk's weighted mean enters the full mean with this share
-        gc, _ = objective.stacked_grads(theta, x[sl], y[sl], w[:, sl], no_decay)
+        gc, _ = _stacked_grads(objective.stacked_train_losses, theta, x[sl], y[sl], w[:, sl], no_decay)
         g = g + share[:, None] * gc
     return g
 

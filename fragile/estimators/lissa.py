@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fragile.core.curvature import Spectrum, hvp, top_eigenvalue
-from fragile.core.solvers import LissaRecursion, Solve, lissa_ihvp, lissa_ihvps, solve_in_chunks
+from fragile.core.solvers import LissaRecursion, Solve, lissa_ihvps, solve_in_chunks
 from fragile.errors import check_int, check_positive
 from fragile.estimators.base import EstimatorOptions, SolvingEstimator, check_optional_int, option
 from fragile.estimators.registry import register
@@ -114,7 +114,7 @@ class LissaInfluence(SolvingEstimator):
 
     def inverse_hvp(self, v: torch.Tensor) -> Solve:
         self.prepare()
-        return lissa_ihvp(self._batch_hvp, v, self._recursion(), exact_matvec=self.hvp)
+        return lissa_ihvps(self._batch_hvp, v.unsqueeze(0), self._recursion(), exact_matvec=self.hvp)[0]
 
     def inverse_hvps(self, vs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.prepare()
