@@ -157,6 +157,18 @@ def _finite(name: str, values: object) -> np.ndarray:
     return arr
 
 
+def _pair(rule: str, units: tuple[object, ...], names: tuple[str, str], minimum: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two per-unit arrays a rule takes, finite, of one length and at least ``minimum`` long."""
+    if len(units) != 2:
+        raise InvalidArgumentError(f"{rule}.decide takes two arrays, {names[0]} and {names[1]}, one value per unit each")
+    a, b = _finite(names[0], units[0]), _finite(names[1], units[1])
+    if a.size != b.size or a.size < minimum:
+        raise InvalidArgumentError(
+            f"{names[0]} and {names[1]} must pair up, at least {minimum} units; got {a.size} and {b.size} values"
+        )
+    return a, b
+
+
 def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
     n = values.size
     mean = float(values.mean())
@@ -499,11 +511,7 @@ class PairedDifference(Rule):
         return _direction_statement(f"the paired difference over {self.unit}s", self.direction, self.tolerance, "sign-flip test")
 
     def _check(self, *units: object) -> tuple[np.ndarray, ...]:
-        if len(units) != 2:
-            raise InvalidArgumentError("PairedDifference.decide takes two arrays, arm A and arm B, paired by unit")
-        a, b = _finite("a", units[0]), _finite("b", units[1])
-        if a.size != b.size or a.size == 0:
-            raise InvalidArgumentError(f"a and b must pair up unit by unit; got {a.size} and {b.size} values")
+        a, b = _pair("PairedDifference", units, ("a", "b"), 1)
         return (a - b,)
 
     def _assess(self, data):
@@ -550,11 +558,7 @@ class Trend(Rule):
         )
 
     def _check(self, *units: object) -> tuple[np.ndarray, ...]:
-        if len(units) != 2:
-            raise InvalidArgumentError("Trend.decide takes two arrays: each unit's covariate and its value")
-        x, y = _finite("covariate", units[0]), _finite("values", units[1])
-        if x.size != y.size or x.size < 3:
-            raise InvalidArgumentError(f"covariate and values must pair up, at least 3 units; got {x.size} and {y.size}")
+        x, y = _pair("Trend", units, ("covariate", "values"), 3)
         return x, y
 
     def _assess(self, data):
@@ -604,11 +608,7 @@ class Heterogeneity(Rule):
         )
 
     def _check(self, *units: object) -> tuple[np.ndarray, ...]:
-        if len(units) != 2:
-            raise InvalidArgumentError("Heterogeneity.decide takes two arrays: each cell's correlation and its points")
-        r, m = _finite("correlations", units[0]), _finite("points", units[1])
-        if r.size != m.size or r.size < 2:
-            raise InvalidArgumentError(f"correlations and points must pair up, at least 2 cells; got {r.size}, {m.size}")
+        r, m = _pair("Heterogeneity", units, ("correlations", "points"), 2)
         if (m <= 3).any() or (np.abs(r) > 1).any():
             raise InvalidArgumentError("every cell needs more than 3 points and a correlation in [-1, 1]")
         return np.arctanh(np.clip(r, -_CLIP, _CLIP)), SPEARMAN_Z_VARIANCE / (m - 3)
