@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -52,3 +54,20 @@ def test_bad_model_arguments_name_the_argument(kwargs, match):
     name = kwargs.pop("name")
     with pytest.raises(InvalidArgumentError, match=match):
         build_model(name, seed=0, **kwargs)
+
+
+def test_he_initialisation_draws_the_kaiming_scale_and_default_is_pytorchs():
+    he = build_model("mlp", seed=2, in_features=400, num_classes=100, depth=2, width=300, init="he")
+    default = build_model("mlp", seed=2, in_features=400, num_classes=100, depth=2, width=300)
+    layers = [m for m in he.modules() if isinstance(m, torch.nn.Linear)]
+    for layer in layers:
+        fan_in = layer.weight.shape[1]
+        assert float(layer.weight.detach().std()) == pytest.approx(math.sqrt(2 / fan_in), rel=0.03)
+        assert not layer.bias.any()
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        reference = torch.nn.Linear(400, 300).double()  # what the default draws first: PyTorch's own layer
+    first = next(m for m in default.modules() if isinstance(m, torch.nn.Linear))
+    assert torch.equal(first.weight, reference.weight) and torch.equal(first.bias, reference.bias)
+    with pytest.raises(InvalidArgumentError, match="init='xavier'"):
+        build_model("mlp", seed=0, in_features=4, num_classes=3, init="xavier")

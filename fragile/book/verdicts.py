@@ -169,6 +169,16 @@ def _pair(rule: str, units: tuple[object, ...], names: tuple[str, str], minimum:
     return a, b
 
 
+def mean_interval(values: object, *, fisher: bool = False) -> tuple[float, float, float]:
+    """The mean of ``values`` and its 95 % Student-t interval (on Fisher's z with ``fisher``, returned as
+    correlations): the interval every mean-over-units rule decides on, for tables that show one without a claim."""
+    z = _to_z(_finite("values", values), fisher)
+    if z.size == 0:
+        return math.nan, math.nan, math.nan
+    mean, low, high = _t_interval(z)
+    return _from_z(mean, fisher), _from_z(low, fisher), _from_z(high, fisher)
+
+
 def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
     n = values.size
     mean = float(values.mean())
@@ -660,6 +670,7 @@ __all__ = [
     "Threshold",
     "Trend",
     "Verdict",
+    "mean_interval",
     "permutation_p",
     "sign_flip_p",
 ]

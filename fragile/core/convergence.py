@@ -10,8 +10,8 @@ beside it. The classes, tested in this order (the first that applies wins):
   has the Hessian spectrum of its output bias alone (for three balanced classes λmax = 1/3 + weight decay), with no
   negative eigenvalue and nothing for a removal to change: the estimator's agreement there measures nothing.
 * **unstable**: full-batch gradient descent past its stability limit (``lr·λmax ≥ stability_limit``, 2 for gradient
-  descent on a quadratic), or a training loss that rose at the end (the mean of the last ``window`` share of steps
-  above the lowest such window mean by more than ``rise_tolerance``, relative).
+  descent on a quadratic), or a training loss that rose at the end (:func:`loss_rise`: the mean of the last 5 % of
+  steps above the lowest such window mean by more than ``rise_tolerance``, relative).
 * **not converged**: ``‖∇J(θ*)‖`` above ``grad_tolerance``.
 * **converged**: none of these.
 
@@ -48,7 +48,6 @@ class ConvergenceCriteria:
         stability_limit: lr·λmax at or above this is *unstable* for full-batch gradient descent (2: the step at
             which gradient descent on a quadratic stops converging).
         rise_tolerance: a final loss window above the lowest window by more than this share is *unstable*.
-        window: the share of the training steps each loss window averages.
         constant_spread: predicted probabilities whose largest per-class standard deviation across training inputs
             is below this are a constant predictor: *collapsed*.
     """
@@ -56,14 +55,11 @@ class ConvergenceCriteria:
     grad_tolerance: float = 1e-3
     stability_limit: float = 2.0
     rise_tolerance: float = 0.05
-    window: float = 0.05
     constant_spread: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("grad_tolerance", "stability_limit", "rise_tolerance", "constant_spread"):
             check_positive(name, getattr(self, name))
-        if not 0 < self.window <= 0.5:
-            raise InvalidArgumentError(f"window={self.window!r} is not allowed; it must be in (0, 0.5]")
 
 
 @dataclass(frozen=True)
@@ -83,17 +79,18 @@ class Convergence:
         return self.kind is ConvergenceClass.CONVERGED
 
 
-def loss_rose(losses: np.ndarray, window: float, tolerance: float) -> tuple[bool, float]:
-    """Whether the last window of ``losses`` (one value per step) lies above the lowest window mean by more than
-    ``tolerance`` of it, and that relative rise."""
+def loss_rise(losses: np.ndarray, window: float = 0.05) -> float:
+    """How far the mean of the last ``window`` share of ``losses`` (one value per step) lies above the lowest mean
+    of any such window, relative to that lowest mean: 0 for a loss that never rose at the end."""
+    if not 0 < window <= 0.5:
+        raise InvalidArgumentError(f"window={window!r} is not allowed; it must be in (0, 0.5]")
     losses = np.asarray(losses, dtype=float).ravel()
     width = max(1, int(round(window * losses.size)))
     if losses.size < 2 * width:
-        return False, 0.0
+        return 0.0
     means = np.convolve(losses, np.ones(width) / width, mode="valid")
     lowest, last = float(means.min()), float(means[-1])
-    rise = (last - lowest) / max(abs(lowest), np.finfo(float).tiny)
-    return rise > tolerance, rise
+    return (last - lowest) / max(abs(lowest), np.finfo(float).tiny)
 
 
 def classify_convergence(
@@ -104,7 +101,7 @@ def classify_convergence(
     prediction_spread: float,
     lr_times_lambda_max: float = math.nan,
     full_batch_gd: bool = False,
-    losses: np.ndarray | None = None,
+    loss_rise: float = 0.0,
     criteria: ConvergenceCriteria = ConvergenceCriteria(),
 ) -> Convergence:
     """The :class:`Convergence` of one trained model (classes and order in the module's docstring).
@@ -117,7 +114,7 @@ def classify_convergence(
             probability (:func:`prediction_spread`).
         lr_times_lambda_max: lr·λmax; tested against the stability limit only for full-batch gradient descent.
         full_batch_gd: whether the model was trained by full-batch gradient descent.
-        losses: the training loss at every step, if recorded.
+        loss_rise: how far the training loss rose at the end (:func:`loss_rise`; 0 when not recorded).
         criteria: the thresholds.
     """
     for name, value in (("train_accuracy", train_accuracy), ("majority_share", majority_share)):
@@ -139,10 +136,8 @@ def classify_convergence(
         return Convergence(
             ConvergenceClass.UNSTABLE, f"lr·λmax = {lr_times_lambda_max:.3g} ≥ {criteria.stability_limit:g} (gradient descent)"
         )
-    if losses is not None:
-        rose, rise = loss_rose(losses, criteria.window, criteria.rise_tolerance)
-        if rose:
-            return Convergence(ConvergenceClass.UNSTABLE, f"the training loss rose {rise:.1%} at the end")
+    if loss_rise > criteria.rise_tolerance:
+        return Convergence(ConvergenceClass.UNSTABLE, f"the training loss rose {loss_rise:.1%} at the end")
     if not grad_norm <= criteria.grad_tolerance:
         return Convergence(ConvergenceClass.NOT_CONVERGED, f"‖∇‖ = {grad_norm:.2g} > {criteria.grad_tolerance:g}")
     return Convergence(ConvergenceClass.CONVERGED, f"‖∇‖ = {grad_norm:.2g} ≤ {criteria.grad_tolerance:g}")
@@ -172,7 +167,7 @@ __all__ = [
     "ConvergenceClass",
     "ConvergenceCriteria",
     "classify_convergence",
-    "loss_rose",
+    "loss_rise",
     "majority_share",
     "prediction_spread",
 ]

@@ -23,6 +23,12 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+INITS = ("default", "he")
+"""How an :class:`MLP` draws its weights: PyTorch's default for ``nn.Linear`` (uniform in ±1/√fan_in, weights
+and biases), or He et al.'s (normal with standard deviation √(2/fan_in) for the weights, zero biases), which keeps
+the activations' scale through ReLU layers."""
+
+
 class MLP(nn.Module):
     """Fully connected network: ``depth`` hidden layers of ``width`` units, then a linear read-out.
 
@@ -37,23 +43,32 @@ class MLP(nn.Module):
         depth: number of hidden layers (>= 0).
         width: units per hidden layer (>= 1; ignored when ``depth=0``).
         activation: one of :data:`ACTIVATIONS`.
+        init: one of :data:`INITS`.
     """
 
-    def __init__(self, in_features: int, num_classes: int, depth: int = 1, width: int = 5, activation: str = "relu"):
+    def __init__(
+        self, in_features: int, num_classes: int, depth: int = 1, width: int = 5, activation: str = "relu", init: str = "default"
+    ):
         super().__init__()
         check_int("in_features", in_features, minimum=1)
         check_int("num_classes", num_classes, minimum=2)
         check_int("depth", depth, minimum=0)
         check_int("width", width, minimum=1)
         check_choice("activation", activation, ACTIVATIONS)
+        check_choice("init", init, INITS)
         layers: list[nn.Module] = []
         fan_in = in_features
         for _ in range(depth):
             layers += [nn.Linear(fan_in, width), ACTIVATIONS[activation]()]
             fan_in = width
         layers.append(nn.Linear(fan_in, num_classes))
+        if init == "he":
+            for layer in layers:
+                if isinstance(layer, nn.Linear):
+                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                    nn.init.zeros_(layer.bias)
         self.net = nn.Sequential(*layers)
-        self.depth, self.width, self.activation = depth, width, activation
+        self.depth, self.width, self.activation, self.init = depth, width, activation, init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
