@@ -145,7 +145,7 @@ def _group(depth, width, runs):
 
 
 def test_the_verdicts_decide_on_converged_models_and_count_the_others():
-    cfg = IrisConfig(n_seeds=8, depths=(1, 2, 3, 4, 5, 6), widths=(8,))
+    cfg = IrisConfig(n_seeds=8, depths=(1, 2, 3, 4, 5, 6), widths=(5, 8))
     seeds = range(8)
     groups = [
         _group(1, 5, [_run(s, 0.001, 0.97) for s in seeds] + [_run(s, 0.0, 0.5) for s in seeds]),

@@ -26,7 +26,7 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import MatchesPaper, PairedDifference, Rule, Trend, mean_interval
+from fragile.book.verdicts import MatchesPaper, PairedDifference, Rule, Trend, Verdict, mean_interval
 from fragile.chapters.protocol import agreement, iris_split, job_fields, run_jobs
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure
 from fragile.config import at_least, between, each, fraction, non_negative, one_of, positive, setting
@@ -642,22 +642,19 @@ def rules_markdown() -> str:
     )
 
 
-def _units(table):
-    """The finished rows with a finite Spearman: every one, and the converged ones."""
-    finite = table[table["spearman"].notna()] if "spearman" in table else table
-    return finite, finite[finite["convergence"] == str(ConvergenceClass.CONVERGED)]
-
-
-def _decided(key: str, claim: str, paper: str, rule: Rule, data: DataUsed, converged: tuple, every: tuple) -> Claim:
-    """The claim decided by ``rule`` on the converged models' units, with how many models converged and the rule on
-    all of them beside it (each of ``converged`` and ``every`` the rule's per-unit arrays)."""
+def _claim(key: str, claim: str, paper: str, rule: Rule, data: DataUsed, converged: tuple, every: tuple, why: str) -> Claim:
+    """The claim decided by ``rule`` on the converged models' units (each of ``converged`` and ``every`` the rule's
+    per-unit arrays), with how many models converged and the rule on all of them beside it; when ``why`` says the
+    converged units cannot decide it, the claim is *inconclusive* for that reason, with the all-models value shown."""
     note = f"{len(converged[0])} of {len(every[0])} models converged"
     try:
         on_all = rule.decide(*every)
-        note += f"; all models: {on_all.interval_text()} ({on_all.verdict})"
+        all_models = f"all models: {on_all.interval_text()} ({on_all.verdict})"
     except InvalidArgumentError:  # too few units for the rule
-        pass
-    return Claim.decided(key, claim, paper, rule, *converged, data=data, source=PAPER_SOURCE, note=note)
+        all_models = "all models: too few for the rule"
+    if why:
+        return Claim(key, claim, paper, all_models, f"{Verdict.INCONCLUSIVE}: {why}", data=data, source=PAPER_SOURCE, note=note)
+    return Claim.decided(key, claim, paper, rule, *converged, data=data, source=PAPER_SOURCE, note=f"{note}; {all_models}")
 
 
 def claims(groups: Sequence[ArchitectureResult], cfg: IrisConfig) -> list[Claim]:
@@ -666,72 +663,57 @@ def claims(groups: Sequence[ArchitectureResult], cfg: IrisConfig) -> list[Claim]
     table = runs_table(groups, cfg.criteria)
     train, _ = split_iris(cfg)
     data = DataUsed("Iris", len(train), len(train))
-    finite, good = _units(table)
+    finite = table[table["spearman"].notna()] if "spearman" in table else table
+    converged = finite["convergence"] == str(ConvergenceClass.CONVERGED)
     out = []
     head = (finite["depth"] == 1) & (finite["width"] == cfg.headline_width)
     for key, label in (("with_wd", "with weight decay"), ("without_wd", "without weight decay")):
-        arm = finite[head & ((finite["weight_decay"] > 0) == (key == "with_wd"))]
-        conv = arm[arm["convergence"] == str(ConvergenceClass.CONVERGED)]
+        arm = head & ((finite["weight_decay"] > 0) == (key == "with_wd"))
+        good = finite[arm & converged]["spearman"]
+        why = "" if len(good) else f"none of {int(arm.sum())} models converged"
         claim = f"Depth-1, width-{cfg.headline_width} network {label}: Spearman"
-        paper = f"{PAPER_HEADLINE[key]:g}"
-        if len(conv):
-            out.append(
-                _decided(f"headline_{key}", claim, paper, HEADLINE_RULES[key], data, (conv["spearman"],), (arm["spearman"],))
-            )
-        else:
-            out.append(
-                Claim.not_run(f"headline_{key}", claim, paper, f"inconclusive: none of {len(arm)} models converged", data=data)
-            )
-    claim = "Weight decay raises the headline Spearman (each seed with minus without)"
-    paper = f"{PAPER_HEADLINE['with_wd']:g} vs {PAPER_HEADLINE['without_wd']:g}"
+        rule = HEADLINE_RULES[key]
+        out.append(
+            _claim(f"headline_{key}", claim, f"{PAPER_HEADLINE[key]:g}", rule, data, (good,), (finite[arm]["spearman"],), why)
+        )
     pairs = _seed_pairs(finite[head])
-    conv_pairs = pairs[pairs["converged_with"] & pairs["converged_without"]]
-    if len(conv_pairs):
-        converged, every = (conv_pairs["with"], conv_pairs["without"]), (pairs["with"], pairs["without"])
-        out.append(_decided("wd_helps", claim, paper, WEIGHT_DECAY_RULE, data, converged, every))
-    else:
-        why = f"inconclusive: none of {len(pairs)} seeds converged both with and without weight decay"
-        out.append(Claim.not_run("wd_helps", claim, paper, why, data=data))
-    wd_all, wd_good = finite[finite["weight_decay"] > 0], good[good["weight_decay"] > 0]
+    good_pairs = pairs[pairs["converged_with"] & pairs["converged_without"]]
+    why = "" if len(good_pairs) else f"none of {len(pairs)} seeds converged both with and without weight decay"
+    out.append(
+        _claim(
+            "wd_helps",
+            "Weight decay raises the headline Spearman (each seed with minus without)",
+            f"{PAPER_HEADLINE['with_wd']:g} vs {PAPER_HEADLINE['without_wd']:g}",
+            WEIGHT_DECAY_RULE,
+            data,
+            (good_pairs["with"], good_pairs["without"]),
+            (pairs["with"], pairs["without"]),
+            why,
+        )
+    )
+    with_wd = finite["weight_decay"] > 0
     sweeps = (
-        (
-            "depth_drop",
-            f"Spearman drops with depth (with weight decay, width {cfg.headline_width})",
-            "depth",
-            wd_all["width"] == cfg.headline_width,
-            wd_good["width"] == cfg.headline_width,
-        ),
-        (
-            "width_drop",
-            "Spearman drops as width grows (with weight decay, one hidden layer)",
-            "width",
-            wd_all["depth"] == 1,
-            wd_good["depth"] == 1,
-        ),
+        ("depth_drop", f"Spearman drops with depth (with weight decay, width {cfg.headline_width})", "depth", "width"),
+        ("width_drop", "Spearman drops as width grows (with weight decay, one hidden layer)", "width", "depth"),
         (
             "curvature",
             "A larger top Hessian eigenvalue goes with worse estimates (with weight decay, the depth sweep)",
             "lambda_max",
-            wd_all["width"] == cfg.headline_width,
-            wd_good["width"] == cfg.headline_width,
+            "width",
         ),
     )
-    for key, claim, covariate, in_all, in_good in sweeps:
-        every, conv = wd_all[in_all], wd_good[in_good]
-        if conv[covariate].nunique() >= 2 and len(conv) >= 3:
-            units = (conv[covariate], conv["spearman"]), (every[covariate], every["spearman"])
-            out.append(_decided(key, claim, "qualitative", TREND_RULE, data, *units))
-        else:
-            out.append(
-                Claim.not_run(
-                    key,
-                    claim,
-                    "qualitative",
-                    f"inconclusive: {len(conv)} of {len(every)} models converged, "
-                    f"over {conv[covariate].nunique()} values of {covariate}",
-                    data=data,
-                )
-            )
+    for key, claim, covariate, fixed in sweeps:  # fixed: what the sweep holds constant
+        # the depth sweep at the headline width; the width sweep is the declared widths at depth 1
+        sweep = with_wd & (
+            (finite["width"] == cfg.headline_width)
+            if fixed == "width"
+            else (finite["depth"] == 1) & finite["width"].isin(cfg.widths)
+        )
+        every, good = finite[sweep], finite[sweep & converged]
+        values = good[covariate].nunique()
+        why = "" if len(good) >= 3 and values >= 2 else f"{len(good)} converged models over {values} {covariate} value(s)"
+        units = (good[covariate], good["spearman"]), (every[covariate], every["spearman"])
+        out.append(_claim(key, claim, "qualitative", TREND_RULE, data, *units, why))
     return out
 
 
