@@ -95,3 +95,15 @@ def test_nothing_cites_notes_outside_the_repository(path):
     text = _texts()[path]
     hits = [f"{path}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}" for m in OUTSIDE.finditer(text)]
     assert not hits, f"cite docs/protocol.md or docs/conventions.md instead: {hits}"
+
+
+def test_the_provenance_page_lists_every_chapter_with_glued_numbers():
+    from fragile.chapters.registry import CHAPTERS
+
+    page = (ROOT / "book" / "provenance.md").read_text()
+    for ch in CHAPTERS.values():
+        for field in ("profile", "commit", "duration_s"):
+            assert f"sections/{ch.notebook}.ipynb::{ch.glue_prefix}_{field}" in page, (ch.name, field)
+        template = (ROOT / "notebooks" / f"{ch.notebook}.ipynb").read_text()
+        for field in ("commit", "profile", "duration_s"):
+            assert f'{{CH.glue_prefix}}_{field}\\"' in template, (ch.name, field)  # the chapter glues what the page shows
