@@ -649,7 +649,7 @@ def _claim(key: str, claim: str, paper: str, rule: Rule, data: DataUsed, converg
     note = f"{len(converged[0])} of {len(every[0])} models converged"
     try:
         on_all = rule.decide(*every)
-        all_models = f"all models: {on_all.interval_text()} ({on_all.verdict})"
+        all_models = f"all models: {on_all.interval_text()}, which the rule would call {on_all.verdict}"
     except InvalidArgumentError:  # too few units for the rule
         all_models = "all models: too few for the rule"
     if why:
@@ -711,10 +711,18 @@ def claims(groups: Sequence[ArchitectureResult], cfg: IrisConfig) -> list[Claim]
         )
         every, good = finite[sweep], finite[sweep & converged]
         values = good[covariate].nunique()
-        why = "" if len(good) >= 3 and values >= 2 else f"{len(good)} converged models over {values} {covariate} value(s)"
+        why = (
+            ""
+            if len(good) >= 3 and values >= 2
+            else f"{_count(len(good), 'converged model')} over {_count(values, covariate + ' value')}"
+        )
         units = (good[covariate], good["spearman"]), (every[covariate], every["spearman"])
         out.append(_claim(key, claim, "qualitative", TREND_RULE, data, *units, why))
     return out
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _seed_pairs(rows):
