@@ -164,11 +164,6 @@ def claims_markdown(claims: Sequence[Claim]) -> str:
     return "\n".join(lines)
 
 
-def rules_markdown(claims: Sequence[Claim]) -> str:
-    """Each decided claim's rule in words, as a list: what the chapter states before its results."""
-    return "\n".join(f"- **{c.claim}**: {c.decision.rule}." for c in claims if c.decision is not None)
-
-
 def glue_claims(prefix: str, claims: Sequence[Claim]) -> None:
     """Glue every claim's shown number, float value and verdict for the book's claims table, under
     ``<prefix>_claim_<key>_ours`` / ``_value`` / ``_verdict``; for a decided claim also ``_low``, ``_high`` (the

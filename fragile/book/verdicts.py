@@ -56,7 +56,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import ClassVar
 
 import numpy as np
 from scipy import stats
@@ -93,10 +92,6 @@ class Verdict(StrEnum):
     NEEDS_REAL_DATA = "needs the real data set"
     NEEDS_GPU = "needs a GPU"
     NOT_RUN = "not run"
-
-
-DECIDED = (Verdict.REPRODUCED, Verdict.NOT_REPRODUCED, Verdict.REVERSED, Verdict.INCONCLUSIVE)
-"""The verdicts a rule returns; the others say why no rule ran."""
 
 
 @dataclass(frozen=True)
@@ -268,8 +263,6 @@ class Rule:
     null_draws: int = field(default=400, kw_only=True)
     seed: int = field(default=0, kw_only=True)
 
-    KIND: ClassVar[str] = "rule"
-
     def __post_init__(self) -> None:
         check_int("null_draws", self.null_draws, minimum=1)
         check_int("seed", self.seed, minimum=0)
@@ -384,8 +377,6 @@ class Threshold(_MeanRule):
     threshold: float = 0.0
     side: str = "below"
 
-    KIND: ClassVar[str] = "threshold"
-
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("side", self.side, ("below", "above"))
@@ -426,8 +417,6 @@ class MatchesPaper(_MeanRule):
 
     paper: float = 0.0
     tolerance: float = 0.1
-
-    KIND: ClassVar[str] = "matches"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -510,8 +499,6 @@ class PairedDifference(Rule):
     direction: str = "positive"
     tolerance: float = 0.0
 
-    KIND: ClassVar[str] = "paired"
-
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("direction", self.direction, tuple(DIRECTIONS))
@@ -550,8 +537,6 @@ class Trend(Rule):
     direction: str = "negative"
     tolerance: float = 0.0
     bootstrap: int = field(default=2000, kw_only=True)
-
-    KIND: ClassVar[str] = "trend"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -603,8 +588,6 @@ class Heterogeneity(Rule):
     every cell's z drawn around the cells' common weighted mean with its own sampling variance ``1.06/(m − 3)``."""
 
     min_tau: float = 0.1
-
-    KIND: ClassVar[str] = "heterogeneity"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -660,7 +643,6 @@ class Heterogeneity(Rule):
 
 __all__ = [
     "ALPHA",
-    "DECIDED",
     "LEVEL",
     "Decision",
     "Heterogeneity",
