@@ -113,6 +113,38 @@ class Claim:
         return cls(key, claim, paper, decision.interval_text(), verdict, decision.estimate, decision, data, source, note)
 
     @classmethod
+    def on_converged(
+        cls,
+        key: str,
+        claim: str,
+        paper: str,
+        rule: Rule,
+        converged: tuple[object, ...],
+        every: tuple[object, ...],
+        *,
+        data: DataUsed,
+        count: str,
+        why: str = "",
+        source: str = "",
+    ) -> Claim:
+        """The claim decided by ``rule`` on the units of the converged models only (``converged``: the rule's
+        per-unit arrays), with ``count`` (how many models converged, in words) and the rule applied to every model's
+        units (``every``) beside it. When ``why`` says the converged units cannot decide it (none converged, too few
+        to vary), the claim is *inconclusive* for that reason, with the all-models value shown."""
+        try:
+            on_all = rule.decide(*every)
+            all_models = f"all models: {on_all.interval_text()}, which the rule would call {on_all.verdict}"
+        except InvalidArgumentError:  # too few units for the rule
+            all_models = "all models: too few for the rule"
+        if not why:
+            try:
+                return cls.decided(key, claim, paper, rule, *converged, data=data, source=source, note=f"{count}; {all_models}")
+            except InvalidArgumentError as err:  # too few converged units for the rule
+                why = f"too few converged units for the rule ({err})"
+        verdict = f"{Verdict.INCONCLUSIVE}: {why}"
+        return cls(key, claim, paper, all_models, verdict, data=data, source=source, note=count)
+
+    @classmethod
     def not_run(cls, key: str, claim: str, paper: str, verdict: str, *, data: DataUsed | None = None) -> Claim:
         """A claim this run could not test; ``verdict`` says why and what would test it."""
         return cls(key=key, claim=claim, paper=paper, ours="not run", verdict=verdict, data=data)

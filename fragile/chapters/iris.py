@@ -26,8 +26,8 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import MatchesPaper, PairedDifference, Rule, Trend, Verdict, mean_interval
-from fragile.chapters.protocol import agreement, iris_split, job_fields, run_jobs
+from fragile.book.verdicts import MatchesPaper, PairedDifference, Rule, Trend, mean_interval
+from fragile.chapters.protocol import ConvergenceSettings, agreement, iris_split, job_fields, run_jobs
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure
 from fragile.config import at_least, between, each, fraction, non_negative, one_of, positive, setting
 from fragile.core.convergence import (
@@ -56,12 +56,10 @@ log = logging.getLogger(__name__)
 MAX_DEPTH = 12
 MAX_WIDTH = 200
 TEST_POINTS = ("per_model", "fixed")
-# Read by the analysis only (the convergence classes), so not part of a job's key.
-ANALYSIS_FIELDS = ("converged_grad_norm",)
 
 
 @dataclass(frozen=True)
-class IrisConfig(ChapterConfig):
+class IrisConfig(ConvergenceSettings, ChapterConfig):
     """Every value the Iris section depends on, each with its help text (``fragile params iris`` lists them), besides
     the common fields of :class:`~fragile.book.chapter.ChapterConfig` (``device`` is the CPU only here: the models
     are tiny). Values the paper does not state are marked so."""
@@ -115,14 +113,6 @@ class IrisConfig(ChapterConfig):
         "abs", "ranking for the selection: abs = |predicted influence| (paper: unconfirmed)", one_of(SELECTION_SCORES)
     )
     chunk_size: int = setting(512, "models per retraining stack (memory, not numbers)", at_least(1))
-    converged_grad_norm: float = setting(
-        1e-3, "a model whose ‖∇J(θ*)‖ is above this is not converged (fragile.core.convergence)", positive
-    )
-
-    @property
-    def criteria(self) -> ConvergenceCriteria:
-        """The convergence classes' thresholds: this chapter's gradient tolerance, the module's other defaults."""
-        return ConvergenceCriteria(grad_tolerance=self.converged_grad_norm)
 
 
 def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:
@@ -476,7 +466,7 @@ def architecture_jobs(cfg: IrisConfig) -> list[Job]:
     The cost hint is a fit to the run times of the ``default`` grid on one core (seconds: about 40 +
     27 per layer + 3 per hidden unit of width), used only to start the long jobs first.
     """
-    fields = job_fields(cfg, exclude=("depths", "widths", "headline_width", *ANALYSIS_FIELDS))
+    fields = job_fields(cfg, exclude=("depths", "widths", "headline_width"))
     headline = (1, cfg.headline_width)
     return [
         Job(
@@ -643,18 +633,8 @@ def rules_markdown() -> str:
 
 
 def _claim(key: str, claim: str, paper: str, rule: Rule, data: DataUsed, converged: tuple, every: tuple, why: str) -> Claim:
-    """The claim decided by ``rule`` on the converged models' units (each of ``converged`` and ``every`` the rule's
-    per-unit arrays), with how many models converged and the rule on all of them beside it; when ``why`` says the
-    converged units cannot decide it, the claim is *inconclusive* for that reason, with the all-models value shown."""
-    note = f"{len(converged[0])} of {len(every[0])} models converged"
-    try:
-        on_all = rule.decide(*every)
-        all_models = f"all models: {on_all.interval_text()}, which the rule would call {on_all.verdict}"
-    except InvalidArgumentError:  # too few units for the rule
-        all_models = "all models: too few for the rule"
-    if why:
-        return Claim(key, claim, paper, all_models, f"{Verdict.INCONCLUSIVE}: {why}", data=data, source=PAPER_SOURCE, note=note)
-    return Claim.decided(key, claim, paper, rule, *converged, data=data, source=PAPER_SOURCE, note=f"{note}; {all_models}")
+    count = f"{len(converged[0])} of {len(every[0])} models converged"
+    return Claim.on_converged(key, claim, paper, rule, converged, every, data=data, count=count, why=why, source=PAPER_SOURCE)
 
 
 def claims(groups: Sequence[ArchitectureResult], cfg: IrisConfig) -> list[Claim]:

@@ -29,6 +29,7 @@ import torch
 from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
 from fragile.config import at_least, non_negative, one_of, positive, setting, to_dict
+from fragile.core.convergence import ConvergenceCriteria, loss_rise, majority_share, prediction_spread
 from fragile.core.ground_truth import loo_retrain
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
@@ -167,12 +168,16 @@ def train_model(
     theta = trained.params[0]
     with torch.no_grad():
         test_losses = objective.sample_losses(theta, x_test, y_test).double().cpu().numpy()
+        train_logits = objective.logits(theta, x)
         diagnostics = Fit(
             train_loss=float(objective.sample_losses(theta, x, y).mean()),
-            train_accuracy=float((objective.logits(theta, x).argmax(1) == y).double().mean()),
+            train_accuracy=float((train_logits.argmax(1) == y).double().mean()),
             test_accuracy=float((objective.logits(theta, x_test).argmax(1) == y_test).double().mean()),
             grad_norm=float(trained.grad_norm[0]),
             seconds=seconds,
+            majority_share=majority_share(y.cpu().numpy()),
+            prediction_spread=prediction_spread(train_logits.double().cpu().numpy()),
+            loss_rise=loss_rise(trained.losses[:, 0].double().cpu().numpy()),
         )
     return TrainedModel(objective, spec, theta, x, y, x_test, y_test, test_losses, diagnostics)
 
@@ -191,6 +196,26 @@ class AnyDevice:
     DEVICES: ClassVar[tuple[str, ...]] = DEVICE_CHOICES
 
     device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
+
+
+ANALYSIS_FIELDS = ("converged_grad_norm",)
+"""Fields that say how finished models are read, not what they compute: never in a job's key, so changing one
+reclassifies the stored models without retraining them."""
+
+
+@dataclass(frozen=True)
+class ConvergenceSettings:
+    """The convergence classes' gradient tolerance (:mod:`fragile.core.convergence`), for a chapter whose claims are
+    decided on converged models: its config inherits this before :class:`~fragile.book.chapter.ChapterConfig`."""
+
+    converged_grad_norm: float = setting(
+        1e-3, "a model whose ‖∇J(θ*)‖ is above this is not converged (fragile.core.convergence)", positive
+    )
+
+    @property
+    def criteria(self) -> ConvergenceCriteria:
+        """The convergence classes' thresholds: this chapter's gradient tolerance, the module's other defaults."""
+        return ConvergenceCriteria(grad_tolerance=self.converged_grad_norm)
 
 
 @dataclass(frozen=True)
@@ -361,14 +386,15 @@ def agreement(predicted: np.ndarray, actual: np.ndarray) -> Agreement:
 
 def job_fields(cfg: ChapterConfig, *, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """The config fields a job's numbers depend on: every field but where and how it runs
-    (:data:`~fragile.book.chapter.NOT_IN_JOB_KEY`) and ``exclude`` — the fields that say which jobs exist, each
-    job carrying its own value of them instead. Every other field is in the key and reaches the job, so no
-    user value is silently replaced inside a job."""
+    (:data:`~fragile.book.chapter.NOT_IN_JOB_KEY`), how its results are read (:data:`ANALYSIS_FIELDS`) and
+    ``exclude`` — the fields that say which jobs exist, each job carrying its own value of them instead. Every
+    other field is in the key and reaches the job, so no user value is silently replaced inside a job."""
     names = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(exclude) - names)
     if unknown:
         raise ValueError(f"job_fields: {unknown} are not fields of {type(cfg).__name__}")
-    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_JOB_KEY and k not in exclude}
+    skip = {*NOT_IN_JOB_KEY, *ANALYSIS_FIELDS, *exclude}
+    return {k: v for k, v in to_dict(cfg).items() if k not in skip}
 
 
 def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, client=None) -> tuple[list[Any], SweepReport]:

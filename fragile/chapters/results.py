@@ -8,11 +8,13 @@ tests ``e.failed`` rather than looking for a key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from fragile.core.convergence import Convergence, ConvergenceCriteria, classify_convergence
 from fragile.run.payload import record
 
 
@@ -26,6 +28,11 @@ class Fit:
         train_accuracy, test_accuracy: fraction of correctly classified training and test points.
         grad_norm: ‖∇‖ of the full training objective (weight decay included) at the end of training.
         seconds: wall time of the training.
+        majority_share: the training set's most common class's share (what a constant predictor scores).
+        prediction_spread: the largest per-class standard deviation of the predicted probabilities across the
+            training inputs (:func:`~fragile.core.convergence.prediction_spread`; 0 for a constant predictor).
+        loss_rise: how far the training loss rose at the end (:func:`~fragile.core.convergence.loss_rise` of the
+            per-step, minibatch, losses).
     """
 
     train_loss: float
@@ -33,6 +40,24 @@ class Fit:
     test_accuracy: float
     grad_norm: float
     seconds: float
+    majority_share: float
+    prediction_spread: float
+    loss_rise: float
+
+    def convergence(
+        self, criteria: ConvergenceCriteria, *, lr_times_lambda_max: float = math.nan, full_batch_gd: bool = False
+    ) -> Convergence:
+        """This model's convergence class (:func:`~fragile.core.convergence.classify_convergence`)."""
+        return classify_convergence(
+            grad_norm=self.grad_norm,
+            train_accuracy=self.train_accuracy,
+            majority_share=self.majority_share,
+            prediction_spread=self.prediction_spread,
+            lr_times_lambda_max=lr_times_lambda_max,
+            full_batch_gd=full_batch_gd,
+            loss_rise=self.loss_rise,
+            criteria=criteria,
+        )
 
 
 @record
