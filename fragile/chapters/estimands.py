@@ -30,7 +30,15 @@ import pandas as pd
 import torch
 
 from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
-from fragile.chapters.protocol import DTYPES, SmallMnistData, estimate, iris_split, run_jobs, small_mnist_data
+from fragile.chapters.protocol import (
+    DTYPES,
+    ConvergenceSettings,
+    SmallMnistData,
+    estimate,
+    iris_split,
+    run_jobs,
+    small_mnist_data,
+)
 from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.config import at_least, between, each, non_negative, one_of, optional, positive, setting, to_dict
 from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain
@@ -75,7 +83,7 @@ UNSOLVED = 1.0
 
 
 @dataclass(frozen=True)
-class EstimandsConfig(ChapterConfig):
+class EstimandsConfig(ConvergenceSettings, ChapterConfig):
     """Every value the chapter depends on, each with its help text, besides the common fields of
     :class:`~fragile.book.chapter.ChapterConfig` (the CPU only: the models are small). The ``iris_*`` fields are the
     Iris networks (full-batch GD, as in the Iris chapter), the ``mnist_*`` fields the small-MNIST CNN (Adam, as in

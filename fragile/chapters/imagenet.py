@@ -63,7 +63,7 @@ PAPER_MAX_CORRELATION = 0.15  # Pearson and Spearman below this for both test po
 
 
 @dataclass(frozen=True)
-class ImageNetConfig(protocol.AnyDevice, protocol.SolverSettings, ChapterConfig):
+class ImageNetConfig(protocol.AnyDevice, protocol.SolverSettings, protocol.ConvergenceSettings, ChapterConfig):
     """Every value the ImageNet & CIFAR-100 section depends on, each with its help text, besides the common fields
     of :class:`~fragile.book.chapter.ChapterConfig` (``device`` may be ``cuda``, ``cuda:N`` or ``auto`` here) and the
     estimators' of :class:`~fragile.chapters.protocol.SolverSettings` (``chunk_size``: fine-tuned models per

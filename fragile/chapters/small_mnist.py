@@ -31,6 +31,7 @@ from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim
 from fragile.chapters.protocol import (
     DTYPES,
+    ConvergenceSettings,
     SmallMnistData,
     SolverSettings,
     class_balanced,
@@ -64,7 +65,7 @@ HEADLINE_METHODS = ("exact", "cg", "lissa", "arnoldi")
 
 
 @dataclass(frozen=True)
-class SmallMnistConfig(SolverSettings, ChapterConfig):
+class SmallMnistConfig(SolverSettings, ConvergenceSettings, ChapterConfig):
     """Every value the small-MNIST section depends on, each with its help text, besides the common fields of
     :class:`~fragile.book.chapter.ChapterConfig` (``n_seeds``: models per weight decay, the paper reports one;
     ``device`` is the CPU here) and the estimators' of :class:`~fragile.chapters.protocol.SolverSettings`. Values

@@ -24,6 +24,7 @@ from fragile.book.chapter import ChapterConfig
 from fragile.chapters.protocol import (
     DTYPES,
     AnyDevice,
+    ConvergenceSettings,
     Retrained,
     SolverSettings,
     TrainedModel,
@@ -71,7 +72,7 @@ OPTIMIZERS = ("adam", "sgd", "gd", "nesterov", "rmsprop")
 
 
 @dataclass(frozen=True)
-class Table1Models(AnyDevice, SolverSettings, ChapterConfig):
+class Table1Models(AnyDevice, SolverSettings, ConvergenceSettings, ChapterConfig):
     """Every value a Table 1 network, its estimators and its ground truth depend on, but which networks exist: the
     fields the MNIST & CIFAR-10 chapter's :class:`Table1Config` and the appendix chapter's config share, each with
     its help text, besides the common fields of :class:`~fragile.book.chapter.ChapterConfig` (``device`` may be
