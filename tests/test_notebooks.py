@@ -57,10 +57,11 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
         assert set(res["estimators"]) >= {"exact", "lissa", "arnoldi"}
         assert res["estimators"]["exact"]["error_vs_exact"] == 0.0
         rows = res["correlations"]
-        assert {r["band"] for r in rows} == {"top", "band"}
+        assert {r["band"] for r in rows} == {"top", "band", "random"}
         assert {r["weight_decay"] for r in rows} == set(smoke["weight_decays"])
         assert all(r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0 for r in rows)
         assert {c["key"] for c in res["claims"]} == {"range", "band", "wd_fall"}
+        assert all(c["data"]["label"] == "reduced" for c in res["claims"])
     if section.name == "03_mnist_cifar10":
         res = summary["results"]
         assert res["stand_in"] == {"mnist": False, "cifar10": True}

@@ -93,7 +93,7 @@ def test_a_registered_record_comes_back_as_its_own_type_bit_for_bit():
 
     rng = np.random.default_rng(1)
     original = {
-        "fit": Fit(0.1, 1.0, 0.9, 1e-7, 2.5),
+        "fit": Fit(0.1, 1.0, 0.9, 1e-7, 2.5, 0.34, 0.41, 0.0),
         "estimators": {
             "exact": Estimate("exact", rng.normal(size=(2, 5)), np.zeros(2), 0.01, eigenvalues=np.arange(3.0)),
             "cg": EstimatorFailure("cg", "H + λI is not positive definite"),

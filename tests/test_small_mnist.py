@@ -8,6 +8,7 @@ from brute_force import retrained_change
 from data_roots import write_mnist_root
 
 from fragile import Objective, TrainSpec, build_model, fit, make_estimator
+from fragile.book.verdicts import Verdict
 from fragile.chapters.results import Estimate, Fit
 from fragile.chapters.small_mnist import SmallMnistConfig, SmallMnistResult, claims, load_data, model_jobs, run_model
 from fragile.chapters.table1_protocol import PointResult, Retraining
@@ -25,6 +26,7 @@ TINY = dict(
     n_test_points=2,
     top_k=4,
     band_k=4,
+    random_k=4,
     cg_max_iter=60,
     lissa_depth=10,
     lissa_batch_size=10,
@@ -143,39 +145,89 @@ def test_shared_leave_one_out_models_are_mapped_to_the_right_test_point(sweep_mo
     assert entry.spearman == pytest.approx(float(__import__("scipy").stats.spearmanr(entry.predicted, entry.actual)[0]))
 
 
-def test_claims_follow_the_stated_rules():
-    def points(band, spearmans):
-        ones = np.ones(3)
-        return tuple(PointResult(band, np.arange(3), ones, ones, ones, s, s, s, ()) for s in spearmans)
+def _points(band, spearmans, m=50):
+    ones = np.ones(m)
+    return tuple(PointResult(band, np.arange(m), ones, ones, ones, s, s, s, ()) for s in spearmans)
 
-    def model(wd, headline, top, band=None):
-        n = len(top)
-        return SmallMnistResult(
-            seed=0,
-            weight_decay=wd,
-            headline=headline,
-            n_train=20,
-            n_test=50,
-            num_params=2616,
-            primary="exact",
-            fit=Fit(0.0, 1.0, 1.0, 0.0, 0.0),
-            test_points=np.arange(n),
-            test_losses=np.ones(n),
-            test_labels=np.zeros(n, dtype=np.int64),
-            test_predicted_labels=np.zeros(n, dtype=np.int64),
-            estimators={"exact": Estimate("exact", np.ones((n, 20)), np.zeros(n), 0.0)},
-            retraining=Retraining(3, 8, np.zeros(n), 0.0, 0.0),
-            bands={"top": points("top", top)} | ({} if band is None else {"band": points("band", band)}),
-            relative_error={},
-        )
 
-    models = [model(0.001, True, [0.9, 0.45], [0.1, 0.0]), model(0.01, False, [0.8, 0.6]), model(0.1, False, [0.3, 0.2])]
-    got = {c.key: c for c in claims(models, 0.001)}
-    assert got["range"].verdict == "reproduced" and got["range"].ours == "0.90 – 0.45"
-    assert got["band"].verdict == "reproduced" and got["band"].value == pytest.approx(0.625)
-    assert got["wd_fall"].verdict == "reproduced" and got["wd_fall"].value == pytest.approx(0.45)
-    models = [model(0.001, True, [0.5, 0.4], [0.6, 0.5]), model(0.01, False, [0.3, 0.3]), model(0.1, False, [0.5, 0.5])]
-    got = {c.key: c for c in claims(models, 0.001)}
-    assert got["range"].verdict == "not reproduced" and got["band"].verdict == "not reproduced"
-    assert got["wd_fall"].verdict == "not reproduced"
-    assert {c.key: c for c in claims(models[:1], 0.001)}["wd_fall"].verdict.startswith("not run")
+def _model(seed, wd, headline, top, band=None, grad_norm=0.0):
+    """A finished model whose chosen sets have these Spearmans, converged unless ``grad_norm`` says otherwise."""
+    n = len(top)
+    return SmallMnistResult(
+        seed=seed,
+        weight_decay=wd,
+        headline=headline,
+        n_train=20,
+        n_test=50,
+        num_params=2616,
+        primary="exact",
+        fit=Fit(0.0, 1.0, 1.0, grad_norm, 0.0, majority_share=0.1, prediction_spread=0.4, loss_rise=0.0),
+        test_points=np.arange(n),
+        test_losses=np.ones(n),
+        test_labels=np.zeros(n, dtype=np.int64),
+        test_predicted_labels=np.zeros(n, dtype=np.int64),
+        estimators={"exact": Estimate("exact", np.ones((n, 20)), np.zeros(n), 0.0)},
+        retraining=Retraining(3, 8, np.zeros(n), 0.0, 0.0),
+        bands={"top": _points("top", top)} | ({} if band is None else {"band": _points("band", band)}),
+        relative_error={},
+    )
+
+
+def _study(top, band, at_peak, above, grad_norms=(0.0, 0.0)):
+    """Two seeds; per seed a headline model (wd 0.001), one at 0.01 and one at 0.1, four test points each."""
+    out = []
+    for seed, g in enumerate(grad_norms):
+        out += [
+            _model(seed, 0.001, True, top[seed], band[seed], grad_norm=g),
+            _model(seed, 0.01, False, at_peak[seed]),
+            _model(seed, 0.1, False, above[seed]),
+        ]
+    return out
+
+
+WIDE = ([0.95, 0.3, 0.8, 0.1], [0.9, 0.2, 0.7, 0.05])  # top-band Spearmans over 50 points: far beyond noise
+
+
+def test_claims_are_decided_by_their_rules_on_converged_models():
+    cfg = SmallMnistConfig(**TINY)
+    low = ([0.2, -0.1, 0.3, -0.2], [0.1, -0.05, 0.0, -0.1])
+    models = _study(WIDE, low, WIDE, ([0.3, 0.0, 0.2, -0.2], [0.2, -0.1, 0.1, -0.3]))
+    got = {c.key: c for c in claims(models, cfg)}
+    assert {k: c.outcome for k, c in got.items()} == dict.fromkeys(("range", "band", "wd_fall"), Verdict.REPRODUCED)
+    assert got["range"].decision.n == 8 and got["range"].decision.low > 0.2  # τ of z, beyond the noise of m = 50
+    gaps = np.subtract(WIDE, low).ravel()
+    assert got["band"].decision.estimate == pytest.approx(gaps.mean()) and got["band"].decision.n == 8
+    assert got["band"].decision.null_rate <= 0.05 and got["band"].data.text() == "reduced (MNIST, 20 of 5,500 training points)"
+    assert "2 of 2 headline models converged" in got["band"].note
+    # No effect: the same Spearmans in both bands, and no fall at the larger weight decay.
+    flat = {c.key: c for c in claims(_study(WIDE, WIDE, WIDE, WIDE), cfg)}
+    assert flat["band"].outcome is Verdict.NOT_REPRODUCED and flat["wd_fall"].outcome is Verdict.NOT_REPRODUCED
+    same = ([0.6] * 4, [0.6] * 4)
+    assert {c.key: c for c in claims(_study(same, same, same, same), cfg)}["range"].outcome is Verdict.NOT_REPRODUCED
+
+
+def test_a_model_that_did_not_converge_is_kept_out_of_the_claims():
+    cfg = SmallMnistConfig(**TINY)
+    low = ([0.2, -0.1, 0.3, -0.2], [0.1, -0.05, 0.0, -0.1])
+    models = _study(WIDE, low, WIDE, WIDE, grad_norms=(0.0, 1.0))
+    got = {c.key: c for c in claims(models, cfg)}
+    assert got["band"].decision.n == 4 and "1 of 2 headline models converged" in got["band"].note
+    assert got["band"].decision.estimate == pytest.approx(np.subtract(WIDE[0], low[0]).mean())
+    assert "all models:" in got["band"].note and "n = 8" in got["band"].note  # the rule on every model, beside
+    none = {c.key: c for c in claims(_study(WIDE, low, WIDE, WIDE, grad_norms=(1.0, 1.0)), cfg)}
+    assert none["band"].verdict.startswith("inconclusive: none of 2 headline models converged")
+    assert none["band"].decision is None and none["band"].ours.startswith("all models:")
+    only = {c.key: c for c in claims([m for m in models if m.weight_decay == 0.001], cfg)}
+    assert only["wd_fall"].verdict.startswith("not run")
+
+
+def test_the_headline_model_retrains_a_random_set_beside_the_bands():
+    cfg = SmallMnistConfig(**{**TINY, "damping": 5.0, "random_k": 4})
+    out = run_model(cfg, 0, 0.001)
+    assert out.headline and set(out.bands) == {"top", "band", "random"}
+    drawn = np.sort(np.random.default_rng(0).choice(20, 4, replace=False))
+    assert all(e.chosen.tolist() == drawn.tolist() for e in out.bands["random"])
+    # A point that is in both the top band and the random set was retrained once: the same actual change in both.
+    top, rnd = out.bands["top"][0], out.bands["random"][0]
+    for i in set(top.chosen.tolist()) & set(drawn.tolist()):
+        assert rnd.actual[rnd.chosen.tolist().index(i)] == top.actual[top.chosen.tolist().index(i)]

@@ -196,6 +196,29 @@ def test_planted_heterogeneity_is_detected():
     assert _rate(rule, make, draws=100) >= 0.9
 
 
+def test_low_variance_is_decided_with_side_below():
+    rule = Heterogeneity(min_tau=0.3, side="below", unit="seed")
+    m = np.full(12, 40.0)
+
+    def cells(rng, tau):
+        out = []
+        for z in np.arctanh(0.6) + tau * rng.standard_normal(12):
+            x = rng.normal(size=40)
+            rho = np.tanh(z)
+            out.append(stats.spearmanr(x, rho * x + math.sqrt(1 - rho**2) * rng.normal(size=40)).statistic)
+        return np.array(out), m
+
+    assert _rate(rule, lambda rng: cells(rng, 0.0), draws=100) >= 0.5  # a common correlation: low spread found
+    assert _rate(rule, lambda rng: cells(rng, 0.3), draws=200) <= MAX_NOISE_RATE  # a spread at the limit: not "low"
+    assert _rate(rule, lambda rng: cells(rng, 0.8), draws=100, verdict=Verdict.NOT_REPRODUCED) >= 0.9
+    assert rule.calibrated(*cells(np.random.default_rng(0), 0.0)).null_rate <= MAX_NOISE_RATE
+
+
+def test_a_band_that_covers_every_correlation_is_refused():
+    with pytest.raises(InvalidArgumentError, match="tolerance"):
+        MatchesPaper(paper=0.0, tolerance=1.5, fisher=True)
+
+
 # -- what a decision carries --------------------------------------------------------------------------------------------------
 def test_an_undecidable_n_is_inconclusive_with_the_n_that_would_decide():
     """Five paired seeds with every difference positive: the t interval clears 0, the exact test cannot (2⁻⁵)."""

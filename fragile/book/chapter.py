@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from fragile.book.claims import DataLabel, DataUsed
 from fragile.config import PROFILES, at_least, check_settings, from_dict, one_of, setting, to_dict
 from fragile.errors import check_choice
 from fragile.run.devices import DEVICE_CHOICES, check_device_name
@@ -120,12 +121,29 @@ def config_from_namespace(cls: type[T], namespace: dict[str, Any]) -> T:
     return from_dict(cls, {k: namespace[k] for k in names if k in namespace})
 
 
-def banner_markdown(*, profile: str, data: str, stand_in: bool, device: str, section: str, notes: str = "") -> str:
-    """The admonition at the top of every chapter: profile, data (real or stand-in), device, rerun command."""
-    kind = "a **stand-in** data set" if stand_in else "**real data**"
+def banner_markdown(
+    *,
+    profile: str,
+    data: str,
+    device: str,
+    section: str,
+    notes: str = "",
+    stand_in: bool = False,
+    labels: Sequence[DataUsed] = (),
+) -> str:
+    """The admonition at the top of every chapter: profile, data and its label, device, rerun command.
+
+    ``labels`` are the data sets the chapter's claims are computed on (:class:`~fragile.book.claims.DataUsed`): the
+    banner shows each one's label (real, reduced or stand-in); without them, ``stand_in`` says which of real data or
+    a stand-in it is."""
+    if labels:
+        stand_in = any(u.label is DataLabel.STAND_IN for u in labels)
+        kind = "; ".join(f"**{u.label}**{u.text()[len(u.label) :]} data" for u in labels) + ";"
+    else:
+        kind = ("a **stand-in** data set" if stand_in else "**real data**") + ":"
     return (
         ":::{admonition} How this page was computed\n:class: " + ("warning" if stand_in else "note") + "\n"
-        f"Executed with the **`{profile}`** parameter profile on {kind}: {data}; device: {device}. {notes}\n\n"
+        f"Executed with the **`{profile}`** parameter profile on {kind} {data}; device: {device}. {notes}\n\n"
         f"Rerun it with other parameters: `fragile run {section} --profile paper` or "
         f"`fragile run {section} -p n_seeds 20` (see *Rerun with your own parameters*).\n:::"
     )

@@ -196,6 +196,19 @@ def claims_markdown(claims: Sequence[Claim]) -> str:
     return "\n".join(lines)
 
 
+def power_markdown(claims: Sequence[Claim]) -> str:
+    """How many units would decide each inconclusive claim at its present estimate and spread (its power statement),
+    as a sentence for the chapter; empty when none would say."""
+    undecided = [c for c in claims if c.decision is not None and c.decision.n_to_decide]
+    if not undecided:
+        return ""
+    return (
+        "Units that would decide the inconclusive rows at the present estimates and spreads: "
+        + "; ".join(f"{c.claim}: about {c.decision.n_to_decide} {c.decision.unit}s" for c in undecided)
+        + "."
+    )
+
+
 def glue_claims(prefix: str, claims: Sequence[Claim]) -> None:
     """Glue every claim's shown number, float value and verdict for the book's claims table, under
     ``<prefix>_claim_<key>_ours`` / ``_value`` / ``_verdict``; for a decided claim also ``_low``, ``_high`` (the

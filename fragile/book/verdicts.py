@@ -29,9 +29,10 @@ The intervals, and the exact test beside each:
   the differences (the two arms exchanged within units);
 * a trend (:class:`Trend`): Spearman's ρ between the units' covariate (depth, width, λmax) and their values, with a
   percentile bootstrap interval over units; test: the permutation test of ρ;
-* heterogeneity of correlations across cells (:class:`Heterogeneity`): τ, the standard deviation of the cells' true
-  Fisher z beyond their sampling noise (DerSimonian–Laird), with the Q-profile interval (Viechtbauer 2007), the
-  variance of a Spearman correlation's z over m points taken as ``1.06/(m − 3)`` (Fieller, Hartley & Pearson 1957).
+* heterogeneity of correlations across cells (:class:`Heterogeneity`; the claim that they vary, or that they hardly
+  do): τ, the standard deviation of the cells' true Fisher z beyond their sampling noise (DerSimonian–Laird), with
+  the Q-profile interval (Viechtbauer 2007), the variance of a Spearman correlation's z over m points taken as
+  ``1.06/(m − 3)`` (Fieller, Hartley & Pearson 1957).
 
 Null calibration (:meth:`Rule.calibrated`, :meth:`Rule.null_rate`): the rule is run on ``null_draws`` data sets
 simulated from the chapter's own units at the least favourable point of its null, and the share of *reproduced*
@@ -42,7 +43,8 @@ verdicts is shown beside the verdict:
   rate reported);
 * paired differences: each unit's two arms exchanged at random (a random sign on each difference);
 * trends: the covariate permuted across units;
-* heterogeneity: every cell's z drawn around the cells' common weighted mean with its own sampling variance.
+* heterogeneity: every cell's z drawn around the cells' common weighted mean with its own sampling variance (and,
+  for a claim of low variance, a true spread of exactly the rule's ``min_tau``).
 
 Cost: every rule works on arrays of at most a few hundred numbers. A sign-flip test enumerates the 2ⁿ signs up to
 n = 12 and draws 4,000 otherwise; a trend's bootstrap is ``bootstrap`` Spearman correlations of n pairs and its
@@ -423,6 +425,11 @@ class MatchesPaper(_MeanRule):
         check_positive("tolerance", self.tolerance)
         if self.fisher and abs(self.paper) > 1:
             raise InvalidArgumentError(f"paper={self.paper!r} must be a correlation in [-1, 1] with fisher=True")
+        if not self._boundaries_z():
+            raise InvalidArgumentError(
+                f"tolerance={self.tolerance!r} is not allowed here: the band paper ± tolerance covers every correlation, "
+                "so nothing could be decided; it must leave at least one edge inside (-1, 1)"
+            )
 
     def statement(self) -> str:
         return (
@@ -579,24 +586,28 @@ class Trend(Rule):
 @dataclass(frozen=True)
 class Heterogeneity(Rule):
     """The paper claims correlations vary across cells (test points, architectures) by more than their sampling
-    noise: τ, the standard deviation of the cells' true Fisher z beyond noise (DerSimonian–Laird), with the Q-profile
-    interval. *Reproduced* when the interval's lower end exceeds ``min_tau`` (a spread at least that large), *not
-    reproduced* when its upper end is below ``min_tau``, else *inconclusive*. The Q-profile interval is exact under
-    the model, so no second test is needed.
+    noise (``side`` "above") or that they hardly vary (``side`` "below": low variance across seeds): τ, the standard
+    deviation of the cells' true Fisher z beyond noise (DerSimonian–Laird), with the Q-profile interval. *Reproduced*
+    when the interval lies wholly on ``side`` of ``min_tau``, *not reproduced* when it lies wholly on the other,
+    else *inconclusive*. The Q-profile interval is exact under the model, so no second test is needed.
 
-    Units: two arrays, each cell's Spearman correlation and the number of points it is over (more than 3). Null:
-    every cell's z drawn around the cells' common weighted mean with its own sampling variance ``1.06/(m − 3)``."""
+    Units: two arrays, each cell's Spearman correlation and the number of points it is over (more than 3). Null, at
+    its least favourable point: for "above", every cell's z drawn around the cells' common weighted mean with its own
+    sampling variance ``1.06/(m − 3)`` (τ = 0); for "below", the same plus a true spread of exactly ``min_tau``."""
 
     min_tau: float = 0.1
+    side: str = "above"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("min_tau", self.min_tau)
+        check_choice("side", self.side, ("above", "below"))
 
     def statement(self) -> str:
+        other = "below" if self.side == "above" else "above"
         return (
             f"reproduced when the 95 % interval of τ, the spread of the {self.unit}s' true Fisher z beyond their "
-            f"sampling noise, lies wholly above {self.min_tau:g}; not reproduced when it lies wholly below; "
+            f"sampling noise, lies wholly {self.side} {self.min_tau:g}; not reproduced when it lies wholly {other}; "
             "inconclusive otherwise"
         )
 
@@ -629,7 +640,7 @@ class Heterogeneity(Rule):
         tau = math.sqrt(max(0.0, (self._q(z, var, 0.0) - (k - 1)) / c))
         low = self._tau_at(z, var, float(stats.chi2.ppf(1 - ALPHA, k - 1)))
         high = self._tau_at(z, var, float(stats.chi2.ppf(ALPHA, k - 1)))
-        side = _side(low, high, self.min_tau)
+        side = _side(low, high, self.min_tau) * (1 if self.side == "above" else -1)
         verdict = {1: Verdict.REPRODUCED, -1: Verdict.NOT_REPRODUCED}.get(side, Verdict.INCONCLUSIVE)
         needed = _units_needed(k, (high - low) / 2, abs(tau - self.min_tau), 2)
         return _Assessment(tau, low, high, verdict, math.nan, needed)
@@ -638,7 +649,8 @@ class Heterogeneity(Rule):
         z, var = data
         w = 1.0 / var
         mean = (w * z).sum() / w.sum()
-        return [(mean + rng.standard_normal(z.size) * np.sqrt(var), var)]
+        spread = np.sqrt(var + (self.min_tau**2 if self.side == "below" else 0.0))
+        return [(mean + rng.standard_normal(z.size) * spread, var)]
 
 
 __all__ = [
