@@ -107,3 +107,45 @@ def test_the_provenance_page_lists_every_chapter_with_glued_numbers():
         template = (ROOT / "notebooks" / f"{ch.notebook}.ipynb").read_text()
         for field in ("commit", "profile", "duration_s"):
             assert f'{{CH.glue_prefix}}_{field}\\"' in template, (ch.name, field)  # the chapter glues what the page shows
+
+
+def _committed_claims():
+    """Every chapter with claims, and the claims its committed default-profile execution recorded."""
+    from fragile.chapters.registry import CHAPTERS
+
+    for ch in CHAPTERS.values():
+        path = ROOT / "results" / ch.notebook / "default" / "summary.json"
+        results = json.loads(path.read_text())["results"]
+        yield ch, results.get("claims", [])
+
+
+def test_the_front_page_shows_every_claim_of_every_chapter_from_its_execution():
+    """Each claim a chapter decides has one front-page row whose paper, ours (estimate, interval, n), data label and
+    verdict, and the chapter's profile, are glued from that chapter's execution; no column of a row has a typed
+    number."""
+    rows = [line for line in (ROOT / "book" / "index.md").read_text().splitlines() if line.startswith("| ") and "{glue" in line]
+    for ch, claims in _committed_claims():
+        for c in claims:
+            ref = f"sections/{ch.notebook}.ipynb::{ch.glue_prefix}_claim_{c['key']}_"
+            found = [r for r in rows if f"{ref}verdict" in r]
+            assert len(found) == 1, (ch.name, c["key"])
+            for field in ("paper", "ours", "data", "verdict"):
+                assert f"{ref}{field}" in found[0], (ch.name, c["key"], field)
+            assert f"sections/{ch.notebook}.ipynb::{ch.glue_prefix}_profile" in found[0], (ch.name, c["key"])
+    for row in rows:
+        for cell in row.strip().strip("|").split("|")[2:]:  # the claim's words and its section link may hold digits
+            typed = re.sub(r"\{glue:text\}`[^`]*`", "", cell)
+            assert not re.search(r"\d", typed), (row, cell)
+
+
+def test_every_decided_claim_was_calibrated_and_its_null_rate_is_at_most_five_percent():
+    decided = 0
+    for ch, claims in _committed_claims():
+        for c in claims:
+            d = c.get("decision")
+            if d is None:
+                continue
+            decided += 1
+            assert d["null_draws"] >= 200, (ch.name, c["key"])
+            assert d["null_rate"] <= 0.05, (ch.name, c["key"], d["null_rate"])
+    assert decided >= 10

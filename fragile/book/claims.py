@@ -1,9 +1,9 @@
 """The book's claims: one of the paper's claims, its number, ours and the verdict of a stated rule.
 
 Every chapter returns its claims as :class:`Claim` values; the chapter's table, the numbers glued for the book's
-claims table (``<prefix>_claim_<key>_ours``, ``…_value``, ``…_verdict`` and, for a claim decided by a rule, ``…_low``,
-``…_high``, ``…_n``, ``…_data`` and ``…_null``) and ``summary.json`` are all made from them here, so every chapter
-reports a claim the same way.
+claims table (``<prefix>_claim_<key>_ours``, ``…_value``, ``…_verdict``, ``…_paper``, ``…_data``, ``…_null`` and, for a
+claim decided by a rule, ``…_low``, ``…_high`` and ``…_n``) and ``summary.json`` are all made from them here, so every
+chapter reports a claim the same way.
 
 A claim decided by a rule (:meth:`Claim.decided`) carries the rule's :class:`~fragile.book.verdicts.Decision`: the
 estimate with its 95 % interval and n, the verdict, the rule's simulated null rate, and the data it was computed on
@@ -210,9 +210,10 @@ def power_markdown(claims: Sequence[Claim]) -> str:
 
 
 def glue_claims(prefix: str, claims: Sequence[Claim]) -> None:
-    """Glue every claim's shown number, float value and verdict for the book's claims table, under
-    ``<prefix>_claim_<key>_ours`` / ``_value`` / ``_verdict``; for a decided claim also ``_low``, ``_high`` (the
-    interval), ``_n``, ``_data`` (the data label) and ``_null`` (the null rate as shown)."""
+    """Glue every claim's shown number, float value, verdict, the paper's value, its data label and its rule's null
+    rate (as shown, "—" without one) for the book's claims table, under ``<prefix>_claim_<key>_ours`` / ``_value`` /
+    ``_verdict`` / ``_paper`` / ``_data`` / ``_null``; for a decided claim also ``_low``, ``_high`` (the interval) and
+    ``_n``."""
     from myst_nb import glue
 
     keys = [c.key for c in claims]
@@ -223,10 +224,9 @@ def glue_claims(prefix: str, claims: Sequence[Claim]) -> None:
         glue(f"{prefix}_claim_{c.key}_value", float(c.value), display=False)
         glue(f"{prefix}_claim_{c.key}_verdict", c.verdict, display=False)
         glue(f"{prefix}_claim_{c.key}_paper", c.paper, display=False)
+        glue(f"{prefix}_claim_{c.key}_data", c.data.text() if c.data is not None else "—", display=False)
+        glue(f"{prefix}_claim_{c.key}_null", c.null_text(), display=False)
         if c.decision is not None:
             glue(f"{prefix}_claim_{c.key}_low", float(c.decision.low), display=False)
             glue(f"{prefix}_claim_{c.key}_high", float(c.decision.high), display=False)
             glue(f"{prefix}_claim_{c.key}_n", int(c.decision.n), display=False)
-            glue(f"{prefix}_claim_{c.key}_null", c.null_text(), display=False)
-        if c.data is not None:
-            glue(f"{prefix}_claim_{c.key}_data", c.data.text(), display=False)
