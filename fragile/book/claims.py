@@ -130,7 +130,8 @@ class Claim:
         """The claim decided by ``rule`` on the units of the converged models only (``converged``: the rule's
         per-unit arrays), with ``count`` (how many models converged, in words) and the rule applied to every model's
         units (``every``) beside it. When ``why`` says the converged units cannot decide it (none converged, too few
-        to vary), the claim is *inconclusive* for that reason, with the all-models value shown."""
+        to vary), the claim is *inconclusive* for that reason (on a stand-in: *needs the real data set*, like a decided
+        one), with the all-models value shown."""
         try:
             on_all = rule.decide(*every)
             all_models = f"all models: {on_all.interval_text()}, which the rule would call {on_all.verdict}"
@@ -142,6 +143,8 @@ class Claim:
             except InvalidArgumentError as err:  # too few converged units for the rule
                 why = f"too few converged units for the rule ({err})"
         verdict = f"{Verdict.INCONCLUSIVE}: {why}"
+        if data.label is DataLabel.STAND_IN:
+            verdict = f"{Verdict.NEEDS_REAL_DATA} (on the stand-in: {verdict})"
         return cls(key, claim, paper, all_models, verdict, data=data, source=source, note=count)
 
     @classmethod
@@ -179,9 +182,9 @@ def number(value: float, digits: int = 3, spread: float = math.nan) -> str:
 
 
 def claims_markdown(claims: Sequence[Claim]) -> str:
-    """The chapter's claims table: claim, paper, ours, verdict (in bold); with the data and the rule's null rate
-    when any claim was decided by a rule."""
-    if not any(c.decision is not None for c in claims):
+    """The chapter's claims table: claim, paper, ours, verdict (in bold); with the note, the data and the rule's null
+    rate when any claim carries one of them."""
+    if not any(c.decision is not None or c.data is not None or c.note for c in claims):
         lines = ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
         lines += [f"| {c.claim} | {c.paper} | {c.ours} | **{c.verdict}** |" for c in claims]
         return "\n".join(lines)

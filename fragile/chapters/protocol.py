@@ -69,7 +69,10 @@ def iris_split(test_fraction: float, split_seed: int) -> tuple[Dataset, Dataset]
 
 @dataclass(frozen=True)
 class SmallMnistData:
-    """The training and test images of a small-MNIST run, and where they came from."""
+    """The training and test images of a small-MNIST run, and where they came from.
+
+    ``stand_in`` says the images are not Koh & Liang's own 5,500 (the offline digits): still real MNIST images, so
+    the claims' data label is *reduced*, not *stand-in* (:class:`~fragile.book.claims.DataUsed`)."""
 
     train: Dataset
     test: Dataset

@@ -12,7 +12,9 @@ are those of :mod:`fragile.chapters.protocol`; docs/protocol.md#table-1 gives th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,7 @@ from fragile.chapters.protocol import (
 )
 from fragile.chapters.results import Estimate, EstimatorFailure, Fit
 from fragile.config import at_least, each, fraction, non_negative, one_of, positive, setting
+from fragile.core.convergence import Convergence, ConvergenceClass, ConvergenceCriteria
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
 from fragile.core.selection import TEST_POINT_KINDS, select_top_k, test_points_by_kind
@@ -178,6 +181,21 @@ class Table1Config(Table1Models):
         ),
         one_of(OPTIMIZERS),
     )
+    lissa_curve_fractions: tuple[float, ...] = setting(
+        (0.125, 0.25, 0.5),
+        (
+            "shares of lissa_depth at which LiSSA is solved again (the main solve's scale and seed: with one repeat, the "
+            "first steps of the main recursion), to show its residual against its recursion depth; () for none"
+        ),
+        each(fraction(high_open=True), distinct=True),
+    )
+    random_points: bool = setting(
+        True,
+        (
+            "also retrain top_k training points drawn at random (seeded by the model seed; the same for every test "
+            "point) and correlate over them: what the top-k correlation owes to choosing the points by influence"
+        ),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -201,6 +219,13 @@ class Table1Config(Table1Models):
     def retrain_steps(self) -> int:
         """Warm-started leave-one-out steps: ``retrain_fraction`` of ``train_steps``, at least one."""
         return max(1, round(self.retrain_fraction * self.train_steps))
+
+    @property
+    def lissa_curve_depths(self) -> tuple[int, ...]:
+        """The recursion depths of LiSSA's residual curve, ascending: each of ``lissa_curve_fractions`` of
+        ``lissa_depth`` (rounded, at least 1; repeats and ``lissa_depth`` itself dropped), then ``lissa_depth``."""
+        below = {max(1, round(f * self.lissa_depth)) for f in self.lissa_curve_fractions} - {self.lissa_depth}
+        return (*sorted(below), self.lissa_depth)
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -328,6 +353,16 @@ class Network:
     fit: Fit
     device: str
 
+    def identity(self) -> dict[str, Any]:
+        """Which network this is, as the first columns of every per-model table."""
+        return {
+            "dataset": self.dataset,
+            "architecture": self.architecture,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+            "stand_in": self.stand_in,
+        }
+
 
 @record
 @dataclass(frozen=True)
@@ -335,7 +370,8 @@ class Retraining:
     """The leave-one-out retraining of one network's chosen training points.
 
     Attributes:
-        models: distinct retrained models (the union of the chosen points), the control not counted.
+        models: distinct retrained models (the union of the chosen points, the random ones included), the control
+            not counted.
         steps: warm-started steps of each.
         drift: (n_test_points,) control − θ*: what continued training alone does to each test loss.
         control_grad_norm: the control's final full-batch gradient norm.
@@ -347,6 +383,64 @@ class Retraining:
     drift: np.ndarray
     control_grad_norm: float
     seconds: float
+
+
+@record
+@dataclass(frozen=True)
+class LissaCurve:
+    """LiSSA's relative residual against its recursion depth on one network's test points: a LiSSA solve at each of
+    :attr:`Table1Config.lissa_curve_depths` below ``lissa_depth``, with the main solve's scale and seed, and the main
+    solve's own residuals at ``lissa_depth``. With one repeat the seeded minibatch order makes the solve at depth d the
+    first d steps of the main recursion, so the curve is the main solve's residual as it ran.
+
+    Attributes:
+        depths: (k,) recursion depths, ascending; the last is ``lissa_depth``.
+        residuals: (k, n_test) ‖(H+λI)x − v‖/‖v‖ of each test point's solve at each depth; NaN where it failed.
+        failures: why each failed depth failed ("depth 40: lissa diverged …"); empty when none did.
+        seconds: wall time of the solves below ``lissa_depth``.
+    """
+
+    depths: np.ndarray
+    residuals: np.ndarray
+    failures: tuple[str, ...]
+    seconds: float
+
+    @property
+    def mean_residuals(self) -> np.ndarray:
+        """(k,) the mean residual over the test points at each depth."""
+        return self.residuals.mean(axis=1)
+
+
+def lissa_curve(cfg: Table1Config, model: TrainedModel, tp: torch.Tensor, main: Estimate) -> LissaCurve:
+    """LiSSA's residual at each of ``cfg.lissa_curve_depths`` for the test points ``tp`` of ``model``: the ``lissa``
+    estimator run again below ``lissa_depth`` with ``main``'s scale and ``cfg``'s seed (so, with one repeat, the first
+    steps of the main recursion), and ``main``'s residuals at ``lissa_depth``. A depth whose solve fails is NaN, with
+    why in ``failures``.
+
+    Cost: the solves below ``lissa_depth`` (``lissa_curve_fractions`` summed, times the main recursion's HVPs), each
+    with one pass of training gradients."""
+    start = time.perf_counter()
+    x, y, x_test, y_test = model.x, model.y, model.x_test[tp], model.y_test[tp]
+    kwargs = cfg.solver_kwargs("lissa", x.shape[0], model.objective.num_params)
+    rows, failures = [], []
+    for depth in cfg.lissa_curve_depths[:-1]:
+        again = estimate(
+            "lissa", model.objective, model.theta, x, y, x_test, y_test, **{**kwargs, "depth": depth, "scale": float(main.scale)}
+        )
+        if isinstance(again, EstimatorFailure):
+            log.warning("lissa at depth %d failed: %s", depth, again.message)
+            rows.append(np.full(len(main.residuals), math.nan))
+            failures.append(f"depth {depth}: {again.message}")
+        else:
+            rows.append(np.asarray(again.residuals, dtype=float))
+    rows.append(np.asarray(main.residuals, dtype=float))
+    depths = np.asarray(cfg.lissa_curve_depths, dtype=np.int64)
+    return LissaCurve(depths, np.stack(rows), tuple(failures), time.perf_counter() - start)
+
+
+def random_points(cfg: Table1Config, n: int, seed: int) -> np.ndarray:
+    """``top_k`` distinct training indices of ``n``, drawn at random with the model ``seed``, ascending."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=cfg.top_k, replace=False))
 
 
 @record
@@ -430,6 +524,11 @@ class Table1Result:
         estimators: every estimator's :class:`~fragile.chapters.results.Estimate` or failure, by name.
         retraining: the ground truth, or ``None`` when the primary estimator failed (nothing to retrain).
         per_test_point: one :class:`PointResult` per test point (empty when the primary failed).
+        lissa_curve: LiSSA's residual against its recursion depth (:class:`LissaCurve`), where LiSSA ran and did not
+            fail and ``lissa_curve_fractions`` asked for one; else None.
+        random_points: one :class:`PointResult` per test point over ``top_k`` training points drawn at random (the
+            same for every test point; ``random_points``), in test-point order; empty when not asked for or when
+            the primary failed.
     """
 
     network: Network
@@ -439,12 +538,23 @@ class Table1Result:
     estimators: dict[str, Estimate | EstimatorFailure]
     retraining: Retraining | None
     per_test_point: tuple[PointResult, ...]
+    lissa_curve: LissaCurve | None = None
+    random_points: tuple[PointResult, ...] = ()
 
     @property
     def failure(self) -> str:
         """Why the primary estimator failed, or ``""``."""
         e = self.estimators[self.primary]
         return f"{self.primary}: {e.message}" if isinstance(e, EstimatorFailure) else ""
+
+    def convergence(self, criteria: ConvergenceCriteria, *, lr: float = math.nan, full_batch_gd: bool = False) -> Convergence:
+        """The network's convergence class (:meth:`~fragile.chapters.results.Fit.convergence`), lr·λmax from the λmax
+        an estimator learned (LiSSA's power iteration; NaN when none did), tested only for full-batch gradient descent
+        (``full_batch_gd``: the ``gd`` optimiser)."""
+        lam = next(
+            (e.lambda_max for e in self.estimators.values() if isinstance(e, Estimate) and e.lambda_max is not None), math.nan
+        )
+        return self.network.fit.convergence(criteria, lr_times_lambda_max=lr * lam, full_batch_gd=full_batch_gd)
 
 
 @dataclass
@@ -497,11 +607,12 @@ def run_model(
     """One trained network: training, influence by every estimator, leave-one-out ground truth, correlations.
 
     Cost: ``train_steps`` minibatch steps; LiSSA ``lissa_depth·lissa_repeats`` minibatch HVPs per test point
-    plus a power iteration for its scale; CG up to ``cg_max_iter`` full-data HVPs per test point; Arnoldi
-    ``2·arnoldi_rank`` full-data HVPs once (O(rank·p) memory); then one leave-one-out model per distinct
-    evaluated training point plus the control, ``retrain_steps`` steps each. ``device`` overrides
-    ``cfg.device`` (jobs get it at run time; it changes numbers by round-off only). The result records the
-    seconds of the training, of each estimator and of the retraining.
+    plus a power iteration for its scale, and its residual curve ``sum(lissa_curve_fractions)`` times as many
+    again; CG up to ``cg_max_iter`` full-data HVPs per test point; Arnoldi ``2·arnoldi_rank`` full-data HVPs once
+    (O(rank·p) memory); then one leave-one-out model per distinct evaluated training point (the ``top_k`` of each
+    test point, and ``top_k`` random ones with ``random_points``) plus the control, ``retrain_steps`` steps each.
+    ``device`` overrides ``cfg.device`` (jobs get it at run time; it changes numbers by round-off only). The result
+    records the seconds of the training, of each estimator and of the retraining.
     """
     run = train_table1_model(cfg, dataset, architecture, weight_decay, seed, device)
     model, dev = run.trained, run.device
@@ -514,18 +625,36 @@ def run_model(
         for m in methods
     }
     network = run.network(dataset, architecture, weight_decay, seed)
+    lissa = estimators.get("lissa")
+    curve = (
+        lissa_curve(cfg, model, torch.as_tensor(tp, device=dev), lissa)
+        if cfg.lissa_curve_fractions and isinstance(lissa, Estimate)
+        else None
+    )
     primary = estimators[cfg.estimator]
     if isinstance(primary, EstimatorFailure):
-        return Table1Result(network, cfg.estimator, tp, model.test_losses[tp], estimators, None, ())
+        return Table1Result(network, cfg.estimator, tp, model.test_losses[tp], estimators, None, (), curve)
     predicted = primary.predicted
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
+    drawn = [random_points(cfg, x.shape[0], seed)] if cfg.random_points else []
     loo = retrain_chosen(
-        objective, theta, x, y, chosen, model.spec.replace(steps=cfg.retrain_steps), x_test, y_test, chunk_size=cfg.chunk_size
+        objective,
+        theta,
+        x,
+        y,
+        chosen + drawn,
+        model.spec.replace(steps=cfg.retrain_steps),
+        x_test,
+        y_test,
+        chunk_size=cfg.chunk_size,
     )
     others = {m: e for m in cfg.compare_estimators if isinstance(e := estimators[m], Estimate)}
     per_tp = [point_result(kind, chosen[t], t, predicted, loo, others) for t, kind in enumerate(kinds)]
+    at_random = tuple(point_result(kind, idx, t, predicted, loo, others) for idx in drawn for t, kind in enumerate(kinds))
     retraining = Retraining(int(loo.union.size), cfg.retrain_steps, loo.drift, loo.control_grad_norm, loo.seconds)
-    return Table1Result(network, cfg.estimator, tp, model.test_losses[tp], estimators, retraining, tuple(per_tp))
+    return Table1Result(
+        network, cfg.estimator, tp, model.test_losses[tp], estimators, retraining, tuple(per_tp), curve, at_random
+    )
 
 
 def model_job(
@@ -583,7 +712,8 @@ def model_jobs(
 
 
 def correlations_table(models: list[Table1Result]):
-    """One row per (data set, architecture, weight decay, seed, test point): Spearman, Pearson, drift, agreement;
+    """One row per (data set, architecture, weight decay, seed, test point; ``t`` its position): whether the data are
+    a stand-in, the number of chosen training points, Spearman, Pearson, drift, agreement;
     each compared estimator's Spearman against the actual changes (``spearman_<m>``) and against the primary's
     predictions (``spearman_<m>_vs_<primary>``)."""
     import pandas as pd
@@ -596,12 +726,11 @@ def correlations_table(models: list[Table1Result]):
         for t, e in enumerate(m.per_test_point):
             rows.append(
                 {
-                    "dataset": net.dataset,
-                    "architecture": net.architecture,
-                    "weight_decay": net.weight_decay,
-                    "seed": net.seed,
+                    **net.identity(),
+                    "t": t,
                     "test_point": e.kind,
                     "test_loss": float(m.test_losses[t]),
+                    "points": len(e.chosen),
                     "spearman": e.spearman,
                     "pearson": e.pearson,
                     "spearman_vs_control": e.spearman_vs_control,
@@ -612,3 +741,11 @@ def correlations_table(models: list[Table1Result]):
                 }
             )
     return pd.DataFrame(rows)
+
+
+def convergence_counts(table, by: Sequence[str] = ("dataset", "architecture", "weight_decay")):
+    """Models per convergence class for each value of ``by``, from a table with one row per model and its class in a
+    ``convergence`` column, as a pandas DataFrame: one column per class that occurs, in the classes' order."""
+    counts = table.groupby(list(by), sort=False)["convergence"].value_counts().unstack(fill_value=0)
+    order = [str(c) for c in ConvergenceClass]
+    return counts.reindex(columns=[c for c in order if c in counts.columns]).reset_index()

