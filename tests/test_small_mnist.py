@@ -217,6 +217,9 @@ def test_a_model_that_did_not_converge_is_kept_out_of_the_claims():
     none = {c.key: c for c in claims(_study(WIDE, low, WIDE, WIDE, grad_norms=(1.0, 1.0)), cfg)}
     assert none["band"].verdict.startswith("inconclusive: none of 2 headline models converged")
     assert none["band"].decision is None and none["band"].ours.startswith("all models:")
+    on_all = none["band"].all_models  # the rule on every model, calibrated like a decision
+    assert on_all.n == 8 and on_all.null_draws == 400 and on_all.null_rate <= 0.05
+    assert none["band"].null_text() == f"all models: {on_all.null_rate:.1%} of 400"
     only = {c.key: c for c in claims([m for m in models if m.weight_decay == 0.001], cfg)}
     assert only["wd_fall"].verdict.startswith("not run")
 

@@ -13,6 +13,7 @@ estimate with its 95 % interval and n, the verdict, the rule's simulated null ra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -80,6 +81,8 @@ class Claim:
         data: the data the decision was computed on.
         source: where the paper's number comes from ("Figure 1; from a reading note, unconfirmed").
         note: what else the row must say (the all-models value beside a converged-models decision, counts).
+        all_models: for a claim decided on the converged models (:meth:`on_converged`), the same rule, calibrated, on
+            every model's units: what the row shows beside the decision, or instead of it when none converged.
     """
 
     key: str
@@ -92,6 +95,7 @@ class Claim:
     data: DataUsed | None = None
     source: str = ""
     note: str = ""
+    all_models: Decision | None = None
 
     @classmethod
     def decided(
@@ -133,19 +137,25 @@ class Claim:
         to vary), the claim is *inconclusive* for that reason (on a stand-in: *needs the real data set*, like a decided
         one), with the all-models value shown."""
         try:
-            on_all = rule.decide(*every)
-            all_models = f"all models: {on_all.interval_text()}, which the rule would call {on_all.verdict}"
+            on_all = rule.calibrated(*every)
+            all_models = (
+                f"all models: {on_all.interval_text()}, which the rule would call {on_all.verdict} "
+                f"(null rate {on_all.null_rate:.1%})"
+            )
         except InvalidArgumentError:  # too few units for the rule
-            all_models = "all models: too few for the rule"
+            on_all, all_models = None, "all models: too few for the rule"
         if not why:
             try:
-                return cls.decided(key, claim, paper, rule, *converged, data=data, source=source, note=f"{count}; {all_models}")
+                decided = cls.decided(
+                    key, claim, paper, rule, *converged, data=data, source=source, note=f"{count}; {all_models}"
+                )
+                return dataclasses.replace(decided, all_models=on_all)
             except InvalidArgumentError as err:  # too few converged units for the rule
                 why = f"too few converged units for the rule ({err})"
         verdict = f"{Verdict.INCONCLUSIVE}: {why}"
         if data.label is DataLabel.STAND_IN:
             verdict = f"{Verdict.NEEDS_REAL_DATA} (on the stand-in: {verdict})"
-        return cls(key, claim, paper, all_models, verdict, data=data, source=source, note=count)
+        return cls(key, claim, paper, all_models, verdict, data=data, source=source, note=count, all_models=on_all)
 
     @classmethod
     def not_run(cls, key: str, claim: str, paper: str, verdict: str, *, data: DataUsed | None = None) -> Claim:
@@ -161,11 +171,12 @@ class Claim:
         return Verdict.NEEDS_REAL_DATA if stand_in else self.decision.verdict
 
     def null_text(self) -> str:
-        """``0.5 % of 400`` for a decided claim: how often its rule says *reproduced* under its null."""
-        d = self.decision
-        if d is None or not d.null_draws:
-            return "—"
-        return f"{d.null_rate:.1%} of {d.null_draws}"
+        """``0.5 % of 400``: how often the claim's rule says *reproduced* under its null, on the units it decided on,
+        or (``all models: …``) on every model's when no converged model could decide it; "—" without a rule."""
+        for d, prefix in ((self.decision, ""), (self.all_models, "all models: ")):
+            if d is not None and d.null_draws:
+                return f"{prefix}{d.null_rate:.1%} of {d.null_draws}"
+        return "—"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
