@@ -158,7 +158,7 @@ def test_the_imagenet_chapter_shows_the_drift_beside_the_removal_effects(browser
 
 def test_the_estimands_chapter_shows_the_grid_the_chain_and_the_league_table(browser, server):
     page, _ = _open(browser, f"{server}/sections/06_estimands.html")
-    grid = page.locator("main table.dataframe", has_text="PBRF").first  # the first pandas table: estimator × ground truth
+    grid = page.locator("main table.dataframe", has_text="cold-start LOO").first  # estimator × ground truth
     header = grid.locator("thead").inner_text()
     assert "cold-start LOO" in header and "proximal response" in header
     rows = [r.inner_text() for r in grid.locator("tbody tr").all()]
@@ -170,13 +170,22 @@ def test_the_estimands_chapter_shows_the_grid_the_chain_and_the_league_table(bro
     page.close()
 
 
-def test_the_claims_table_has_a_column_against_the_pbrf(browser, server):
+def test_the_claims_tables_show_interval_data_profile_and_verdict_for_every_row(browser, server):
+    from fragile.book.verdicts import Verdict
+
     page, _ = _open(browser, f"{server}/index.html")
-    table = page.locator("table").first
-    assert "against the PBRF" in table.locator("thead").inner_text()
-    cells = [r.locator("td").last.inner_text() for r in table.locator("tbody tr").all()]
-    numbers = [c for c in cells if "warm-start LOO here" in c]
-    assert len(numbers) == 3 and all(c == "—" for c in cells if c not in numbers)
+    tables = page.locator("main table").all()
+    claims, pbrf = tables[0], tables[1]
+    for table in (claims, pbrf):
+        header = table.locator("thead").inner_text()
+        assert all(col in header for col in ("paper", "ours: estimate [95 % interval], n", "data", "profile", "verdict"))
+        rows = [[c.inner_text() for c in r.locator("td").all()] for r in table.locator("tbody tr").all()]
+        assert rows and all(len(r) == 7 for r in rows)
+        for _claim, _section, paper, ours, data, profile, verdict in rows:
+            assert paper and ours and profile == "default"
+            assert data == "—" or data.split(" ")[0] in ("real", "reduced", "stand-in"), data
+            assert any(verdict.startswith(str(v)) for v in Verdict) or verdict.startswith("not comparable"), verdict
+    assert "PBRF" in pbrf.inner_text() and len(pbrf.locator("tbody tr").all()) == 7
     page.close()
 
 
