@@ -211,6 +211,10 @@ def test_a_jobs_influence_is_the_closed_form_on_the_frozen_features(head_job):
         assert set(e.chosen.tolist()) == set(np.argsort(-np.abs(closed[t]))[:4].tolist())
         assert e.agreement.spearman == pytest.approx(stats.spearmanr(e.predicted, e.actual)[0])
         assert e.agreement.pearson == pytest.approx(stats.pearsonr(e.predicted, e.actual)[0])
+    # the random baseline: top_k images drawn with the network's seed, retrained with the top ones (shared models)
+    drawn = np.sort(np.random.default_rng(1).choice(30, 4, replace=False))
+    assert out.retraining.models == len(set(drawn.tolist()).union(*(e.chosen.tolist() for e in out.per_test_point)))
+    assert all(e.random is not None and -1 <= e.random.spearman <= 1 for e in out.per_test_point)
     net = out.network
     assert net.influence_params == ("13",) and net.influence_num_params == w0.numel() and net.num_params == full.num_params
     assert net.seed == 1 and net.n_train == 30 and net.n_val == 20 and net.stand_in and net.device == "cpu"
@@ -293,8 +297,9 @@ def test_a_jobs_fine_tuning_is_sequential_retraining_and_its_drift_is_the_contro
             p.copy_(v)
     head = Objective(model, cfg.weight_decay, ("13",))
     tp = torch.as_tensor(out.test_points)
+    drawn = np.sort(np.random.default_rng(1).choice(30, 4, replace=False))  # the random baseline's images
     union = np.unique(np.concatenate([e.chosen for e in out.per_test_point]))
-    assert out.retraining.models == len(union)
+    assert out.retraining.models == len(np.union1d(union, drawn))
     seq = loo_retrain_sequential(
         head,
         head.initial_params(),

@@ -134,6 +134,13 @@ class ImageNetConfig(protocol.AnyDevice, protocol.SolverSettings, protocol.Conve
     top_k: int = setting(
         50, "training images removed per test point, by |predicted| (the paper: 50; a correlation needs 3)", at_least(3)
     )
+    random_points: bool = setting(
+        True,
+        (
+            "also fine-tune without each of top_k training images drawn at random (seeded by the model's seed): the "
+            "baseline beside the top images (not in the paper; it doubles the fine-tuning)"
+        ),
+    )
     n_test_points: int = setting(2, "validation images chosen at random (seeded by seed; the paper: 2)", at_least(1))
     influence_params: str = setting(
         "last_block", f"the parameters influence is computed over: one of {list(INFLUENCE_PARAMS)}", one_of(INFLUENCE_PARAMS)
@@ -371,6 +378,8 @@ class FineTunedPoint:
         actual: the fine-tuned change of the test loss against θ*; ``actual_vs_control`` against the drift control
             (``actual`` minus the test point's drift: the same ranks and correlations, other signs).
         agreement: predicted against ``actual``.
+        random: predicted against actual over ``top_k`` training images drawn at random (``random_points``; the same
+            images for every test point of the network), or None.
     """
 
     index: int
@@ -379,6 +388,7 @@ class FineTunedPoint:
     actual: np.ndarray
     actual_vs_control: np.ndarray
     agreement: Agreement
+    random: Agreement | None = None
 
     @property
     def sign_agreement(self) -> float:
@@ -506,16 +516,19 @@ def run_imagenet(cfg: ImageNetConfig, seed: int, device: str | None = None) -> I
         return ImageNetResult(network, tp, val_losses[tp], influence, None, ())
     predicted = influence.predicted
     chosen = [select_top_k(predicted[t], cfg.top_k) for t in range(len(tp))]
+    drawn = [np.sort(np.random.default_rng(seed).choice(n, cfg.top_k, replace=False))] if cfg.random_points else []
     retrain_obj, retrain_theta = (full, theta) if cfg.retrain_params == "all" else (subset, theta_sub)
     retrain_spec = train_spec.replace(steps=_steps(cfg.retrain_epochs, n, cfg.batch_size))
     loo = protocol.retrain_chosen(
-        retrain_obj, retrain_theta, x, y, chosen, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size
+        retrain_obj, retrain_theta, x, y, chosen + drawn, retrain_spec, x_test, y_test, chunk_size=cfg.chunk_size
     )
     per_tp = []
     for t in range(len(tp)):
         rows = loo.rows(chosen[t])
         pred, actual, vs_control = predicted[t, chosen[t]], loo.actual[rows, t], loo.actual_vs_control[rows, t]
-        per_tp.append(FineTunedPoint(int(tp[t]), chosen[t], pred, actual, vs_control, protocol.agreement(pred, actual)))
+        random = protocol.agreement(predicted[t, drawn[0]], loo.actual[loo.rows(drawn[0]), t]) if drawn else None
+        agreement = protocol.agreement(pred, actual)
+        per_tp.append(FineTunedPoint(int(tp[t]), chosen[t], pred, actual, vs_control, agreement, random))
     retraining = Retraining(int(loo.union.size), retrain_spec.steps, loo.drift, loo.control_grad_norm, loo.seconds)
     return ImageNetResult(network, tp, val_losses[tp], influence, retraining, tuple(per_tp))
 
@@ -595,7 +608,8 @@ def drift_table(models: list[ImageNetResult], criteria: ConvergenceCriteria):
     Columns: ``drift`` (control − θ*), ``median_abs_removal`` (median |LOO − θ*| over the removed images),
     ``median_abs_removal_vs_control`` (median |LOO − control|: the removal's own effect), ``drift_over_removal``
     (|drift| / that median: above 1, the drift is the larger signal), Spearman and Pearson (the same against θ* or the
-    control: the drift shifts every change of one test point alike), and the share of images whose predicted and
+    control: the drift shifts every change of one test point alike), ``spearman_random`` (over the random images:
+    the selection's baseline; NaN without ``random_points``), and the share of images whose predicted and
     actual changes share a sign, against θ* and against the control (what the drift does change).
     """
     import pandas as pd
@@ -619,6 +633,7 @@ def drift_table(models: list[ImageNetResult], criteria: ConvergenceCriteria):
                     "drift_over_removal": abs(drift) / own if own else math.inf,
                     "spearman": e.agreement.spearman,
                     "pearson": e.agreement.pearson,
+                    "spearman_random": e.random.spearman if e.random is not None else math.nan,
                     "sign_agreement": e.sign_agreement,
                     "sign_agreement_vs_control": e.sign_agreement_vs_control,
                     "convergence": conv,
