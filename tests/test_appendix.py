@@ -18,9 +18,9 @@ from fragile.chapters.appendix import (
     AppendixResults,
     Group,
     GroupRemovals,
+    PointRemovals,
     StudyResult,
     SummedGroupResult,
-    TopPointRemovals,
     claims,
     gpu_table,
     group_table,
@@ -251,11 +251,37 @@ def test_the_summed_actual_is_the_sum_of_sequential_leave_one_out(summed_job):
         data.test.y[tp],
         progress=False,
     )
-    assert retraining.steps == round(0.06 * 60) and retraining.models == cfg.top_k + 6  # the top points and the groups
+    # the top points, the groups and as many random points
+    assert retraining.steps == round(0.06 * 60) and retraining.models == 2 * cfg.top_k + 6
     assert float(top.actual[j]) == pytest.approx(float(seq.actual[0].sum()), rel=1e-3, abs=1e-6)
     assert retraining.drift.shape == (1,) and float(retraining.drift[0]) == pytest.approx(
         float(seq.drift.sum()), rel=1e-3, abs=1e-6
     )
+
+
+def test_random_points_are_drawn_with_the_model_seed_and_retrained_like_the_top_points(summed_job):
+    cfg, out, data, objective, spec, theta = summed_job
+    drawn = out.random_points
+    expected = np.sort(np.random.default_rng(0).choice(len(data.train), size=cfg.top_k, replace=False))
+    np.testing.assert_array_equal(drawn.chosen, expected)  # seed 0: the Table 1 model's own random points
+    np.testing.assert_array_equal(drawn.predicted, out.estimate.predicted[0][drawn.chosen])
+    tp, j = out.test_points, 2
+    seq = loo_retrain_sequential(
+        objective,
+        theta,
+        data.train.x,
+        data.train.y,
+        [int(drawn.chosen[j])],
+        spec.replace(steps=out.retraining.steps),
+        data.test.x[tp],
+        data.test.y[tp],
+        progress=False,
+    )
+    assert float(drawn.actual[j]) == pytest.approx(float(seq.actual[0].sum()), rel=1e-3, abs=1e-6)
+    entries = (StudyResult("appendix/mnist-small_cnn", "adam", cfg.lr, out),)
+    row = summed_table(entries, CRITERIA).iloc[0]
+    assert row["spearman_random"] == pytest.approx(correlation(drawn.predicted, drawn.actual, "spearman"), nan_ok=True)
+    assert row["pearson_random"] == pytest.approx(correlation(drawn.predicted, drawn.actual, "pearson"), nan_ok=True)
 
 
 def test_group_predictions_are_sums_of_influences_and_the_actual_is_group_retraining(summed_job):
@@ -398,7 +424,7 @@ def _summed_model(ds, arch, sign=1, group_actual=GOOD, stand_in=False, *, failed
         test_losses=np.ones(8),
         estimate=Estimate("lissa", np.zeros((1, 20)), np.array([0.1]), 4.0),
         retraining=Retraining(models=2, steps=3, drift=np.array([0.0]), control_grad_norm=0.0, seconds=6.0),
-        top_points=TopPointRemovals(np.arange(10), PRED, sign * ACT, sign * ACT),
+        top_points=PointRemovals(np.arange(10), PRED, sign * ACT, sign * ACT),
         groups=GroupRemovals(groups, np.tile(GROUP_PRED, 4), np.tile(group_actual, 4), np.tile(group_actual, 4)),
     )
     return StudyResult(job, "adam", 0.001, result)

@@ -127,3 +127,20 @@ def test_bad_criteria_are_refused_by_name():
         cv.loss_rise(np.ones(10), window=0.9)
     with pytest.raises(InvalidArgumentError, match="logits"):
         cv.prediction_spread(np.zeros(3))
+
+
+def test_the_counts_per_class_are_in_the_classes_order_with_other_values_after():
+    import pandas as pd
+
+    from fragile.chapters.protocol import convergence_counts
+
+    table = pd.DataFrame(
+        {
+            "depth": [2, 1, 1, 1, 2],
+            "convergence": ["collapsed", "estimator failed", "converged", "converged", "not converged"],
+        }
+    )
+    counts = convergence_counts(table, ["depth"])
+    assert counts["depth"].tolist() == [2, 1]  # in the table's order
+    assert list(counts.columns[1:]) == ["converged", "not converged", "collapsed", "estimator failed"]
+    assert counts.set_index("depth").loc[1].tolist() == [2, 0, 0, 1] and counts.set_index("depth").loc[2].tolist() == [0, 1, 1, 0]

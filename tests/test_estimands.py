@@ -20,6 +20,7 @@ from fragile.chapters import iris
 from fragile.chapters.results import Estimate, EstimatorFailure, Fit
 from fragile.core.curvature import hessian_matrix
 from fragile.core.ground_truth import pbrf_retrain
+from fragile.core.metrics import correlation
 from fragile.core.selection import select_top_k
 from fragile.errors import InvalidArgumentError
 from fragile.run.payload import decode, encode
@@ -122,6 +123,47 @@ def test_an_iris_job_measures_each_ground_truth_as_its_function_does_on_its_own(
         )
         np.testing.assert_allclose(point.truths.of(name), alone.actual[:, 0].numpy(), rtol=2e-2, atol=1e-8)
     assert model.pbrf.stationarity < 1e-2 and model.pbrf.unsolved == 0 and model.proximal.unsolved == 0
+
+
+def test_the_random_baseline_is_measured_like_the_chosen_points(iris_run):
+    cfg, res = iris_run
+    (model,) = res.models
+    (point,) = model.points
+    (baseline,) = model.random_points
+    train, test = cfg.iris_data()
+    drawn = baseline.chosen
+    assert len(drawn) == cfg.iris_top_k and len(set(drawn.tolist())) == len(drawn) and np.all(np.diff(drawn) > 0)
+    assert baseline.test_point == point.test_point and baseline.drift == point.drift
+    exact = point.estimates["exact"]
+    obj = Objective(
+        build_model("mlp", seed=0, in_features=4, num_classes=3, depth=1, width=5, activation="relu"), cfg.iris_weight_decay
+    )
+    spec = TrainSpec("gd", lr=cfg.iris_lr, steps=cfg.iris_train_steps)
+    theta = fit(obj, obj.initial_params(), train.x, train.y, spec, progress=False).params[0]
+    t = point.test_point
+    x_t, y_t = test.x[t : t + 1], test.y[t : t + 1]
+    full = make_estimator("exact", obj, theta, train.x, train.y, damping=cfg.iris_damping, progress=False).influences(x_t, y_t)
+    np.testing.assert_allclose(baseline.estimates["exact"].predicted, full.predicted[0].numpy()[drawn], rtol=1e-10)
+    assert exact.predicted.shape == (cfg.iris_top_k,)
+    warm = loo_retrain_sequential(
+        obj, theta, train.x, train.y, drawn, spec.replace(steps=cfg.iris_retrain_steps), x_t, y_t, progress=False
+    )
+    np.testing.assert_allclose(baseline.truths.warm, warm.actual[:, 0].numpy(), rtol=1e-6, atol=1e-12)
+    # a point both chosen and drawn has one ground truth: the union is measured once
+    for i in set(drawn.tolist()) & set(point.chosen.tolist()):
+        a, b = int(np.flatnonzero(drawn == i)[0]), int(np.flatnonzero(point.chosen == i)[0])
+        for g in E.GROUND_TRUTHS:
+            np.testing.assert_equal(baseline.truths.of(g)[a], point.truths.of(g)[b])
+    grid = E.grid_table([res], at_random=True)
+    row = grid[(grid["estimator"] == "exact") & (grid["ground_truth"] == "warm")].iloc[0]
+    keep = E.common_points(baseline)
+    assert row["spearman"] == pytest.approx(
+        correlation(baseline.estimates["exact"].predicted[keep], baseline.truths.warm[keep], "spearman"), nan_ok=True
+    )
+    assert E.grid_table([res]).shape == grid.shape
+    at_random = E.run_iris_depth(E.EstimandsConfig(**{**TINY, "selection": "random"}), 1)
+    assert at_random.models[0].random_points == ()  # the chosen points are already random: nothing added
+    assert E.run_iris_depth(E.EstimandsConfig(**{**TINY, "random_points": False}), 1).models[0].random_points == ()
 
 
 def test_the_tables_are_the_correlations_and_distances_of_the_records(iris_run):

@@ -22,10 +22,10 @@ from fragile.chapters.mnist_cifar10 import (
     estimator_comparison,
     lissa_claims,
     lissa_table,
-    model_convergence_counts,
     models_table,
     paper_comparison,
     resnet50_claim,
+    rules_markdown,
     selection_table,
     solve_failures,
     table1,
@@ -33,7 +33,7 @@ from fragile.chapters.mnist_cifar10 import (
     vgg_wd_claim,
     weight_layers,
 )
-from fragile.chapters.protocol import estimate
+from fragile.chapters.protocol import convergence_counts, estimate
 from fragile.chapters.results import Estimate, EstimatorFailure, Fit
 from fragile.chapters.table1_protocol import (
     Comparison,
@@ -329,7 +329,7 @@ def test_the_models_table_has_each_models_convergence_class_and_its_reason_and_t
     assert table["convergence"].tolist() == ["converged", "not converged", "collapsed"]
     assert table["convergence_reason"][1] == "‖∇‖ = 0.05 > 0.001"
     assert table["lissa_mean_residual"].tolist() == [0.5, 0.5, 0.5]
-    counts = model_convergence_counts(table).set_index(["architecture", "weight_decay"])
+    counts = convergence_counts(table, ["dataset", "architecture", "weight_decay"]).set_index(["architecture", "weight_decay"])
     assert counts.loc[("lenet", 0.001), "converged"] == 1 and counts.loc[("lenet", 0.001), "not converged"] == 1
     assert counts.loc[("lenet", 0.0), "collapsed"] == 1 and counts.loc[("lenet", 0.0), "converged"] == 0
     # the analysis tolerance reclassifies without retraining: at 0.1 the second model is converged
@@ -494,6 +494,19 @@ def test_lissa_inaccurate_and_deeper_are_decided_per_converged_mnist_model():
     )
     row = lissa_table([noisy], CFG).iloc[0]
     assert row["best_shorter"] == pytest.approx(0.3) and row["shorter_depths"] == "3, 5" and not row["still_falling"]
+
+
+def test_the_still_falling_share_is_read_at_analysis_time_and_keys_no_job():
+    curve = LissaCurve(np.array([3, 5, 10]), np.array([[0.5] * 2, [0.42] * 2, [0.4] * 2]), (), 0.1)
+    model = _model("mnist", "lenet", 0.001, 0, [0.5, 0.5], residuals=(0.4, 0.4))
+    model = dataclasses.replace(model, lissa_curve=curve)  # 0.4 is 0.952× the best shorter 0.42
+    assert not lissa_table([model], CFG).iloc[0]["still_falling"]  # 0.4 ≥ 0.95 × 0.42
+    looser = dataclasses.replace(CFG, lissa_still_falling=0.96)
+    assert lissa_table([model], looser).iloc[0]["still_falling"]  # 0.4 < 0.96 × 0.42
+    assert "0.96×" in rules_markdown(looser)
+    assert [j.key for j in model_jobs(CFG)] == [j.key for j in model_jobs(looser)]
+    with pytest.raises(InvalidArgumentError, match="lissa_still_falling=1.5 is not allowed"):
+        dataclasses.replace(CFG, lissa_still_falling=1.5)
 
 
 def test_todays_falling_residuals_with_depth_are_not_called_reproduced():

@@ -117,3 +117,23 @@ def test_finish_records_the_resolved_device_or_the_jobs_devices(tmp_path, monkey
     assert summary["provenance"]["code"] == {"module": __name__, "digest": module_code_digest(__name__)}
     summary = chapter.finish(cfg, section="01_x", dataset="d", timer=timer, results={}, device=devices_used(["cuda:0"]))
     assert summary["provenance"]["device"] == "cuda:0"
+
+
+def test_the_provenance_list_and_glue_quote_the_written_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = AnyDeviceConfig(device="cpu", results_dir=str(tmp_path), scheduler="in-process")
+    summary = chapter.finish(cfg, section="01_x", dataset="Iris, 120 points", timer=chapter.Timer(), results={})
+    prov = summary["provenance"]
+    text = chapter.provenance_markdown(summary)
+    assert f"- **profile**: `{cfg.profile}`; **data**: Iris, 120 points; **device**: cpu" in text
+    assert f"- **git commit**: `{prov['git']['commit']}`" in text
+    assert ("(with uncommitted changes)" in text) == bool(prov["git"]["dirty"])
+    assert f"**duration**: {prov['duration_s']} s" in text and f"`{summary['path']}`" in text
+    glued = {}
+    monkeypatch.setattr("myst_nb.glue", lambda name, value, display: glued.setdefault(name, value))
+    chapter.glue_provenance("ch", summary)
+    assert glued == {
+        "ch_commit": prov["git"]["commit"][:10],
+        "ch_duration_s": float(prov["duration_s"]),
+        "ch_profile": cfg.profile,
+    }

@@ -179,3 +179,33 @@ def finish(
     path = write_summary(config.results_dir, section, config.profile, summary)
     summary["path"] = str(path)
     return summary
+
+
+def glue_provenance(prefix: str, summary: dict[str, Any]) -> None:
+    """Glue ``<prefix>_commit`` (ten characters), ``_duration_s`` and ``_profile`` from a :func:`finish` summary:
+    what the book's front page and provenance page quote about a chapter's execution."""
+    from myst_nb import glue
+
+    prov = summary["provenance"]
+    glue(f"{prefix}_commit", prov["git"]["commit"][:10], display=False)
+    glue(f"{prefix}_duration_s", float(prov["duration_s"]), display=False)
+    glue(f"{prefix}_profile", prov["profile"], display=False)
+
+
+def provenance_markdown(summary: dict[str, Any]) -> str:
+    """A chapter's closing provenance list, from a :func:`finish` summary: profile, data, device, commit (and
+    whether the tree had uncommitted changes), packages, start and duration, and where the summary was written."""
+    prov = summary["provenance"]
+    dirty = " (with uncommitted changes)" if prov["git"]["dirty"] else ""
+    return "\n".join(
+        [
+            (
+                f"- **profile**: `{prov['profile']}`; **data**: {prov['dataset']}; "
+                f"**device**: {prov['device']} ({prov['device_description']})"
+            ),
+            f"- **git commit**: `{prov['git']['commit']}`{dirty}",
+            "- **packages**: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()),
+            f"- **started**: {prov['started']}; **duration**: {prov['duration_s']} s",
+            f"- **summary**: `{summary['path']}`",
+        ]
+    )

@@ -58,6 +58,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import ClassVar
 
 import numpy as np
 from scipy import stats
@@ -82,6 +83,11 @@ EXACT_PERMUTATIONS = 7
 DRAWN_PERMUTATIONS = 2000
 
 _CLIP = 1 - 1e-6  # a correlation of exactly ±1 (a perfect fit) is infinite on the z scale
+
+
+def plural(n: int, thing: str) -> str:
+    """``3 models``, ``1 network``: a count and its noun, for the sentences rules and chapters write."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 class Verdict(StrEnum):
@@ -114,6 +120,7 @@ class Decision:
         n_to_decide: for an inconclusive verdict, the number of units at which the interval would clear the nearest
             boundary (and the exact test could reject) if the estimate and the spread stayed as they are; None when
             decided, or when no n would (the estimate sits on a boundary).
+        statistic: what the estimate is, where it is not the units' mean (``ρ``, ``τ``), shown before it; else "".
     """
 
     estimate: float
@@ -127,13 +134,15 @@ class Decision:
     null_rate: float = math.nan
     null_draws: int = 0
     n_to_decide: int | None = None
+    statistic: str = ""
 
     def interval_text(self, digits: int = 2) -> str:
         """``0.91 [0.62, 0.99], n = 5 seeds``: the estimate, its interval and n, as every claim row shows them."""
         if not math.isfinite(self.estimate):
             return "—"
         ci = f" [{self.low:.{digits}f}, {self.high:.{digits}f}]" if math.isfinite(self.low) else " [no interval]"
-        return f"{self.estimate:.{digits}f}{ci}, n = {self.n} {self.unit}{'' if self.n == 1 else 's'}"
+        name = f"{self.statistic} = " if self.statistic else ""
+        return f"{name}{self.estimate:.{digits}f}{ci}, n = {plural(self.n, self.unit)}"
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,8 @@ class Rule:
     unit: str = field(default="seed", kw_only=True)
     null_draws: int = field(default=400, kw_only=True)
     seed: int = field(default=0, kw_only=True)
+    STATISTIC: ClassVar[str] = ""
+    """What the estimate is where it is not a mean over the units (:attr:`Decision.statistic`)."""
 
     def __post_init__(self) -> None:
         check_int("null_draws", self.null_draws, minimum=1)
@@ -307,6 +318,7 @@ class Rule:
             rule=self.statement(),
             p_value=a.p_value,
             n_to_decide=a.n_to_decide if a.verdict is Verdict.INCONCLUSIVE else None,
+            statistic=self.STATISTIC,
         )
 
     def _null_rate(self, data: tuple[np.ndarray, ...]) -> float:
@@ -544,6 +556,7 @@ class Trend(Rule):
     direction: str = "negative"
     tolerance: float = 0.0
     bootstrap: int = field(default=2000, kw_only=True)
+    STATISTIC: ClassVar[str] = "ρ"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -596,6 +609,7 @@ class Heterogeneity(Rule):
     sampling variance ``1.06/(m − 3)`` (τ = 0); for "below", the same plus a true spread of exactly ``min_tau``."""
 
     min_tau: float = 0.1
+    STATISTIC: ClassVar[str] = "τ"
     side: str = "above"
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import Decision, Heterogeneity, MatchesPaper, Threshold, Verdict
+from fragile.book.verdicts import Decision, Heterogeneity, MatchesPaper, Threshold, Verdict, plural
 from fragile.chapters.protocol import check_device_here, run_jobs
 from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.chapters.table1_protocol import (
@@ -61,6 +61,7 @@ from fragile.chapters.table1_protocol import (
     Table1Models,
     Table1Result,
     model_jobs,
+    random_points,
     train_table1_model,
 )
 from fragile.config import at_least, each, non_negative, one_of, positive, setting
@@ -242,12 +243,12 @@ class Group:
 
 @record
 @dataclass(frozen=True)
-class TopPointRemovals:
-    """Study 3 on one network: the top training points by |predicted change of the summed test loss|, each removed
-    alone.
+class PointRemovals:
+    """Study 3 on one network: a set of training points, each removed alone: the top ones by |predicted change of
+    the summed test loss|, or as many drawn at random (what the top-k correlation owes to choosing by influence).
 
     Attributes:
-        chosen: the ``top_k`` training indices by |predicted|, most influential first.
+        chosen: the training indices: by |predicted|, most influential first, or at random, ascending.
         predicted: their predicted changes of the summed test loss.
         actual: the change retraining without each made to the summed test loss against θ*; ``actual_vs_control``
             against the control (nothing removed).
@@ -303,6 +304,8 @@ class SummedGroupResult:
             counts the removals), or ``None`` when the estimator failed (nothing to remove); so are the next two.
         top_points: each of the top points removed alone (study 3).
         groups: each group removed (study 4).
+        random_points: each of ``top_k`` random training points removed alone (``random_points``; seeded by the model
+            seed), or ``None`` when not asked for or the estimator failed.
     """
 
     network: Network
@@ -310,8 +313,9 @@ class SummedGroupResult:
     test_losses: np.ndarray
     estimate: Estimate | EstimatorFailure
     retraining: Retraining | None
-    top_points: TopPointRemovals | None
+    top_points: PointRemovals | None
     groups: GroupRemovals | None
+    random_points: PointRemovals | None = None
 
     @property
     def failure(self) -> str:
@@ -378,9 +382,11 @@ def run_summed_and_groups(
     """Studies 3 and 4 on one network: train it (:func:`~fragile.chapters.table1_protocol.train_table1_model`), predict
     every training point's influence on the summed loss of ``summed_test_points`` random test points with ``cfg.estimator``, and
     retrain warm-started (``cfg.retrain_steps`` steps, with the drift control) without each of the ``top_k`` points
-    by |predicted| and without each group, all in one stack. Group predictions are the sums of their members'.
+    by |predicted|, without each group and (``cfg.random_points``) without each of ``top_k`` random points, all in one
+    stack. Group predictions are the sums of their members'.
 
-    Cost: the training; one solve (plus LiSSA's power iteration); ``top_k + groups + 1`` retrained models.
+    Cost: the training; one solve (plus LiSSA's power iteration); ``top_k + groups + 1`` retrained models, and
+    ``top_k`` more with ``random_points``.
     """
     run = train_table1_model(cfg, dataset, architecture, weight_decay, seed, device)
     model = run.trained
@@ -407,7 +413,8 @@ def run_summed_and_groups(
         scale=float(est.scale) if method == "lissa" else None,
     )
     chosen = select_top_k(predicted, cfg.top_k)
-    removals = [[int(i)] for i in chosen] + [g.members.tolist() for g in groups]
+    drawn = random_points(cfg, len(y), seed) if cfg.random_points else np.array([], dtype=np.int64)
+    removals = [[int(i)] for i in chosen] + [g.members.tolist() for g in groups] + [[int(i)] for i in drawn]
     start = time.perf_counter()
     res = group_retrain(
         objective,
@@ -422,7 +429,7 @@ def run_summed_and_groups(
         progress=False,
     )
     actual, vs_control = res.actual.sum(1).double().numpy(), res.actual_vs_control.sum(1).double().numpy()
-    k = len(chosen)
+    k, g = len(chosen), len(groups)
     retraining = Retraining(
         models=len(removals),
         steps=cfg.retrain_steps,
@@ -430,10 +437,11 @@ def run_summed_and_groups(
         control_grad_norm=res.control_grad_norm,
         seconds=time.perf_counter() - start,
     )
-    top_points = TopPointRemovals(chosen, predicted[chosen], actual[:k], vs_control[:k])
+    top_points = PointRemovals(chosen, predicted[chosen], actual[:k], vs_control[:k])
     group_predicted = group_influence(torch.as_tensor(estimate.predicted), [g.members for g in groups])[0].numpy()
-    removed_groups = GroupRemovals(tuple(groups), group_predicted, actual[k:], vs_control[k:])
-    return SummedGroupResult(network, tp, model.test_losses[tp], estimate, retraining, top_points, removed_groups)
+    removed_groups = GroupRemovals(tuple(groups), group_predicted, actual[k : k + g], vs_control[k : k + g])
+    at_random = PointRemovals(drawn, predicted[drawn], actual[k + g :], vs_control[k + g :]) if cfg.random_points else None
+    return SummedGroupResult(network, tp, model.test_losses[tp], estimate, retraining, top_points, removed_groups, at_random)
 
 
 def summed_group_job(
@@ -639,8 +647,10 @@ def _test_point_rows(
         m = entry.result
         fit = m.network.fit
         conv = str(model_convergence(entry, criteria).kind)
+        drawn = {r.kind: r for r in m.random_points}
         for t, e in enumerate(m.per_test_point):
             actual_sd, predicted_sd = _sd(e.actual), _sd(e.predicted)
+            at_random = drawn.get(e.kind)
             drift = float(m.retraining.drift[t]) if m.retraining is not None else math.nan
             rows.append(
                 {
@@ -651,6 +661,8 @@ def _test_point_rows(
                     "points": len(e.chosen),
                     "spearman": e.spearman,
                     "pearson": e.pearson,
+                    "spearman_random": at_random.spearman if at_random is not None else math.nan,
+                    "pearson_random": at_random.pearson if at_random is not None else math.nan,
                     "train_loss": fit.train_loss,
                     "train_accuracy": fit.train_accuracy,
                     "test_accuracy": fit.test_accuracy,
@@ -668,8 +680,9 @@ def _test_point_rows(
 
 def optimizer_table(entries: tuple[StudyResult, ...], criteria: ConvergenceCriteria):
     """One row per (optimiser, seed, test point): the fit (training loss, accuracies, final gradient norm, λmax and
-    lr × λmax, which must stay below 2 for GD to converge) and convergence class by ``criteria``, the correlations, and
-    the drift of the control (the test loss's change when retraining removes nothing) beside the spread (sd) of the
+    lr × λmax, which must stay below 2 for GD to converge) and convergence class by ``criteria``, the correlations
+    over the top points and (``spearman_random``, ``pearson_random``) over the model's random points, and the drift
+    of the control (the test loss's change when retraining removes nothing) beside the spread (sd) of the
     leave-one-out changes."""
     import pandas as pd
 
@@ -681,7 +694,7 @@ def optimizer_table(entries: tuple[StudyResult, ...], criteria: ConvergenceCrite
 
 def init_table(entries: tuple[StudyResult, ...], criteria: ConvergenceCriteria):
     """One row per (architecture, seed, test point) of the initialisation study, with its network's convergence
-    class by ``criteria``."""
+    class by ``criteria`` and the correlations over the top and over the random points."""
     import pandas as pd
 
     return pd.DataFrame(_test_point_rows(entries, criteria))
@@ -721,7 +734,8 @@ def _network_columns(m: Table1Result | SummedGroupResult) -> dict[str, Any]:
 
 def summed_table(entries: tuple[StudyResult, ...], criteria: ConvergenceCriteria):
     """One row per network of the summed-loss study: its fit and convergence class by ``criteria``, Spearman/Pearson
-    of the summed loss over the top points, the summed drift (the control's change: every retrained model shares it,
+    of the summed loss over the top points and (``spearman_random``, ``pearson_random``; NaN without
+    ``random_points``) over as many random points, the summed drift (the control's change: every retrained model shares it,
     so it shifts the actual changes without changing a correlation), the spread (sd) of the actual changes it is
     compared with, and the solve residual."""
     import pandas as pd
@@ -752,6 +766,9 @@ def summed_table(entries: tuple[StudyResult, ...], criteria: ConvergenceCriteria
                     "residual": float(m.estimate.residuals[0]),
                 }
             )
+            r = m.random_points
+            row["spearman_random"] = correlation(r.predicted, r.actual, "spearman") if r is not None else math.nan
+            row["pearson_random"] = correlation(r.predicted, r.actual, "pearson") if r is not None else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -992,7 +1009,7 @@ def optimizer_claim(entries: tuple[StudyResult, ...], criteria: ConvergenceCrite
         (rows["spearman"][conv],),
         (rows["spearman"],),
         data=data_used(entries[0].result.network, PAPER_TRAIN["mnist"]),
-        count=f"{int(conv.sum())} of {_count(len(rows), 'model')} converged ({classes}); {pearson}",
+        count=f"{int(conv.sum())} of {plural(len(rows), 'model')} converged ({classes}); {pearson}",
         why="" if conv.any() else _none_converged(len(rows), "model"),
         source=PAPER_SOURCE,
     )
@@ -1014,7 +1031,7 @@ def init_claim(entries: tuple[StudyResult, ...], criteria: ConvergenceCriteria) 
         r = rows[rows["architecture"] == a]
         conv = r["convergence"] == str(ConvergenceClass.CONVERGED)
         units[a] = ((r["spearman"][conv], r["points"][conv]), (r["spearman"], r["points"]))
-        counts[a] = f"{int(conv.sum())} of {_count(len(r), 'model')} converged"
+        counts[a] = f"{int(conv.sum())} of {plural(len(r), 'model')} converged"
         decisions[a] = _decide(INIT_RULE, *units[a][0])
     decider = min(archs, key=lambda a: _weakest_first(decisions[a]))
     others = "; ".join(
@@ -1071,7 +1088,7 @@ def summed_claim(entries: tuple[StudyResult, ...], ds: str, criteria: Convergenc
         (rows["spearman"][conv],),
         (rows["spearman"],),
         data=data_used(net, SMALL_MNIST_TRAIN if ds == "mnist" else PAPER_TRAIN[ds]),
-        count=f"{int(conv.sum())} of {_count(len(rows), 'network')} converged; {pearson}",
+        count=f"{int(conv.sum())} of {plural(len(rows), 'network')} converged; {pearson}",
         why="" if conv.any() else _none_converged(len(rows), "network"),
         source=PAPER_SOURCE,
     )
@@ -1106,7 +1123,7 @@ def group_claim(entries: tuple[StudyResult, ...], ds: str, criteria: Convergence
         (cells["spearman"][conv],),
         (cells["spearman"],),
         data=data_used(net, PAPER_TRAIN[ds]),
-        count=f"{done} of {_count(len(nets), 'network')} converged; {spread_text}",
+        count=f"{done} of {plural(len(nets), 'network')} converged; {spread_text}",
         why="" if conv.any() else _none_converged(len(nets), "network"),
         source=PAPER_SOURCE,
     )
@@ -1132,11 +1149,6 @@ def table2_claim(results: AppendixResults) -> Claim:
             "not comparable: the paper states neither units nor hardware; ours are seconds on this machine's scaled-down models"
         ),
     )
-
-
-def _count(n: int, thing: str) -> str:
-    """``3 models``, ``1 network``."""
-    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _none_converged(n: int, thing: str) -> str:

@@ -41,7 +41,7 @@ import torch
 
 from fragile.book.chapter import BEYOND_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import Heterogeneity, MatchesPaper, PairedDifference, Rule, Trend
+from fragile.book.verdicts import Heterogeneity, MatchesPaper, PairedDifference, Rule, Trend, plural
 from fragile.chapters.protocol import (
     DTYPES,
     ConvergenceSettings,
@@ -117,6 +117,14 @@ class EstimandsConfig(ConvergenceSettings, ChapterConfig):
         "top",
         "top (the top_k largest |prediction| of the first estimator, the paper's protocol) or random (Bae et al.'s)",
         one_of(SELECTIONS),
+    )
+    random_points: bool = setting(
+        True,
+        (
+            "under top, also measure every ground truth over as many training points drawn at random (seeded by the "
+            "model seed; the same for every test point of a model) and correlate over them: what the top-k grid owes to "
+            "choosing the points by influence (under random the chosen points are already random: nothing is added)"
+        ),
     )
     iris_depths: tuple[int, ...] = setting(
         (1, 2, 3), "hidden-layer counts of the Iris sweep (width iris_width, the paper's 5)", each(between(1, 12))
@@ -277,6 +285,8 @@ class ModelResult:
         lr_times_lambda_max: lr·λmax of that gradient descent; NaN for Adam.
         proximal, pbrf: how its proximal-response and PBRF solves went.
         points: one :class:`PointResult` per test point.
+        random_points: one :class:`PointResult` per test point over the model's random training points
+            (``random_points`` under ``selection = "top"``), in the order of ``points``; empty otherwise.
     """
 
     depth: int | None
@@ -287,6 +297,7 @@ class ModelResult:
     proximal: ProximalSolve
     pbrf: ProximalSolve
     points: tuple[PointResult, ...]
+    random_points: tuple[PointResult, ...] = ()
 
     @property
     def solves(self) -> dict[str, ProximalSolve]:
@@ -397,12 +408,22 @@ def _estimates(
 
 def _choose(cfg, k, estimates: dict[str, Estimate | EstimatorFailure], methods, t, n, seed) -> np.ndarray:
     if cfg.selection == "random":
-        gen = np.random.default_rng([seed, t])
-        return np.sort(gen.choice(n, size=k, replace=False))
+        return _at_random(k, n, [seed, t])
     first = estimates[methods[0]]
     if isinstance(first, EstimatorFailure):
         raise InvalidArgumentError(f"{methods[0]} (the first estimator, which chooses the points) failed: {first.message}")
     return select_top_k(first.predicted[t], k)
+
+
+def _at_random(k: int, n: int, seed) -> np.ndarray:
+    """``k`` distinct indices of ``n``, drawn with ``seed``, ascending."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def _random_baseline(cfg: EstimandsConfig, k: int, n: int, seed: int) -> np.ndarray | None:
+    """The model's random training points beside the top ones (``random_points`` under ``selection = "top"``; the
+    stream differs from the random selection's, which is per test point), or None."""
+    return _at_random(k, n, [seed, 1 << 20]) if cfg.random_points and cfg.selection == "top" else None
 
 
 @dataclass(frozen=True)
@@ -480,13 +501,14 @@ def _model_result(
     fit: Fit,
     full_batch_gd: bool,
     lr_times_lambda_max: float,
+    drawn: np.ndarray | None = None,
 ) -> ModelResult:
     """One model's result (the keywords as :class:`ModelResult` has them): its solves and one :class:`PointResult`
-    per test point, with the predictions and ground truths over its chosen points."""
+    per test point, with the predictions and ground truths over its chosen points, and over ``drawn`` (the random
+    baseline, the same for every test point) where given."""
     pos = {int(i): r for r, i in enumerate(union)}
-    points = []
-    for j, t in enumerate(test_points):
-        picked = chosen[j]
+
+    def point(j: int, t: int, picked: np.ndarray) -> PointResult:
         narrowed = {
             m: e
             if isinstance(e, EstimatorFailure)
@@ -494,8 +516,11 @@ def _model_result(
             for m, e in estimates.items()
         }
         truths = measured.truths.narrowed([pos[int(i)] for i in picked], j)
-        points.append(PointResult(int(t), np.asarray(picked), float(measured.drift[j]), truths, narrowed))
-    return ModelResult(depth, seed, fit, full_batch_gd, lr_times_lambda_max, measured.proximal, measured.pbrf, tuple(points))
+        return PointResult(int(t), np.asarray(picked), float(measured.drift[j]), truths, narrowed)
+
+    points = tuple(point(j, t, chosen[j]) for j, t in enumerate(test_points))
+    at_random = () if drawn is None else tuple(point(j, t, drawn) for j, t in enumerate(test_points))
+    return ModelResult(depth, seed, fit, full_batch_gd, lr_times_lambda_max, measured.proximal, measured.pbrf, points, at_random)
 
 
 def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
@@ -531,6 +556,8 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
             cfg, cfg.iris_estimators, objective, theta, train.x, train.y, x_t, y_t, cfg.iris_damping, ckpts, cfg.iris_lr * every
         )
         chosen = _choose(cfg, k, est, cfg.iris_estimators, 0, n, seed)
+        drawn = _random_baseline(cfg, k, n, seed)
+        union = chosen if drawn is None else np.union1d(chosen, drawn)
         diagnostics = _fit(
             objective,
             theta,
@@ -543,7 +570,7 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
             train_seconds / cfg.n_seeds,
         )
         lr_lambda = cfg.iris_lr * _lambda_max(est, objective, theta, train.x, train.y)
-        prepared.append((seed, t, est, chosen, diagnostics, lr_lambda, _Model(theta0[r], theta, chosen, x_t, y_t)))
+        prepared.append((seed, t, est, chosen, drawn, union, diagnostics, lr_lambda, _Model(theta0[r], theta, union, x_t, y_t)))
     truths = _truths(
         objective,
         [p[-1] for p in prepared],
@@ -560,15 +587,16 @@ def run_iris_depth(cfg: EstimandsConfig, depth: int) -> EstimandsResult:
             measured,
             [t],
             [chosen],
-            chosen,
+            union,
             est,
             depth=depth,
             seed=seed,
             fit=diagnostics,
             full_batch_gd=True,
             lr_times_lambda_max=lr_lambda,
+            drawn=drawn,
         )
-        for (seed, t, est, chosen, diagnostics, lr_lambda, _), measured in zip(prepared, truths)
+        for (seed, t, est, chosen, drawn, union, diagnostics, lr_lambda, _), measured in zip(prepared, truths)
     )
     return EstimandsResult(f"iris/d{depth}", objective.num_params, n, data=IRIS_DATA, models=results)
 
@@ -606,7 +634,8 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
         cfg.mnist_lr * every,
     )
     chosen = [_choose(cfg, k, est, cfg.mnist_estimators, j, n, seed) for j in range(len(tps))]
-    union = np.unique(np.concatenate(chosen))
+    drawn = _random_baseline(cfg, k, n, seed)
+    union = np.unique(np.concatenate(chosen + ([] if drawn is None else [drawn])))
     # Minibatch retraining keeps the training's minibatch order (its seed) for the cold start.
     (measured,) = _truths(
         objective,
@@ -633,6 +662,7 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
         fit=diagnostics,
         full_batch_gd=False,  # Adam: gradient descent's stability limit does not apply
         lr_times_lambda_max=math.nan,
+        drawn=drawn,
     )
     return EstimandsResult("mnist", objective.num_params, n, data=data.description, models=(model,))
 
@@ -640,6 +670,7 @@ def run_mnist_seed(cfg: EstimandsConfig, seed: int) -> EstimandsResult:
 # Settings of the estimators and ground truths that both kinds of job depend on.
 _SHARED_FIELDS = (
     "selection",
+    "random_points",
     "lissa_depth",
     "lissa_batch_size",
     "cg_max_iter",
@@ -691,9 +722,17 @@ UNIT = ["setting", "seed", "test_point"]
 GRID_COLUMNS = ("data", "setting", "depth", "seed", "test_point", "estimator", "ground_truth", "points", "chosen")
 
 
-def _points(results: list[EstimandsResult]) -> Iterator[tuple[EstimandsResult, ModelResult, PointResult]]:
-    """Every test point of every model of every job, with its job and model."""
-    return ((res, model, point) for res in results for model in res.models for point in model.points)
+def _points(
+    results: list[EstimandsResult], at_random: bool = False
+) -> Iterator[tuple[EstimandsResult, ModelResult, PointResult]]:
+    """Every test point of every model of every job, with its job and model: over its chosen points, or
+    (``at_random``) over the model's random baseline points."""
+    return (
+        (res, model, point)
+        for res in results
+        for model in res.models
+        for point in (model.random_points if at_random else model.points)
+    )
 
 
 def _where(res, model, point) -> dict[str, Any]:
@@ -711,15 +750,21 @@ def common_points(point: PointResult, truths: Sequence[str] = GROUND_TRUTHS) -> 
 
 
 def grid_table(
-    results: list[EstimandsResult], statistic: str = "spearman", truths: Sequence[str] = GROUND_TRUTHS
+    results: list[EstimandsResult],
+    statistic: str = "spearman",
+    truths: Sequence[str] = GROUND_TRUTHS,
+    *,
+    at_random: bool = False,
 ) -> pd.DataFrame:
     """One row per (setting, seed, test point, estimator, ground truth of ``truths``): the correlation over the test
     point's common points (:func:`common_points` of ``truths``: every ground truth is correlated over the same
     points), with ``points`` (how many) and ``chosen`` (of how many). NaN where the estimator failed, fewer than
     :data:`MIN_POINTS` points are common, or a side is constant (a collapsed network's tied predictions).
-    ``data`` is the setting's kind (Iris, small MNIST). Cost: one correlation of at most ``top_k`` points per row."""
+    ``data`` is the setting's kind (Iris, small MNIST). ``at_random``: over each model's random baseline points
+    instead of the chosen ones (empty without ``random_points``). Cost: one correlation of at most ``top_k`` points
+    per row."""
     rows = []
-    for res, model, point in _points(results):
+    for res, model, point in _points(results, at_random):
         keep = common_points(point, truths)
         n = int(keep.sum())
         for m, e in point.estimates.items():
@@ -971,12 +1016,6 @@ def model_table(results: list[EstimandsResult], criteria: ConvergenceCriteria) -
     return pd.DataFrame(rows)
 
 
-def convergence_counts(table: pd.DataFrame) -> pd.DataFrame:
-    """Models per convergence class for each setting of a :func:`model_table`."""
-    counts = table.groupby("setting", sort=False)["convergence"].value_counts().unstack(fill_value=0)
-    return counts.reindex(columns=[str(c) for c in ConvergenceClass], fill_value=0).reset_index()
-
-
 SECONDS = "median seconds (over the models where it ran)"
 
 
@@ -1141,7 +1180,7 @@ def _depth_why(good: pd.DataFrame) -> str:
     depths = good["depth"].nunique()
     if len(good) >= 3 and depths >= 2:
         return ""
-    return f"{len(good)} converged model{'' if len(good) == 1 else 's'} over {depths} depth{'' if depths == 1 else 's'}"
+    return f"{plural(len(good), 'converged model')} over {plural(depths, 'depth')}"
 
 
 def claims(results: list[EstimandsResult], cfg: EstimandsConfig) -> list[Claim]:

@@ -37,7 +37,7 @@ import torch
 
 from fragile.book.chapter import COMMON_FIELDS, PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import Rule, Threshold, Verdict
+from fragile.book.verdicts import Rule, Threshold, Verdict, plural
 from fragile.chapters import protocol
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
 from fragile.chapters.table1_protocol import (
@@ -774,7 +774,7 @@ def imagenet_claims(models: list[ImageNetResult], criteria: ConvergenceCriteria)
     count = _converged_count(table)
     largest = table[["spearman", "pearson"]].max(axis=1, skipna=False)
     finite = largest.notna()
-    left_out = f"; {_count(int((~finite).sum()), 'test point')} without a correlation left out" if not finite.all() else ""
+    left_out = f"; {plural(int((~finite).sum()), 'test point')} without a correlation left out" if not finite.all() else ""
     why = "" if (converged & finite).any() else "no converged network"
     arch = NETWORK_NAMES.get(models[0].network.architecture, models[0].network.architecture)
     corr = _on_converged(
@@ -798,7 +798,7 @@ def imagenet_claims(models: list[ImageNetResult], criteria: ConvergenceCriteria)
         + "; |drift| / median removal effect "
         + ", ".join(f"{r:.2g}" for r in table["drift_over_removal"])
         + f"; {count}"
-        + ("" if ok.all() else f"; {_count(int((~ok).sum()), 'test point')} with no drift or no removal effect left out")
+        + ("" if ok.all() else f"; {plural(int((~ok).sum()), 'test point')} with no drift or no removal effect left out")
     )
     if ok.any():
         drift = Claim.decided(
@@ -834,7 +834,7 @@ def cifar100_claim(models: list[Table1Result], criteria: ConvergenceCriteria) ->
     count = _converged_count(table)
     finite = table["spearman"].notna()
     converged = (table["convergence"] == str(ConvergenceClass.CONVERGED)) & finite
-    left_out = f"; {_count(int((~finite).sum()), 'test point')} without a correlation left out" if not finite.all() else ""
+    left_out = f"; {plural(int((~finite).sum()), 'test point')} without a correlation left out" if not finite.all() else ""
     return _on_converged(
         "cifar100",
         CIFAR100_CLAIM.format(net=NETWORK_NAMES.get(net.architecture, net.architecture), wd=net.weight_decay),
@@ -849,16 +849,11 @@ def cifar100_claim(models: list[Table1Result], criteria: ConvergenceCriteria) ->
     )
 
 
-def _count(n: int, thing: str) -> str:
-    """``3 test points``, ``1 network``."""
-    return f"{n} {thing}{'' if n == 1 else 's'}"
-
-
 def _converged_count(table) -> str:
     """``1 of 2 networks converged``, from a table with one ``seed`` per network and its ``convergence``."""
     nets = table.drop_duplicates("seed")
     done = int((nets["convergence"] == str(ConvergenceClass.CONVERGED)).sum())
-    return f"{done} of {_count(len(nets), 'network')} converged"
+    return f"{done} of {plural(len(nets), 'network')} converged"
 
 
 def _on_converged(

@@ -26,7 +26,7 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import MatchesPaper, PairedDifference, Rule, Trend, mean_interval
+from fragile.book.verdicts import MatchesPaper, PairedDifference, Rule, Trend, mean_interval, plural
 from fragile.chapters.protocol import ConvergenceSettings, agreement, iris_split, job_fields, run_jobs
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure
 from fragile.config import at_least, between, each, fraction, non_negative, one_of, positive, setting
@@ -545,13 +545,6 @@ def runs_table(groups: Sequence[ArchitectureResult], criteria: ConvergenceCriter
     return pd.DataFrame(rows)
 
 
-def convergence_counts(table) -> Any:
-    """Models per convergence class for each architecture and weight decay, as a pandas DataFrame."""
-    counts = table.groupby(["depth", "width", "wd", "convergence"]).size().unstack(fill_value=0)
-    order = [str(c) for c in ConvergenceClass] + ["estimator failed"]
-    return counts.reindex(columns=[c for c in order if c in counts.columns]).reset_index()
-
-
 def seed_summary(values) -> dict[str, Any]:
     """Mean, std and values over seeds (NaN-aware), as a plain dict for JSON and glue."""
     return aggregate_over_seeds(list(values)).as_dict()
@@ -694,15 +687,11 @@ def claims(groups: Sequence[ArchitectureResult], cfg: IrisConfig) -> list[Claim]
         why = (
             ""
             if len(good) >= 3 and values >= 2
-            else f"{_count(len(good), 'converged model')} over {_count(values, covariate + ' value')}"
+            else f"{plural(len(good), 'converged model')} over {plural(values, covariate + ' value')}"
         )
         units = (good[covariate], good["spearman"]), (every[covariate], every["spearman"])
         out.append(_claim(key, claim, "qualitative", TREND_RULE, data, *units, why))
     return out
-
-
-def _count(n: int, thing: str) -> str:
-    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _seed_pairs(rows):

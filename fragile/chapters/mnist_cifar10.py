@@ -24,7 +24,7 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import Heterogeneity, MatchesPaper, PairedDifference, Rule, Threshold, Trend, mean_interval
+from fragile.book.verdicts import Heterogeneity, MatchesPaper, PairedDifference, Rule, Threshold, Trend, mean_interval, plural
 from fragile.chapters.protocol import check_device_here, run_jobs
 from fragile.chapters.results import Estimate, EstimatorFailure
 from fragile.chapters.table1_protocol import (
@@ -32,7 +32,6 @@ from fragile.chapters.table1_protocol import (
     Table1Config,
     Table1Result,
     build_network,
-    convergence_counts,
     correlations_table,
     model_jobs,
 )
@@ -140,11 +139,6 @@ def models_table(models: list[Table1Result], cfg: Table1Config):
                 row[f"{name}_failed"] = est.message[:200]
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def model_convergence_counts(table):
-    """Models per convergence class for each data set, architecture and weight decay of a :func:`models_table`."""
-    return convergence_counts(table, ("dataset", "architecture", "weight_decay"))
 
 
 def estimator_comparison(models: list[Table1Result], compare_estimators: Sequence[str]) -> tuple[str, list[str]]:
@@ -266,14 +260,9 @@ VGG_WD_RULE = PairedDifference(direction="negative", unit="test point")
 # model's test points (they share the model's Hessian: the model is the unit).
 LISSA_INACCURATE_RULE = Threshold(threshold=0.1, side="above", unit="model")
 LISSA_DEEPER_RULE = Trend(direction="positive", unit="model")
-STILL_FALLING = 0.95
-"""LiSSA's residual is *still falling* at ``lissa_depth`` when it is below this share of the lowest residual of its
-shorter solves (the curve's other depths): the last steps improved on every shorter recursion by more than 5 %, so
-more steps would likely lower it further. The lowest, not the last shorter one: LiSSA's minibatch noise makes the
-curve fluctuate, and one high point just before the end is no sign that the series is still converging."""
 
 
-def rules_markdown() -> str:
+def rules_markdown(cfg: Table1Config) -> str:
     """The chapter's rules in words, before its results."""
     return "\n".join(
         [
@@ -293,8 +282,9 @@ def rules_markdown() -> str:
             "- **LiSSA is inaccurate** (a unit is one converged MNIST model; its value is LiSSA's relative residual "
             f"‖(H+λI)x − v‖/‖v‖ averaged over its test points): {LISSA_INACCURATE_RULE.statement()}. Beside it, "
             "whether the residual was still falling at the configured depth (below "
-            f"{STILL_FALLING:g}× the lowest residual of the shorter solves: too few steps) or had levelled off "
-            "(LiSSA's accuracy at this scale and minibatch).",
+            f"{cfg.lissa_still_falling:g}× the lowest residual of the shorter solves, `lissa_still_falling`: too few "
+            "steps) or had levelled off (LiSSA's accuracy at this scale and minibatch); a description beside the "
+            "verdict, not part of the rule.",
             "- **LiSSA is worse for deeper networks** (the same units; the covariate is the network's number of "
             f"convolutional and linear layers): {LISSA_DEEPER_RULE.statement()}. MNIST only, so that a change of data set "
             "is not read as one of depth.",
@@ -328,16 +318,12 @@ def _models(cells) -> int:
     return len(cells.groupby(["dataset", "architecture", "weight_decay", "seed"])) if len(cells) else 0
 
 
-def _plural(n: int, thing: str) -> str:
-    return f"{n} {thing}{'' if n == 1 else 's'}"
-
-
 def _failed_text(models: Sequence[Table1Result]) -> str:
     """``lissa failed on 2 models (left out)`` for the models whose primary solve failed; empty when none did."""
     failed = [m for m in models if m.failure]
     if not failed:
         return ""
-    return f"{failed[0].primary} failed on {_plural(len(failed), 'model')} (left out)"
+    return f"{failed[0].primary} failed on {plural(len(failed), 'model')} (left out)"
 
 
 def _claim(
@@ -381,8 +367,8 @@ def resnet50_claim(models: list[Table1Result], cfg: Table1Config) -> Claim:
         )
     cells = _finite(cells_table(ours, cfg))
     good = cells[cells["converged"]]
-    count = f"{_models(good)} of {_plural(_models(cells), 'model')} converged"
-    why = "" if len(good) else f"none of {_plural(_models(cells), 'model')} converged"
+    count = f"{_models(good)} of {plural(_models(cells), 'model')} converged"
+    why = "" if len(good) else f"none of {plural(_models(cells), 'model')} converged"
     units = (good["spearman"],), (cells["spearman"],)
     return _claim(
         "resnet50", claim, paper, RESNET50_RULE, data, *units, count=count, why=why, source=PAPER_SOURCE, extra=_failed_text(ours)
@@ -397,10 +383,10 @@ def varies_claim(models: list[Table1Result], cfg: Table1Config) -> Claim:
     real, stand_in = cells[~cells["stand_in"]], cells[cells["stand_in"]]
     datasets = list(dict.fromkeys(real["dataset"])) or [ds for ds, _ in cfg.pairs[:1]]
     good = real[real["converged"]]
-    count = f"{_models(good)} of {_plural(_models(real), 'model')} converged ({len(good)} of {len(real)} cells)"
+    count = f"{_models(good)} of {plural(_models(real), 'model')} converged ({len(good)} of {len(real)} cells)"
     why = "" if len(good) >= 2 else f"one converged cell of {len(real)}: τ needs two"
     if good.empty:
-        why = f"none of {_plural(_models(real), 'model')} converged"
+        why = f"none of {plural(_models(real), 'model')} converged"
     extra = [_failed_text(models)]
     if len(stand_in):
         try:
@@ -453,8 +439,8 @@ def vgg_wd_claim(models: list[Table1Result], cfg: Table1Config) -> Claim:
             data=data,
         )
     good = pairs[pairs["converged"]]
-    count = f"{len(good)} of {_plural(len(pairs), 'paired test point')} with both models converged"
-    why = "" if len(good) else f"none of {_plural(len(pairs), 'paired test point')} has both models converged"
+    count = f"{len(good)} of {plural(len(pairs), 'paired test point')} with both models converged"
+    why = "" if len(good) else f"none of {plural(len(pairs), 'paired test point')} has both models converged"
     units = (good["with"], good["without"]), (pairs["with"], pairs["without"])
     vgg = [m for m in models if m.network.dataset == "cifar10" and m.network.architecture.startswith("vgg")]
     return _claim(
@@ -472,7 +458,7 @@ def lissa_table(models: list[Table1Result], cfg: Table1Config):
     """One row per model whose LiSSA solve finished: which model, its weight layers, LiSSA's mean relative residual
     over its test points, the lowest mean residual of its shorter solves (``best_shorter``, over the depths
     ``shorter_depths``; NaN without a curve), whether it was still falling at ``lissa_depth``
-    (:data:`STILL_FALLING`; None without a curve), whether the model converged and whether its data are a stand-in,
+    (``cfg.lissa_still_falling``; None without a curve), whether the model converged and whether its data are a stand-in,
     as a pandas DataFrame."""
     import pandas as pd
 
@@ -495,7 +481,7 @@ def lissa_table(models: list[Table1Result], cfg: Table1Config):
                 "residual": residual,
                 "shorter_depths": ", ".join(str(int(d)) for d in curve.depths[:-1]) if has_curve else "",
                 "best_shorter": best,
-                "still_falling": bool(residual < STILL_FALLING * best) if math.isfinite(best) else None,
+                "still_falling": bool(residual < cfg.lissa_still_falling * best) if math.isfinite(best) else None,
                 "converged": model_convergence(m, cfg).converged,
                 "stand_in": net.stand_in,
             }
@@ -504,15 +490,15 @@ def lissa_table(models: list[Table1Result], cfg: Table1Config):
     return pd.DataFrame(rows, columns=[*columns, "still_falling", "converged", "stand_in"])
 
 
-def _falling_text(rows, depth: int, converged: bool) -> str:
+def _falling_text(rows, depth: int, share: float, converged: bool) -> str:
     """Whether LiSSA's residual was still falling at ``depth`` in ``rows``: the converged models a claim is decided
-    on, or (``converged`` False) every model, when none converged."""
+    on, or (``converged`` False) every model, when none converged; ``share`` is ``lissa_still_falling``."""
     known = rows[rows["still_falling"].notna()]
     if known.empty:
         return "no residual curve: whether more steps would lower the residual is not known"
     falling = int(known["still_falling"].astype(bool).sum())
-    since = f"below {STILL_FALLING:g}× the lowest residual of its solves at depths {known['shorter_depths'].iloc[0]}"
-    which = _plural(len(known), "converged model") if converged else f"{_plural(len(known), 'model')} (none converged)"
+    since = f"below {share:g}× the lowest residual of its solves at depths {known['shorter_depths'].iloc[0]}"
+    which = plural(len(known), "converged model") if converged else f"{plural(len(known), 'model')} (none converged)"
     head = f"residual still falling at depth {depth} ({since}) in {falling} of {which}"
     if falling == len(known):
         return head + ": too few steps, not shown inaccurate (more steps would lower it)"
@@ -529,12 +515,12 @@ def lissa_claims(models: list[Table1Result], cfg: Table1Config) -> list[Claim]:
     mnist = [m for m in models if m.network.dataset == "mnist"]
     rows = lissa_table(mnist, cfg)
     good = rows[rows["converged"]]
-    count = f"{len(good)} of {_plural(len(rows), 'model')} converged"
+    count = f"{len(good)} of {plural(len(rows), 'model')} converged"
     failed = sum(isinstance(m.estimators.get("lissa"), EstimatorFailure) for m in mnist)
-    failed_text = f"LiSSA failed on {_plural(failed, 'model')} (left out)" if failed else ""
+    failed_text = f"LiSSA failed on {plural(failed, 'model')} (left out)" if failed else ""
     decided_on = good if len(good) else rows
-    falling = _falling_text(decided_on, cfg.lissa_depth, converged=not good.empty)
-    why = "" if len(good) else f"none of {_plural(len(rows), 'model')} converged"
+    falling = _falling_text(decided_on, cfg.lissa_depth, cfg.lissa_still_falling, converged=not good.empty)
+    why = "" if len(good) else f"none of {plural(len(rows), 'model')} converged"
     inaccurate = _claim(
         "lissa_inaccurate",
         "LiSSA's inverse-HVP is inaccurate (mean relative residual of its solves, MNIST)",
@@ -553,9 +539,9 @@ def lissa_claims(models: list[Table1Result], cfg: Table1Config) -> list[Claim]:
         ""
         if len(good) >= 3 and depths >= 2
         else (
-            f"none of {_plural(len(rows), 'model')} converged"
+            f"none of {plural(len(rows), 'model')} converged"
             if good.empty
-            else f"{_plural(len(good), 'converged model')} over {_plural(depths, 'depth')}: a trend needs three over two"
+            else f"{plural(len(good), 'converged model')} over {plural(depths, 'depth')}: a trend needs three over two"
         )
     )
     deeper = _claim(

@@ -29,7 +29,7 @@ import torch
 from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
 from fragile.config import at_least, non_negative, one_of, positive, setting, to_dict
-from fragile.core.convergence import ConvergenceCriteria, loss_rise, majority_share, prediction_spread
+from fragile.core.convergence import ConvergenceClass, ConvergenceCriteria, loss_rise, majority_share, prediction_spread
 from fragile.core.ground_truth import loo_retrain
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
@@ -201,7 +201,17 @@ class AnyDevice:
     device: str = setting("auto", "where to compute: cpu, cuda, cuda:N or auto (a GPU when there is one)")
 
 
-ANALYSIS_FIELDS = ("converged_grad_norm",)
+def convergence_counts(table: Any, by: Sequence[str]) -> Any:
+    """Models per convergence class for each value of the columns ``by``, from a table with one row per model and
+    its class in a ``convergence`` column, as a pandas DataFrame: one column per class that occurs, in the classes'
+    order, then any other value of the column (e.g. ``estimator failed``)."""
+    counts = table.groupby(list(by), sort=False)["convergence"].value_counts().unstack(fill_value=0)
+    classes = [str(c) for c in ConvergenceClass]
+    order = [c for c in classes if c in counts.columns] + [c for c in counts.columns if c not in classes]
+    return counts.reindex(columns=order).reset_index()
+
+
+ANALYSIS_FIELDS = ("converged_grad_norm", "lissa_still_falling")
 """Fields that say how finished models are read, not what they compute: never in a job's key, so changing one
 reclassifies the stored models without retraining them."""
 

@@ -29,7 +29,7 @@ import torch
 
 from fragile.book.chapter import PAPER_PART, Chapter, ChapterConfig
 from fragile.book.claims import Claim, DataUsed
-from fragile.book.verdicts import Heterogeneity, PairedDifference, mean_interval
+from fragile.book.verdicts import Heterogeneity, PairedDifference, mean_interval, plural
 from fragile.chapters.protocol import (
     DTYPES,
     ConvergenceSettings,
@@ -48,7 +48,7 @@ from fragile.chapters.protocol import (
 from fragile.chapters.results import Estimate, EstimatorFailure, Fit
 from fragile.chapters.table1_protocol import PointResult, Retraining, point_result
 from fragile.config import at_least, between, each, fraction, non_negative, one_of, positive, setting
-from fragile.core.convergence import Convergence, ConvergenceClass, ConvergenceCriteria
+from fragile.core.convergence import ConvergenceClass, ConvergenceCriteria
 from fragile.core.objective import Objective
 from fragile.core.selection import choose_test_points, select_quantile_band, select_top_k
 from fragile.core.train import TrainSpec
@@ -343,12 +343,6 @@ def run_study(cfg: SmallMnistConfig, *, progress: bool = True, client=None) -> t
     return run_jobs(cfg, model_jobs(cfg), progress=progress, client=client)
 
 
-def convergence_of(model: SmallMnistResult, criteria: ConvergenceCriteria) -> Convergence:
-    """The model's convergence class: minibatch Adam, so the gradient-descent stability limit does not apply; a
-    training loss that rose at the end still marks it unstable."""
-    return model.fit.convergence(criteria)
-
-
 def correlations_table(models: list[SmallMnistResult], criteria: ConvergenceCriteria):
     """One row per (seed, weight decay, test point, band) with Spearman and Pearson, the number of training points
     they are over and the model's convergence class, as a DataFrame."""
@@ -356,7 +350,7 @@ def correlations_table(models: list[SmallMnistResult], criteria: ConvergenceCrit
 
     rows = []
     for m in models:
-        conv = convergence_of(m, criteria)
+        conv = m.fit.convergence(criteria)
         for band, points in m.bands.items():
             for t, e in enumerate(points):
                 rows.append(
@@ -388,7 +382,7 @@ def models_table(models: list[SmallMnistResult], criteria: ConvergenceCriteria):
     rows = []
     for m in models:
         fit = m.fit
-        conv = convergence_of(m, criteria)
+        conv = m.fit.convergence(criteria)
         row = {
             "seed": m.seed,
             "weight_decay": m.weight_decay,
@@ -527,9 +521,9 @@ def claims(models: list[SmallMnistResult], cfg: SmallMnistConfig) -> list[Claim]
     table = correlations_table(models, cfg.criteria)
     data = data_used(models)
     head_models = [m for m in models if m.headline and not m.failure]
-    n_good = sum(convergence_of(m, cfg.criteria).converged for m in head_models)
-    count = f"{n_good} of {len(head_models)} headline models converged"
-    none = f"none of {len(head_models)} headline models converged" if not n_good else ""
+    n_good = sum(m.fit.convergence(cfg.criteria).converged for m in head_models)
+    count = f"{n_good} of {plural(len(head_models), 'headline model')} converged"
+    none = f"none of {plural(len(head_models), 'headline model')} converged" if not n_good else ""
     missing = "not run: the headline model did not finish"
     out = []
 

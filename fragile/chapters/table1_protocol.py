@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from fragile.chapters.protocol import (
 )
 from fragile.chapters.results import Estimate, EstimatorFailure, Fit
 from fragile.config import at_least, each, fraction, non_negative, one_of, positive, setting
-from fragile.core.convergence import Convergence, ConvergenceClass, ConvergenceCriteria
+from fragile.core.convergence import Convergence, ConvergenceCriteria
 from fragile.core.metrics import correlation
 from fragile.core.objective import Objective
 from fragile.core.selection import TEST_POINT_KINDS, select_top_k, test_points_by_kind
@@ -120,6 +120,13 @@ class Table1Models(AnyDevice, SolverSettings, ConvergenceSettings, ChapterConfig
         "estimators run beside it on the same test points (their correlation on the same training points is reported)",
         each(one_of(ESTIMATORS), distinct=True),
     )
+    random_points: bool = setting(
+        True,
+        (
+            "also retrain top_k training points drawn at random (seeded by the model seed; the same for every test "
+            "point) and correlate over them: what the top-k correlation owes to choosing the points by influence"
+        ),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,12 +196,16 @@ class Table1Config(Table1Models):
         ),
         each(fraction(high_open=True), distinct=True),
     )
-    random_points: bool = setting(
-        True,
+    lissa_still_falling: float = setting(
+        0.95,
         (
-            "also retrain top_k training points drawn at random (seeded by the model seed; the same for every test "
-            "point) and correlate over them: what the top-k correlation owes to choosing the points by influence"
+            "LiSSA's residual counts as still falling at lissa_depth when it is below this share of the lowest residual "
+            "of its shorter solves (the last steps beat every shorter recursion by more than 5 %: more steps would likely "
+            "lower it; the lowest, not the last, because minibatch noise makes the curve fluctuate). Set after seeing "
+            "the default profile's curves, so it describes the curve beside the verdict and decides nothing; changing it "
+            "retrains nothing"
         ),
+        fraction(high_open=True),
     )
 
     def __post_init__(self) -> None:
@@ -438,7 +449,7 @@ def lissa_curve(cfg: Table1Config, model: TrainedModel, tp: torch.Tensor, main: 
     return LissaCurve(depths, np.stack(rows), tuple(failures), time.perf_counter() - start)
 
 
-def random_points(cfg: Table1Config, n: int, seed: int) -> np.ndarray:
+def random_points(cfg: Table1Models, n: int, seed: int) -> np.ndarray:
     """``top_k`` distinct training indices of ``n``, drawn at random with the model ``seed``, ascending."""
     return np.sort(np.random.default_rng(seed).choice(n, size=cfg.top_k, replace=False))
 
@@ -741,11 +752,3 @@ def correlations_table(models: list[Table1Result]):
                 }
             )
     return pd.DataFrame(rows)
-
-
-def convergence_counts(table, by: Sequence[str] = ("dataset", "architecture", "weight_decay")):
-    """Models per convergence class for each value of ``by``, from a table with one row per model and its class in a
-    ``convergence`` column, as a pandas DataFrame: one column per class that occurs, in the classes' order."""
-    counts = table.groupby(list(by), sort=False)["convergence"].value_counts().unstack(fill_value=0)
-    order = [str(c) for c in ConvergenceClass]
-    return counts.reindex(columns=[c for c in order if c in counts.columns]).reset_index()
