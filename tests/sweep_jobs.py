@@ -66,3 +66,16 @@ def meet(index: int, folder: str, others: int, patience_s: float = 300.0) -> dic
             return {"index": index, "met": False}
         time.sleep(0.02)
     return {"index": index, "met": True}
+
+
+def square(x: int) -> dict:
+    return {"square": x * x}
+
+
+def computed_once(folder: str, value: int) -> dict:
+    """Leave one ``computed-<pid>`` file per time it computes, then wait until the file ``gate`` in ``folder``
+    exists: a test holds this job in flight while a second run of it starts."""
+    (Path(folder) / f"computed-{os.getpid()}").touch()
+    while not (Path(folder) / "gate").exists():
+        time.sleep(0.02)
+    return {"value": value}

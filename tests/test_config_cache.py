@@ -6,7 +6,7 @@ import torch
 from fragile.chapters.iris import IrisConfig
 from fragile.config import from_dict, load_yaml
 from fragile.errors import InvalidArgumentError
-from fragile.run.cache import CacheMismatchError, ResultCache
+from fragile.run.cache import DIGEST_FILE, CacheCorruptError, CacheMismatchError, ResultCache, _entry_digest
 
 
 def test_from_dict_is_strict():
@@ -37,11 +37,48 @@ def test_cache_round_trip_and_mismatch_refused(tmp_path):
     value = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.arange(3)})
     again = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.zeros(3)})
     assert calls == [1] and torch.equal(again["t"], value["t"])
-    # Tamper with the saved config: the entry must be refused, not reused.
+    # Tamper with the saved config: the entry must be refused, not reused; with its digest rewritten to match, the
+    # config itself still does not match the one looked up.
     entry = cache.path("x", {"a": 1})
     (entry / "config.json").write_text('{"a": 2}')
+    with pytest.raises(CacheCorruptError, match="digest mismatch"):
+        cache.load("x", {"a": 1})
+    (entry / DIGEST_FILE).write_text(_entry_digest(entry))
     with pytest.raises(CacheMismatchError, match="different config"):
         cache.load("x", {"a": 1})
+    assert issubclass(CacheMismatchError, CacheCorruptError)  # so a sweep discards and recomputes it
+    again = cache.get_or_compute("x", {"a": 1}, lambda: calls.append(1) or {"t": torch.ones(3)})
+    assert calls == [1, 1] and torch.equal(again["t"], torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: (entry / "config.json").unlink(),
+        lambda entry: (entry / "config.json").write_text("{not json"),
+        lambda entry: (entry / "config.json").write_text('{"a": 1, "b": 2}'),
+        lambda entry: (entry / DIGEST_FILE).unlink(),
+        lambda entry: (entry / "payload.json").unlink(),
+        lambda entry: (entry / "payload.npz").write_bytes(b""),
+    ],
+    ids=["config deleted", "config garbled", "config edited", "digest deleted", "payload deleted", "arrays emptied"],
+)
+def test_a_damaged_entry_is_refused_and_recomputed_by_the_sweep(tmp_path, damage):
+    from sweep_jobs import square
+
+    from fragile.run.sweep import Job, run_sweep
+
+    jobs = [Job("sq", square, {"x": 3}), Job("other", square, {"x": 4})]
+    first = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
+    assert first.done == ["sq", "other"]
+    cache = ResultCache(tmp_path)
+    damage(cache.path("sq", jobs[0].cache_config))
+    with pytest.raises(CacheCorruptError):
+        cache.load("sq", jobs[0].cache_config)
+    second = run_sweep(jobs, cache_dir=str(tmp_path), progress=False)
+    assert second.done == ["sq"] and second.cached == ["other"] and not second.failed
+    assert second.results == first.results
+    assert cache.load("sq", jobs[0].cache_config) == first.results["sq"]  # republished whole
 
 
 def test_interrupted_save_leaves_no_entry(tmp_path, monkeypatch):

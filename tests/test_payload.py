@@ -63,7 +63,7 @@ def test_a_cache_entry_is_json_and_arrays_and_loading_it_runs_no_pickle(tmp_path
     cache = ResultCache(tmp_path)
     cache.save("job", {"a": 1}, result())
     entry = cache.path("job", {"a": 1})
-    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "payload.json", "payload.npz", "payload.sha256"]
+    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "entry.sha256", "payload.json", "payload.npz"]
     json.loads((entry / "payload.json").read_text())  # plain JSON
     with np.load(entry / "payload.npz", allow_pickle=False) as archive:
         assert all(archive[k].dtype != object for k in archive.files)
@@ -141,3 +141,44 @@ def test_a_record_whose_stored_fields_differ_from_its_type_is_refused():
     tampered = text.replace('"pearson"', '"other"')
     with pytest.raises(PayloadError, match="has fields"):
         decode(tampered, npz)
+
+
+class _RunsOnUnpickle:
+    """An object whose unpickling runs a shell command: what a crafted cache entry would carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("part", ["payload.npz", "payload.json"])
+def test_a_planted_entry_with_a_valid_digest_runs_nothing_and_its_job_is_recomputed(tmp_path, part):
+    import io
+
+    from sweep_jobs import square
+
+    from fragile.run.cache import DIGEST_FILE, _entry_digest
+    from fragile.run.sweep import Job, run_sweep
+
+    job = Job("sq", square, {"x": 5})
+    run_sweep([job], cache_dir=str(tmp_path), progress=False)
+    entry = ResultCache(tmp_path).path("sq", job.cache_config)
+    marker = tmp_path / "code-ran"
+    if part == "payload.npz":  # a pickled object array, as np.save writes one when allowed to
+        buffer = io.BytesIO()
+        np.savez(buffer, a0=np.array([_RunsOnUnpickle(str(marker))], dtype=object), allow_pickle=True)
+        (entry / "payload.npz").write_bytes(buffer.getvalue())
+        (entry / "payload.json").write_text(json.dumps({"square": {"__array__": "a0"}}))
+    else:  # a record naming a callable outside the package
+        (entry / "payload.json").write_text(
+            json.dumps({"square": {"__record__": "os:system", "fields": {"command": f"touch {marker}"}}})
+        )
+    (entry / DIGEST_FILE).write_text(_entry_digest(entry))  # whoever writes the entry can recompute its digest
+    report = run_sweep([job], cache_dir=str(tmp_path), progress=False)
+    assert not marker.exists()
+    assert report.done == ["sq"] and report.results["sq"] == {"square": 25}
+    assert ResultCache(tmp_path).load("sq", job.cache_config) == {"square": 25}

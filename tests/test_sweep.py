@@ -1,5 +1,9 @@
 """The sweep layer on a real LocalCluster with 2 worker processes on loopback."""
 
+import contextlib
+import http.server
+import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -96,11 +100,70 @@ def test_corrupt_entry_is_recomputed(tmp_path):
 
 def test_bad_scheduler_address_fails_naming_it_and_the_connect_timeout():
     # This message is raised once Dask's connect timeout (CONNECT_TIMEOUT_S) has run out: no clock needed.
-    timed_out = rf"scheduler='tcp://127.0.0.1:9': no Dask scheduler answered within {CONNECT_TIMEOUT_S} s"
+    timed_out = rf"scheduler='tcp://127.0.0.1:9' \(--scheduler\): no Dask scheduler answered within {CONNECT_TIMEOUT_S} s"
     with pytest.raises(InvalidArgumentError, match=timed_out):
         connect("tcp://127.0.0.1:9")
     with pytest.raises(InvalidArgumentError, match="scheduler='nowhere'"):
         connect("nowhere")
+
+
+@contextlib.contextmanager
+def _listener(kind: str):
+    """A loopback port that accepts TCP but is not Dask: ``closed`` (nothing listens), ``silent`` (accepts and
+    never replies) or ``http`` (an HTTP server, whose reply Dask would read as a frame length)."""
+    if kind == "http":
+        # threaded: the handler stays blocked on the half-open Dask connection, and shutdown must not wait for it
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+            server.server_close()
+        return
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if kind == "closed":
+        sock.close()
+        yield port
+        return
+    sock.listen(8)
+    try:
+        yield port
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", ["closed", "silent", "http"])
+def test_an_address_that_is_not_a_dask_scheduler_fails_in_one_line_naming_the_option(kind):
+    with _listener(kind) as port, pytest.raises(InvalidArgumentError) as info:
+        connect(f"tcp://127.0.0.1:{port}")
+    message = str(info.value)
+    assert message.startswith(f"scheduler='tcp://127.0.0.1:{port}' (--scheduler): no Dask scheduler")
+    assert "\n" not in message and len(message) < 400
+
+
+def test_a_local_cluster_listens_on_loopback_only():
+    import psutil
+
+    c = connect("local", n_workers=1)
+    try:
+        assert c.dashboard_link.startswith("http://127.0.0.1:")
+        me = psutil.Process()
+        listening = [
+            conn.laddr
+            for proc in [me, *me.children(recursive=True)]
+            for conn in proc.net_connections(kind="inet")
+            if conn.status == psutil.CONN_LISTEN
+        ]
+        dashboard_port = int(c.dashboard_link.split(":")[2].split("/")[0])
+        assert dashboard_port in {a.port for a in listening}  # the dashboard is among what was inspected
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    finally:
+        close(c)
 
 
 def test_repeated_job_names_are_refused(tmp_path):

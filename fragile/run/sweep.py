@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -30,12 +31,17 @@ from tqdm.auto import tqdm
 
 from fragile.errors import InvalidArgumentError, check_int
 from fragile.run.allocator import keep_freed_memory
-from fragile.run.cache import CacheCorruptError, ResultCache, config_key
+from fragile.run.cache import ResultCache, config_key
 from fragile.run.code import module_code_digest
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5
+"""The deadline on the whole connection to a scheduler address: TCP, Dask's handshake and the first reply."""
+LOOPBACK = "127.0.0.1"
+"""Where every socket this project opens listens (a local cluster's scheduler, workers and dashboard): only this
+machine can reach them. A cluster meant for other machines is started by its own tools (``dask scheduler``,
+dask-jobqueue) and named by its address."""
 SCHEDULER_KINDS = ("in-process", "local")
 # The entry of a job's cache config that holds the code digest of its function's module.
 CODE_KEY = "code"
@@ -124,8 +130,9 @@ class SweepReport:
 
 def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
     """Run one job and publish its result under ``cache_config`` (the driver's :attr:`Job.cache_config`,
-    so a worker never digests its own copy of the code); never raises (a failure is returned with its
-    traceback).
+    so a worker never digests its own copy of the code), holding the entry's lock meanwhile
+    (:meth:`~fragile.run.cache.ResultCache.computing`): when another run of the same job holds it, this waits and
+    returns that run's result as ``"cached"``. Never raises (a failure is returned with its traceback).
 
     The job runs on one torch thread wherever it runs: the thread count changes the order of
     floating-point reductions, and the same job must give the same bits in-process and on any worker.
@@ -133,29 +140,36 @@ def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache:
     (:func:`~fragile.run.allocator.keep_freed_memory`): changes no number, only the time.
     """
     keep_freed_memory()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    cache = ResultCache(cache_root, enabled=use_cache)
     start = time.perf_counter()
-    try:
-        payload = job.fn(**job.config, **(job.runtime or {}))
-    except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
-        return (
-            "failed",
-            {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
-            time.perf_counter() - start,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    ResultCache(cache_root, enabled=use_cache).save(job.name, cache_config, payload)
+    with cache.computing(job.name, cache_config):
+        # another run of the same job on this cache may have finished it while this one waited for the lock
+        hit = cache.load_or_discard(job.name, cache_config)
+        if hit is not None:
+            return "cached", hit, time.perf_counter() - start
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            payload = job.fn(**job.config, **(job.runtime or {}))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
+            return (
+                "failed",
+                {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
+                time.perf_counter() - start,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        cache.save(job.name, cache_config, payload)
     return "ok", payload, time.perf_counter() - start
 
 
 def connect(scheduler: str, n_workers: int | None = None):
     """A Dask ``Client`` for ``"local"`` (a new ``LocalCluster``) or a scheduler address.
 
-    A ``"local"`` cluster has ``n_workers`` single-threaded worker processes (default: one per CPU).
-    An address that cannot be reached raises :class:`InvalidArgumentError` within
-    :data:`CONNECT_TIMEOUT_S` seconds.
+    A ``"local"`` cluster has ``n_workers`` single-threaded worker processes (default: one per CPU); its scheduler,
+    workers and dashboard listen on :data:`LOOPBACK` only. An address where no Dask scheduler answers (a closed
+    port, a listener that never replies, a server speaking another protocol) raises :class:`InvalidArgumentError`
+    in one line, within about :data:`CONNECT_TIMEOUT_S` seconds whatever the other end does.
     """
     from distributed import Client, LocalCluster
 
@@ -171,17 +185,47 @@ def connect(scheduler: str, n_workers: int | None = None):
         # Saturation 1.0: a worker holds only the job it runs, so when a job kills its worker no queued
         # bystander is blamed for the death (Dask counts every task on a dead worker as suspicious).
         with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host=LOOPBACK,
+                dashboard_address=f"{LOOPBACK}:0",
+            )
         client = Client(cluster)
     else:
-        try:
-            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
-        except (OSError, TimeoutError) as exc:
-            raise InvalidArgumentError(
-                f"scheduler={scheduler!r}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({exc})"
-            ) from None
+        client = _connect_address(scheduler)
     log.info("Dask dashboard: %s", client.dashboard_link)
     return client
+
+
+def _connect_address(scheduler: str):
+    """A client of the scheduler at ``scheduler``, or one line saying why not, within the deadline.
+
+    Dask's own ``timeout`` covers the TCP connection but not every step after it: a listener that accepts and
+    never replies, or an HTTP server whose reply is read as a frame length, can hang or fail deep inside the
+    handshake. So the whole attempt runs in a daemon thread that is abandoned at the deadline."""
+    from distributed import Client
+
+    outcome: dict[str, Any] = {}
+
+    def attempt() -> None:
+        try:
+            outcome["client"] = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except BaseException as exc:  # noqa: BLE001 - whatever went wrong becomes the one line below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=attempt, name="fragile-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S + 2)
+    where = f"scheduler={scheduler!r} (--scheduler)"
+    if "client" in outcome:
+        return outcome["client"]
+    if thread.is_alive():
+        raise InvalidArgumentError(f"{where}: no Dask scheduler finished the handshake within {CONNECT_TIMEOUT_S} s")
+    exc = outcome.get("error")
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    raise InvalidArgumentError(f"{where}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({reason[:200]})")
 
 
 def close(client) -> None:
@@ -242,12 +286,7 @@ def run_sweep(
     todo = []
     keyed = {job.name: job.cache_config for job in jobs}
     for job in jobs:
-        try:
-            hit = cache.load(job.name, keyed[job.name])
-        except CacheCorruptError as exc:
-            log.warning("%s; recomputing", exc)
-            cache.discard(job.name, keyed[job.name])
-            hit = None
+        hit = cache.load_or_discard(job.name, keyed[job.name])
         if hit is None:
             todo.append(job)
         else:
@@ -255,6 +294,10 @@ def run_sweep(
             report.cached.append(job.name)
 
     def record(job: Job, status: str, value: Any, seconds: float = float("nan")) -> None:
+        if status == "cached":  # finished by another run while this one waited for it
+            report.results[job.name] = value
+            report.cached.append(job.name)
+            return
         report.seconds[job.name] = seconds
         if status == "ok":
             report.results[job.name] = value
