@@ -87,11 +87,16 @@ class LOOResult:
 
 
 def _check(objective, theta_star, x, y, remove, x_test, y_test, chunk_size) -> torch.Tensor:
+    """Every check of a retraining call's arguments, before any training: shapes, finite θ* and data, labels within
+    the model's outputs, one dtype and device (one pass over each tensor, one forward pass on one row); returns the
+    indices to remove."""
     objective.check_data("x", x, "y", y)
     objective.check_data("x_test", x_test, "y_test", y_test)
     objective.check_params("theta_star", theta_star)
     if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
         raise InvalidArgumentError(f"x_test rows have shape {tuple(x_test.shape[1:])} but x rows have {tuple(x.shape[1:])}")
+    objective.check_model_inputs("theta_star", theta_star, "x", x, "y", y)
+    objective.check_model_inputs("theta_star", theta_star, "x_test", x_test, "y_test", y_test)
     check_int("chunk_size", chunk_size, minimum=1)
     if x.shape[0] < 2:
         raise InvalidArgumentError("leave-one-out needs at least 2 training points")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fragile.errors import InvalidArgumentError, check_dataset, check_positive
+from fragile.errors import InvalidArgumentError, check_compatible, check_dataset, check_finite, check_labels, check_positive
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Loss = str | PerExampleLoss
@@ -162,6 +162,7 @@ class Objective:
         self.numels = [p.numel() for _, p in named]
         self.num_params = sum(self.numels)
         self.dtype = named[0][1].dtype
+        self._num_outputs: dict[tuple[int, ...], int | None] = {}
 
     @property
     def loss_name(self) -> str:
@@ -178,9 +179,68 @@ class Objective:
             )
 
     def check_data(self, x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor) -> None:
-        """:func:`~fragile.errors.check_dataset` with the targets this loss takes: integer labels (n,) for cross-entropy,
-        float values (n,) or (n, d) for ``mse``, any tensor with one row per input for a callable."""
+        """:func:`~fragile.errors.check_dataset` with the targets this loss takes: integer labels (n,) >= 0 for
+        cross-entropy, finite float values (n,) or (n, d) for ``mse``, any tensor with one row per input for a callable;
+        ``x`` finite. Labels are checked against the model's outputs by :meth:`check_model_inputs`, which needs θ.
+        Cost: one pass over ``x`` and one over ``y``."""
         check_dataset(x_name, x, y_name, y, targets=_TARGETS.get(self.loss_name, "any"))
+
+    def check_model_inputs(
+        self, theta_name: str, theta: torch.Tensor, x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor
+    ) -> None:
+        """For data that passed :meth:`check_data` and parameters that passed :meth:`check_params`, raise unless they fit
+        together: ``x`` on θ's device and, when floating point, of θ's dtype (the model's layers would refuse a mix),
+        and for cross-entropy labels below the model's number of outputs (:meth:`check_label_range`).
+
+        Cost: metadata, one pass over ``y``, and the first time for this input shape one forward pass on one row.
+        """
+        check_compatible(theta_name, theta, x_name, x)
+        self.check_label_range(theta, x, y_name, y)
+
+    def check_label_range(self, theta: torch.Tensor, x: torch.Tensor, y_name: str, y: torch.Tensor) -> None:
+        """For cross-entropy, raise unless the labels ``y`` are below the model's number of outputs at ``theta`` for
+        inputs like ``x`` (other losses: nothing to check). The one input check that runs the model, so callers make
+        it last. Cost: one pass over ``y``, and the first time for this input shape one forward pass on one row."""
+        if self.loss_name == "cross_entropy":
+            check_labels(y_name, y, self.num_outputs(theta, x))
+
+    def check_inputs(
+        self,
+        theta_name: str,
+        theta: torch.Tensor,
+        x_name: str,
+        x: torch.Tensor,
+        y_name: str,
+        y: torch.Tensor,
+        *,
+        stacked: bool = False,
+    ) -> None:
+        """:meth:`check_data`, :meth:`check_params` and :meth:`check_model_inputs` in that order: every check of a
+        (θ, data) pair an entry point makes before any work. Cost: theirs, about one pass over θ, ``x`` and ``y``."""
+        self.check_data(x_name, x, y_name, y)
+        self.check_params(theta_name, theta, stacked=stacked)
+        self.check_model_inputs(theta_name, theta, x_name, x, y_name, y)
+
+    def num_outputs(self, theta: torch.Tensor, x: torch.Tensor) -> int | None:
+        """The model's outputs per row (the logits' last dimension: the classes, for cross-entropy) for inputs shaped
+        like the rows of ``x``; None when its outputs are not (n, K) or it cannot run on a single row.
+
+        A model is any module, with no attribute that says this, so it is found by a forward pass on one row of ``x``
+        at ``theta`` (a (p,) vector, or the first row of a (K, p) stack), once per input shape, then remembered.
+        Cost: that one forward pass, the first time.
+        """
+        key = tuple(x.shape[1:])
+        if key not in self._num_outputs:
+            t = theta[0] if theta.ndim == 2 else theta
+            try:
+                with torch.no_grad():
+                    z = self.logits(t.detach(), x[:1])
+            except (RuntimeError, ValueError):
+                # A model that needs more than one row (batch norm in training mode) gets no upper-bound check, rather
+                # than an error from the check itself; the computation that follows reports its own.
+                z = None
+            self._num_outputs[key] = int(z.shape[-1]) if isinstance(z, torch.Tensor) and z.ndim == 2 else None
+        return self._num_outputs[key]
 
     # -- parameters -------------------------------------------------------------------------------
     def initial_params(self) -> torch.Tensor:
@@ -193,12 +253,20 @@ class Objective:
         return {k: v.view(s) for k, v, s in zip(self.names, theta.split(self.numels), self.shapes)}
 
     def check_params(self, name: str, theta: torch.Tensor, *, stacked: bool = False) -> None:
-        """Raise unless ``theta`` is a flat parameter vector (or a (K, p) stack) of this objective."""
+        """Raise unless ``theta`` is a finite flat parameter vector (or a (K, p) stack) of this objective, of the dtype
+        and on the device of the parameters held fixed (with ``trainable``), which it is combined with.
+        Cost: one pass over ``theta``."""
         want = 2 if stacked else 1
         if not isinstance(theta, torch.Tensor) or theta.ndim != want or theta.shape[-1] != self.num_params:
             shape = "(K, p)" if stacked else "(p,)"
             got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
             raise InvalidArgumentError(f"{name} has shape {got}; expected {shape} with p={self.num_params}")
+        if not theta.is_floating_point():
+            raise InvalidArgumentError(f"{name} is {theta.dtype}; parameters must be floating point")
+        check_finite(name, theta)
+        fixed = next(((k, p) for k, p in self._fixed.items() if p.is_floating_point()), None)
+        if fixed is not None:
+            check_compatible(name, theta, f"the fixed parameter {fixed[0]}", fixed[1])
 
     # -- values -----------------------------------------------------------------------------------
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,9 @@ class LissaRecursion:
         batch_size: examples per Hessian sample, at most ``n``; None uses the full batch (deterministic).
         seed: seed of the minibatch draws.
         growth_tolerance: the divergence test's factor (:func:`lissa_ihvps`).
+        max_residual: the largest final relative residual ``‖(H+λI)x − v‖/‖v‖`` returned as a solution
+            (:func:`lissa_ihvps`); a finite number > 0, or None to return every solve. The default 10 is a solve ten
+            times worse than returning x = 0 (whose residual is 1).
     """
 
     n: int
@@ -206,12 +209,15 @@ class LissaRecursion:
     batch_size: int | None = None
     seed: int = 0
     growth_tolerance: float = 10.0
+    max_residual: float | None = 10.0
 
     def __post_init__(self) -> None:
         check_positive("damping", self.damping, allow_zero=True)
         check_positive("scale", self.scale)
         check_int("depth", self.depth, minimum=1)
         check_int("repeats", self.repeats, minimum=1)
+        check_positive("growth_tolerance", self.growth_tolerance)
+        check_optional_bound("max_residual", self.max_residual)
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, minimum=1, maximum=self.n)
 
@@ -237,7 +243,10 @@ def lissa_ihvps(
 
     Divergence is detected, not returned: a non-finite iterate, or ``‖h_j‖ > growth_tolerance·(j+1)·‖v‖``
     in any row (a convergent recursion satisfies ``‖h_j‖ <= (j+1)‖v‖``), raises :class:`SolverDivergedError`
-    naming the row.
+    naming the row. The growth test misses a slow divergence (a scale a little below ``λmax/2``, an eigenvalue of
+    ``H+λI`` a little below 0: the iterate grows geometrically but stays under the linear bound for many steps), so
+    the final relative residual is checked too: one above ``max_residual`` in any row raises
+    :class:`SolverDivergedError` naming the row, its residual and the bound (``max_residual=None`` returns it).
 
     Args:
         batch_matvecs: ``((m, p) iterates, index tensor or None) -> H_b`` applied to each row, for a minibatch
@@ -278,8 +287,39 @@ def lissa_ihvps(
         total += h / scale
     x = total / repeats
     matvecs = exact_matvec if exact_matvec is not None else (lambda z: batch_matvecs(z, None))
-    return Solves(
-        x, relative_residuals(matvecs, damping, x, vs), torch.full((m,), depth * repeats, dtype=torch.long, device=vs.device)
+    residuals = relative_residuals(matvecs, damping, x, vs)
+    check_residuals(
+        "lissa",
+        residuals,
+        r.max_residual,
+        f"after depth {depth} × {repeats} repeat(s) with scale={scale:.4g}, damping={damping}: the recursion diverges "
+        "slowly (scale below about half the largest eigenvalue of H + damping·I, or an eigenvalue <= 0) or has not "
+        "converged; raise scale, damping or depth",
+    )
+    return Solves(x, residuals, torch.full((m,), depth * repeats, dtype=torch.long, device=vs.device))
+
+
+def check_optional_bound(name: str, value: float | None) -> None:
+    """Raise unless ``value`` is None or a finite number > 0: a residual bound (None: no bound)."""
+    if value is not None:
+        check_positive(name, value)
+
+
+def check_residuals(solver: str, residuals: torch.Tensor, max_residual: float | None, advice: str) -> None:
+    """Raise :class:`SolverDivergedError` if any relative residual (m,) exceeds ``max_residual`` or is not finite,
+    naming the solver, the row, its residual and the bound, then ``advice``; None checks nothing. Cost: one pass
+    over the m residuals."""
+    if max_residual is None:
+        return
+    k = _first_bad_row(~(residuals <= max_residual))
+    if k is None:
+        return
+    m = residuals.numel()
+    row = f" of right-hand side {k} of {m}" if m > 1 else ""
+    worst = float(residuals[k])
+    raise SolverDivergedError(
+        f"{solver}: relative residual ‖(H + damping·I)x − v‖/‖v‖ = {worst:.6g}{row} exceeds max_residual={max_residual:g} "
+        f"({advice}; max_residual=None returns the numbers)"
     )
 
 

@@ -127,9 +127,9 @@ def fit(
 
     Args:
         objective: the training objective (weight decay included).
-        params: starting parameters, (p,) for one model or (K, p) for a stack.
-        x, y: training inputs and targets (integer labels for cross-entropy:
-            :meth:`~fragile.core.objective.Objective.check_data`).
+        params: starting parameters, (p,) for one model or (K, p) for a stack; finite, of ``x``'s dtype and device.
+        x, y: training inputs and targets, finite (integer labels in ``[0, outputs)`` for cross-entropy:
+            :meth:`~fragile.core.objective.Objective.check_inputs`, which raises before any step).
         spec: optimiser settings.
         weights: per-example weights, (n,) shared or (K, n) per model; 0 removes an example from a
             model's objective (how leave-one-out retraining is batched). None means all ones.
@@ -144,21 +144,28 @@ def fit(
         A :class:`TrainResult` with (K, p) parameters, even for a single (p,) start.
 
     Cost: ``steps`` stacked forward/backward passes; memory O(K·batch·activations), plus O(C·K·p) for C
-    checkpoints. Deterministic on CPU for a given seed.
+    checkpoints; the input checks add one pass over ``x``, ``y`` and ``params`` and one forward pass on one row.
+    Deterministic on CPU for a given seed.
     """
     if checkpoint_every is not None:
         check_int("checkpoint_every", checkpoint_every, minimum=1)
     objective.check_data("x", x, "y", y)
-    if params.ndim == 1:
+    if isinstance(params, torch.Tensor) and params.ndim == 1:
         params = params.unsqueeze(0)
     objective.check_params("params", params, stacked=True)
+    # Before any step: NaN data or parameters would otherwise surface as a diverged loss blamed on the learning rate.
+    objective.check_model_inputs("params", params, "x", x, "y", y)
     k, n = params.shape[0], x.shape[0]
     check_weights("weights", weights, n, k)
     if weights is not None and weights.ndim == 1:
         weights = weights.unsqueeze(0).expand(k, n)
     if weight_decay is not None:
-        if not isinstance(weight_decay, torch.Tensor) or tuple(weight_decay.shape) != (k,) or bool((weight_decay < 0).any()):
-            raise InvalidArgumentError(f"weight_decay must be a tensor of {k} values >= 0 (one per model)")
+        if (
+            not isinstance(weight_decay, torch.Tensor)
+            or tuple(weight_decay.shape) != (k,)
+            or not bool(((weight_decay >= 0) & torch.isfinite(weight_decay)).all())
+        ):
+            raise InvalidArgumentError(f"weight_decay must be a tensor of {k} finite values >= 0 (one per model)")
 
     theta = params.detach().clone()
     losses = torch.empty(spec.steps, k, dtype=theta.dtype, device=theta.device)
@@ -277,7 +284,7 @@ def convergence_report(
 ) -> ConvergenceReport:
     """Diagnostics recorded with every trained model (docs/conventions.md#convergence). Cost: one gradient and up to a few
     hundred HVPs."""
-    objective.check_params("theta", theta)
+    objective.check_inputs("theta", theta, "x", x, "y", y)
     g = objective.grad(theta, x, y)
     lam = objective_top_eigenvalue(objective, theta, x, y, data_chunk=data_chunk)
     return ConvergenceReport(float(g.norm()), lam, float("nan") if lr is None else lr * lam)

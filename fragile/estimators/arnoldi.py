@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from fragile.core.curvature import Spectrum
-from fragile.core.solvers import Solve, arnoldi_eigenpairs, relative_residual, spectral_inverse_weights
+from fragile.core.solvers import (
+    Solve,
+    arnoldi_eigenpairs,
+    check_optional_bound,
+    check_residuals,
+    relative_residual,
+    spectral_inverse_weights,
+)
 from fragile.errors import InvalidArgumentError, check_choice, check_int
 from fragile.estimators.base import NEGATIVE_POLICIES, EstimatorOptions, SolvingEstimator, check_optional_int, option
 from fragile.estimators.registry import register
@@ -23,6 +30,15 @@ class ArnoldiOptions(EstimatorOptions):
     )
     negative: str = option("keep", f"policy for negative eigenvalues, one of {list(NEGATIVE_POLICIES)} (as for method='exact')")
     seed: int = option(0, "seed of the Arnoldi start vector; an integer >= 0")
+    max_residual: float | None = option(
+        10.0,
+        (
+            "the largest relative residual ‖(H+λI)x − v‖/‖v‖ returned as a solution; a solve above it raises "
+            "SolverDivergedError. Dropping the complement of the top eigenvectors gives at most 1 (2 with negative='abs'), "
+            "so more means inaccurate eigenpairs amplified by a small λ_k + λ; not applied with negative='clip', whose "
+            "residual |λ_neg|/λ is large by design. A finite number > 0, or None to return every solve"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_optional_int("rank", self.rank, minimum=1)
@@ -31,6 +47,7 @@ class ArnoldiOptions(EstimatorOptions):
             raise InvalidArgumentError(f"iterations={self.iterations} is not allowed; it must be >= rank={self.rank}")
         check_choice("negative", self.negative, NEGATIVE_POLICIES)
         check_int("seed", self.seed, minimum=0)
+        check_optional_bound("max_residual", self.max_residual)
 
 
 @register
@@ -39,8 +56,9 @@ class ArnoldiInfluence(SolvingEstimator):
 
     ``(H+λI)⁻¹`` is replaced by ``U diag(1/(f(λ_k)+λ)) Uᵀ`` over the top eigenvectors ``U``; the
     complement is dropped, so with ``rank < p`` this is an approximation by design and its residual
-    says how much. Cost: ``iterations`` HVPs once, then O(p·rank) per vector plus one HVP for its residual.
-    Options: :class:`ArnoldiOptions`.
+    says how much (at most 1 with exact eigenpairs: a residual above ``max_residual`` raises
+    :class:`~fragile.errors.SolverDivergedError`). Cost: ``iterations`` HVPs once, then O(p·rank) per vector plus
+    one HVP for its residual. Options: :class:`ArnoldiOptions`.
     """
 
     method = "arnoldi"
@@ -75,7 +93,16 @@ class ArnoldiInfluence(SolvingEstimator):
     def inverse_hvp(self, v: torch.Tensor) -> Solve:
         self.prepare()
         x = ((v @ self.eigenvectors) * self.inverse_weights) @ self.eigenvectors.T
-        return Solve(x, relative_residual(self.hvp, self.damping, x, v), self.iterations)
+        residual = relative_residual(self.hvp, self.damping, x, v)
+        if self.options.negative != "clip":
+            check_residuals(
+                "arnoldi",
+                torch.tensor([residual], dtype=torch.float64),
+                self.options.max_residual,
+                f"rank {self.rank} of p={self.p} from {self.iterations} iterations, damping={self.damping}: the eigenpairs "
+                "are inaccurate where an eigenvalue plus damping is small; raise iterations or damping",
+            )
+        return Solve(x, residual, self.iterations)
 
     @property
     def residual_by_design(self) -> bool:

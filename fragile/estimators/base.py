@@ -42,7 +42,7 @@ import torch
 from fragile.core.curvature import Spectrum, hvp
 from fragile.core.objective import Objective
 from fragile.core.solvers import Solve
-from fragile.errors import InvalidArgumentError, check_indices, check_int, check_positive
+from fragile.errors import InvalidArgumentError, check_compatible, check_indices, check_int, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,13 @@ class InfluenceEstimator(ABC):
     Subclasses set :attr:`method` and :attr:`Options` (their :class:`EstimatorOptions` dataclass, or None when the
     method has none), implement :meth:`_predict` and optionally :meth:`_prepare` (one-off work) and
     :meth:`_check_problem` (option checks that need n or p). Everything is checked when the estimator is built,
-    before any work.
+    before any work (:meth:`~fragile.core.objective.Objective.check_inputs`'s checks: finite θ and data, labels in
+    ``[0, outputs)``, one dtype and device; about one pass over each plus one forward pass on one row, made after the
+    method's own checks).
 
     Args:
         objective: the training objective the model was trained on.
-        theta: trained parameters θ*, (p,).
+        theta: trained parameters θ*, (p,), finite, of the training inputs' dtype and device.
         x_train, y_train: the full training set the objective averages over.
         options: an instance of the method's :attr:`Options`; None: its defaults.
         damping: λ >= 0 added to the Hessian.
@@ -160,6 +162,7 @@ class InfluenceEstimator(ABC):
     ):
         objective.check_data("x_train", x_train, "y_train", y_train)
         objective.check_params("theta", theta)
+        check_compatible("theta", theta, "x_train", x_train)
         check_positive("damping", damping, allow_zero=True)
         check_optional_int("data_chunk", data_chunk, minimum=1)
         check_optional_int("grad_chunk", grad_chunk, minimum=1)
@@ -172,6 +175,8 @@ class InfluenceEstimator(ABC):
         self._prepared = False
         self._spectrum: Spectrum | None = None
         self._check_problem()
+        # Last: it runs the model on one row, and a model the method refuses (EK-FAC's layers) must not run at all.
+        objective.check_label_range(theta, x_train, "y_train", y_train)
 
     @classmethod
     def _resolve_options(cls, options: EstimatorOptions | None) -> EstimatorOptions | None:
@@ -261,12 +266,15 @@ class InfluenceEstimator(ABC):
         """The (n_test, k) predictions on the CPU and the (n_test,) residuals, after :meth:`prepare`."""
 
     def _check_query(self, x_test: torch.Tensor, y_test: torch.Tensor, train_idxs) -> torch.Tensor:
-        """Check an :meth:`influences` call's arguments before any work; returns the training indices to score."""
+        """Check an :meth:`influences` call's arguments before any work (shapes, finite values, labels within the
+        model's outputs, θ's dtype and device: one pass over ``x_test`` and ``y_test``); returns the training indices
+        to score."""
         self.objective.check_data("x_test", x_test, "y_test", y_test)
         if tuple(x_test.shape[1:]) != tuple(self.x_train.shape[1:]):
             raise InvalidArgumentError(
                 f"x_test rows have shape {tuple(x_test.shape[1:])} but x_train rows have {tuple(self.x_train.shape[1:])}"
             )
+        self.objective.check_model_inputs("theta", self.theta, "x_test", x_test, "y_test", y_test)
         return torch.arange(self.n) if train_idxs is None else check_indices("train_idxs", train_idxs, self.n)
 
     def _details(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fragile.core.curvature import Spectrum, hvp, top_eigenvalue
-from fragile.core.solvers import LissaRecursion, Solve, lissa_ihvps, solve_in_chunks
+from fragile.core.solvers import LissaRecursion, Solve, check_optional_bound, lissa_ihvps, solve_in_chunks
 from fragile.errors import check_int, check_positive
 from fragile.estimators.base import EstimatorOptions, SolvingEstimator, check_optional_int, option
 from fragile.estimators.registry import register
@@ -49,6 +49,14 @@ class LissaOptions(EstimatorOptions):
             "a finite number > 0"
         ),
     )
+    max_residual: float | None = option(
+        10.0,
+        (
+            "the largest final relative residual ‖(H+λI)x − v‖/‖v‖ returned as a solution; a solve above it raises "
+            "SolverDivergedError (the growth test misses slow divergence). A finite number > 0, or None to return every "
+            "solve; the default 10 is ten times worse than returning x = 0, whose residual is 1"
+        ),
+    )
     vector_chunk: int = option(
         8, "right-hand sides whose recursions run together, one vmapped minibatch HVP per step; an integer >= 1"
     )
@@ -63,6 +71,7 @@ class LissaOptions(EstimatorOptions):
         check_positive("power_rtol", self.power_rtol)
         check_int("seed", self.seed, minimum=0)
         check_positive("growth_tolerance", self.growth_tolerance)
+        check_optional_bound("max_residual", self.max_residual)
         check_int("vector_chunk", self.vector_chunk, minimum=1)
 
 
@@ -75,7 +84,8 @@ class LissaInfluence(SolvingEstimator):
     alone, with one HVP vmapped over the chunk per step. Cost: ``depth·repeats`` such HVPs per chunk, plus the
     power iteration's full-data HVPs once when ``scale`` is None; memory O(vector_chunk·p) for the iterates plus
     ``vector_chunk`` times one minibatch HVP's activations. Options: :class:`LissaOptions`. Divergence raises
-    :class:`~fragile.errors.SolverDivergedError`.
+    :class:`~fragile.errors.SolverDivergedError`: an iterate that grows past the growth test, or a final relative
+    residual above ``max_residual`` (checked on each chunk's residuals, which are computed anyway: no extra HVP).
     """
 
     method = "lissa"
@@ -110,6 +120,7 @@ class LissaInfluence(SolvingEstimator):
             batch_size=o.batch_size,
             seed=o.seed,
             growth_tolerance=o.growth_tolerance,
+            max_residual=o.max_residual,
         )
 
     def inverse_hvp(self, v: torch.Tensor) -> Solve:
