@@ -141,13 +141,23 @@ def check_settings(config: Any) -> None:
 
 
 def settings_help(cls: type) -> list[tuple[str, str, Any, str]]:
-    """``(name, type, default, help)`` of every field of the config class ``cls`` declared with :func:`setting`."""
+    """``(name, type, default, help)`` of every field of the config class ``cls`` declared with :func:`setting`; an
+    integer range's bounds are stated at the end of its help."""
     hints = typing.get_type_hints(cls)
     return [
-        (f.name, _type_name(hints[f.name]), f.default, f.metadata["help"])
+        (f.name, _type_name(hints[f.name]), f.default, f.metadata["help"] + _range_text(f.metadata.get("check")))
         for f in dataclasses.fields(cls)
         if "help" in f.metadata
     ]
+
+
+def _range_text(check: Check | None) -> str:
+    """`` (an integer from 1 to 10,000,000)`` for an integer-range check (directly or per element), else ""."""
+    inner = check.keywords.get("check") if isinstance(check, functools.partial) and "check" in check.keywords else check
+    if not (isinstance(inner, functools.partial) and inner.func is _check_int_in):
+        return ""
+    low, high = inner.keywords["minimum"], inner.keywords["maximum"]
+    return f" (an integer from {low:,} to {high:,})" if high is not None else f" (an integer, at least {low:,})"
 
 
 def _type_name(tp: Any) -> str:
@@ -164,9 +174,15 @@ def non_negative(name: str, value: Any) -> None:
     check_positive(name, value, allow_zero=True)
 
 
-def at_least(minimum: int) -> Check:
-    """An integer >= ``minimum``."""
-    return functools.partial(_check_int_in, minimum=minimum, maximum=None)
+MAX_COUNT = 10_000_000
+"""The largest value any count parameter (steps, points, seeds, sizes) takes unless its field says otherwise: ten
+million is beyond every profile of the paper's protocol (its longest run is 500,000 steps), and a typo such as
+``train_steps 1000000000`` is refused before it tries to allocate tens of gigabytes."""
+
+
+def at_least(minimum: int, maximum: int = MAX_COUNT) -> Check:
+    """An integer in ``[minimum, maximum]`` (:data:`MAX_COUNT` unless given)."""
+    return functools.partial(_check_int_in, minimum=minimum, maximum=maximum)
 
 
 def between(minimum: int, maximum: int) -> Check:

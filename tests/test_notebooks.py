@@ -32,7 +32,7 @@ def test_the_committed_toc_is_the_one_the_registry_writes():
 def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
     out = runner.run_section(
         section.name, "smoke", {"results_dir": str(tmp_path / "results")}, output=tmp_path / "nb.ipynb", root=ROOT
-    )
+    ).path
     nb = json.loads(out.read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -1,7 +1,9 @@
 """Provenance says what ran: dirty only when code differs from the commit, the device resolved, the code digest."""
 
+import json
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -137,3 +139,25 @@ def test_the_provenance_list_and_glue_quote_the_written_summary(tmp_path, monkey
         "ch_duration_s": float(prov["duration_s"]),
         "ch_profile": cfg.profile,
     }
+
+
+def test_the_summary_records_what_the_chapters_sweeps_did(tmp_path, monkeypatch):
+    from sweep_jobs import fail_if
+
+    from fragile.run.sweep import Job, run_sweep
+
+    run_sweep([Job("before", fail_if, {"seed": 0, "bad": 1})], cache_dir=str(tmp_path / "c"), progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = AnyDeviceConfig(device="cpu", results_dir=str(tmp_path), scheduler="in-process")
+    timer = chapter.Timer()  # the chapter starts: earlier sweeps of this process are not its own
+    jobs = [Job(f"s{s}", fail_if, {"seed": s, "bad": 1}) for s in range(2)]
+    run_sweep(jobs, cache_dir=str(tmp_path / "c"), progress=False)
+    summary = chapter.finish(cfg, section="01_x", dataset="d", timer=timer, results={})
+    assert summary["sweeps"] == [
+        {
+            "done": 1,
+            "cached": 0,
+            "failed": {"s1": {"error": "ValueError: seed 1 is the bad one", "config": {"seed": 1, "bad": 1}}},
+        }
+    ]
+    assert json.loads(Path(summary["path"]).read_text())["sweeps"] == summary["sweeps"]

@@ -142,8 +142,40 @@ def test_the_runner_records_the_code_of_the_chapter_it_executes(tmp_path, monkey
 
     monkeypatch.setattr(papermill, "execute_notebook", copy_unexecuted)
     section = runner.sections(ROOT)[0]
-    out = runner.run_section(section.name, "smoke", {"scheduler": "in-process"}, output=tmp_path / "nb.ipynb", root=ROOT)
+    out = runner.run_section(
+        section.name,
+        "smoke",
+        {"scheduler": "in-process", "results_dir": str(tmp_path / "r")},
+        output=tmp_path / "nb.ipynb",
+        root=ROOT,
+    ).path
     meta = json.loads(out.read_text())["metadata"]["fragile"]
     assert {k: meta[k] for k in ("code_digest", "code_modules")} == notebook_code(section.path, ROOT)
     assert f"fragile.chapters.{section.short}" in meta["code_modules"]
     assert code_problem(meta, section.path, ROOT) is None
+
+
+def test_an_output_changed_missing_or_added_since_the_chapter_wrote_it_is_stale(project):
+    shutil.copytree(ROOT / "results", project / "results")
+    sections = runner.sections(project)
+    for section in sections:  # record the outputs as the runner does after executing
+        path = runner.book_section_path(section, project)
+        nb = json.loads(path.read_text())
+        meta = nb["metadata"]["fragile"]
+        params = runner.resolve_parameters(section, meta["profile"], None, project)
+        meta["outputs"] = runner.output_digests(section, meta["profile"], params, project)
+        path.write_text(json.dumps(nb))
+
+    def output_problems() -> list[str]:
+        return [p for p in runner.stale_sections(project) if "results/" in p or "outputs" in p]
+
+    assert output_problems() == []
+    first = sections[0]
+    summary = project / "results" / first.name / "default" / "summary.json"
+    summary.write_text(summary.read_text().replace('"profile": "default"', '"profile": "smoke"', 1))
+    assert output_problems() == [f"{first.name}: results/{first.name}/default/summary.json changed since the chapter wrote it"]
+    summary.unlink()
+    assert output_problems() == [f"{first.name}: results/{first.name}/default/summary.json is missing"]
+    (project / "results" / first.name / "default" / "summary.json").write_text("{}")
+    (project / "results" / first.name / "default" / "extra.png").write_bytes(b"png")
+    assert f"{first.name}: results/{first.name}/default/extra.png was not written by the chapter's execution" in output_problems()

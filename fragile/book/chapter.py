@@ -48,8 +48,10 @@ class ChapterConfig:
         ),
         _scheduler,
     )
-    n_workers: int = setting(0, "worker processes of a local cluster; 0 means one per CPU core", at_least(0))
-    n_seeds: int = setting(1, "models per configuration, for the spread over seeds (the paper reports single runs)", at_least(1))
+    n_workers: int = setting(0, "worker processes of a local cluster; 0 means one per CPU core", at_least(0, 1024))
+    n_seeds: int = setting(
+        1, "models per configuration, for the spread over seeds (the paper reports single runs)", at_least(1, 1000)
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -150,16 +152,21 @@ def banner_markdown(
 
 
 class Timer:
-    """Wall time since the chapter started, for provenance."""
+    """Wall time since the chapter started, and which sweeps it ran (those after it started), for provenance."""
 
     def __init__(self) -> None:
+        from fragile.run.sweep import SWEEPS
+
         self.started = time.time()
+        self.first_sweep = len(SWEEPS)
 
 
 def finish(
     config: Any, *, section: str, dataset: str, timer: Timer, results: dict[str, Any], device: str | None = None
 ) -> dict[str, Any]:
-    """Write ``<results_dir>/<section>/<profile>/summary.json`` (atomically) and return its content.
+    """Write ``<results_dir>/<section>/<profile>/summary.json`` (atomically) and return its content: ``results``,
+    ``sweeps`` (what each sweep the chapter ran did: counts, and each failed job's config and error) and
+    ``provenance``.
 
     ``device`` is where the work ran, e.g. :func:`~fragile.run.provenance.devices_used` of the devices
     the jobs report; by default ``config.device``, with ``auto`` resolved in this kernel. The code digest
@@ -175,7 +182,10 @@ def finish(
         started=timer.started,
         finished=time.time(),
     )
-    summary = {"section": section, "results": results, "provenance": prov}
+    from fragile.run.sweep import SWEEPS
+
+    sweeps = SWEEPS[timer.first_sweep :]  # the chapter's sweeps: their failures are part of what it shows
+    summary = {"section": section, "results": results, "sweeps": sweeps, "provenance": prov}
     path = write_summary(config.results_dir, section, config.profile, summary)
     summary["path"] = str(path)
     return summary

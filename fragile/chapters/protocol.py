@@ -312,6 +312,8 @@ def estimate(
     est = make_estimator(method, objective, theta, x, y, **kwargs)
     try:
         res = est.influences(x_test, y_test)
+    except InvalidArgumentError:  # the caller's mistake, not the solver's failure on this problem
+        raise
     except FragileError as exc:
         log.warning("%s failed: %s", method, exc)
         return EstimatorFailure(method, str(exc))
@@ -415,6 +417,9 @@ def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, 
 
     Returns the finished jobs' results in job order and the sweep's report (done, cached, failed with their
     tracebacks): a failed job is left out of the results and named in the report, never hidden.
+
+    Raises:
+        AllJobsFailedError: every job failed; the chapter stops here, before any table is built from nothing.
     """
     report = run_sweep(
         jobs,
@@ -425,7 +430,15 @@ def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, 
         client=client,
         progress=progress,
     )
+    if jobs and len(report.failed) == len(jobs):
+        lines = [f"{name}: {info['error']}" for name, info in report.outcome()["failed"].items()]
+        shown = lines[:5] + ([f"… and {len(lines) - 5} more"] if len(lines) > 5 else [])
+        raise AllJobsFailedError(f"every one of the {len(jobs)} jobs failed; " + "; ".join(shown))
     return finished(report, jobs), report
+
+
+class AllJobsFailedError(FragileError):
+    """Every job of a chapter's sweep failed: nothing to show, and the first failures say why."""
 
 
 def finished(report: SweepReport, jobs: Sequence[Job]) -> list[Any]:

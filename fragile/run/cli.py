@@ -3,19 +3,56 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import click
 import yaml
 
 from fragile.config import settings_help
-from fragile.errors import FragileError
+from fragile.errors import FragileError, InvalidArgumentError
 from fragile.run import runner, sweep
 
+# YAML 1.1 reads ``1e-3`` (no dot, no sign in the exponent) as a string; every number written as Python would write it
+# is a number here.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-def _parse_value(text: str):
-    """Command-line values are YAML scalars/lists: ``3`` is an int, ``[1, 2]`` a list, ``true`` a bool."""
-    return yaml.safe_load(text)
+
+def _parse_value(key: str, text: str):
+    """A command-line value, read as YAML: ``3`` is an int, ``1e-3`` and ``0.5`` floats, ``[1, 2]`` a list, ``true`` a
+    bool, anything else a string. Malformed YAML is refused naming the key."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise InvalidArgumentError(
+            f"-p {key} {text!r} is not a valid value ({problem}); give a number, true/false, a string or a list like [1, 2]"
+        ) from None
+    return _numbers(value)
+
+
+def _numbers(value):
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) and not value.strip().lstrip("+-").isdigit():
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
+def _overrides(params: tuple[tuple[str, str], ...], execution: dict) -> dict:
+    """The ``-p KEY VALUE`` pairs as parameters: a key given twice, ``profile`` (use ``--profile``) or an execution
+    parameter also given by its option (``--scheduler``, ``--workers``) is refused, naming it."""
+    out: dict = {}
+    for key, text in params:
+        if key in out:
+            raise InvalidArgumentError(f"-p {key} is given twice ({out[key]!r} and {text!r}); give each parameter once")
+        if key == "profile":
+            raise InvalidArgumentError("-p profile is not allowed; choose the profile with --profile")
+        out[key] = _parse_value(key, text)
+    for key, option in (("scheduler", "--scheduler"), ("n_workers", "--workers")):
+        if key in out and key in execution:
+            raise InvalidArgumentError(f"-p {key} and {option} both set {key}; give it once")
+    return out | execution
 
 
 @click.group()
@@ -96,13 +133,15 @@ def run_cmd(
     scheduler: str | None,
     workers: int | None,
 ) -> None:
-    """Run SECTION (e.g. iris) with a profile and overrides; writes under runs/, never into the book."""
+    """Run SECTION (e.g. iris) with a profile and overrides; writes under runs/, never into the book. Exits 1 when a
+    job failed (each failure is listed with its parameters), 2 on bad input or a failed notebook."""
     try:
-        overrides = {k: _parse_value(v) for k, v in params} | _execution(scheduler, workers)
-        path = runner.run_section(section, profile, overrides, output=output, progress=True)
+        overrides = _overrides(params, _execution(scheduler, workers))
+        run = runner.run_section(section, profile, overrides, output=output, progress=True)
     except FragileError as exc:
         _fail(exc)
-    click.echo(f"executed notebook: {path}")
+    click.echo(f"executed notebook: {run.path}")
+    _report([run])
 
 
 @main.command("book")
@@ -114,12 +153,28 @@ def run_cmd(
 def book_cmd(profile: str, no_run: bool, only: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
     """Execute every chapter into book/sections/ and build the HTML book."""
     try:
-        if not no_run:
-            runner.run_book_sections(profile, only=list(only) or None, overrides=_execution(scheduler, workers))
+        runs = (
+            [] if no_run else runner.run_book_sections(profile, only=list(only) or None, overrides=_execution(scheduler, workers))
+        )
         html = runner.build_html()
     except FragileError as exc:
         _fail(exc)
     click.echo(f"book: {html / 'index.html'}")
+    _report(runs)
+
+
+def _report(runs: list[runner.SectionRun]) -> None:
+    """Each section's sweep report; exit 1 when any job failed (its chapter shows it, but a command that succeeds
+    must mean that everything ran)."""
+    for run in runs:
+        if run.sweeps:
+            click.echo(f"{run.path.stem}:")
+            for line in run.report():
+                click.echo(f"  {line}")
+    failed = sum(len(run.failed) for run in runs)
+    if failed:
+        click.echo(f"error: {failed} job(s) failed; see above (the executed notebooks show them too)", err=True)
+        sys.exit(1)
 
 
 @main.command("check")

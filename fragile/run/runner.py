@@ -4,8 +4,14 @@ A section is a chapter of :mod:`fragile.chapters.registry` and its template ``no
 one ``parameters`` cell declaring the chapter config's fields. A profile ``book/params/<profile>.yml`` maps
 section names to parameter values; every value is checked against the chapter's config (name, type, range)
 before papermill starts. Book runs write
-``book/sections/NN_<name>.ipynb``; ad-hoc runs write under ``runs/`` and never touch the book. Output is
-written to a temporary file and moved into place only when the whole notebook succeeded.
+``book/sections/NN_<name>.ipynb`` and the chapters' outputs under ``results/``; ad-hoc runs write under ``runs/``
+and are refused any output inside ``book/`` or ``results/``. A notebook is executed in a private temporary folder
+and moved into place only when the whole notebook succeeded; a failed one is kept under ``runs/failed/``. Each
+executed chapter records the digests of the outputs it wrote, which ``fragile check`` compares with the files.
+
+While a notebook runs, its sweeps append their progress and outcome to an events file (:data:`~fragile.run.sweep.
+EVENTS_ENV`): the runner logs a progress line per finished job and returns each sweep's outcome with the notebook
+(:class:`SectionRun`), failed jobs included.
 
 Sections run their grids through :mod:`fragile.run.sweep`. When a section's ``scheduler`` is ``local``, the
 runner starts one Dask ``LocalCluster`` for the whole call, logs its dashboard address, and hands the
@@ -20,9 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -42,7 +50,36 @@ COMMON_PARAMETERS = tuple(name for name in COMMON_FIELDS if name not in ("cache_
 
 
 class SectionFailedError(FragileError):
-    """A section notebook raised while executing; nothing was written to the output path."""
+    """A section notebook raised while executing; nothing was written to the output path, and the partly executed
+    notebook is kept under ``runs/failed/`` for inspection (its path is in the message)."""
+
+
+@dataclass(frozen=True)
+class SectionRun:
+    """An executed section: where its notebook went and what each of its sweeps did.
+
+    Attributes:
+        path: the executed notebook.
+        sweeps: each sweep's outcome (:meth:`~fragile.run.sweep.SweepReport.outcome`: ``done``, ``cached`` and the
+            ``failed`` jobs with their config and error line), in the order the chapter ran them.
+    """
+
+    path: Path
+    sweeps: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def failed(self) -> dict[str, dict[str, Any]]:
+        """Every failed job of every sweep, by job name."""
+        return {name: info for s in self.sweeps for name, info in s["failed"].items()}
+
+    def report(self) -> list[str]:
+        """One line per sweep (``sweep: 3 done, 1 cached, 1 failed``), then one per failed job: its name, its
+        error's first line and its parameters."""
+        lines = [f"sweep: {s['done']} done, {s['cached']} cached, {len(s['failed'])} failed" for s in self.sweeps]
+        for name, info in self.failed.items():
+            lines.append(f"  failed {name}: {info['error']}")
+            lines.append(f"    parameters: {json.dumps(info['config'], sort_keys=True, default=str)}")
+        return lines
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -185,6 +222,15 @@ def schedulers(n_workers: int | None = None) -> Iterator[Schedulers]:
         yield Schedulers(stack, n_workers)
 
 
+# What only `fragile book` writes: an ad-hoc run writing here would replace the book's numbers with its own.
+BOOK_OUTPUTS = ("book", "results")
+AD_HOC_RESULTS = "runs/results"
+
+
+def _stamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def run_section(
     name: str,
     profile: str = "default",
@@ -194,64 +240,157 @@ def run_section(
     root: Path | None = None,
     progress: bool = False,
     cluster: Schedulers | None = None,
-) -> Path:
-    """Execute one section with papermill; returns the executed notebook's path.
+) -> SectionRun:
+    """Execute one section with papermill, ad hoc: never into the book.
 
     Args:
         name: section name (``iris`` or ``01_iris``).
         profile: parameter profile.
         overrides: parameter values replacing the profile's.
-        output: where the executed notebook goes; default ``runs/<section>-<profile>-<time>.ipynb``
-            (ad-hoc runs never write into the book).
+        output: where the executed notebook goes; default ``runs/<section>-<profile>-<time>.ipynb``. It and
+            ``results_dir`` (default ``runs/results``) may not lie inside the book's ``book/`` or ``results/``.
         root: the project checkout (default: found from the working directory).
         progress: show papermill's cell progress bar.
         cluster: shares one local Dask cluster between calls; by default a section whose
             ``scheduler`` is ``local`` gets a cluster of its own for this call.
 
+    Returns:
+        The executed notebook's path and what each of its sweeps did (failed jobs included: the caller decides).
+
     Raises:
-        InvalidArgumentError: unknown section, profile or parameter name (before executing anything).
+        InvalidArgumentError: unknown section, profile or parameter name, an output inside the book, or an output
+            that cannot be written (all before executing anything).
         SectionFailedError: the notebook raised; its message is the notebook's error line.
     """
     root = root or project_root()
     section = find_section(name, root)
-    params = resolve_parameters(section, profile, overrides, root)
-    if output is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        output = root / "runs" / f"{section.name}-{profile}-{stamp}.ipynb"
-        params.setdefault("results_dir", "runs/results")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    params = resolve_parameters(section, profile, {"results_dir": AD_HOC_RESULTS, **(overrides or {})}, root)
+    output = Path(output) if output is not None else root / "runs" / f"{section.name}-{profile}-{_stamp()}.ipynb"
+    for option, path in (("--output", output), ("results_dir", Path(params["results_dir"]))):
+        where = (path if path.is_absolute() else root / path).resolve()
+        for protected in BOOK_OUTPUTS:
+            top = (root / protected).resolve()
+            if where == top or top in where.parents:
+                raise InvalidArgumentError(
+                    f"{option}={str(path)!r} is inside {protected}/, which only `fragile book` writes; an ad-hoc run "
+                    "writes under runs/ (the default) or any folder outside the book"
+                )
+    return _run(section, profile, params, output, root, progress, cluster)
+
+
+def _run(
+    section: Section, profile: str, params: dict[str, Any], output: Path, root: Path, progress: bool, cluster: Schedulers | None
+) -> SectionRun:
+    _check_writable("--output", output, file=True)
+    _check_writable("results_dir", Path(params.get("results_dir", declared_default(section, "results_dir"))), root=root)
     with ExitStack() as stack:
         cluster = cluster or Schedulers(stack, params.get("n_workers") or None)
         run_params = dict(params)
         if "scheduler" in section.parameters:
             run_params["scheduler"] = cluster.resolve(params.get("scheduler", declared_default(section, "scheduler")))
-        _execute(section, profile, params, run_params, output, root, progress)
-    return output
+        sweeps = _execute(section, profile, params, run_params, output, root, progress)
+    return SectionRun(output, sweeps)
+
+
+def _check_writable(option: str, path: Path, *, file: bool = False, root: Path | None = None) -> None:
+    """Refuse, before any work, an output that cannot be written: an existing folder where a file goes, or a
+    folder that cannot be created or written to (a file is written there and removed)."""
+    path = path if path.is_absolute() or root is None else root / path
+    if file and path.is_dir():
+        raise InvalidArgumentError(f"{option}={str(path)!r} is an existing folder; give the path of a notebook file")
+    folder = path.parent if file else path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InvalidArgumentError(f"{option}={str(path)!r} cannot be written ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block (the kernel inherits them), restoring what was there before."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _ProgressRelay:
+    """Reads the sweep events a kernel appends to a file and logs each progress line (jobs done of total, elapsed,
+    time left) as it comes, from a thread, until stopped; then returns the sweeps' outcomes."""
+
+    def __init__(self, section: Section, path: Path):
+        self.section, self.path = section, path
+        self._stop = threading.Event()
+        self._seen = 0
+        self._thread = threading.Thread(target=self._loop, name="fragile-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._relay()
+
+    def _relay(self) -> list[dict[str, Any]]:
+        from fragile.run.sweep import read_events
+
+        events = read_events(self.path) if self.path.exists() else []
+        for e in events[self._seen :]:
+            if e.get("event") == "progress":
+                log.info(
+                    "%s: %d of %d jobs (%d from the cache), %s elapsed, about %s left",
+                    self.section.short,
+                    e["done"],
+                    e["total"],
+                    e["cached"],
+                    e["elapsed"],
+                    e["eta"],
+                )
+        self._seen = len(events)
+        return events
+
+    def stop(self) -> tuple[dict[str, Any], ...]:
+        self._stop.set()
+        self._thread.join()
+        events = self._relay()
+        return tuple({k: v for k, v in e.items() if k != "event"} for e in events if e.get("event") == "sweep")
 
 
 def _execute(
     section: Section, profile: str, params: dict[str, Any], run_params: dict[str, Any], output: Path, root: Path, progress: bool
-) -> None:
+) -> tuple[dict[str, Any], ...]:
     import nbformat
     import papermill as pm
 
+    from fragile.run.sweep import EVENTS_ENV
+
     code = notebook_code(section.path, root)  # read before executing: the code the chapter runs
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".ipynb", dir=output.parent)
-    os.close(fd)
-    env_before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    # The notebook being executed and the sweep events live in a private temporary folder, never beside the
+    # output: a killed run leaves nothing half-written there.
+    scratch = Path(tempfile.mkdtemp(prefix="fragile-run-"))
+    tmp = scratch / f"{output.stem}.ipynb"
+    events = scratch / "events.jsonl"
+    relay = _ProgressRelay(section, events)
     try:
-        pm.execute_notebook(
-            str(section.path),
-            tmp,
-            parameters=run_params,
-            cwd=str(root),
-            kernel_name="python3",
-            progress_bar=progress,
-            log_output=False,
-            request_save_on_cell_execute=False,
-        )
+        with _environment(TQDM_DISABLE="1", **{EVENTS_ENV: str(events)}):
+            pm.execute_notebook(
+                str(section.path),
+                str(tmp),
+                parameters=run_params,
+                cwd=str(root),
+                kernel_name="python3",
+                progress_bar=progress,
+                log_output=False,
+                request_save_on_cell_execute=False,
+            )
+        sweeps = relay.stop()
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata["fragile"] = {
             "section": section.name,
@@ -259,17 +398,39 @@ def _execute(
             "parameters": params,
             "template_digest": template_digest(section.path),
             "params_digest": params_digest(params),
+            "outputs": output_digests(section, profile, params, root),
             **code,
         }
         atomic_write_bytes(output, nbformat.writes(nb).encode())
+        return sweeps
     except pm.PapermillExecutionError as exc:
-        raise SectionFailedError(f"section {section.short!r} failed: {exc.ename}: {exc.evalue}") from None
+        relay.stop()
+        kept = root / "runs" / "failed" / f"{section.name}-{profile}-{_stamp()}.ipynb"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(tmp, kept)
+        raise SectionFailedError(
+            f"section {section.short!r} failed: {exc.ename}: {exc.evalue} (the executed notebook is kept at {kept})"
+        ) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
-        if env_before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = env_before
+        relay.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def section_outputs(section: Section, profile: str, params: dict[str, Any], root: Path) -> Path:
+    """The folder a chapter writes its summary and figures to: ``<results_dir>/<section>/<profile>``."""
+    results = Path(params.get("results_dir", declared_default(section, "results_dir")))
+    return (results if results.is_absolute() else root / results) / section.name / profile
+
+
+def output_digests(section: Section, profile: str, params: dict[str, Any], root: Path) -> dict[str, str]:
+    """SHA-256 of every file the chapter wrote to :func:`section_outputs`, by path relative to ``root`` where it
+    lies inside it: recorded in the executed notebook so that ``fragile check`` sees an output changed since."""
+    folder = section_outputs(section, profile, params, root)
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
+        name = str(path.relative_to(root)) if root in path.parents else str(path)
+        out[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def book_section_path(section: Section, root: Path) -> Path:
@@ -282,12 +443,16 @@ def run_book_sections(
     only: list[str] | None = None,
     *,
     overrides: dict[str, Any] | None = None,
-) -> list[Path]:
-    """Execute every section (or ``only`` these) into ``book/sections/`` with the profile's parameters.
+) -> list[SectionRun]:
+    """Execute every section (or ``only`` these, by full or short name) into ``book/sections/`` with the profile's
+    parameters.
 
     ``overrides`` may hold only execution parameters (``scheduler``, ``n_workers``): anything else would
     make the book disagree with its profile. Sections whose scheduler is ``local`` share one cluster of
     ``n_workers`` workers (default: one per CPU).
+
+    Raises:
+        InvalidArgumentError: a name in ``only`` that is no section, or a bad override (before anything runs).
     """
     root = root or project_root()
     overrides = dict(overrides or {})
@@ -297,16 +462,17 @@ def run_book_sections(
             f"book runs take only execution overrides {list(EXECUTION_PARAMETERS)}, not {bad}; "
             "change book/params/<profile>.yml instead"
         )
-    chosen = [s for s in sections(root) if not only or s.name in only or s.short in only]
-    for section in chosen:  # every name is checked before the first section starts
-        resolve_parameters(section, profile, overrides, root)
+    every = sections(root)
+    unknown = sorted(set(only or ()) - {s.name for s in every} - {s.short for s in every})
+    if unknown:
+        raise InvalidArgumentError(f"--section {unknown} is not allowed; choose from {[s.short for s in every]}")
+    chosen = [s for s in every if not only or s.name in only or s.short in only]
+    resolved = {s.name: resolve_parameters(s, profile, overrides, root) for s in chosen}  # all checked before any runs
     out = []
     with schedulers(overrides.get("n_workers") or None) as cluster:
         for section in chosen:
             log.info("running section %s (profile %s)", section.name, profile)
-            out.append(
-                run_section(section.name, profile, overrides, output=book_section_path(section, root), root=root, cluster=cluster)
-            )
+            out.append(_run(section, profile, resolved[section.name], book_section_path(section, root), root, False, cluster))
     return out
 
 
@@ -362,8 +528,9 @@ def stale_sections(root: Path | None = None) -> list[str]:
 
     An executed chapter is stale when it is missing, when its template changed since it was executed,
     when the library code its template imports (read from ``root/fragile``, see
-    :func:`~fragile.run.code.code_problem`) changed or was not recorded, or when the profile it was
-    executed with now gives different parameters.
+    :func:`~fragile.run.code.code_problem`) changed or was not recorded, when the profile it was
+    executed with now gives different parameters, or when an output it wrote (its ``summary.json`` and figures
+    under ``results/``) is missing, changed, or joined by a file it did not write.
     """
     root = root or project_root()
     problems = []
@@ -384,4 +551,19 @@ def stale_sections(root: Path | None = None) -> list[str]:
         expected = resolve_parameters(section, meta.get("profile", "default"), None, root)
         if params_digest(expected) != meta.get("params_digest"):
             problems.append(f"{section.name}: book/params/{meta.get('profile')}.yml changed since the chapter was executed")
+        problems += [f"{section.name}: {p}" for p in _output_problems(section, meta, expected, root)]
+    return problems
+
+
+def _output_problems(section: Section, meta: dict[str, Any], params: dict[str, Any], root: Path) -> list[str]:
+    """How the chapter's outputs on disk (summary, figures) differ from those its execution wrote."""
+    recorded = meta.get("outputs")
+    if recorded is None:
+        return ["the executed chapter does not record its outputs (executed by an older runner)"]
+    now = output_digests(section, meta.get("profile", "default"), params, root)
+    problems = [f"{name} is missing" for name in sorted(set(recorded) - set(now))]
+    problems += [
+        f"{name} changed since the chapter wrote it" for name in sorted(n for n in recorded if n in now and now[n] != recorded[n])
+    ]
+    problems += [f"{name} was not written by the chapter's execution" for name in sorted(set(now) - set(recorded))]
     return problems

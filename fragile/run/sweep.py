@@ -14,7 +14,9 @@ sized to the machine, the embedded default) or the address of an existing schedu
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import threading
 import time
@@ -100,6 +102,74 @@ class Job:
         return f"{self.name}/{config_key(self.cache_config)}"
 
 
+EVENTS_ENV = "FRAGILE_SWEEP_EVENTS"
+"""The environment variable naming a file where every sweep of this process appends its progress and its
+outcome, one JSON object per line (:func:`read_events`): how the runner, outside the notebook's kernel, shows
+per-job progress on the command line and learns which jobs failed."""
+
+
+def _emit(event: dict[str, Any]) -> None:
+    path = os.environ.get(EVENTS_ENV)
+    if not path:
+        return
+    # One short line per write, opened in append mode: lines from one writer never interleave mid-line.
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(event, default=str) + "\n")
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events a run appended to ``path`` (see :data:`EVENTS_ENV`); a last line cut off by a kill is ignored."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _Progress:
+    """Jobs done of total, elapsed and an estimate of the time left, after every job: a tqdm bar in this process
+    and, where :data:`EVENTS_ENV` is set, a progress event for the runner to print."""
+
+    def __init__(self, total: int, cached: int, show: bool):
+        self.total, self.cached, self.finished = total, cached, 0
+        self.start = time.monotonic()
+        self.bar = tqdm(total=total - cached, desc="sweep", disable=not show or total == cached)
+        if total:
+            self._event()
+
+    def update(self) -> None:
+        self.finished += 1
+        self.bar.update()
+        self._event()
+
+    def _event(self) -> None:
+        elapsed = time.monotonic() - self.start
+        left = self.total - self.cached - self.finished
+        eta = elapsed / self.finished * left if self.finished else math.nan
+        _emit(
+            {
+                "event": "progress",
+                "done": self.cached + self.finished,
+                "total": self.total,
+                "cached": self.cached,
+                "elapsed": _duration(elapsed),
+                "eta": _duration(eta) if math.isfinite(eta) else "unknown",
+            }
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclass(frozen=True)
 class JobFailure:
     """A job that raised (or whose worker died): its config, the error line and the traceback. A value of its own
@@ -126,6 +196,23 @@ class SweepReport:
         for name, info in self.failed.items():
             line += f"\n  failed {name}: {info.error} (config {info.config})"
         return line
+
+    def outcome(self) -> dict[str, Any]:
+        """What the sweep did, as plain JSON: counts, and each failed job's config and its error's first line (the
+        type and message); what a chapter's ``summary.json`` records and the command line reports."""
+        return {
+            "done": len(self.done),
+            "cached": len(self.cached),
+            "failed": {
+                name: {"error": (info.error.strip().splitlines() or [""])[0][:500], "config": info.config}
+                for name, info in self.failed.items()
+            },
+        }
+
+
+SWEEPS: list[dict[str, Any]] = []
+"""The outcome (:meth:`SweepReport.outcome`) of every sweep this process ran, in order: a chapter's kernel records
+them in its ``summary.json``."""
 
 
 def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
@@ -307,7 +394,7 @@ def run_sweep(
             log.error("job %s failed: %s", job.name, value["error"])
 
     todo.sort(key=lambda j: -j.cost)  # stable: equal costs keep their order
-    bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not todo)
+    bar = _Progress(len(jobs), len(report.cached), progress)
     if todo and scheduler == "in-process" and client is None:
         for job in todo:
             record(job, *_execute(job, keyed[job.name], str(cache.root), use_cache))
@@ -348,4 +435,7 @@ def run_sweep(
                 close(client)
     bar.close()
     log.info("sweep: %s", report.summary())
+    outcome = report.outcome()
+    SWEEPS.append(outcome)
+    _emit({"event": "sweep", **outcome})
     return report
