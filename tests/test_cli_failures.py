@@ -49,6 +49,28 @@ def test_malformed_and_repeated_and_shadowed_parameters_are_refused_by_name():
         (["run", "iris", "-p", "results_dir", "results"], "results_dir='results' is inside results/"),
         (["run", "iris", "-o", "book/sections/01_iris.ipynb"], "--output='book/sections/01_iris.ipynb' is inside book/"),
         (["book", "--section", "irsi"], "--section ['irsi'] is not allowed"),
+        (["run", "irsi"], "section='irsi' is not allowed"),
+        (["run", "iris", "-p", "n_sedes", "3"], "unknown parameter(s) ['n_sedes'] for section 'iris'"),
+        (["run", "iris", "-p", "n_seeds", "ten"], "n_seeds='ten' has the wrong type"),
+        (["run", "iris", "-p", "n_seeds", "1001"], "n_seeds=1001 is not allowed; it must be <= 1000"),
+        (["run", "iris", "-p", "n_workers", "5000"], "n_workers=5000 is not allowed; it must be <= 1024"),
+        (["run", "iris", "-p", "depths", "[0, 1]"], "depths=0 is not allowed"),
+        (["run", "iris", "-p", "lr", "-1"], "lr=-1.0 is not allowed"),
+        (["run", "iris", "-p", "seed", "-1"], "seed=-1 is not allowed"),
+        (["run", "iris", "-p", "device", "tpu"], "device='tpu' is not allowed"),
+        (["run", "iris", "-p", "scheduler", "carrier-pigeon"], "scheduler='carrier-pigeon' is not allowed"),
+        (["run", "iris", "--scheduler", "locall"], "scheduler='locall' is not allowed"),
+        (["run", "iris", "-p", "use_cache", "1"], "use_cache=1 has the wrong type"),
+        (["run", "iris", "-p", "weight_decay", "-1e-3"], "weight_decay=-0.001 is not allowed"),
+        (["run", "iris", "-p", "train_steps", "1e9"], "train_steps=1000000000.0 has the wrong type"),
+        (["run", "iris", "-p", "scheduler", "local", "--scheduler", "in-process"], "-p scheduler and --scheduler"),
+        (["run", "small_mnist", "-p", "n_train", "3"], "n_train=3 is not allowed"),
+        (["run", "small_mnist", "-p", "n_train", "100000000"], "n_train=100000000 is not allowed; it must be <= 10000000"),
+        (["run", "mnist_cifar10", "-p", "mnist_architectures", "[vgg99]"], "mnist_architectures='vgg99' is not allowed"),
+        (["run", "estimands", "-p", "selection", "best"], "selection='best' is not allowed"),
+        (["run", "imagenet", "-p", "top_k", "0"], "top_k=0 is not allowed"),
+        (["run", "imagenet", "-p", "cifar100_n_seeds", "0"], "cifar100_n_seeds=0 is not allowed"),
+        (["run", "appendix", "-p", "optimizers", "[adam, sgd]"], "optimizer_lrs has 4 values but optimizers has 2"),
     ],
 )
 def test_the_cli_refuses_bad_input_in_one_line_before_any_work(args, message, monkeypatch):
@@ -164,3 +186,25 @@ def test_every_count_has_an_upper_bound_stated_in_its_help():
     helps = {name: text for name, _, _, text in settings_help(SmallMnistConfig)}
     assert helps["train_steps"].endswith("(an integer from 1 to 10,000,000)")
     assert helps["n_seeds"].endswith("(an integer from 1 to 1,000)")
+
+
+def test_the_runner_logs_a_line_per_finished_job_and_returns_each_sweeps_outcome(tmp_path, caplog):
+    import logging
+
+    section = runner.find_section("iris", ROOT)
+    events = tmp_path / "events.jsonl"
+    lines = [
+        {"event": "progress", "done": 1, "total": 4, "cached": 1, "elapsed": "0:00", "eta": "unknown"},
+        {"event": "progress", "done": 2, "total": 4, "cached": 1, "elapsed": "0:07", "eta": "0:14"},
+        {"event": "sweep", "done": 3, "cached": 1, "failed": {}},
+    ]
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with caplog.at_level(logging.INFO, logger="fragile.run.runner"):
+        relay = runner._ProgressRelay(section, events)
+        sweeps = relay.stop()
+    assert sweeps == ({"done": 3, "cached": 1, "failed": {}},)
+    logged = [r.getMessage() for r in caplog.records if r.name == "fragile.run.runner"]
+    assert logged == [
+        "iris: 1 of 4 jobs (1 from the cache), 0:00 elapsed, time left unknown",
+        "iris: 2 of 4 jobs (1 from the cache), 0:07 elapsed, time left 0:14",
+    ]

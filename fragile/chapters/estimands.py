@@ -112,7 +112,7 @@ class EstimandsConfig(ConvergenceSettings, ChapterConfig):
     Iris networks (full-batch GD, as in the Iris chapter), the ``mnist_*`` fields the small-MNIST CNN (Adam, as in
     its chapter)."""
 
-    n_seeds: int = setting(2, "models per Iris depth and small-MNIST seeds", at_least(1))
+    n_seeds: int = setting(2, "models per Iris depth and small-MNIST seeds", at_least(1, 1000))
     selection: str = setting(
         "top",
         "top (the top_k largest |prediction| of the first estimator, the paper's protocol) or random (Bae et al.'s)",

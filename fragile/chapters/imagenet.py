@@ -171,7 +171,7 @@ class ImageNetConfig(protocol.AnyDevice, protocol.SolverSettings, protocol.Conve
     cifar100_train_steps: int = setting(20000, "Adam training steps (not stated)")
     cifar100_batch_size: int = setting(128, "Adam minibatch size (not stated)")
     cifar100_test_points_per_kind: int = setting(3, "highest-loss and median-loss test points each (paper: several)")
-    cifar100_n_seeds: int = setting(3, "initialisations (paper: several)")
+    cifar100_n_seeds: int = setting(3, "initialisations (paper: several)", at_least(1, 1000))
     cifar100_top_k: int = setting(40, "training points retrained per test point (Table 1 protocol: 40)")
     cifar100_lissa_depth: int = setting(5000, "LiSSA recursion depth for the CIFAR-100 rows")
     cifar100_lissa_batch_size: int = setting(1024, "LiSSA minibatch for the CIFAR-100 rows")

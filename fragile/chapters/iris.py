@@ -64,7 +64,7 @@ class IrisConfig(ConvergenceSettings, ChapterConfig):
     the common fields of :class:`~fragile.book.chapter.ChapterConfig` (``device`` is the CPU only here: the models
     are tiny). Values the paper does not state are marked so."""
 
-    n_seeds: int = setting(10, "seeds per configuration (the paper reports single runs)", at_least(1))
+    n_seeds: int = setting(10, "seeds per configuration (the paper reports single runs)", at_least(1, 1000))
     depths: tuple[int, ...] = setting(
         (1, 2, 3, 4, 5, 6, 7, 8),
         "hidden-layer counts of the depth sweep, at width headline_width",

@@ -28,7 +28,7 @@ import torch
 
 from fragile.book.chapter import NOT_IN_JOB_KEY, ChapterConfig
 from fragile.chapters.results import Agreement, Estimate, EstimatorFailure, Fit
-from fragile.config import at_least, non_negative, one_of, positive, setting, to_dict
+from fragile.config import MAX_COUNT, at_least, non_negative, one_of, positive, setting, to_dict
 from fragile.core.convergence import ConvergenceClass, ConvergenceCriteria, loss_rise, majority_share, prediction_spread
 from fragile.core.ground_truth import loo_retrain
 from fragile.core.metrics import correlation
@@ -124,8 +124,9 @@ def folder(name: str, value: object) -> None:
 
 
 def class_balanced(name: str, value: object) -> None:
-    """0 (all) or a multiple of 10: a class-balanced subset of a ten-class data set."""
-    check_int(name, value, minimum=0)
+    """0 (all) or a multiple of 10 up to :data:`~fragile.config.MAX_COUNT`: a class-balanced subset of a ten-class
+    data set."""
+    check_int(name, value, minimum=0, maximum=MAX_COUNT)
     if value % 10:  # type: ignore[operator]
         raise InvalidArgumentError(f"{name}={value} is not allowed; it must be 0 (all) or a multiple of 10 (class-balanced)")
 

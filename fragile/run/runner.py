@@ -345,7 +345,7 @@ class _ProgressRelay:
         for e in events[self._seen :]:
             if e.get("event") == "progress":
                 log.info(
-                    "%s: %d of %d jobs (%d from the cache), %s elapsed, about %s left",
+                    "%s: %d of %d jobs (%d from the cache), %s elapsed, time left %s",
                     self.section.short,
                     e["done"],
                     e["total"],
