@@ -1,0 +1,59 @@
+"""The committed result store: keyed by config and numerics version, tracked (a damaged entry is refused naming
+the job, never discarded), pickle-free, within its budget."""
+
+import json
+
+import numpy as np
+import pytest
+
+import fragile.run.store as store_module
+from fragile.run.cache import DIGEST_FILE, _entry_digest
+from fragile.run.store import NUMERICS_VERSION, ResultStore, StoredJob, StoreError
+
+
+def _result() -> dict:
+    return {"spearman": 0.25, "predicted": np.arange(6.0).reshape(2, 3), "n": 7}
+
+
+def test_a_stored_job_comes_back_bit_for_bit_under_its_config_and_numerics_version(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    assert store.load("iris/d1", {"depth": 1}) is None and not store.holds("iris/d1", {"depth": 1})
+    store.save("iris/d1", {"depth": 1}, _result())
+    back = store.load("iris/d1", {"depth": 1})
+    assert back["spearman"] == 0.25 and back["n"] == 7 and np.array_equal(back["predicted"], _result()["predicted"])
+    assert store.load("iris/d1", {"depth": 2}) is None
+    saved = json.loads((store.path("iris/d1", {"depth": 1}) / "config.json").read_text())
+    assert saved == {"depth": 1, "numerics": NUMERICS_VERSION}
+    assert store.entries() == [StoredJob("iris/d1", store.path("iris/d1", {"depth": 1}).name)]
+    monkeypatch.setattr(store_module, "NUMERICS_VERSION", NUMERICS_VERSION + 1)  # numbers moved: retired, not reused
+    assert store.load("iris/d1", {"depth": 1}) is None and not store.holds("iris/d1", {"depth": 1})
+    assert len(store.entries()) == 1  # still on disk, for `fragile verify` to report
+
+
+def test_a_damaged_or_planted_entry_is_refused_naming_the_job_and_left_in_place(tmp_path):
+    store = ResultStore(tmp_path)
+    store.save("table1/lenet", {"a": 1}, _result())
+    entry = store.path("table1/lenet", {"a": 1})
+    (entry / "payload.json").write_text('{"spearman": 0.99}')  # an edited number
+    with pytest.raises(StoreError, match=r"stored job 'table1/lenet' cannot be used .*digest mismatch.*git checkout"):
+        store.load("table1/lenet", {"a": 1})
+    assert entry.is_dir()
+    (entry / "payload.json").write_text(json.dumps({"r": {"__record__": "os:system", "fields": {"command": "true"}}}))
+    (entry / DIGEST_FILE).write_text(_entry_digest(entry))
+    with pytest.raises(StoreError, match="outside this package"):
+        store.load("table1/lenet", {"a": 1})
+    with pytest.raises(StoreError, match="may not hold 'numerics'"):
+        store.save("x", {"numerics": 3}, {})
+
+
+def test_a_save_past_the_budget_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    store.save("small", {"a": 1}, {"x": np.zeros(10)})
+    used = store.size()
+    assert used == sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) > 0
+    monkeypatch.setattr(store_module, "BUDGET_BYTES", used + 1000)
+    with pytest.raises(StoreError, match="past its budget"):
+        store.save("big", {"a": 2}, {"x": np.zeros(10_000)})
+    assert not store.holds("big", {"a": 2}) and store.size() == used
+    store.save("small", {"a": 1}, {"x": np.ones(10)})  # already stored: kept as it was, the budget not consulted
+    assert np.array_equal(store.load("small", {"a": 1})["x"], np.zeros(10))
