@@ -107,13 +107,18 @@ def test_bad_scheduler_address_fails_naming_it_and_the_connect_timeout():
         connect("nowhere")
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass  # the test's output is the assertion, not the server's complaints about Dask's bytes
+
+
 @contextlib.contextmanager
 def _listener(kind: str):
     """A loopback port that accepts TCP but is not Dask: ``closed`` (nothing listens), ``silent`` (accepts and
     never replies) or ``http`` (an HTTP server, whose reply Dask would read as a frame length)."""
     if kind == "http":
         # threaded: the handler stays blocked on the half-open Dask connection, and shutdown must not wait for it
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
