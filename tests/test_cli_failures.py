@@ -18,6 +18,14 @@ from fragile.run.sweep import EVENTS_ENV, SWEEPS, Job, read_events, run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def no_notebook(monkeypatch):
+    """Fail the test if a notebook starts: what is checked must be refused before."""
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook started"))
+
+
 @pytest.mark.parametrize(
     "text, value",
     [("1e-3", 0.001), ("1.0e-3", 0.001), ("-2E4", -20000.0), ("3", 3), ("0.5", 0.5), ("[1e-3, 2]", [0.001, 2]), ("abc", "abc")],
@@ -73,10 +81,7 @@ def test_malformed_and_repeated_and_shadowed_parameters_are_refused_by_name():
         (["run", "appendix", "-p", "optimizers", "[adam, sgd]"], "optimizer_lrs has 4 values but optimizers has 2"),
     ],
 )
-def test_the_cli_refuses_bad_input_in_one_line_before_any_work(args, message, monkeypatch):
-    import papermill
-
-    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook started"))
+def test_the_cli_refuses_bad_input_in_one_line_before_any_work(args, message, monkeypatch, no_notebook):
     monkeypatch.setattr(runner, "build_html", lambda *a, **k: pytest.fail("the book was built"))
     monkeypatch.chdir(ROOT)
     result = CliRunner().invoke(cli.main, args)
@@ -95,10 +100,7 @@ def test_an_ad_hoc_run_never_writes_the_book_whatever_the_paths(tmp_path):
             runner.run_section("iris", "smoke", overrides, output=output, root=ROOT)
 
 
-def test_outputs_that_cannot_be_written_are_refused_before_the_notebook_starts(tmp_path, monkeypatch):
-    import papermill
-
-    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook started"))
+def test_outputs_that_cannot_be_written_are_refused_before_the_notebook_starts(tmp_path, no_notebook):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(InvalidArgumentError, match="--output=.* is an existing folder"):
         runner.run_section("iris", "smoke", {"results_dir": str(tmp_path / "r")}, output=tmp_path, root=ROOT)

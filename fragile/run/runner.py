@@ -331,6 +331,7 @@ class _ProgressRelay:
         self.section, self.path = section, path
         self._stop = threading.Event()
         self._seen = 0
+        self._sweeps: tuple[dict[str, Any], ...] = ()
         self._thread = threading.Thread(target=self._loop, name="fragile-progress", daemon=True)
         self._thread.start()
 
@@ -357,10 +358,13 @@ class _ProgressRelay:
         return events
 
     def stop(self) -> tuple[dict[str, Any], ...]:
-        self._stop.set()
-        self._thread.join()
-        events = self._relay()
-        return tuple({k: v for k, v in e.items() if k != "event"} for e in events if e.get("event") == "sweep")
+        """Stop relaying (a second call only returns the same outcomes) and return each sweep's outcome."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            events = self._relay()
+            self._sweeps = tuple({k: v for k, v in e.items() if k != "event"} for e in events if e.get("event") == "sweep")
+        return self._sweeps
 
 
 def _execute(
@@ -404,7 +408,6 @@ def _execute(
         atomic_write_bytes(output, nbformat.writes(nb).encode())
         return sweeps
     except pm.PapermillExecutionError as exc:
-        relay.stop()
         kept = root / "runs" / "failed" / f"{section.name}-{profile}-{_stamp()}.ipynb"
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(tmp, kept)
