@@ -57,3 +57,27 @@ def test_a_save_past_the_budget_is_refused_and_leaves_nothing(tmp_path, monkeypa
     assert not store.holds("big", {"a": 2}) and store.size() == used
     store.save("small", {"a": 1}, {"x": np.ones(10)})  # already stored: kept as it was, the budget not consulted
     assert np.array_equal(store.load("small", {"a": 1})["x"], np.zeros(10))
+
+
+def test_a_sweep_takes_stored_jobs_from_the_store_and_publishes_what_it_finished(tmp_path):
+    from sweep_jobs import square
+
+    from fragile.run.sweep import Job, run_sweep
+
+    store = ResultStore(tmp_path / "store")
+    jobs = [Job(f"sq{x}", square, {"x": x}) for x in (2, 3)]
+    first = run_sweep(jobs[:1], cache_dir=str(tmp_path / "c"), progress=False, store=store, publish=True)
+    assert first.done == ["sq2"] and store.load("sq2", {"x": 2}) == {"square": 4}
+    # a fresh machine: no cache, the store committed
+    second = run_sweep(jobs, cache_dir=str(tmp_path / "fresh"), progress=False, store=store)
+    assert second.stored == ["sq2"] and second.done == ["sq3"] and second.results["sq2"] == {"square": 4}
+    assert not store.holds("sq3", {"x": 3})  # not published without publish=True
+    assert second.outcome()["stored"] == 1 and second.summary().endswith("1 from the store")
+    # what the cache held is published too
+    third = run_sweep(jobs, cache_dir=str(tmp_path / "fresh"), progress=False, store=store, publish=True)
+    assert third.stored == ["sq2"] and third.cached == ["sq3"] and store.load("sq3", {"x": 3}) == {"square": 9}
+    (store.path("sq2", {"x": 2}) / "payload.npz").write_bytes(b"")
+    with pytest.raises(StoreError, match="stored job 'sq2'"):
+        run_sweep(jobs, cache_dir=str(tmp_path / "fresh"), progress=False, store=store)
+    with pytest.raises(Exception, match="publish=True needs a store"):
+        run_sweep(jobs, cache_dir=str(tmp_path / "fresh"), progress=False, publish=True)

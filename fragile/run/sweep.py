@@ -35,6 +35,7 @@ from fragile.errors import InvalidArgumentError, check_int
 from fragile.run.allocator import keep_freed_memory
 from fragile.run.cache import ResultCache, config_key
 from fragile.run.code import module_code_digest
+from fragile.run.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,14 @@ class SweepReport:
     done: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     failed: dict[str, JobFailure] = field(default_factory=dict)
+    stored: list[str] = field(default_factory=list)  # found in the committed result store
     seconds: dict[str, float] = field(default_factory=dict)  # run time of each job computed now
     dashboard: str | None = None  # the Dask dashboard of the cluster used, if any
 
     def summary(self) -> str:
         line = f"{len(self.done)} done, {len(self.cached)} cached, {len(self.failed)} failed"
+        if self.stored:
+            line += f", {len(self.stored)} from the store"
         for name, info in self.failed.items():
             line += f"\n  failed {name}: {info.error} (config {info.config})"
         return line
@@ -203,6 +207,7 @@ class SweepReport:
         return {
             "done": len(self.done),
             "cached": len(self.cached),
+            "stored": len(self.stored),
             "failed": {
                 name: {"error": (info.error.strip().splitlines() or [""])[0][:500], "config": info.config}
                 for name, info in self.failed.items()
@@ -347,8 +352,10 @@ def run_sweep(
     n_workers: int | None = None,
     client=None,
     progress: bool = True,
+    store: ResultStore | None = None,
+    publish: bool = False,
 ) -> SweepReport:
-    """Run every job not already cached, through the chosen scheduler, and collect the results.
+    """Run every job not already stored or cached, through the chosen scheduler, and collect the results.
 
     Args:
         jobs: the grid; names must be unique.
@@ -359,6 +366,9 @@ def run_sweep(
         n_workers: workers of a ``"local"`` cluster (default: one per CPU).
         client: an existing Dask client to use instead of ``scheduler``.
         progress: a tqdm bar over jobs.
+        store: the committed result store, looked up before the cache (a job found there is ``stored``); a damaged
+            entry raises :class:`~fragile.run.store.StoreError` naming the job, before any job runs.
+        publish: also save every finished job (computed now or found in the cache) to ``store``.
     """
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
@@ -372,7 +382,14 @@ def run_sweep(
     report = SweepReport()
     todo = []
     keyed = {job.name: job.cache_config for job in jobs}
+    if publish and store is None:
+        raise InvalidArgumentError("publish=True needs a store to publish to")
     for job in jobs:
+        kept = store.load(job.name, job.config) if store is not None else None
+        if kept is not None:
+            report.results[job.name] = kept
+            report.stored.append(job.name)
+            continue
         hit = cache.load_or_discard(job.name, keyed[job.name])
         if hit is None:
             todo.append(job)
@@ -394,7 +411,7 @@ def run_sweep(
             log.error("job %s failed: %s", job.name, value["error"])
 
     todo.sort(key=lambda j: -j.cost)  # stable: equal costs keep their order
-    bar = _Progress(len(jobs), len(report.cached), progress)
+    bar = _Progress(len(jobs), len(report.cached) + len(report.stored), progress)
     if todo and scheduler == "in-process" and client is None:
         for job in todo:
             record(job, *_execute(job, keyed[job.name], str(cache.root), use_cache))
@@ -434,6 +451,10 @@ def run_sweep(
             if own:
                 close(client)
     bar.close()
+    if publish:
+        for name in report.done + report.cached:
+            job = next(j for j in jobs if j.name == name)
+            store.save(name, job.config, report.results[name])  # type: ignore[union-attr]
     log.info("sweep: %s", report.summary())
     outcome = report.outcome()
     SWEEPS.append(outcome)
