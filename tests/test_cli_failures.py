@@ -144,7 +144,7 @@ def test_every_sweep_reports_its_progress_and_outcome_to_the_runner(tmp_path, mo
     assert [(e["done"], e["total"]) for e in progress] == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert progress[0]["eta"] == "unknown" and all(e["eta"] != "unknown" for e in progress[1:])
     (outcome,) = [e for e in got if e["event"] == "sweep"]
-    assert outcome["done"] == 2 and outcome["cached"] == 0
+    assert outcome["done"] == 2 and outcome["cached"] == 0 and outcome["stored"] == 0
     assert outcome["failed"] == {"s1": {"error": "ValueError: seed 1 is the bad one", "config": {"seed": 1, "bad": 1}}}
     assert SWEEPS[-1] == report.outcome() == {k: v for k, v in outcome.items() if k != "event"}
     again = read_events(events)[len(got) :]

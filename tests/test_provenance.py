@@ -157,6 +157,7 @@ def test_the_summary_records_what_the_chapters_sweeps_did(tmp_path, monkeypatch)
         {
             "done": 1,
             "cached": 0,
+            "stored": 0,
             "failed": {"s1": {"error": "ValueError: seed 1 is the bad one", "config": {"seed": 1, "bad": 1}}},
         }
     ]
