@@ -1,0 +1,47 @@
+"""`fragile verify`'s comparison and recomputation: identical bits, close within the tolerance, or different with
+the first place it differs."""
+
+import math
+
+import numpy as np
+import pytest
+from sweep_jobs import square
+
+from fragile.chapters.results import Agreement as Corr
+from fragile.run.store import ResultStore
+from fragile.run.sweep import Job
+from fragile.run.verify import Agreement, compare, verify
+
+
+def test_identical_close_and_different_results_are_told_apart():
+    base = {"r": Corr(0.5, 0.25), "x": np.array([1.0, 2.0, np.nan]), "n": 3, "name": "lenet"}
+    assert compare(base, {"r": Corr(0.5, 0.25), "x": np.array([1.0, 2.0, np.nan]), "n": 3, "name": "lenet"}) == (
+        Agreement.IDENTICAL,
+        "",
+        0.0,
+    )
+    nudged = {**base, "x": np.array([1.0, 2.0 * (1 + 1e-9), np.nan])}
+    agreement, where, worst = compare(base, nudged)
+    assert agreement is Agreement.CLOSE and where == "result['x']" and worst == pytest.approx(1e-9, rel=1e-3)
+    moved = {**base, "r": Corr(0.5, 0.26)}
+    agreement, where, worst = compare(base, moved)
+    assert agreement is Agreement.DIFFERENT and where == "result['r'].pearson" and worst == pytest.approx(0.01 / 0.26)
+    assert compare(base, {**base, "name": "vgg"})[:2] == (Agreement.DIFFERENT, "result['name']")
+    assert compare(base, {**base, "x": np.array([1.0, 2.0, 3.0])})[1] == "result['x'] (NaN in one only)"
+    assert compare(base, {**base, "x": np.zeros(2)})[2] == math.inf
+    assert compare(base, {k: v for k, v in base.items() if k != "n"})[1] == "result (keys)"
+
+
+def test_verify_recomputes_a_sample_of_the_stored_jobs(tmp_path):
+    store = ResultStore(tmp_path)
+    jobs = [Job(f"sq{x}", square, {"x": x}) for x in range(6)]
+    for job in jobs[:5]:
+        store.save(job.name, job.config, square(**job.config))
+    store.save("sq3-moved", {"x": 3}, {"square": 10})
+    checked = verify([*jobs, Job("sq3-moved", square, {"x": 3})], store)
+    assert [v.name for v in checked] == ["sq0", "sq1", "sq2", "sq3", "sq4", "sq3-moved"]  # sq5 is not stored
+    assert [v.agreement for v in checked] == [Agreement.IDENTICAL] * 5 + [Agreement.DIFFERENT]
+    assert checked[-1].where == "result['square']"
+    sample = verify(jobs, store, sample=2, seed=1)
+    assert len(sample) == 2 and {v.name for v in sample} <= {j.name for j in jobs[:5]}
+    assert [v.name for v in verify(jobs, store, sample=2, seed=1)] == [v.name for v in sample]
