@@ -9,6 +9,7 @@ import pytest
 import fragile.run.store as store_module
 from fragile.run.cache import DIGEST_FILE, _entry_digest
 from fragile.run.store import NUMERICS_VERSION, ResultStore, StoredJob, StoreError
+from fragile.run.sweep import Job
 
 
 def _result() -> dict:
@@ -81,3 +82,21 @@ def test_a_sweep_takes_stored_jobs_from_the_store_and_publishes_what_it_finished
         run_sweep(jobs, cache_dir=str(tmp_path / "fresh"), progress=False, store=store)
     with pytest.raises(Exception, match="publish=True needs a store"):
         run_sweep(jobs, cache_dir=str(tmp_path / "fresh"), progress=False, publish=True)
+
+
+def test_a_chapter_takes_its_jobs_from_the_store_and_publishes_to_it_when_asked(tmp_path):
+    from sweep_jobs import square
+
+    from fragile.chapters.protocol import run_jobs
+    from fragile.chapters.small_mnist import SmallMnistConfig
+
+    jobs = [Job(f"sq{x}", square, {"x": x}) for x in (4, 5)]
+    common = dict(scheduler="in-process", store_dir=str(tmp_path / "store"))
+    results, report = run_jobs(SmallMnistConfig(**common, cache_dir=str(tmp_path / "a"), publish=True), jobs, progress=False)
+    assert report.done == ["sq4", "sq5"] and ResultStore(tmp_path / "store").load("sq5", {"x": 5}) == {"square": 25}
+    results, report = run_jobs(SmallMnistConfig(**common, cache_dir=str(tmp_path / "b")), jobs, progress=False)
+    assert report.stored == ["sq4", "sq5"] and results == [{"square": 16}, {"square": 25}]
+    _, report = run_jobs(
+        SmallMnistConfig(scheduler="in-process", store_dir="", cache_dir=str(tmp_path / "c")), jobs, progress=False
+    )
+    assert report.stored == [] and report.done == ["sq4", "sq5"]

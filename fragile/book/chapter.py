@@ -40,6 +40,11 @@ class ChapterConfig:
     use_cache: bool = setting(True, "reuse finished jobs from cache_dir")
     results_dir: str = setting("results", "where summary.json goes")
     cache_dir: str = setting(".cache", "the result cache")
+    store_dir: str = setting(
+        "results/store",
+        "the committed result store, looked up before the cache (finished jobs of the published edition); '' for none",
+    )
+    publish: bool = setting(False, "also save every finished job to store_dir (the published edition's runs)")
     scheduler: str = setting(
         "local",
         (

@@ -38,6 +38,7 @@ from fragile.data.datasets import Dataset, load_iris, load_mnist_digits, load_sm
 from fragile.errors import FragileError, InvalidArgumentError, check_int
 from fragile.estimators import NEGATIVE_POLICIES, make_estimator
 from fragile.run.devices import DEVICE_CHOICES, resolve_device
+from fragile.run.store import ResultStore
 from fragile.run.sweep import Job, SweepReport, run_sweep
 
 log = logging.getLogger(__name__)
@@ -414,7 +415,9 @@ def job_fields(cfg: ChapterConfig, *, exclude: Sequence[str] = ()) -> dict[str, 
 
 
 def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, client=None) -> tuple[list[Any], SweepReport]:
-    """Every job through the sweep layer on ``cfg.scheduler`` (or ``client``), cached in ``cfg.cache_dir``.
+    """Every job through the sweep layer on ``cfg.scheduler`` (or ``client``): taken from the committed store
+    ``cfg.store_dir`` where it holds the job, else cached in ``cfg.cache_dir``; with ``cfg.publish`` every finished
+    job is also saved to the store.
 
     Returns the finished jobs' results in job order and the sweep's report (done, cached, failed with their
     tracebacks): a failed job is left out of the results and named in the report, never hidden.
@@ -422,8 +425,11 @@ def run_jobs(cfg: ChapterConfig, jobs: Sequence[Job], *, progress: bool = True, 
     Raises:
         AllJobsFailedError: every job failed; the chapter stops here, before any table is built from nothing.
     """
+    store = ResultStore(cfg.store_dir) if cfg.store_dir else None
     report = run_sweep(
         jobs,
+        store=store,
+        publish=cfg.publish,
         cache_dir=cfg.cache_dir,
         use_cache=cfg.use_cache,
         scheduler=cfg.scheduler,

@@ -45,8 +45,9 @@ from fragile.run.code import code_problem, notebook_code
 
 log = logging.getLogger(__name__)
 
-# Parameters every notebook declares (``cache_dir`` and ``n_seeds`` keep their config defaults where not declared).
-COMMON_PARAMETERS = tuple(name for name in COMMON_FIELDS if name not in ("cache_dir", "n_seeds"))
+# Parameters every notebook declares (``cache_dir``, ``store_dir``, ``publish`` and ``n_seeds`` keep their config
+# defaults where not declared).
+COMMON_PARAMETERS = tuple(name for name in COMMON_FIELDS if name not in ("cache_dir", "store_dir", "publish", "n_seeds"))
 
 
 class SectionFailedError(FragileError):
