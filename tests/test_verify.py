@@ -30,6 +30,8 @@ def test_identical_close_and_different_results_are_told_apart():
     assert compare(base, {**base, "x": np.array([1.0, 2.0, 3.0])})[1] == "result['x'] (NaN in one only)"
     assert compare(base, {**base, "x": np.zeros(2)})[2] == math.inf
     assert compare(base, {k: v for k, v in base.items() if k != "n"})[1] == "result (keys)"
+    timed = {"fit": {"seconds": 1.0, "train_seconds": 2.0, "loss": 0.5}}
+    assert compare(timed, {"fit": {"seconds": 9.0, "train_seconds": 7.0, "loss": 0.5}})[0] is Agreement.IDENTICAL
 
 
 def test_verify_recomputes_a_sample_of_the_stored_jobs(tmp_path):
@@ -45,3 +47,41 @@ def test_verify_recomputes_a_sample_of_the_stored_jobs(tmp_path):
     sample = verify(jobs, store, sample=2, seed=1)
     assert len(sample) == 2 and {v.name for v in sample} <= {j.name for j in jobs[:5]}
     assert [v.name for v in verify(jobs, store, sample=2, seed=1)] == [v.name for v in sample]
+
+
+def test_fragile_verify_recomputes_a_published_chapter_and_fails_on_a_moved_number(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fragile.chapters import iris
+    from fragile.chapters.protocol import run_jobs
+    from fragile.config import from_dict
+    from fragile.run import cli, runner
+    from fragile.run.cache import DIGEST_FILE, _entry_digest
+
+    root = Path(__file__).resolve().parents[1]
+    section = runner.find_section("iris", root)
+    params = runner.resolve_parameters(section, "smoke", {"depths": [1], "widths": [8]}, root)
+    cfg = from_dict(iris.IrisConfig, {**params, "store_dir": str(tmp_path), "publish": True, "cache_dir": str(tmp_path / "c")})
+    jobs = iris.architecture_jobs(cfg)
+    run_jobs(cfg, jobs, progress=False)
+    store = ResultStore(tmp_path)
+    assert jobs and all(store.holds(j.name, j.config) for j in jobs)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(runner, "resolve_parameters", lambda s, p, o, r: params)  # the smaller grid above
+    args = ["verify", "--section", "iris", "--profile", "smoke", "--store", str(tmp_path)]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"{len(jobs)} identical, 0 close, 0 different of {len(jobs)} stored jobs recomputed"
+    # move one stored number, as an unannounced numerics change would, keeping the entry's digest valid
+    entry = store.path(jobs[0].name, jobs[0].config)
+    text = (entry / "payload.json").read_text()
+    key, value = re.search(r'"(train_loss)": ([0-9.e-]+)', text).groups()
+    (entry / "payload.json").write_text(text.replace(f'"{key}": {value}', f'"{key}": {float(value) * 1.5!r}', 1))
+    (entry / DIGEST_FILE).write_text(_entry_digest(entry))
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 1
+    assert result.output.startswith(f"different: {jobs[0].name} at result") and "train_loss" in result.output.splitlines()[0]
+    assert result.output.splitlines()[-1].endswith(f"0 close, 1 different of {len(jobs)} stored jobs recomputed")

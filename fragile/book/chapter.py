@@ -91,8 +91,9 @@ class Chapter:
         part: the caption of the book part it belongs to.
         config: its config class; the notebook's ``parameters`` cell declares exactly its fields.
         glue_prefix: the prefix of every number it glues for other pages (``{glue:text}`sections/…::<prefix>_…```).
-        jobs: the sweep jobs a config expands into.
+        jobs: every sweep job a config expands into, as a list (what ``fragile verify`` recomputes).
         run: the chapter's study: runs those jobs and collects their results (``(results…, report)``).
+        prepare: what must exist before any job runs (data written to disk), or None; ``run`` calls it itself.
     """
 
     name: str
@@ -102,6 +103,7 @@ class Chapter:
     glue_prefix: str
     jobs: Callable[..., Any]
     run: Callable[..., Any]
+    prepare: Callable[..., None] | None = None
 
     @property
     def notebook(self) -> str:

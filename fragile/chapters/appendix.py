@@ -517,6 +517,11 @@ def study_jobs(cfg: AppendixConfig) -> dict[str, list[StudyJob]]:
     return out
 
 
+def all_jobs(cfg: AppendixConfig) -> list[Job]:
+    """Every distinct job of every study of ``cfg``, once."""
+    return unique_jobs(study_jobs(cfg))
+
+
 def unique_jobs(studies: dict[str, list[StudyJob]]) -> list[Job]:
     """Every distinct job once (a job two studies share runs once); a name given to two different keys is an error."""
     seen: dict[str, Job] = {}
@@ -1395,5 +1400,5 @@ def timing_bars(t2):
 
 
 CHAPTER = Chapter(
-    name="appendix", number=5, part=PAPER_PART, config=AppendixConfig, glue_prefix="app", jobs=study_jobs, run=run_study
+    name="appendix", number=5, part=PAPER_PART, config=AppendixConfig, glue_prefix="app", jobs=all_jobs, run=run_study
 )

@@ -561,13 +561,24 @@ def run_study(
     Returns: the finished ImageNet networks, the finished CIFAR-100 networks, and the report.
     """
     protocol.check_device_here(cfg, client)
-    check_weights(cfg)
-    if not resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET"):
-        ensure_stand_in(cfg)  # once here, not by every worker at the same time
+    prepare(cfg)
     jobs = imagenet_jobs(cfg)
     c100 = model_jobs(cfg.cifar100_config()) if cfg.cifar100 else []
     _, report = protocol.run_jobs(cfg, jobs + c100, progress=progress, client=client)
     return protocol.finished(report, jobs), protocol.finished(report, c100), report
+
+
+def prepare(cfg: ImageNetConfig) -> None:
+    """What the jobs need before any runs: the weights checked, and the offline stand-in written when there is no
+    ImageNet root (once here, not by every worker at the same time)."""
+    check_weights(cfg)
+    if not resolve_data_root(cfg.data_root, env="FRAGILE_IMAGENET"):
+        ensure_stand_in(cfg)
+
+
+def study_jobs(cfg: ImageNetConfig) -> list[Job]:
+    """Every job of the chapter: the ImageNet networks, then (with ``cifar100``) the CIFAR-100 Table 1 models."""
+    return imagenet_jobs(cfg) + (model_jobs(cfg.cifar100_config()) if cfg.cifar100 else [])
 
 
 def network_rows(models: list[ImageNetResult], influence_params: str, criteria: ConvergenceCriteria) -> list[dict[str, Any]]:
@@ -864,5 +875,12 @@ def _on_converged(
 
 
 CHAPTER = Chapter(
-    name="imagenet", number=4, part=PAPER_PART, config=ImageNetConfig, glue_prefix="inet", jobs=imagenet_jobs, run=run_study
+    name="imagenet",
+    number=4,
+    part=PAPER_PART,
+    config=ImageNetConfig,
+    glue_prefix="inet",
+    jobs=study_jobs,
+    run=run_study,
+    prepare=prepare,
 )

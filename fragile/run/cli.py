@@ -12,6 +12,7 @@ import yaml
 from fragile.config import settings_help
 from fragile.errors import FragileError, InvalidArgumentError
 from fragile.run import runner, sweep
+from fragile.run import verify as verify_module
 
 # YAML 1.1 reads ``1e-3`` (no dot, no sign in the exponent) as a string; every number written as Python would write it
 # is a number here.
@@ -174,6 +175,36 @@ def _report(runs: list[runner.SectionRun]) -> None:
     failed = sum(len(run.failed) for run in runs)
     if failed:
         click.echo(f"error: {failed} job(s) failed; see above (the executed notebooks show them too)", err=True)
+        sys.exit(1)
+
+
+@main.command("verify")
+@click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
+@click.option("--profile", default="default", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="recompute this many stored jobs, drawn at random")
+@click.option("--all", "every", is_flag=True, help="recompute every stored job (the default without --sample)")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the --sample draw")
+@click.option("--rtol", type=float, default=verify_module.DEFAULT_RTOL, show_default=True, help="relative tolerance of 'close'")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="another store than the chapters'")
+def verify_cmd(
+    only: tuple[str, ...], profile: str, sample: int | None, every: bool, seed: int, rtol: float, store_dir: str | None
+) -> None:
+    """Recompute stored jobs from scratch and compare them with the store: one line per job, then a count. Exits 1
+    when a job differs beyond --rtol (the numerics moved without NUMERICS_VERSION being raised)."""
+    try:
+        if sample is not None and every:
+            raise InvalidArgumentError("--sample and --all are exclusive; give one")
+        checked = runner.verify_sections(
+            profile, only=list(only) or None, sample=sample, seed=seed, rtol=rtol, store_dir=store_dir
+        )
+    except FragileError as exc:
+        _fail(exc)
+    for v in checked:
+        where = f" at {v.where}" if v.where else ""
+        click.echo(f"{v.agreement}: {v.name}{where} (max relative difference {v.max_relative:.2g}, {v.seconds:.1f} s)")
+    counts = {a: sum(v.agreement is a for v in checked) for a in verify_module.Agreement}
+    click.echo(", ".join(f"{n} {a}" for a, n in counts.items()) + f" of {len(checked)} stored jobs recomputed")
+    if counts[verify_module.Agreement.DIFFERENT]:
         sys.exit(1)
 
 

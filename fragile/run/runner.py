@@ -480,6 +480,53 @@ def run_book_sections(
     return out
 
 
+def verify_sections(
+    profile: str = "default",
+    root: Path | None = None,
+    only: list[str] | None = None,
+    *,
+    sample: int | None = None,
+    seed: int = 0,
+    rtol: float | None = None,
+    store_dir: str | Path | None = None,
+) -> list[Any]:
+    """Recompute the stored jobs of every section (or ``only`` these) under ``profile`` and compare them with the
+    store (:func:`fragile.run.verify.verify`): all of them, or ``sample`` drawn with ``seed`` over every section's
+    stored jobs together; ``store_dir`` replaces the chapters' own. Each chapter's ``prepare`` runs first (data it
+    writes to disk).
+
+    Raises:
+        InvalidArgumentError: a name in ``only`` that is no section, or a bad profile value.
+    """
+    from fragile.run.store import ResultStore
+    from fragile.run.verify import DEFAULT_RTOL, verify
+
+    root = root or project_root()
+    every = sections(root)
+    unknown = sorted(set(only or ()) - {s.name for s in every} - {s.short for s in every})
+    if unknown:
+        raise InvalidArgumentError(f"--section {unknown} is not allowed; choose from {[s.short for s in every]}")
+    jobs, stores = [], {}
+    for section in (s for s in every if not only or s.name in only or s.short in only):
+        cfg = from_dict(section.chapter.config, resolve_parameters(section, profile, None, root))
+        where = Path(store_dir or cfg.store_dir)
+        where = where if where.is_absolute() else root / where
+        store = stores.setdefault(where, ResultStore(where))
+        chosen = [j for j in section.chapter.jobs(cfg) if store.holds(j.name, j.config)]
+        if chosen and section.chapter.prepare is not None:
+            section.chapter.prepare(cfg)
+        jobs += [(job, store) for job in chosen]
+    if sample is not None and sample < len(jobs):
+        import numpy as np
+
+        picked = sorted(np.random.default_rng(seed).choice(len(jobs), size=sample, replace=False))
+        jobs = [jobs[i] for i in picked]
+    out = []
+    for job, store in jobs:
+        out += verify([job], store, rtol=DEFAULT_RTOL if rtol is None else rtol)
+    return out
+
+
 # The book's own pages after the chapters: how to rerun, and how the pages were made.
 USING_THE_BOOK = ("rerun", "provenance")
 

@@ -29,6 +29,12 @@ DEFAULT_RTOL = 1e-6
 """How far a recomputed number may move, relative to the stored one's size, and still be *close*."""
 
 
+def is_timing(name: str) -> bool:
+    """Whether a result's field or key named ``name`` holds a wall time (``seconds``, ``train_seconds``…): measured,
+    not computed, so never compared."""
+    return name == "seconds" or name.endswith(("_seconds", "_s"))
+
+
 class Agreement(StrEnum):
     IDENTICAL = "identical"
     CLOSE = "close"
@@ -57,7 +63,7 @@ class Verified:
 def compare(stored: Any, recomputed: Any, rtol: float = DEFAULT_RTOL) -> tuple[Agreement, str, float]:
     """How ``recomputed`` agrees with ``stored``: the :class:`Agreement`, the first place they differ (``""`` when
     identical) and the largest relative difference of any number (``inf`` where the structure, a type, a shape or
-    a non-numeric value differs). Cost: one pass over both."""
+    a non-numeric value differs). Wall times (:func:`is_timing`) are left out. Cost: one pass over both."""
     check_positive("rtol", rtol)
     structural: list[str] = []
     moved: list[tuple[str, float]] = []
@@ -83,13 +89,15 @@ def compare(stored: Any, recomputed: Any, rtol: float = DEFAULT_RTOL) -> tuple[A
             structural.append(f"{path} (type {type(a).__name__} against {type(b).__name__})")
         elif dataclasses.is_dataclass(a):
             for f in dataclasses.fields(a):
-                walk(f"{path}.{f.name}", getattr(a, f.name), getattr(b, f.name))
+                if not is_timing(f.name):
+                    walk(f"{path}.{f.name}", getattr(a, f.name), getattr(b, f.name))
         elif isinstance(a, dict):
             if set(a) != set(b):
                 structural.append(f"{path} (keys)")
             else:
                 for k in a:
-                    walk(f"{path}[{k!r}]", a[k], b[k])
+                    if not (isinstance(k, str) and is_timing(k)):
+                        walk(f"{path}[{k!r}]", a[k], b[k])
         elif isinstance(a, (list, tuple)):
             if len(a) != len(b):
                 structural.append(f"{path} (length)")
