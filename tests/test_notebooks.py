@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,7 @@ def test_cli_bad_scheduler_fails_fast_naming_it(tmp_path):
 
 def test_section_on_a_local_cluster_started_by_the_runner(tmp_path):
     """`fragile run` with scheduler local: the runner starts the cluster, prints its dashboard, and the
-    chapter's jobs run on it (the notebook gets the cluster's tcp:// address); the numbers equal an
+    chapter's jobs run on it (the kernel gets the cluster's address through the environment); the numbers equal an
     in-process computation of the same study."""
     import subprocess
     import sys
@@ -247,6 +248,9 @@ def test_section_on_a_local_cluster_started_by_the_runner(tmp_path):
     text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "2 done, 0 cached, 0 failed" in text
     assert nb["metadata"]["fragile"]["parameters"]["scheduler"] == "local"
+    # the cluster's address reached the kernel through the environment: no cell shows this run's ephemeral address
+    address = re.search(r"Dask scheduler (tcp://[0-9.:]+)", done.stderr).group(1)
+    assert address not in "".join("".join(c["source"]) for c in nb["cells"])
 
     summary = json.loads((tmp_path / "res" / "01_iris" / "smoke" / "summary.json").read_text())
     params = runner.resolve_parameters(runner.find_section("iris", ROOT), "smoke", {**small, "scheduler": "in-process"}, ROOT)

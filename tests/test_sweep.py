@@ -2,6 +2,7 @@
 
 import contextlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -305,3 +306,12 @@ def test_jobs_keep_freed_memory_in_glibc_processes():
     # Freed memory is reused: the second block touches pages the process already has. glibc's default
     # (mmap above at most 32 MB) would unmap the block on free and fault in all 16,384 pages again.
     assert faults_of_a_64mb_block() < 1000
+
+
+def test_a_local_sweep_joins_the_cluster_the_runner_shares(tmp_path, client, monkeypatch):
+    from fragile.run.sweep import SHARED_SCHEDULER_ENV
+
+    monkeypatch.setenv(SHARED_SCHEDULER_ENV, client.scheduler.address)
+    report = run_sweep(_grid(steps=5)[:2], cache_dir=str(tmp_path), scheduler="local", progress=False)
+    workers = set(client.run(os.getpid).values())
+    assert not report.failed and {r["pid"] for r in report.results.values()} <= workers

@@ -42,6 +42,7 @@ from fragile.book.chapter import COMMON_FIELDS, EXECUTION_PARAMETERS, Chapter
 from fragile.config import PROFILES, from_dict, load_yaml
 from fragile.errors import FragileError, InvalidArgumentError
 from fragile.run.code import code_problem, notebook_code
+from fragile.run.sweep import SHARED_SCHEDULER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +287,15 @@ def _run(
     _check_writable("results_dir", Path(params.get("results_dir", declared_default(section, "results_dir"))), root=root)
     with ExitStack() as stack:
         cluster = cluster or Schedulers(stack, params.get("n_workers") or None)
-        run_params = dict(params)
+        env = {}
         if "scheduler" in section.parameters:
-            run_params["scheduler"] = cluster.resolve(params.get("scheduler", declared_default(section, "scheduler")))
-        sweeps = _execute(section, profile, params, run_params, output, root, progress)
+            scheduler = params.get("scheduler", declared_default(section, "scheduler"))
+            address = cluster.resolve(scheduler)
+            if scheduler == "local":
+                # The kernel joins the shared cluster through the environment, so the executed notebook's parameters
+                # say `local`, as the reader would write them, never this run's ephemeral address.
+                env[SHARED_SCHEDULER_ENV] = address
+        sweeps = _execute(section, profile, params, env, output, root, progress)
     return SectionRun(output, sweeps)
 
 
@@ -369,7 +375,7 @@ class _ProgressRelay:
 
 
 def _execute(
-    section: Section, profile: str, params: dict[str, Any], run_params: dict[str, Any], output: Path, root: Path, progress: bool
+    section: Section, profile: str, params: dict[str, Any], env: dict[str, str], output: Path, root: Path, progress: bool
 ) -> tuple[dict[str, Any], ...]:
     import nbformat
     import papermill as pm
@@ -384,11 +390,11 @@ def _execute(
     events = scratch / "events.jsonl"
     relay = _ProgressRelay(section, events)
     try:
-        with _environment(TQDM_DISABLE="1", **{EVENTS_ENV: str(events)}):
+        with _environment(TQDM_DISABLE="1", **{EVENTS_ENV: str(events)}, **env):
             pm.execute_notebook(
                 str(section.path),
                 str(tmp),
-                parameters=run_params,
+                parameters=params,
                 cwd=str(root),
                 kernel_name="python3",
                 progress_bar=progress,

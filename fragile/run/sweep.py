@@ -103,6 +103,9 @@ class Job:
         return f"{self.name}/{config_key(self.cache_config)}"
 
 
+SHARED_SCHEDULER_ENV = "FRAGILE_SHARED_SCHEDULER"
+"""The environment variable through which the runner hands a notebook's kernel the address of the local cluster it
+started for the whole book: a sweep asked to run on ``local`` joins that cluster instead of starting its own."""
 EVENTS_ENV = "FRAGILE_SWEEP_EVENTS"
 """The environment variable naming a file where every sweep of this process appends its progress and its
 outcome, one JSON object per line (:func:`read_events`): how the runner, outside the notebook's kernel, shows
@@ -375,6 +378,8 @@ def run_sweep(
         raise InvalidArgumentError("jobs have repeated names; each job needs its own name")
     if client is None:
         check_scheduler(scheduler)
+        if scheduler == "local" and os.environ.get(SHARED_SCHEDULER_ENV):
+            scheduler = check_scheduler(os.environ[SHARED_SCHEDULER_ENV])
     if n_workers is not None:
         check_int("n_workers", n_workers, minimum=1)
     # Workers get an absolute path: their working directory need not be ours.
