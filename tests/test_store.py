@@ -100,3 +100,25 @@ def test_a_chapter_takes_its_jobs_from_the_store_and_publishes_to_it_when_asked(
         SmallMnistConfig(scheduler="in-process", store_dir="", cache_dir=str(tmp_path / "c")), jobs, progress=False
     )
     assert report.stored == [] and report.done == ["sq4", "sq5"]
+
+
+def test_each_job_is_published_as_it_lands_even_when_a_later_one_stops_the_run(tmp_path):
+    from sweep_jobs import always_die, square
+
+    store = ResultStore(tmp_path / "store")
+    first, fatal = Job("sq7", square, {"x": 7}), Job("boom", always_die, {})
+    jobs = [first, fatal]  # in-process, in order: the second kills the process running the sweep
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_sweep_in_child, args=(jobs, str(tmp_path / "c"), str(tmp_path / "store")))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 1  # killed by the second job, before the sweep could end
+    assert store.load("sq7", {"x": 7}) == {"square": 49}
+
+
+def _sweep_in_child(jobs, cache_dir, store_dir):
+    from fragile.run.sweep import run_sweep
+
+    run_sweep(jobs, cache_dir=cache_dir, progress=False, store=ResultStore(store_dir), publish=True)

@@ -371,7 +371,7 @@ def run_sweep(
         progress: a tqdm bar over jobs.
         store: the committed result store, looked up before the cache (a job found there is ``stored``); a damaged
             entry raises :class:`~fragile.run.store.StoreError` naming the job, before any job runs.
-        publish: also save every finished job (computed now or found in the cache) to ``store``.
+        publish: also save every finished job (computed now or found in the cache) to ``store``, each as it lands.
     """
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
@@ -401,8 +401,12 @@ def run_sweep(
         else:
             report.results[job.name] = hit
             report.cached.append(job.name)
+            if publish:
+                store.save(job.name, job.config, hit)  # type: ignore[union-attr]
 
     def record(job: Job, status: str, value: Any, seconds: float = float("nan")) -> None:
+        if publish and status in ("ok", "cached"):  # as each job lands: a long run killed midway keeps what finished
+            store.save(job.name, job.config, value)  # type: ignore[union-attr]
         if status == "cached":  # finished by another run while this one waited for it
             report.results[job.name] = value
             report.cached.append(job.name)
@@ -456,10 +460,6 @@ def run_sweep(
             if own:
                 close(client)
     bar.close()
-    if publish:
-        for name in report.done + report.cached:
-            job = next(j for j in jobs if j.name == name)
-            store.save(name, job.config, report.results[name])  # type: ignore[union-attr]
     log.info("sweep: %s", report.summary())
     outcome = report.outcome()
     SWEEPS.append(outcome)
