@@ -20,8 +20,9 @@ from fragile.errors import InvalidArgumentError, check_choice, check_int, check_
 
 T = TypeVar("T")
 
-# The parameter profiles of book/params/: tests and CI, a reader's laptop, the paper's protocol on a GPU.
-PROFILES = ("smoke", "default", "paper")
+# The parameter profiles of book/params/: tests and CI, a reader's laptop, the committed book (computed once into
+# the result store, then rendered from it), the paper's protocol on a GPU.
+PROFILES = ("smoke", "default", "published", "paper")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

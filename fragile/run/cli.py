@@ -178,9 +178,30 @@ def _report(runs: list[runner.SectionRun]) -> None:
         sys.exit(1)
 
 
+@main.command("publish")
+@click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
+@click.option("--profile", default="published", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="another store than the chapters'")
+@click.option("--scheduler", default=None, help="in-process, local, local:N or a Dask address (default: the profile's)")
+def publish_cmd(only: tuple[str, ...], profile: str, store_dir: str | None, scheduler: str | None) -> None:
+    """Compute the jobs the result store lacks and store each as it finishes, without executing any notebook: a
+    long computation stopped midway keeps what finished and continues where it stopped. Prints each section's
+    sweep report; exits 1 when a job failed."""
+    try:
+        reports = runner.publish_sections(profile, only=list(only) or None, store_dir=store_dir, scheduler=scheduler)
+    except FragileError as exc:
+        _fail(exc)
+    for name, report in reports:
+        click.echo(f"{name}: {report.summary()}")
+    failed = sum(len(report.failed) for _, report in reports)
+    if failed:
+        click.echo(f"error: {failed} job(s) failed; see above", err=True)
+        sys.exit(1)
+
+
 @main.command("verify")
 @click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
-@click.option("--profile", default="default", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
+@click.option("--profile", default="published", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="recompute this many stored jobs, drawn at random")
 @click.option("--all", "every", is_flag=True, help="recompute every stored job (the default without --sample)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the --sample draw")

@@ -32,7 +32,8 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, chdir, contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -486,6 +487,67 @@ def run_book_sections(
     return out
 
 
+def _chosen_sections(
+    profile: str, root: Path, only: list[str] | None, store_dir: str | Path | None, **fields: Any
+) -> list[tuple[Section, Any, Any]]:
+    """(section, config, store) of every section, or of ``only`` these, under ``profile`` (plus config ``fields``);
+    ``store_dir`` replaces the chapters' own store.
+
+    Raises:
+        InvalidArgumentError: a name in ``only`` that is no section, or a bad profile value.
+    """
+    from fragile.run.store import ResultStore
+
+    every = sections(root)
+    unknown = sorted(set(only or ()) - {s.name for s in every} - {s.short for s in every})
+    if unknown:
+        raise InvalidArgumentError(f"--section {unknown} is not allowed; choose from {[s.short for s in every]}")
+    chosen, stores = [], {}
+    for section in (s for s in every if not only or s.name in only or s.short in only):
+        cfg = from_dict(section.chapter.config, {**resolve_parameters(section, profile, None, root), **fields})
+        where = Path(store_dir or cfg.store_dir)
+        where = where if where.is_absolute() else root / where
+        chosen.append((section, cfg, stores.setdefault(where, ResultStore(where))))
+    return chosen
+
+
+def publish_sections(
+    profile: str = "published",
+    root: Path | None = None,
+    only: list[str] | None = None,
+    *,
+    store_dir: str | Path | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> list[tuple[str, Any]]:
+    """Compute every job of every section (or ``only`` these) under ``profile`` that the store lacks, and save each
+    to the store as it lands: a run stopped midway keeps what finished, and the next computes only the rest. No
+    notebook is executed; the book renders from the store afterwards (:func:`run_book_sections`).
+
+    Returns (section name, :class:`~fragile.run.sweep.SweepReport`) per section, in book order.
+
+    Raises:
+        InvalidArgumentError: a name in ``only`` that is no section, or a bad profile or scheduler value.
+        AllJobsFailedError: every job of a section failed (the sections before it are stored).
+    """
+    from fragile.chapters.protocol import run_jobs
+
+    root = root or project_root()
+    fields: dict[str, Any] = {"publish": True, **({"scheduler": scheduler} if scheduler else {})}
+    chosen = _chosen_sections(profile, root, only, store_dir, **fields)
+    out = []
+    with chdir(root):  # the chapters' relative paths (cache, data, store) are the project's
+        for section, cfg, store in chosen:
+            cfg = dataclasses.replace(cfg, store_dir=str(store.root))
+            jobs = section.chapter.jobs(cfg)
+            missing = [j for j in jobs if not store.holds(j.name, j.config)]
+            log.info("%s: %d of %d jobs stored, %d to compute", section.short, len(jobs) - len(missing), len(jobs), len(missing))
+            if missing and section.chapter.prepare is not None:
+                section.chapter.prepare(cfg)
+            out.append((section.name, run_jobs(cfg, jobs, progress=progress)[1]))
+    return out
+
+
 def verify_sections(
     profile: str = "default",
     root: Path | None = None,
@@ -504,20 +566,11 @@ def verify_sections(
     Raises:
         InvalidArgumentError: a name in ``only`` that is no section, or a bad profile value.
     """
-    from fragile.run.store import ResultStore
     from fragile.run.verify import DEFAULT_RTOL, verify
 
     root = root or project_root()
-    every = sections(root)
-    unknown = sorted(set(only or ()) - {s.name for s in every} - {s.short for s in every})
-    if unknown:
-        raise InvalidArgumentError(f"--section {unknown} is not allowed; choose from {[s.short for s in every]}")
-    jobs, stores = [], {}
-    for section in (s for s in every if not only or s.name in only or s.short in only):
-        cfg = from_dict(section.chapter.config, resolve_parameters(section, profile, None, root))
-        where = Path(store_dir or cfg.store_dir)
-        where = where if where.is_absolute() else root / where
-        store = stores.setdefault(where, ResultStore(where))
+    jobs = []
+    for section, cfg, store in _chosen_sections(profile, root, only, store_dir):
         chosen = [j for j in section.chapter.jobs(cfg) if store.holds(j.name, j.config)]
         if chosen and section.chapter.prepare is not None:
             section.chapter.prepare(cfg)
