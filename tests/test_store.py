@@ -8,7 +8,9 @@ import pytest
 
 import fragile.run.store as store_module
 from fragile.run.cache import DIGEST_FILE, _entry_digest
-from fragile.run.store import NUMERICS_VERSION, ResultStore, StoredJob, StoreError
+from fragile.run.store import NUMERICS_VERSION, JobCompute, ResultStore, StoredJob, StoreError
+
+TOOK = JobCompute(1.5, "cpu")
 from fragile.run.sweep import Job
 
 
@@ -19,10 +21,11 @@ def _result() -> dict:
 def test_a_stored_job_comes_back_bit_for_bit_under_its_config_and_numerics_version(tmp_path, monkeypatch):
     store = ResultStore(tmp_path)
     assert store.load("iris/d1", {"depth": 1}) is None and not store.holds("iris/d1", {"depth": 1})
-    store.save("iris/d1", {"depth": 1}, _result())
+    store.save("iris/d1", {"depth": 1}, _result(), TOOK)
     back = store.load("iris/d1", {"depth": 1})
     assert back["spearman"] == 0.25 and back["n"] == 7 and np.array_equal(back["predicted"], _result()["predicted"])
     assert store.load("iris/d1", {"depth": 2}) is None
+    assert store.compute("iris/d1", {"depth": 1}) == TOOK and store.compute("iris/d1", {"depth": 2}) is None
     saved = json.loads((store.path("iris/d1", {"depth": 1}) / "config.json").read_text())
     assert saved == {"depth": 1, "numerics": NUMERICS_VERSION}
     assert store.entries() == [StoredJob("iris/d1", store.path("iris/d1", {"depth": 1}).name)]
@@ -33,7 +36,7 @@ def test_a_stored_job_comes_back_bit_for_bit_under_its_config_and_numerics_versi
 
 def test_a_damaged_or_planted_entry_is_refused_naming_the_job_and_left_in_place(tmp_path):
     store = ResultStore(tmp_path)
-    store.save("table1/lenet", {"a": 1}, _result())
+    store.save("table1/lenet", {"a": 1}, _result(), TOOK)
     entry = store.path("table1/lenet", {"a": 1})
     (entry / "payload.json").write_text('{"spearman": 0.99}')  # an edited number
     with pytest.raises(StoreError, match=r"stored job 'table1/lenet' cannot be used .*digest mismatch.*git checkout"):
@@ -44,19 +47,19 @@ def test_a_damaged_or_planted_entry_is_refused_naming_the_job_and_left_in_place(
     with pytest.raises(StoreError, match="outside this package"):
         store.load("table1/lenet", {"a": 1})
     with pytest.raises(StoreError, match="may not hold 'numerics'"):
-        store.save("x", {"numerics": 3}, {})
+        store.save("x", {"numerics": 3}, {}, TOOK)
 
 
 def test_a_save_past_the_budget_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     store = ResultStore(tmp_path)
-    store.save("small", {"a": 1}, {"x": np.zeros(10)})
+    store.save("small", {"a": 1}, {"x": np.zeros(10)}, TOOK)
     used = store.size()
     assert used == sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) > 0
     monkeypatch.setattr(store_module, "BUDGET_BYTES", used + 1000)
     with pytest.raises(StoreError, match="past its budget"):
-        store.save("big", {"a": 2}, {"x": np.zeros(10_000)})
+        store.save("big", {"a": 2}, {"x": np.zeros(10_000)}, TOOK)
     assert not store.holds("big", {"a": 2}) and store.size() == used
-    store.save("small", {"a": 1}, {"x": np.ones(10)})  # already stored: kept as it was, the budget not consulted
+    store.save("small", {"a": 1}, {"x": np.ones(10)}, TOOK)  # already stored: kept as it was, the budget not consulted
     assert np.array_equal(store.load("small", {"a": 1})["x"], np.zeros(10))
 
 
@@ -122,3 +125,10 @@ def _sweep_in_child(jobs, cache_dir, store_dir):
     from fragile.run.sweep import run_sweep
 
     run_sweep(jobs, cache_dir=cache_dir, progress=False, store=ResultStore(store_dir), publish=True)
+
+
+def test_an_entry_without_its_compute_record_is_refused(tmp_path):
+    store = ResultStore(tmp_path)
+    store._entries.save("bare", store.keyed({"a": 1}), {"spearman": 0.5})  # a cache entry put where the store reads
+    with pytest.raises(StoreError, match=r"stored job 'bare' is not a store entry"):
+        store.load("bare", {"a": 1})

@@ -8,7 +8,7 @@ import pytest
 from sweep_jobs import square
 
 from fragile.chapters.results import Agreement as Corr
-from fragile.run.store import ResultStore
+from fragile.run.store import JobCompute, ResultStore
 from fragile.run.sweep import Job
 from fragile.run.verify import Agreement, compare, verify
 
@@ -38,8 +38,8 @@ def test_verify_recomputes_a_sample_of_the_stored_jobs(tmp_path):
     store = ResultStore(tmp_path)
     jobs = [Job(f"sq{x}", square, {"x": x}) for x in range(6)]
     for job in jobs[:5]:
-        store.save(job.name, job.config, square(**job.config))
-    store.save("sq3-moved", {"x": 3}, {"square": 10})
+        store.save(job.name, job.config, square(**job.config), JobCompute(0.1, "cpu"))
+    store.save("sq3-moved", {"x": 3}, {"square": 10}, JobCompute(0.1, "cpu"))
     checked = verify([*jobs, Job("sq3-moved", square, {"x": 3})], store)
     assert [v.name for v in checked] == ["sq0", "sq1", "sq2", "sq3", "sq4", "sq3-moved"]  # sq5 is not stored
     assert [v.agreement for v in checked] == [Agreement.IDENTICAL] * 5 + [Agreement.DIFFERENT]
@@ -85,3 +85,42 @@ def test_fragile_verify_recomputes_a_published_chapter_and_fails_on_a_moved_numb
     assert result.exit_code == 1
     assert result.output.startswith(f"different: {jobs[0].name} at result") and "train_loss" in result.output.splitlines()[0]
     assert result.output.splitlines()[-1].endswith(f"0 close, 1 different of {len(jobs)} stored jobs recomputed")
+
+
+def test_fragile_publish_stores_what_is_missing_and_a_second_publish_computes_nothing(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fragile.chapters import iris
+    from fragile.config import from_dict
+    from fragile.run import cli, runner
+
+    root = Path(__file__).resolve().parents[1]
+    section = runner.find_section("iris", root)
+    params = runner.resolve_parameters(section, "smoke", {"depths": [1], "widths": [8]}, root)
+    monkeypatch.setattr(runner, "resolve_parameters", lambda s, p, o, r: {**params, "cache_dir": str(tmp_path / "c")})
+    args = ["publish", "--section", "iris", "--profile", "smoke", "--store", str(tmp_path / "store")]
+    first = CliRunner().invoke(cli.main, args)
+    assert first.exit_code == 0, first.output
+    jobs = iris.architecture_jobs(from_dict(iris.IrisConfig, params))
+    store = ResultStore(tmp_path / "store")
+    assert sorted(e.name for e in store.entries()) == sorted(j.name for j in jobs)
+    assert f"01_iris: {len(jobs)} done, 0 cached, 0 failed" in first.output, first.output
+    again = CliRunner().invoke(cli.main, args)
+    assert again.exit_code == 0, again.output
+    assert f"01_iris: 0 done, 0 cached, 0 failed, {len(jobs)} from the store" in again.output, again.output
+    # what publish stored is what a run of the chapter computes from scratch
+    assert all(verify([j], store)[0].agreement is Agreement.IDENTICAL for j in jobs)
+    took = [store.compute(j.name, j.config) for j in jobs]
+    assert all(t.device == "cpu" and t.seconds > 0 for t in took), took
+
+
+def test_fragile_publish_refuses_an_unknown_section_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from fragile.run import cli
+
+    result = CliRunner().invoke(cli.main, ["publish", "--section", "irsi", "--store", str(tmp_path)])
+    assert result.exit_code != 0 and "--section ['irsi'] is not allowed" in result.output
+    assert not any(tmp_path.iterdir())

@@ -3,7 +3,8 @@ them instead of recomputing CPU-hours, and a later run adds only what is missing
 
 An entry has the parts of a cache entry (:mod:`fragile.run.cache`: ``config.json``, the result as
 ``payload.json`` + ``payload.npz``, never a pickle, and one SHA-256 over all of them), under
-``<root>/<job name>/<key>/``. It is keyed by the job's configuration and :data:`NUMERICS_VERSION`, not by the code
+``<root>/<job name>/<key>/``; beside the result, its payload records what computing it cost
+(:class:`JobCompute`), which the chapters add up into the compute they state at their top. It is keyed by the job's configuration and :data:`NUMERICS_VERSION`, not by the code
 digest the cache uses: a refactor that moves no number keeps every stored job, and a change that moves numbers
 raises the version, which retires every entry at once. ``fragile verify`` is what catches a change that moved
 numbers without raising it.
@@ -15,6 +16,7 @@ refused with :class:`StoreError`, naming the job and how to restore it. The stor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
@@ -39,6 +41,15 @@ class StoreError(FragileError):
 
 
 @dataclass(frozen=True)
+class JobCompute:
+    """What computing a stored job took: wall seconds on one torch thread (None when it came from a cache entry,
+    which does not record time) and the device it ran on."""
+
+    seconds: float | None
+    device: str
+
+
+@dataclass(frozen=True, order=True)
 class StoredJob:
     """One entry of the store: the job's name and the key of its configuration."""
 
@@ -78,24 +89,40 @@ class ResultStore:
             StoreError: the entry is damaged (a part missing or altered) or was saved under another configuration;
                 it is left in place, since the store is tracked: restore it from git or delete it to recompute.
         """
+        entry = self._load(name, config)
+        return None if entry is None else entry["result"]
+
+    def compute(self, name: str, config: dict[str, Any]) -> JobCompute | None:
+        """What computing the stored job took, or None when the store does not hold it (damage raises as in
+        :meth:`load`)."""
+        entry = self._load(name, config)
+        return None if entry is None else JobCompute(**entry["compute"])
+
+    def _load(self, name: str, config: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return self._entries.load(name, self.keyed(config))
+            entry = self._entries.load(name, self.keyed(config))
         except CacheCorruptError as exc:
             raise StoreError(
                 f"stored job {name!r} cannot be used ({exc}); restore it with `git checkout -- {self.path(name, config)}` "
                 "or delete that folder to recompute the job"
             ) from None
+        if entry is not None and not (isinstance(entry, dict) and set(entry) == {"result", "compute"}):
+            raise StoreError(
+                f"stored job {name!r} is not a store entry (a result and its compute record); delete "
+                f"{self.path(name, config)} to recompute the job"
+            )
+        return entry
 
-    def save(self, name: str, config: dict[str, Any], payload: Any) -> None:
-        """Publish job ``name``'s result atomically; an entry already there stays (the same job gives the same
-        numbers).
+    def save(self, name: str, config: dict[str, Any], payload: Any, compute: JobCompute) -> None:
+        """Publish job ``name``'s result and what computing it took, atomically; an entry already there stays
+        (the same job gives the same numbers).
 
         Raises:
             StoreError: the store would pass :data:`BUDGET_BYTES` with this entry (the entry is removed again).
         """
         path = self.path(name, config)
         existed = path.is_dir()
-        self._entries.save(name, self.keyed(config), payload)
+        self._entries.save(name, self.keyed(config), {"result": payload, "compute": dataclasses.asdict(compute)})
         if existed:
             return
         size = self.size()

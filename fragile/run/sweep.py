@@ -35,7 +35,7 @@ from fragile.errors import InvalidArgumentError, check_int
 from fragile.run.allocator import keep_freed_memory
 from fragile.run.cache import ResultCache, config_key
 from fragile.run.code import module_code_digest
-from fragile.run.store import ResultStore
+from fragile.run.store import JobCompute, ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,14 @@ SWEEPS: list[dict[str, Any]] = []
 them in its ``summary.json``."""
 
 
+def job_device(job: Job) -> str:
+    """The device a job computes on, as its config names it (``auto`` taking CUDA where this machine has it)."""
+    device = str(job.config.get("device", "cpu"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
     """Run one job and publish its result under ``cache_config`` (the driver's :attr:`Job.cache_config`,
     so a worker never digests its own copy of the code), holding the entry's lock meanwhile
@@ -402,11 +410,12 @@ def run_sweep(
             report.results[job.name] = hit
             report.cached.append(job.name)
             if publish:
-                store.save(job.name, job.config, hit)  # type: ignore[union-attr]
+                store.save(job.name, job.config, hit, JobCompute(None, job_device(job)))  # type: ignore[union-attr]
 
     def record(job: Job, status: str, value: Any, seconds: float = float("nan")) -> None:
         if publish and status in ("ok", "cached"):  # as each job lands: a long run killed midway keeps what finished
-            store.save(job.name, job.config, value)  # type: ignore[union-attr]
+            took = JobCompute(seconds if status == "ok" else None, job_device(job))
+            store.save(job.name, job.config, value, took)  # type: ignore[union-attr]
         if status == "cached":  # finished by another run while this one waited for it
             report.results[job.name] = value
             report.cached.append(job.name)
