@@ -9,9 +9,9 @@ import pytest
 import fragile.run.store as store_module
 from fragile.run.cache import DIGEST_FILE, _entry_digest
 from fragile.run.store import NUMERICS_VERSION, JobCompute, ResultStore, StoredJob, StoreError
+from fragile.run.sweep import Job
 
 TOOK = JobCompute(1.5, "cpu")
-from fragile.run.sweep import Job
 
 
 def _result() -> dict:

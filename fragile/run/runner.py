@@ -21,6 +21,7 @@ section its address, so every chapter of a book run shares the same workers.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -33,7 +34,6 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, chdir, contextmanager
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

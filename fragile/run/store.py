@@ -4,7 +4,9 @@ them instead of recomputing CPU-hours, and a later run adds only what is missing
 An entry has the parts of a cache entry (:mod:`fragile.run.cache`: ``config.json``, the result as
 ``payload.json`` + ``payload.npz``, never a pickle, and one SHA-256 over all of them), under
 ``<root>/<job name>/<key>/``; beside the result, its payload records what computing it cost
-(:class:`JobCompute`), which the chapters add up into the compute they state at their top. It is keyed by the job's configuration and :data:`NUMERICS_VERSION`, not by the code
+(:class:`JobCompute`), which the chapters add up into the compute they state at their top.
+
+An entry is keyed by the job's configuration and :data:`NUMERICS_VERSION`, not by the code
 digest the cache uses: a refactor that moves no number keeps every stored job, and a change that moves numbers
 raises the version, which retires every entry at once. ``fragile verify`` is what catches a change that moved
 numbers without raising it.
