@@ -124,3 +124,35 @@ def test_fragile_publish_refuses_an_unknown_section_before_any_work(tmp_path):
     result = CliRunner().invoke(cli.main, ["publish", "--section", "irsi", "--store", str(tmp_path)])
     assert result.exit_code != 0 and "--section ['irsi'] is not allowed" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_verify_within_a_budget_draws_only_jobs_whose_recorded_time_fits(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fragile.chapters import iris
+    from fragile.chapters.protocol import run_jobs
+    from fragile.config import from_dict
+    from fragile.errors import InvalidArgumentError
+    from fragile.run import runner
+
+    root = Path(__file__).resolve().parents[1]
+    section = runner.find_section("iris", root)
+    params = runner.resolve_parameters(section, "smoke", {"depths": [1, 2], "widths": [8]}, root)
+    cfg = from_dict(iris.IrisConfig, {**params, "store_dir": str(tmp_path), "publish": True, "cache_dir": str(tmp_path / "c")})
+    jobs = iris.architecture_jobs(cfg)
+    run_jobs(cfg, jobs, progress=False)
+    store = ResultStore(tmp_path)
+    took = {j.name: store.compute(j.name, j.config).seconds for j in jobs}
+    monkeypatch.setattr(runner, "resolve_parameters", lambda s, p, o, r: params)
+
+    def names(**kw):
+        return sorted(v.name for v in runner.verify_sections("smoke", root, ["iris"], store_dir=tmp_path, **kw))
+
+    assert names(within=10 * sum(took.values())) == sorted(took)
+    assert names(within=min(took.values()) / 2) == []
+    budget = sorted(took.values())[1] * 1.01  # room for the shortest job, or the second shortest, not for both
+    for seed in range(4):
+        drawn = names(within=budget, seed=seed)
+        assert drawn and sum(took[n] for n in drawn) <= budget
+    with pytest.raises(InvalidArgumentError, match="sample and within are exclusive"):
+        runner.verify_sections("smoke", root, ["iris"], store_dir=tmp_path, sample=1, within=1.0)

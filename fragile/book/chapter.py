@@ -139,8 +139,10 @@ def banner_markdown(
     notes: str = "",
     stand_in: bool = False,
     labels: Sequence[DataUsed] = (),
+    compute: str = "",
 ) -> str:
-    """The admonition at the top of every chapter: profile, data and its label, device, rerun command.
+    """The admonition at the top of every chapter: profile, data and its label, device, what computing it took
+    (``compute``: :meth:`~fragile.chapters.protocol.ChapterCompute.markdown`), rerun command.
 
     ``labels`` are the data sets the chapter's claims are computed on (:class:`~fragile.book.claims.DataUsed`): the
     banner shows each one's label (real, reduced or stand-in); without them, ``stand_in`` says which of real data or
@@ -153,7 +155,8 @@ def banner_markdown(
     return (
         ":::{admonition} How this page was computed\n:class: " + ("warning" if stand_in else "note") + "\n"
         f"Executed with the **`{profile}`** parameter profile on {kind} {data}; device: {device}. {notes}\n\n"
-        f"Rerun it with other parameters: `fragile run {section} --profile paper` or "
+        + (f"{compute}\n\n" if compute else "")
+        + f"Rerun it with other parameters: `fragile run {section} --profile paper` or "
         f"`fragile run {section} -p n_seeds 20` (see *Rerun with your own parameters*).\n:::"
     )
 
@@ -169,11 +172,19 @@ class Timer:
 
 
 def finish(
-    config: Any, *, section: str, dataset: str, timer: Timer, results: dict[str, Any], device: str | None = None
+    config: Any,
+    *,
+    section: str,
+    dataset: str,
+    timer: Timer,
+    results: dict[str, Any],
+    device: str | None = None,
+    compute: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``<results_dir>/<section>/<profile>/summary.json`` (atomically) and return its content: ``results``,
-    ``sweeps`` (what each sweep the chapter ran did: counts, and each failed job's config and error) and
-    ``provenance``.
+    ``sweeps`` (what each sweep the chapter ran did: counts, and each failed job's config and error),
+    ``provenance`` and ``compute`` (what the result store records of computing the chapter's jobs:
+    :meth:`~fragile.chapters.protocol.ChapterCompute.as_dict`).
 
     ``device`` is where the work ran, e.g. :func:`~fragile.run.provenance.devices_used` of the devices
     the jobs report; by default ``config.device``, with ``auto`` resolved in this kernel. The code digest
@@ -192,7 +203,7 @@ def finish(
     from fragile.run.sweep import SWEEPS
 
     sweeps = SWEEPS[timer.first_sweep :]  # the chapter's sweeps: their failures are part of what it shows
-    summary = {"section": section, "results": results, "sweeps": sweeps, "provenance": prov}
+    summary = {"section": section, "results": results, "sweeps": sweeps, "provenance": prov, "compute": compute}
     path = write_summary(config.results_dir, section, config.profile, summary)
     summary["path"] = str(path)
     return summary
@@ -209,6 +220,15 @@ def glue_provenance(prefix: str, summary: dict[str, Any]) -> None:
     glue(f"{prefix}_profile", prov["profile"], display=False)
 
 
+def _compute_line(compute: dict[str, Any]) -> str:
+    devices = ", ".join(compute["devices"]) or "none recorded"
+    return (
+        f"- **compute** (the result store's record): {compute['stored']} of {compute['jobs']} jobs stored, "
+        f"{compute['seconds'] / 3600:.2f} hours of one thread each on {devices}"
+        + (f", {compute['untimed']} without a recorded time" if compute["untimed"] else "")
+    )
+
+
 def provenance_markdown(summary: dict[str, Any]) -> str:
     """A chapter's closing provenance list, from a :func:`finish` summary: profile, data, device, commit (and
     whether the tree had uncommitted changes), packages, start and duration, and where the summary was written."""
@@ -223,6 +243,7 @@ def provenance_markdown(summary: dict[str, Any]) -> str:
             f"- **git commit**: `{prov['git']['commit']}`{dirty}",
             "- **packages**: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()),
             f"- **started**: {prov['started']}; **duration**: {prov['duration_s']} s",
+            *([_compute_line(summary["compute"])] if summary.get("compute") else []),
             f"- **summary**: `{summary['path']}`",
         ]
     )

@@ -458,3 +458,56 @@ def check_device_here(cfg: ChapterConfig, client) -> None:
     cluster); a remote cluster's workers check their own."""
     if cfg.scheduler in ("in-process", "local") and client is None:
         resolve_device(cfg.device)
+
+
+@dataclass(frozen=True)
+class ChapterCompute:
+    """What a chapter's jobs took to compute, as the result store records it (:class:`~fragile.run.store.JobCompute`):
+    the jobs, how many the store holds, their summed wall seconds (each job runs on one torch thread, so these are
+    CPU-seconds on a CPU), how many stored jobs have no recorded time, and the devices they ran on."""
+
+    jobs: int
+    stored: int
+    seconds: float
+    untimed: int
+    devices: tuple[str, ...]
+
+    @property
+    def hours(self) -> float:
+        return self.seconds / 3600
+
+    def markdown(self) -> str:
+        """One sentence for the chapter's banner."""
+        if not self.stored:
+            return (
+                f"**Compute**: none of its {self.jobs} jobs is in the result store, so this execution computed them "
+                "(its duration is in the provenance at the end)."
+            )
+        unit = {("cpu",): "CPU-hours", ("cuda",): "GPU-hours"}.get(self.devices, "device-hours on " + ", ".join(self.devices))
+        timed = f"; {self.untimed} came from a cache without their time" if self.untimed else ""
+        took = f"{self.hours:.2f} {unit} (each job on one thread{timed})"
+        rest = self.jobs - self.stored
+        missing = f"; the other {rest} were computed by this execution" if rest else ""
+        share = "all" if not rest else f"{self.stored} of"
+        return f"**Compute**: {share} {self.jobs} jobs from the result store, computed in {took}{missing}."
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "devices": list(self.devices)}
+
+
+def chapter_compute(cfg: ChapterConfig, jobs: Sequence[Job]) -> ChapterCompute:
+    """What the store ``cfg.store_dir`` records of computing ``jobs`` (a chapter's :attr:`~fragile.book.chapter.Chapter.jobs`).
+
+    Raises:
+        StoreError: a stored entry is damaged (named), as when the chapter loads it.
+    """
+    store = ResultStore(cfg.store_dir) if cfg.store_dir else None
+    took = [store.compute(j.name, j.config) for j in jobs] if store is not None else []
+    found = [t for t in took if t is not None]
+    return ChapterCompute(
+        jobs=len(jobs),
+        stored=len(found),
+        seconds=sum(t.seconds for t in found if t.seconds is not None),
+        untimed=sum(t.seconds is None for t in found),
+        devices=tuple(sorted({t.device for t in found})),
+    )

@@ -149,13 +149,23 @@ def run_cmd(
 @click.option("--profile", default="default", show_default=True, type=click.Choice(runner.PROFILES))
 @click.option("--no-run", is_flag=True, help="only build the HTML from the committed executed chapters")
 @click.option("--section", "only", multiple=True, help="re-run only these sections")
+@click.option("--publish", is_flag=True, help="first compute into the result store the jobs it lacks (as `fragile publish`)")
 @_scheduler_option
 @_workers_option
-def book_cmd(profile: str, no_run: bool, only: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
-    """Execute every chapter into book/sections/ and build the HTML book."""
+def book_cmd(
+    profile: str, no_run: bool, only: tuple[str, ...], publish: bool, scheduler: str | None, workers: int | None
+) -> None:
+    """Execute every chapter into book/sections/ and build the HTML book. Jobs the result store holds are taken
+    from it; the others are computed (with --publish, into the store first)."""
     try:
+        if no_run and publish:
+            raise InvalidArgumentError("--no-run and --publish are exclusive: --no-run executes nothing")
         runs = (
-            [] if no_run else runner.run_book_sections(profile, only=list(only) or None, overrides=_execution(scheduler, workers))
+            []
+            if no_run
+            else runner.run_book_sections(
+                profile, only=list(only) or None, overrides=_execution(scheduler, workers), publish=publish
+            )
         )
         html = runner.build_html()
     except FragileError as exc:
@@ -203,26 +213,43 @@ def publish_cmd(only: tuple[str, ...], profile: str, store_dir: str | None, sche
 @click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
 @click.option("--profile", default="published", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="recompute this many stored jobs, drawn at random")
-@click.option("--all", "every", is_flag=True, help="recompute every stored job (the default without --sample)")
+@click.option(
+    "--within",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="recompute stored jobs drawn at random while their recorded seconds add up to at most this",
+)
+@click.option("--all", "every", is_flag=True, help="recompute every stored job (the default without --sample or --within)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the --sample draw")
 @click.option("--rtol", type=float, default=verify_module.DEFAULT_RTOL, show_default=True, help="relative tolerance of 'close'")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="another store than the chapters'")
 def verify_cmd(
-    only: tuple[str, ...], profile: str, sample: int | None, every: bool, seed: int, rtol: float, store_dir: str | None
+    only: tuple[str, ...],
+    profile: str,
+    sample: int | None,
+    within: float | None,
+    every: bool,
+    seed: int,
+    rtol: float,
+    store_dir: str | None,
 ) -> None:
     """Recompute stored jobs from scratch and compare them with the store: one line per job, then a count. Exits 1
-    when a job differs beyond --rtol (the numerics moved without NUMERICS_VERSION being raised)."""
+    when a job differs beyond --rtol (the numerics moved without NUMERICS_VERSION being raised), and when nothing
+    was recomputed (a check that checked nothing does not pass)."""
     try:
-        if sample is not None and every:
-            raise InvalidArgumentError("--sample and --all are exclusive; give one")
+        if sum((sample is not None, within is not None, every)) > 1:
+            raise InvalidArgumentError("--sample, --within and --all are exclusive; give one")
         checked = runner.verify_sections(
-            profile, only=list(only) or None, sample=sample, seed=seed, rtol=rtol, store_dir=store_dir
+            profile, only=list(only) or None, sample=sample, within=within, seed=seed, rtol=rtol, store_dir=store_dir
         )
     except FragileError as exc:
         _fail(exc)
     for v in checked:
         where = f" at {v.where}" if v.where else ""
         click.echo(f"{v.agreement}: {v.name}{where} (max relative difference {v.max_relative:.2g}, {v.seconds:.1f} s)")
+    if not checked:
+        click.echo("error: no stored job was recomputed (none stored for this profile, or none fits --within)", err=True)
+        sys.exit(1)
     counts = {a: sum(v.agreement is a for v in checked) for a in verify_module.Agreement}
     click.echo(", ".join(f"{n} {a}" for a, n in counts.items()) + f" of {len(checked)} stored jobs recomputed")
     if counts[verify_module.Agreement.DIFFERENT]:

@@ -454,9 +454,11 @@ def run_book_sections(
     only: list[str] | None = None,
     *,
     overrides: dict[str, Any] | None = None,
+    publish: bool = False,
 ) -> list[SectionRun]:
     """Execute every section (or ``only`` these, by full or short name) into ``book/sections/`` with the profile's
-    parameters.
+    parameters; with ``publish``, each section's jobs that the result store lacks are first computed into it
+    (:func:`publish_sections`), so the chapter renders from the store and states what its jobs took.
 
     ``overrides`` may hold only execution parameters (``scheduler``, ``n_workers``): anything else would
     make the book disagree with its profile. Sections whose scheduler is ``local`` share one cluster of
@@ -482,6 +484,9 @@ def run_book_sections(
     out = []
     with schedulers(overrides.get("n_workers") or None) as cluster:
         for section in chosen:
+            if publish:
+                where = cluster.resolve(from_dict(section.chapter.config, resolved[section.name]).scheduler)
+                publish_sections(profile, root, [section.name], scheduler=where, progress=False)
             log.info("running section %s (profile %s)", section.name, profile)
             out.append(_run(section, profile, resolved[section.name], book_section_path(section, root), root, False, cluster))
     return out
@@ -549,25 +554,33 @@ def publish_sections(
 
 
 def verify_sections(
-    profile: str = "default",
+    profile: str = "published",
     root: Path | None = None,
     only: list[str] | None = None,
     *,
     sample: int | None = None,
+    within: float | None = None,
     seed: int = 0,
     rtol: float | None = None,
     store_dir: str | Path | None = None,
 ) -> list[Any]:
     """Recompute the stored jobs of every section (or ``only`` these) under ``profile`` and compare them with the
-    store (:func:`fragile.run.verify.verify`): all of them, or ``sample`` drawn with ``seed`` over every section's
-    stored jobs together; ``store_dir`` replaces the chapters' own. Each chapter's ``prepare`` runs first (data it
-    writes to disk).
+    store (:func:`fragile.run.verify.verify`): all of them, ``sample`` of them drawn with ``seed`` over every
+    section's stored jobs together, or (``within``) jobs drawn in a random order with ``seed`` while the seconds the
+    store records for them add up to at most ``within`` (a job too long to fit is passed over; one without a
+    recorded time is never drawn). ``store_dir`` replaces the chapters' own. Each chapter's ``prepare`` runs first
+    (data it writes to disk).
 
     Raises:
-        InvalidArgumentError: a name in ``only`` that is no section, or a bad profile value.
+        InvalidArgumentError: a name in ``only`` that is no section, a bad profile value, or both ``sample`` and
+            ``within``.
     """
+    import numpy as np
+
     from fragile.run.verify import DEFAULT_RTOL, verify
 
+    if sample is not None and within is not None:
+        raise InvalidArgumentError("sample and within are exclusive: give a number of jobs or a time budget")
     root = root or project_root()
     jobs = []
     for section, cfg, store in _chosen_sections(profile, root, only, store_dir):
@@ -575,11 +588,17 @@ def verify_sections(
         if chosen and section.chapter.prepare is not None:
             section.chapter.prepare(cfg)
         jobs += [(job, store) for job in chosen]
+    order = np.random.default_rng(seed).permutation(len(jobs))
     if sample is not None and sample < len(jobs):
-        import numpy as np
-
-        picked = sorted(np.random.default_rng(seed).choice(len(jobs), size=sample, replace=False))
-        jobs = [jobs[i] for i in picked]
+        jobs = [jobs[i] for i in sorted(order[:sample])]
+    elif within is not None:
+        picked, left = [], within
+        for i in order:
+            took = jobs[i][1].compute(jobs[i][0].name, jobs[i][0].config).seconds
+            if took is not None and took <= left:
+                picked.append(i)
+                left -= took
+        jobs = [jobs[i] for i in sorted(picked)]
     out = []
     for job, store in jobs:
         out += verify([job], store, rtol=DEFAULT_RTOL if rtol is None else rtol)
