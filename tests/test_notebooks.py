@@ -29,6 +29,27 @@ def test_the_committed_toc_is_the_one_the_registry_writes():
     assert (ROOT / "book" / "_toc.yml").read_text() == runner.toc_yaml()
 
 
+def _every_figure_names_the_command_that_regenerates_it(nb: dict, section, results: Path) -> None:
+    """Under every saved figure, the command that regenerates it; the file it names is the one this run wrote (the
+    test's results_dir stands where `fragile run` writes, runs/results)."""
+    import re
+
+    from fragile.book.plotting import REGENERATE
+
+    outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    named = []
+    for i, o in enumerate(outputs):
+        text = "".join(o.get("data", {}).get("text/markdown", ""))
+        if REGENERATE in text:
+            assert "image/png" in outputs[i - 1].get("data", {}), "a regenerate line without a figure above it"
+            command, path = re.search(r"`(fragile run [^`]+)` \(it writes `runs/results/([^`]+)`\)", text).groups()
+            assert command == f"fragile run {section.name} --profile smoke"
+            assert (results / path).is_file(), path
+            named.append(path)
+    saved = sorted(str(p.relative_to(results)) for p in (results / section.name / "smoke" / "figures").glob("*.png"))
+    assert sorted(named) == saved  # every figure the chapter saves is shown with its command, and only those
+
+
 @pytest.mark.parametrize("section", SECTIONS, ids=lambda s: s.name)
 def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
     out = runner.run_section(
@@ -38,6 +59,7 @@ def test_section_runs_under_smoke_and_writes_its_summary(section, tmp_path):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert nb["metadata"]["fragile"]["profile"] == "smoke"
+    _every_figure_names_the_command_that_regenerates_it(nb, section, tmp_path / "results")
     summary = json.loads((tmp_path / "results" / section.name / "smoke" / "summary.json").read_text())
     assert summary["provenance"]["profile"] == "smoke"
     smoke = runner.load_profile("smoke", ROOT)[section.name]

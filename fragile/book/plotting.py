@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -216,16 +217,32 @@ def to_png(fig, dpi: int = 110) -> bytes:
 
 def save(fig, path, dpi: int = 130) -> None:
     """Save a figure for the book's figure files."""
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
 
 
+REGENERATE = "Regenerate this figure:"
+
+
+def regenerate_command(path: str | Path) -> str | None:
+    """The command that regenerates the figure a chapter saves at ``<results_dir>/<section>/<profile>/figures/<file>``
+    (``fragile run <section> --profile <profile>``: a book chapter's parameters are its profile's, nothing else) and
+    where that run writes it; None for a path of another shape."""
+    parts = Path(path).parts
+    if len(parts) < 4 or parts[-2] != "figures":
+        return None
+    section, profile, name = parts[-4], parts[-3], parts[-1]
+    return f"`fragile run {section} --profile {profile}` (it writes `runs/results/{section}/{profile}/figures/{name}`)"
+
+
 def show(fig, path) -> None:
-    """Save ``fig`` to ``path``, display it once in the notebook, and close it (no duplicate output)."""
-    from IPython.display import display
+    """Save ``fig`` to ``path``, display it once in the notebook with the command that regenerates it under it
+    (:func:`regenerate_command`), and close it (no duplicate output)."""
+    from IPython.display import Markdown, display
 
     save(fig, path)
     display(fig)
     plt.close(fig)
+    command = regenerate_command(path)
+    if command:
+        display(Markdown(f"<small>{REGENERATE} {command}</small>"))
