@@ -162,3 +162,13 @@ def test_the_summary_records_what_the_chapters_sweeps_did(tmp_path, monkeypatch)
         }
     ]
     assert json.loads(Path(summary["path"]).read_text())["sweeps"] == summary["sweeps"]
+
+
+def test_every_banner_says_what_its_profiles_verdicts_are_worth():
+    from fragile.book.chapter import PROFILE_NOTES, banner_markdown
+    from fragile.config import PROFILES
+
+    assert set(PROFILE_NOTES) == set(PROFILES)
+    quick = banner_markdown(profile="default", data="d", device="cpu", section="01_iris", compute="**Compute**: x.")
+    assert "these verdicts are the `default` profile's" in quick and "**Compute**: x." in quick
+    assert "Published edition" in banner_markdown(profile="published", data="d", device="cpu", section="01_iris")

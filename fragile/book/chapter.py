@@ -130,6 +130,22 @@ def config_from_namespace(cls: type[T], namespace: dict[str, Any]) -> T:
     return from_dict(cls, {k: namespace[k] for k in names if k in namespace})
 
 
+PROFILE_NOTES = {
+    "smoke": "**Smoke profile**: sized for the tests; its numbers and verdicts are not meant to be read.",
+    "default": (
+        "**Quick profile**: these verdicts are the `default` profile's, sized so that a laptop recomputes the whole "
+        "book in about 20 minutes on two cores; at that size many of them can only read *inconclusive*. The "
+        "`published` profile is sized to decide them."
+    ),
+    "published": (
+        "**Published edition**: sized so that each claim's interval can decide it within what two CPU cores afford "
+        "in a few hours; what needs a GPU or the real data set stays in the `paper` profile and says so."
+    ),
+    "paper": "**Paper profile**: the paper's protocol as far as it is known.",
+}
+"""What the banner says each profile's verdicts are worth."""
+
+
 def banner_markdown(
     *,
     profile: str,
@@ -155,6 +171,7 @@ def banner_markdown(
     return (
         ":::{admonition} How this page was computed\n:class: " + ("warning" if stand_in else "note") + "\n"
         f"Executed with the **`{profile}`** parameter profile on {kind} {data}; device: {device}. {notes}\n\n"
+        + f"{PROFILE_NOTES[profile]}\n\n"
         + (f"{compute}\n\n" if compute else "")
         + f"Rerun it with other parameters: `fragile run {section} --profile paper` or "
         f"`fragile run {section} -p n_seeds 20` (see *Rerun with your own parameters*).\n:::"

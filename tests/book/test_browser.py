@@ -196,3 +196,38 @@ def test_book_builds_with_warnings_as_errors(built_book):
     assert (html / "sections" / "04_imagenet.html").is_file() and (html / "sections" / "05_appendix.html").is_file()
     assert (html / "sections" / "06_estimands.html").is_file()
     assert "build succeeded" in log or "Finished generating HTML" in log
+
+
+# Where each cell of the front page's claims table lies against the viewport and the page's content column, and
+# whether its text is clipped (wider than its box).
+CLAIMS_TABLE_JS = """() => {
+    const table = document.querySelector('table.claims');
+    if (!table) return null;
+    const main = document.querySelector('main').getBoundingClientRect();
+    const cells = Array.from(table.querySelectorAll('td, th')).filter(c => getComputedStyle(c).display !== 'none');
+    return {
+        viewport: window.innerWidth,
+        page: document.documentElement.scrollWidth,
+        main_right: main.right,
+        rows: table.querySelectorAll('tbody tr').length,
+        outside: cells.filter(c => c.getBoundingClientRect().right > Math.min(window.innerWidth, main.right) + 1)
+                      .map(c => c.innerText.slice(0, 40)),
+        clipped: cells.filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.innerText.slice(0, 40)),
+        verdicts: Array.from(table.querySelectorAll('tbody tr td:last-child')).map(c => c.innerText.trim()),
+    };
+}"""
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)], ids=["1280px", "phone"])
+def test_the_claims_table_is_readable_whole_at_1280px_and_on_a_phone(browser, server, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(HANG_GUARD_MS)
+    page.goto(f"{server}/index.html", wait_until="networkidle")
+    got = page.evaluate(CLAIMS_TABLE_JS)
+    page.close()
+    assert got is not None, "the front page has no table.claims"
+    assert got["rows"] >= 20
+    assert got["page"] <= got["viewport"], f"the page scrolls sideways: {got['page']} px wide in {got['viewport']}"
+    assert not got["outside"], f"cells beyond the content column: {got['outside'][:5]}"
+    assert not got["clipped"], f"cells whose text is cut: {got['clipped'][:5]}"
+    assert all(got["verdicts"]), "a row shows no verdict"
