@@ -8,7 +8,7 @@ VENDOR  := book/_vendor
 NPMDIR  := .cache/npm
 PROFILE ?= default
 
-.PHONY: venv vendor browser lint test test-unit bench bench-peers book publish book-html clean clean-cache
+.PHONY: venv vendor browser tex lint test test-unit bench bench-peers book publish pdf book-html clean clean-cache
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ $(VENDOR)/.done:
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# XeLaTeX for the PDF edition (Debian's texlive; FreeSerif is Sphinx's XeLaTeX font, with the book's Greek and maths).
+TEX_PACKAGES := texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended texlive-xetex latexmk fonts-freefont-otf
+tex:
+	@command -v xelatex >/dev/null && command -v latexmk >/dev/null && fc-list | grep -q FreeSerif || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends $(TEX_PACKAGES) >/dev/null)
+
 # ruff (its version pinned in constraints.txt, its rules in pyproject.toml): lint, then formatting, both read-only.
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -44,7 +50,7 @@ lint: venv
 # The tests, then the result store as a regression test of the numerics: stored jobs of the quick (default) profile,
 # drawn with the commit as seed while their recorded times add up to 4 minutes, recomputed and compared.
 VERIFY_SEED = $$(printf '%d' 0x$$(git rev-parse --short=6 HEAD 2>/dev/null || echo 0))
-test: venv vendor browser lint
+test: venv vendor browser tex lint
 	TQDM_DISABLE=1 $(PY) -m pytest -q
 	TQDM_DISABLE=1 $(VENV)/bin/fragile verify --profile default --within 240 --seed $(VERIFY_SEED)
 
@@ -78,6 +84,10 @@ book: venv vendor
 	@echo "open book/_build/html/index.html"
 
 # Only the HTML, from the committed executed chapters.
+# The PDF edition, from the committed executed chapters: book/_build/latex/fragile.pdf.
+pdf: venv tex
+	$(VENV)/bin/jupyter-book build book --builder pdflatex -W -n
+
 # The committed edition: compute into results/store every job it lacks (resumable: each job is stored as it
 # finishes), then execute every chapter from the store. `make book` afterwards recomputes nothing that is stored.
 publish: venv vendor
