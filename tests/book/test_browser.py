@@ -204,13 +204,17 @@ CLAIMS_TABLE_JS = """() => {
     const table = document.querySelector('table.claims');
     if (!table) return null;
     const main = document.querySelector('main').getBoundingClientRect();
+    let box = table.parentElement;  // the theme's scrolling container, if any: a table wider than it is cut off
+    while (box && !['auto', 'scroll', 'hidden'].includes(getComputedStyle(box).overflowX)) box = box.parentElement;
+    const right = Math.min(window.innerWidth, main.right, box ? box.getBoundingClientRect().right : Infinity);
     const cells = Array.from(table.querySelectorAll('td, th')).filter(c => getComputedStyle(c).display !== 'none');
     return {
         viewport: window.innerWidth,
         page: document.documentElement.scrollWidth,
         main_right: main.right,
         rows: table.querySelectorAll('tbody tr').length,
-        outside: cells.filter(c => c.getBoundingClientRect().right > Math.min(window.innerWidth, main.right) + 1)
+        scrolls: box ? box.scrollWidth > box.clientWidth + 1 : false,
+        outside: cells.filter(c => c.getBoundingClientRect().right > right + 1)
                       .map(c => c.innerText.slice(0, 40)),
         clipped: cells.filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.innerText.slice(0, 40)),
         verdicts: Array.from(table.querySelectorAll('tbody tr td:last-child')).map(c => c.innerText.trim()),
@@ -228,6 +232,7 @@ def test_the_claims_table_is_readable_whole_at_1280px_and_on_a_phone(browser, se
     assert got is not None, "the front page has no table.claims"
     assert got["rows"] >= 20
     assert got["page"] <= got["viewport"], f"the page scrolls sideways: {got['page']} px wide in {got['viewport']}"
+    assert not got["scrolls"], "the table is wider than its container: its last columns are hidden behind a scroll bar"
     assert not got["outside"], f"cells beyond the content column: {got['outside'][:5]}"
     assert not got["clipped"], f"cells whose text is cut: {got['clipped'][:5]}"
     assert all(got["verdicts"]), "a row shows no verdict"
