@@ -47,12 +47,14 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The tests, then the result store as a regression test of the numerics: stored jobs of the quick (default) profile,
-# drawn with the commit as seed while their recorded times add up to 4 minutes, recomputed and compared.
+# The tests, then the result store as a regression test of the numerics: stored Iris jobs of the quick (default)
+# profile, drawn with the commit as seed while their recorded times add up to 4 minutes, recomputed and compared.
+# Iris only: its float64 jobs came back to round-off on another machine, while the float32 CNN jobs moved well
+# beyond it (README, "The result store"); those are verified on the machine that stored them, not in CI.
 VERIFY_SEED = $$(printf '%d' 0x$$(git rev-parse --short=6 HEAD 2>/dev/null || echo 0))
 test: venv vendor browser tex lint
 	TQDM_DISABLE=1 $(PY) -m pytest -q
-	TQDM_DISABLE=1 $(VENV)/bin/fragile verify --profile default --within 240 --seed $(VERIFY_SEED)
+	TQDM_DISABLE=1 $(VENV)/bin/fragile verify --section iris --profile default --within 240 --seed $(VERIFY_SEED)
 
 test-unit: venv
 	TQDM_DISABLE=1 $(PY) -m pytest -q tests --ignore=tests/book

@@ -207,6 +207,6 @@ def test_the_runner_logs_a_line_per_finished_job_and_returns_each_sweeps_outcome
     assert sweeps == ({"done": 3, "cached": 1, "failed": {}},)
     logged = [r.getMessage() for r in caplog.records if r.name == "fragile.run.runner"]
     assert logged == [
-        "iris: 1 of 4 jobs (1 from the cache), 0:00 elapsed, time left unknown",
-        "iris: 2 of 4 jobs (1 from the cache), 0:07 elapsed, time left 0:14",
+        "iris: 1 of 4 jobs (1 already finished: stored or cached), 0:00 elapsed, time left unknown",
+        "iris: 2 of 4 jobs (1 already finished: stored or cached), 0:07 elapsed, time left 0:14",
     ]

@@ -354,7 +354,7 @@ class _ProgressRelay:
         for e in events[self._seen :]:
             if e.get("event") == "progress":
                 log.info(
-                    "%s: %d of %d jobs (%d from the cache), %s elapsed, time left %s",
+                    "%s: %d of %d jobs (%d already finished: stored or cached), %s elapsed, time left %s",
                     self.section.short,
                     e["done"],
                     e["total"],

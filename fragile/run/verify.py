@@ -26,7 +26,8 @@ from fragile.run.store import ResultStore
 from fragile.run.sweep import Job
 
 DEFAULT_RTOL = 1e-6
-"""How far a recomputed number may move, relative to the stored one's size, and still be *close*."""
+"""How far a recomputed number may move, relative to the largest magnitude of its array (or to itself, for a single
+number), and still be *close*."""
 
 
 def is_timing(name: str) -> bool:
@@ -79,8 +80,9 @@ def compare(stored: Any, recomputed: Any, rtol: float = DEFAULT_RTOL) -> tuple[A
             if (np.isnan(a) != np.isnan(b)).any():
                 structural.append(f"{path} (NaN in one only)")
                 return
-            diff, scale = np.abs(a - b)[~both_nan], np.maximum(np.abs(a), np.abs(b))[~both_nan]
-            moved.append((path, float(np.max(diff / np.where(scale > 0, scale, 1.0)))))
+            # Relative to the array's largest magnitude: an entry that is round-off away from zero is not "moved".
+            diff, scale = np.abs(a - b)[~both_nan], float(np.max(np.maximum(np.abs(a), np.abs(b))[~both_nan]))
+            moved.append((path, float(np.max(diff)) / (scale if scale > 0 else 1.0)))
 
     def walk(path: str, a: Any, b: Any) -> None:
         a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
