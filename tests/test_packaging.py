@@ -34,7 +34,7 @@ PYPI_TO_CONDA = {
 # A requirement with an extra that is itself a distribution: it installs that one too.
 INSTALLED_WITH_EXTRA = {"dask[distributed]": ["distributed"]}
 # Installed for what they run, not for an import: the book builder, the kernel papermill starts, the test tools.
-RUNTIME_ONLY = {"jupyter-book", "ipykernel", "pytest", "playwright", "ruff"}
+RUNTIME_ONLY = {"jupyter-book", "ipykernel", "pytest", "playwright", "ruff", "pypdf"}
 # Not packages of the environment: the interpreter and the installer.
 CONDA_INFRASTRUCTURE = {"python", "pip"}
 
