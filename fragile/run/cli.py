@@ -114,6 +114,14 @@ _scheduler_option = click.option(
     help="where sweep jobs run: in-process, local (a Dask LocalCluster on this machine) or tcp://HOST:PORT "
     "(an existing Dask scheduler; its workers must see .cache/ at the same path). Default: the profile's.",
 )
+# The options of the commands that work on the result store (publish, verify).
+_sections_option = click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
+_stored_profile_option = click.option(
+    "--profile", default="published", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs"
+)
+_store_option = click.option(
+    "--store", "store_dir", type=click.Path(file_okay=False), default=None, help="another store than the chapters'"
+)
 _workers_option = click.option(
     "--workers", type=click.IntRange(min=1), default=None, help="worker processes of a local cluster (default: one per CPU)"
 )
@@ -189,10 +197,10 @@ def _report(runs: list[runner.SectionRun]) -> None:
 
 
 @main.command("publish")
-@click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
-@click.option("--profile", default="published", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
-@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="another store than the chapters'")
-@click.option("--scheduler", default=None, help="in-process, local, local:N or a Dask address (default: the profile's)")
+@_sections_option
+@_stored_profile_option
+@_store_option
+@_scheduler_option
 def publish_cmd(only: tuple[str, ...], profile: str, store_dir: str | None, scheduler: str | None) -> None:
     """Compute the jobs the result store lacks and store each as it finishes, without executing any notebook: a
     long computation stopped midway keeps what finished and continues where it stopped. Prints each section's
@@ -210,8 +218,8 @@ def publish_cmd(only: tuple[str, ...], profile: str, store_dir: str | None, sche
 
 
 @main.command("verify")
-@click.option("--section", "only", multiple=True, help="only these sections (default: every one)")
-@click.option("--profile", default="published", show_default=True, type=click.Choice(runner.PROFILES), help="whose jobs")
+@_sections_option
+@_stored_profile_option
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="recompute this many stored jobs, drawn at random")
 @click.option(
     "--within",
@@ -222,7 +230,7 @@ def publish_cmd(only: tuple[str, ...], profile: str, store_dir: str | None, sche
 @click.option("--all", "every", is_flag=True, help="recompute every stored job (the default without --sample or --within)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the --sample draw")
 @click.option("--rtol", type=float, default=verify_module.DEFAULT_RTOL, show_default=True, help="relative tolerance of 'close'")
-@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None, help="another store than the chapters'")
+@_store_option
 def verify_cmd(
     only: tuple[str, ...],
     profile: str,
