@@ -11,7 +11,7 @@ from fragile.run.cache import DIGEST_FILE, _entry_digest
 from fragile.run.store import NUMERICS_VERSION, JobCompute, ResultStore, StoredJob, StoreError
 from fragile.run.sweep import Job
 
-TOOK = JobCompute(1.5, "cpu")
+TOOK = JobCompute(1.5, 2.0, "cpu", "cpu Test CPU, torch 0")
 
 
 def _result() -> dict:

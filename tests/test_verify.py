@@ -2,12 +2,14 @@
 the first place it differs."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 from sweep_jobs import square
 
 from fragile.chapters.results import Agreement as Corr
+from fragile.run.arithmetic import machine_arithmetic
 from fragile.run.store import JobCompute, ResultStore
 from fragile.run.sweep import Job
 from fragile.run.verify import Agreement, compare, verify
@@ -37,12 +39,14 @@ def test_identical_close_and_different_results_are_told_apart():
 def test_verify_recomputes_a_sample_of_the_stored_jobs(tmp_path):
     store = ResultStore(tmp_path)
     jobs = [Job(f"sq{x}", square, {"x": x}) for x in range(6)]
+    here = JobCompute(0.1, 0.1, "cpu", machine_arithmetic("cpu"))
     for job in jobs[:5]:
-        store.save(job.name, job.config, square(**job.config), JobCompute(0.1, "cpu"))
-    store.save("sq3-moved", {"x": 3}, {"square": 10}, JobCompute(0.1, "cpu"))
+        store.save(job.name, job.config, square(**job.config), here)
+    store.save("sq3-moved", {"x": 3}, {"square": 10}, here)
     checked = verify([*jobs, Job("sq3-moved", square, {"x": 3})], store)
     assert [v.name for v in checked] == ["sq0", "sq1", "sq2", "sq3", "sq4", "sq3-moved"]  # sq5 is not stored
     assert [v.agreement for v in checked] == [Agreement.IDENTICAL] * 5 + [Agreement.DIFFERENT]
+    assert [v.passed for v in checked] == [True] * 5 + [False] and all(v.same_arithmetic for v in checked)
     assert checked[-1].where == "result['square']"
     sample = verify(jobs, store, sample=2, seed=1)
     assert len(sample) == 2 and {v.name for v in sample} <= {j.name for j in jobs[:5]}
@@ -74,7 +78,10 @@ def test_fragile_verify_recomputes_a_published_chapter_and_fails_on_a_moved_numb
     args = ["verify", "--section", "iris", "--profile", "smoke", "--store", str(tmp_path)]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1] == f"{len(jobs)} identical, 0 close, 0 different of {len(jobs)} stored jobs recomputed"
+    here = machine_arithmetic("cpu")
+    assert result.output.splitlines()[-1] == (
+        f"{len(jobs)} identical, 0 close, 0 different of {len(jobs)} stored jobs recomputed on {here}: 0 failed"
+    )
     # move one stored number, as an unannounced numerics change would, keeping the entry's digest valid
     entry = store.path(jobs[0].name, jobs[0].config)
     text = (entry / "payload.json").read_text()
@@ -83,8 +90,12 @@ def test_fragile_verify_recomputes_a_published_chapter_and_fails_on_a_moved_numb
     (entry / DIGEST_FILE).write_text(_entry_digest(entry))
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 1
-    assert result.output.startswith(f"different: {jobs[0].name} at result") and "train_loss" in result.output.splitlines()[0]
-    assert result.output.splitlines()[-1].endswith(f"0 close, 1 different of {len(jobs)} stored jobs recomputed")
+    assert (
+        result.output.startswith(f"different FAILS: {jobs[0].name} at result") and "train_loss" in result.output.splitlines()[0]
+    )
+    assert result.output.splitlines()[-1].endswith(
+        f"0 close, 1 different of {len(jobs)} stored jobs recomputed on {here}: 1 failed"
+    )
 
 
 def test_fragile_publish_stores_what_is_missing_and_a_second_publish_computes_nothing(tmp_path, monkeypatch):
@@ -113,7 +124,8 @@ def test_fragile_publish_stores_what_is_missing_and_a_second_publish_computes_no
     # what publish stored is what a run of the chapter computes from scratch
     assert all(verify([j], store)[0].agreement is Agreement.IDENTICAL for j in jobs)
     took = [store.compute(j.name, j.config) for j in jobs]
-    assert all(t.device == "cpu" and t.seconds > 0 for t in took), took
+    assert all(t.device == "cpu" and 0 < t.seconds == t.cpu_seconds and t.wall_seconds > 0 for t in took), took
+    assert {t.arithmetic for t in took} == {machine_arithmetic("cpu")}
 
 
 def test_fragile_publish_refuses_an_unknown_section_before_any_work(tmp_path):
@@ -156,3 +168,35 @@ def test_verify_within_a_budget_draws_only_jobs_whose_recorded_time_fits(tmp_pat
         assert drawn and sum(took[n] for n in drawn) <= budget
     with pytest.raises(InvalidArgumentError, match="sample and within are exclusive"):
         runner.verify_sections("smoke", root, ["iris"], store_dir=tmp_path, sample=1, within=1.0)
+
+
+def test_under_the_same_arithmetic_only_identical_passes_and_under_another_close_does_too(tmp_path):
+    store = ResultStore(tmp_path)
+    here, there = machine_arithmetic("cpu"), "cpu Another CPU AVX2, torch 0"
+    job = Job("sq2", square, {"x": 2})
+    nudged = {"square": 4 * (1 + 1e-9)}  # within the default tolerance, not the same bits
+    for arithmetic, passes in ((here, False), (there, True), (None, True)):
+        for stored, agreement, passed in ((nudged, Agreement.CLOSE, passes), ({"square": 5}, Agreement.DIFFERENT, False)):
+            shutil.rmtree(tmp_path, ignore_errors=True)
+            store.save(job.name, job.config, stored, JobCompute(0.1, 0.1, "cpu", arithmetic))
+            (checked,) = verify([job], store)
+            assert checked.agreement is agreement and checked.passed is passed
+            assert checked.same_arithmetic is (arithmetic == here)
+            assert checked.arithmetic == here and checked.stored_arithmetic == arithmetic
+
+
+def test_the_arithmetic_names_the_cpu_by_vendor_family_model_and_stepping(tmp_path, monkeypatch):
+    from fragile.run import arithmetic
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel Xeon\n"
+        "stepping\t: 8\n\nprocessor\t: 1\nvendor_id\t: Other\n"
+    )
+    monkeypatch.setattr(arithmetic, "CPUINFO", info)
+    arithmetic.cpu_model.cache_clear()
+    try:
+        assert arithmetic.cpu_model() == "GenuineIntel family 6 model 143 stepping 8 (Intel Xeon)"
+        assert arithmetic.machine_arithmetic("cpu").startswith("cpu GenuineIntel family 6 model 143 stepping 8 (Intel Xeon) ")
+    finally:
+        arithmetic.cpu_model.cache_clear()

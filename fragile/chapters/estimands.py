@@ -163,10 +163,10 @@ class EstimandsConfig(ConvergenceSettings, ChapterConfig):
     )
     mnist_test_points: int = setting(1, "test points per small-MNIST model: the highest-loss ones", at_least(0))
     mnist_estimators: tuple[str, ...] = setting(
-        tuple(m for m in ESTIMATORS if m != "exact"),
+        ESTIMATORS,
         (
-            "estimators run on small MNIST; exact (the Hessian materialised by HVPs) costs about 2 s per training image "
-            "on one core, so the default leaves it out"
+            "estimators run on small MNIST; exact materialises the 2,616² Hessian layer by layer "
+            "(fragile.core.blocked_hessian: about 0.05 s per training image on one core in float32)"
         ),
         each(one_of(ESTIMATORS), nonempty=True),
     )

@@ -463,14 +463,16 @@ def check_device_here(cfg: ChapterConfig, client) -> None:
 @dataclass(frozen=True)
 class ChapterCompute:
     """What a chapter's jobs took to compute, as the result store records it (:class:`~fragile.run.store.JobCompute`):
-    the jobs, how many the store holds, their summed wall seconds (each job runs on one torch thread, so these are
-    CPU-seconds on a CPU), how many stored jobs have no recorded time, and the devices they ran on."""
+    the jobs, how many the store holds, their summed cost (:attr:`~fragile.run.store.JobCompute.seconds`: CPU seconds
+    on a CPU, each job on one torch thread; wall seconds on a GPU), how many stored jobs have no recorded time, the
+    devices they ran on and the arithmetic of the machines that computed them."""
 
     jobs: int
     stored: int
     seconds: float
     untimed: int
     devices: tuple[str, ...]
+    arithmetic: tuple[str, ...]
 
     @property
     def hours(self) -> float:
@@ -486,13 +488,14 @@ class ChapterCompute:
         unit = {("cpu",): "CPU-hours", ("cuda",): "GPU-hours"}.get(self.devices, "device-hours on " + ", ".join(self.devices))
         timed = f"; {self.untimed} came from a cache without their time" if self.untimed else ""
         took = f"{self.hours:.2f} {unit} (each job on one thread{timed})"
+        where = f" on {'; '.join(f'`{a}`' for a in self.arithmetic)}" if self.arithmetic else ""
         rest = self.jobs - self.stored
         missing = f"; the other {rest} were computed by this execution" if rest else ""
         share = "all" if not rest else f"{self.stored} of"
-        return f"**Compute**: {share} {self.jobs} jobs from the result store, computed in {took}{missing}."
+        return f"**Compute**: {share} {self.jobs} jobs from the result store, computed in {took}{where}{missing}."
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "devices": list(self.devices)}
+        return {**dataclasses.asdict(self), "devices": list(self.devices), "arithmetic": list(self.arithmetic)}
 
 
 def chapter_compute(cfg: ChapterConfig, jobs: Sequence[Job]) -> ChapterCompute:
@@ -510,4 +513,5 @@ def chapter_compute(cfg: ChapterConfig, jobs: Sequence[Job]) -> ChapterCompute:
         seconds=sum(t.seconds for t in found if t.seconds is not None),
         untimed=sum(t.seconds is None for t in found),
         devices=tuple(sorted({t.device for t in found})),
+        arithmetic=tuple(sorted({t.arithmetic for t in found if t.arithmetic is not None})),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, jacrev, jvp, vmap
 
+from fragile.core.blocked_hessian import NotAChainError, layer_blocked_hessian
 from fragile.core.objective import Objective
 from fragile.errors import InvalidArgumentError, check_int
 
@@ -71,14 +72,24 @@ def hessian_matrix(
     vector_chunk: int | None = 64,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Materialise the p×p Hessian of the mean training objective, one block of rows at a time.
+    """Materialise the p×p Hessian of the mean training objective.
 
-    Cost: p HVPs (``vector_chunk`` of them vmapped together) over the whole data set; memory O(p²)
-    for the result. The result is returned as computed (not symmetrised), so its symmetry is a check
-    of the computation.
+    When the model is a chain of layers (an ``nn.Sequential``, or a model with ``sequential_layers()``, such as
+    :class:`~fragile.models.small.MLP` and :class:`~fragile.models.small.KohLiangCNN`), by
+    :func:`~fragile.core.blocked_hessian.layer_blocked_hessian`: each block row by forward-over-reverse through the
+    layers above it only, the blocks below the diagonal by symmetry, with ``data_chunk`` and ``vector_chunk`` as caps
+    on each call's images and tangents (the same numbers up to round-off; ``benchmarks/exact_hessian.py`` times both). Any
+    other model: p HVPs (:func:`hvp`, ``vector_chunk`` of them vmapped together, ``data_chunk`` images per pass) over
+    the whole data set, one block of rows at a time, returned as computed (not symmetrised). Either way the blocks
+    computed directly keep their round-off asymmetry, a check of the computation. Cost: p HVP-equivalents over the
+    data (restricted to the layers ≥ each parameter's for a chain); memory O(p²) for the result.
     """
     from tqdm.auto import tqdm
 
+    try:
+        return layer_blocked_hessian(objective, theta, x, y, data_chunk=data_chunk, vector_chunk=vector_chunk, progress=progress)
+    except NotAChainError as exc:
+        log.debug("Hessian by HVPs through the whole model: %s", exc)
     p = objective.num_params
     eye = torch.eye(p, dtype=theta.dtype, device=theta.device)
     rows = []

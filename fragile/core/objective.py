@@ -277,6 +277,11 @@ class Objective:
         """Per-example training loss ``ℓ(z_i, θ)``, shape (n,); no regulariser."""
         return self._loss(self.logits(theta, x), y)
 
+    def output_losses(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example training loss of model outputs (n, ·) against their targets, shape (n,); no regulariser. For code
+        that runs the model itself (:mod:`fragile.core.blocked_hessian` runs it layer by layer)."""
+        return self._loss(outputs, y)
+
     def measurements(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example measurement (by default the loss) at test points, shape (n,): the quantity whose change
         influence predicts."""

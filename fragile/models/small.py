@@ -73,6 +73,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def sequential_layers(self) -> list[nn.Module]:
+        """The layers whose composition is :meth:`forward` on a batch (for :mod:`fragile.core.blocked_hessian`)."""
+        return list(self.net)
+
 
 class KohLiangCNN(nn.Module):
     """The small-MNIST convolutional network of Koh & Liang (2017), reused by Basu et al.: 2,616 parameters.
@@ -118,6 +122,17 @@ class KohLiangCNN(nn.Module):
         for conv in self.convs:
             x = torch.tanh(conv(x))
         return self.linear(x.mean(dim=(-2, -1)))
+
+    def sequential_layers(self) -> list[nn.Module]:
+        """The layers whose composition is :meth:`forward` on a batch (N, C, H, W), sharing this network's parameters
+        (for :mod:`fragile.core.blocked_hessian`): each convolution with its tanh, the global average pooling, the
+        linear layer."""
+        return [*(nn.Sequential(conv, nn.Tanh()) for conv in self.convs), _GlobalAveragePool(), self.linear]
+
+
+class _GlobalAveragePool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1))
 
 
 MODEL_NAMES = ("mlp", "koh_liang_cnn", "lenet", "vgg11", "vgg13", "resnet18", "resnet50")

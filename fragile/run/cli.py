@@ -242,8 +242,9 @@ def verify_cmd(
     store_dir: str | None,
 ) -> None:
     """Recompute stored jobs from scratch and compare them with the store: one line per job, then a count. Exits 1
-    when a job differs beyond --rtol (the numerics moved without NUMERICS_VERSION being raised), and when nothing
-    was recomputed (a check that checked nothing does not pass)."""
+    when a job fails (not identical although stored under this machine's arithmetic, or beyond --rtol under another
+    one: the numerics moved without NUMERICS_VERSION being raised), and when nothing was recomputed (a check that
+    checked nothing does not pass)."""
     try:
         if sum((sample is not None, within is not None, every)) > 1:
             raise InvalidArgumentError("--sample, --within and --all are exclusive; give one")
@@ -254,13 +255,24 @@ def verify_cmd(
         _fail(exc)
     for v in checked:
         where = f" at {v.where}" if v.where else ""
-        click.echo(f"{v.agreement}: {v.name}{where} (max relative difference {v.max_relative:.2g}, {v.seconds:.1f} s)")
+        other = "" if v.same_arithmetic else f"; stored under other arithmetic: {v.stored_arithmetic or 'not recorded'}"
+        verdict = "" if v.passed else " FAILS"
+        click.echo(
+            f"{v.agreement}{verdict}: {v.name}{where} (max relative difference {v.max_relative:.2g}, {v.seconds:.1f} s{other})"
+        )
     if not checked:
         click.echo("error: no stored job was recomputed (none stored for this profile, or none fits --within)", err=True)
         sys.exit(1)
     counts = {a: sum(v.agreement is a for v in checked) for a in verify_module.Agreement}
-    click.echo(", ".join(f"{n} {a}" for a, n in counts.items()) + f" of {len(checked)} stored jobs recomputed")
-    if counts[verify_module.Agreement.DIFFERENT]:
+    others = sum(not v.same_arithmetic for v in checked)
+    failed = sum(not v.passed for v in checked)
+    click.echo(
+        ", ".join(f"{n} {a}" for a, n in counts.items())
+        + f" of {len(checked)} stored jobs recomputed on {checked[0].arithmetic}"
+        + (f" ({others} stored under other arithmetic)" if others else "")
+        + f": {failed} failed"
+    )
+    if failed:
         sys.exit(1)
 
 

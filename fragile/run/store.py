@@ -30,8 +30,9 @@ from fragile.run.cache import CacheCorruptError, ResultCache
 
 log = logging.getLogger(__name__)
 
-NUMERICS_VERSION = 1
-"""Raised by hand whenever a change to the library moves a stored number (then the affected jobs are recomputed)."""
+NUMERICS_VERSION = 2
+"""Raised by hand whenever a change to the library moves a stored number (then the affected jobs are recomputed).
+2: the exact Hessian of chain models by :mod:`fragile.core.blocked_hessian` (moves exact influences by round-off)."""
 NUMERICS_KEY = "numerics"
 BUDGET_BYTES = 100 * 2**20
 """The most the store may hold on disk: it is committed, and every clone carries it."""
@@ -44,11 +45,28 @@ class StoreError(FragileError):
 
 @dataclass(frozen=True)
 class JobCompute:
-    """What computing a stored job took: wall seconds on one torch thread (None when it came from a cache entry,
-    which does not record time) and the device it ran on."""
+    """What computing a stored job took and where.
 
-    seconds: float | None
+    Attributes:
+        cpu_seconds: the CPU time of the process that ran it (:func:`time.process_time`: on a CPU, what the job
+            cost, whatever else the machine was doing; every job runs on one torch thread).
+        wall_seconds: its wall-clock time (on CUDA, what the job cost; on a shared CPU, more than it cost).
+        device: ``cpu`` or ``cuda``.
+        arithmetic: :func:`~fragile.run.arithmetic.machine_arithmetic` of the machine that ran it, which decides
+            whether a recomputation should give the same bits.
+
+    Times and arithmetic are None for a job published from a cache entry, which records neither.
+    """
+
+    cpu_seconds: float | None
+    wall_seconds: float | None
     device: str
+    arithmetic: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        """What the job cost on its device: CPU seconds on a CPU, wall seconds on a GPU."""
+        return self.wall_seconds if self.device == "cuda" else self.cpu_seconds
 
 
 @dataclass(frozen=True, order=True)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fragile.errors import InvalidArgumentError, check_int
 from fragile.run.allocator import keep_freed_memory
+from fragile.run.arithmetic import machine_arithmetic
 from fragile.run.cache import ResultCache, config_key
 from fragile.run.code import module_code_digest
 from fragile.run.store import JobCompute, ResultStore
@@ -231,11 +232,13 @@ def job_device(job: Job) -> str:
     return device
 
 
-def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache: bool) -> tuple[str, Any, float]:
+def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache: bool) -> tuple[str, Any, JobCompute]:
     """Run one job and publish its result under ``cache_config`` (the driver's :attr:`Job.cache_config`,
     so a worker never digests its own copy of the code), holding the entry's lock meanwhile
     (:meth:`~fragile.run.cache.ResultCache.computing`): when another run of the same job holds it, this waits and
-    returns that run's result as ``"cached"``. Never raises (a failure is returned with its traceback).
+    returns that run's result as ``"cached"``. Never raises (a failure is returned with its traceback). Returns the
+    status, the result (or the failure) and what the job took on this worker (:class:`~fragile.run.store.JobCompute`,
+    times None for a cached result).
 
     The job runs on one torch thread wherever it runs: the thread count changes the order of
     floating-point reductions, and the same job must give the same bits in-process and on any worker.
@@ -244,26 +247,28 @@ def _execute(job: Job, cache_config: dict[str, Any], cache_root: str, use_cache:
     """
     keep_freed_memory()
     cache = ResultCache(cache_root, enabled=use_cache)
-    start = time.perf_counter()
+    device = job_device(job)
+    start, cpu_start = time.perf_counter(), time.process_time()
+
+    def took() -> JobCompute:
+        return JobCompute(time.process_time() - cpu_start, time.perf_counter() - start, device, machine_arithmetic(device))
+
     with cache.computing(job.name, cache_config):
         # another run of the same job on this cache may have finished it while this one waited for the lock
         hit = cache.load_or_discard(job.name, cache_config)
         if hit is not None:
-            return "cached", hit, time.perf_counter() - start
+            return "cached", hit, JobCompute(None, None, device, None)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             payload = job.fn(**job.config, **(job.runtime or {}))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, the sweep goes on
-            return (
-                "failed",
-                {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()},
-                time.perf_counter() - start,
-            )
+            return "failed", {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, took()
         finally:
             torch.set_num_threads(threads)
+        done = took()
         cache.save(job.name, cache_config, payload)
-    return "ok", payload, time.perf_counter() - start
+    return "ok", payload, done
 
 
 def connect(scheduler: str, n_workers: int | None = None):
@@ -410,17 +415,16 @@ def run_sweep(
             report.results[job.name] = hit
             report.cached.append(job.name)
             if publish:
-                store.save(job.name, job.config, hit, JobCompute(None, job_device(job)))  # type: ignore[union-attr]
+                store.save(job.name, job.config, hit, JobCompute(None, None, job_device(job), None))  # type: ignore[union-attr]
 
-    def record(job: Job, status: str, value: Any, seconds: float = float("nan")) -> None:
+    def record(job: Job, status: str, value: Any, took: JobCompute | None = None) -> None:
         if publish and status in ("ok", "cached"):  # as each job lands: a long run killed midway keeps what finished
-            took = JobCompute(seconds if status == "ok" else None, job_device(job))
-            store.save(job.name, job.config, value, took)  # type: ignore[union-attr]
+            store.save(job.name, job.config, value, took or JobCompute(None, None, job_device(job), None))  # type: ignore[union-attr]
         if status == "cached":  # finished by another run while this one waited for it
             report.results[job.name] = value
             report.cached.append(job.name)
             return
-        report.seconds[job.name] = seconds
+        report.seconds[job.name] = took.wall_seconds if took is not None and took.wall_seconds is not None else float("nan")
         if status == "ok":
             report.results[job.name] = value
             report.done.append(job.name)

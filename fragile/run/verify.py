@@ -2,10 +2,12 @@
 numerics (``fragile verify``).
 
 A job's recomputed result is compared with its stored one value by value: *identical* when every number and every
-array is the same bits (what the same code on the same kind of CPU gives: every job runs on one thread), *close*
-when they differ only within a relative tolerance (another CPU's or a GPU's rounding), else *different*, with the
-first place they differ. A different job means the numerics moved without :data:`~fragile.run.store.NUMERICS_VERSION`
-being raised.
+array is the same bits, *close* when they differ only within a relative tolerance, else *different*, with the first
+place they differ. What passes depends on the arithmetic (:mod:`fragile.run.arithmetic`) the store recorded for the
+job: under the same one, only *identical* (every job runs on one torch thread, so the same code gives the same bits);
+under another (another CPU model or torch, a GPU), *close* too. A job that fails means the numerics moved without
+:data:`~fragile.run.store.NUMERICS_VERSION` being raised, or (under other arithmetic) that its computation amplifies
+rounding past the tolerance, as long float32 training can.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import numpy as np
 import torch
 
 from fragile.errors import check_int, check_positive
+from fragile.run.arithmetic import machine_arithmetic
 from fragile.run.store import ResultStore
-from fragile.run.sweep import Job
+from fragile.run.sweep import Job, job_device
 
 DEFAULT_RTOL = 1e-6
 """How far a recomputed number may move, relative to the largest magnitude of its array (or to itself, for a single
@@ -52,6 +55,8 @@ class Verified:
         where: the first place the results differ beyond bits (``result['spearman']``), or "".
         max_relative: the largest relative difference of any number (0 when identical).
         seconds: how long the recomputation took.
+        stored_arithmetic: the arithmetic the store recorded for the job (None: not recorded).
+        arithmetic: the arithmetic it was recomputed on.
     """
 
     name: str
@@ -59,6 +64,18 @@ class Verified:
     where: str
     max_relative: float
     seconds: float
+    stored_arithmetic: str | None
+    arithmetic: str
+
+    @property
+    def same_arithmetic(self) -> bool:
+        return self.stored_arithmetic == self.arithmetic
+
+    @property
+    def passed(self) -> bool:
+        """Identical, or close when the job was stored under other arithmetic."""
+        allowed = (Agreement.IDENTICAL,) if self.same_arithmetic else (Agreement.IDENTICAL, Agreement.CLOSE)
+        return self.agreement in allowed
 
 
 def compare(stored: Any, recomputed: Any, rtol: float = DEFAULT_RTOL) -> tuple[Agreement, str, float]:
@@ -106,12 +123,10 @@ def compare(stored: Any, recomputed: Any, rtol: float = DEFAULT_RTOL) -> tuple[A
             else:
                 for n, (x, y) in enumerate(zip(a, b)):
                     walk(f"{path}[{n}]", x, y)
-        elif isinstance(a, (np.ndarray, float)):
-            arrays(
-                path,
-                np.asarray(a, dtype=float) if isinstance(a, float) else a,
-                np.asarray(b, dtype=float) if isinstance(b, float) else b,
-            )
+        elif isinstance(a, np.ndarray):
+            arrays(path, a, b)
+        elif isinstance(a, float) or isinstance(b, float):  # an int against a float compares as numbers
+            arrays(path, np.asarray(a, dtype=float), np.asarray(b, dtype=float))
         elif a != b:
             structural.append(path)
 
@@ -129,7 +144,8 @@ def verify(
     jobs: Sequence[Job], store: ResultStore, *, sample: int | None = None, seed: int = 0, rtol: float = DEFAULT_RTOL
 ) -> list[Verified]:
     """Recompute the stored ones of ``jobs`` (all, or ``sample`` of them drawn with ``seed``) from scratch, on one
-    torch thread as the sweep runs them, and compare each with the store. Jobs the store does not hold are skipped.
+    torch thread as the sweep runs them, and compare each with the store (:attr:`Verified.passed` says whether it
+    passes under its arithmetic). Jobs the store does not hold are skipped.
 
     Cost: each sampled job's full computation.
     """
@@ -147,7 +163,18 @@ def verify(
             start = time.perf_counter()
             recomputed = job.fn(**job.config, **(job.runtime or {}))
             agreement, where, worst = compare(store.load(job.name, job.config), recomputed, rtol)
-            out.append(Verified(job.name, agreement, where, worst, time.perf_counter() - start))
+            took = store.compute(job.name, job.config)
+            out.append(
+                Verified(
+                    job.name,
+                    agreement,
+                    where,
+                    worst,
+                    time.perf_counter() - start,
+                    took.arithmetic if took is not None else None,
+                    machine_arithmetic(job_device(job)),
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     return out
