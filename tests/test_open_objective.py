@@ -227,9 +227,13 @@ def test_a_callable_cross_entropy_reproduces_the_named_one(classifier):
     assert torch.equal(custom.sample_grads(theta, x, y), objective.sample_grads(theta, x, y))
     assert torch.equal(hvp(custom, theta, x, y, theta), hvp(objective, theta, x, y, theta))
     spec = TrainSpec(lr=0.5, steps=30)
-    assert torch.equal(
+    # Training takes a named loss feature-major on an MLP (fragile.core.stacked_mlp) and a callable on rows: the same
+    # to rounding, not bit for bit.
+    torch.testing.assert_close(
         fit(custom, objective.initial_params(), x, y, spec, progress=False).params,
         fit(objective, objective.initial_params(), x, y, spec, progress=False).params,
+        rtol=1e-12,
+        atol=1e-14,
     )
     for method in ("exact", "cg", "grad_dot"):
         a = make_estimator(method, custom, theta, x, y, damping=0.05, progress=False).influences(x[:3], y[:3])
@@ -237,7 +241,7 @@ def test_a_callable_cross_entropy_reproduces_the_named_one(classifier):
         assert torch.equal(a.predicted, b.predicted) and torch.equal(a.residuals, b.residuals), method
     a = loo_retrain(custom, theta, x, y, [0, 4], spec, x[:3], y[:3], progress=False)
     b = loo_retrain(objective, theta, x, y, [0, 4], spec, x[:3], y[:3], progress=False)
-    assert torch.equal(a.test_loss_removed, b.test_loss_removed)
+    torch.testing.assert_close(a.test_loss_removed, b.test_loss_removed, rtol=1e-12, atol=1e-14)
     # The Bregman divergence of a callable loss (by autograd) is the closed form's, up to round-off.
     z_star = objective.logits(theta, x)
     z = torch.stack([objective.logits(0.9 * theta, x), objective.logits(theta + 0.01, x)])

@@ -178,7 +178,9 @@ class EstimandsConfig(ConvergenceSettings, ChapterConfig):
         10, "checkpoints of the training kept for TracIn (evenly spaced, the last is θ*)", at_least(1)
     )
     pbrf_max_iter: int = setting(100, "L-BFGS iterations per PBRF / proximal-response solve", at_least(1))
-    chunk_size: int = setting(64, "leave-one-out models per training stack (memory, not numbers)", at_least(1))
+    chunk_size: int = setting(
+        64, "leave-one-out models per training stack (memory and time: the numbers agree to rounding)", at_least(1)
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -112,7 +112,7 @@ class IrisConfig(ConvergenceSettings, ChapterConfig):
     selection_by: str = setting(
         "abs", "ranking for the selection: abs = |predicted influence| (paper: unconfirmed)", one_of(SELECTION_SCORES)
     )
-    chunk_size: int = setting(512, "models per retraining stack (memory, not numbers)", at_least(1))
+    chunk_size: int = setting(128, "models per retraining stack (memory and time: the numbers agree to rounding)", at_least(1))
 
 
 def split_iris(cfg: IrisConfig) -> tuple[Dataset, Dataset]:

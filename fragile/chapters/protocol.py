@@ -257,8 +257,10 @@ class SolverSettings:
         non_negative,
     )
     arnoldi_rank: int = setting(100, "top eigenpairs kept by arnoldi (Schioppa et al. 2022); at most p are used", at_least(1))
-    data_chunk: int = setting(256, "training points per HVP chunk (memory, not numbers)", at_least(1))
-    chunk_size: int = setting(8, "leave-one-out models per training stack (memory, not numbers)", at_least(1))
+    data_chunk: int = setting(256, "training points per HVP chunk (memory and time: the numbers agree to rounding)", at_least(1))
+    chunk_size: int = setting(
+        8, "leave-one-out models per training stack (memory and time: the numbers agree to rounding)", at_least(1)
+    )
 
     def solver_kwargs(self, method: str, n: int, p: int) -> dict[str, Any]:
         """The keyword arguments of ``method`` (one of :data:`SOLVED_METHODS`) for ``n`` training points and ``p``

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fragile.core.stacked_mlp import feature_major_loss, stacked_mlp
 from fragile.errors import InvalidArgumentError, check_compatible, check_dataset, check_finite, check_labels, check_positive
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -163,6 +164,7 @@ class Objective:
         self.num_params = sum(self.numels)
         self.dtype = named[0][1].dtype
         self._num_outputs: dict[tuple[int, ...], int | None] = {}
+        self._mlp = stacked_mlp(model, self.names, self.numels, self._fixed)
 
     @property
     def loss_name(self) -> str:
@@ -332,12 +334,20 @@ class Objective:
         """The objective of K independent models at once, shape (K,).
 
         ``thetas`` is (K, p); ``weights`` is (n,) shared or (K, n) per model; ``weight_decay`` (K,)
-        gives each model its own L2 coefficient (default: the objective's). The forward pass is
-        vmapped over the stack; the sum of the result has the K models' gradients as its gradient,
-        which is how :func:`fragile.core.train.fit` gets them from one backward pass.
+        gives each model its own L2 coefficient (default: the objective's). The sum of the result has the K models'
+        gradients as its gradient, which is how :func:`fragile.core.train.fit` gets them from one backward pass.
+
+        A chain of linear layers and elementwise activations (the MLP) is evaluated feature-major by
+        :mod:`fragile.core.stacked_mlp`, 2–2.6× faster on the Iris networks; any other model by ``vmap`` over the
+        stack. The two agree to rounding.
         """
-        z = vmap(self.logits, in_dims=(0, None))(thetas, x)  # (K, n, C)
-        losses = self._stacked_loss(z, y)
+        if self._mlp is not None and x.ndim == 2:
+            z = self._mlp.logits(thetas, x)  # (K, C, n)
+            loss = feature_major_loss(self.loss_name)
+            losses = loss(z, y) if loss is not None else self._stacked_loss(z.transpose(1, 2), y)
+        else:
+            z = vmap(self.logits, in_dims=(0, None))(thetas, x)  # (K, n, C)
+            losses = self._stacked_loss(z, y)
         return _weighted_mean(losses, weights) + self.regulariser(thetas, weight_decay)
 
     # -- derivatives ------------------------------------------------------------------------------
