@@ -234,3 +234,20 @@ def test_the_headline_model_retrains_a_random_set_beside_the_bands():
     top, rnd = out.bands["top"][0], out.bands["random"][0]
     for i in set(top.chosen.tolist()) & set(drawn.tolist()):
         assert rnd.actual[rnd.chosen.tolist().index(i)] == top.actual[top.chosen.tolist().index(i)]
+
+
+def test_the_polish_phase_continues_from_the_minibatch_model_on_the_whole_training_set():
+    cfg = SmallMnistConfig(**{**TINY, "polish_steps": 40})
+    data = load_data(cfg)
+    out = run_model(cfg, 0, 0.1)
+    # the same two phases built here: minibatch Adam, then full-batch Adam from where it stopped
+    objective = Objective(build_model("koh_liang_cnn", seed=0, dtype=torch.float32), 0.1)
+    spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
+    first = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False)
+    polished = fit(objective, first.params[0], data.train.x, data.train.y, spec.replace(steps=40, batch_size=None), progress=False)
+    assert out.fit.grad_norm == pytest.approx(float(polished.grad_norm[0]), rel=1e-5)
+    assert out.fit.grad_norm < float(first.grad_norm[0])  # full-batch steps bring θ* nearer a stationary point
+    theta = polished.params[0]
+    assert out.fit.train_loss == pytest.approx(float(objective.sample_losses(theta, data.train.x, data.train.y).mean()), rel=1e-5)
+    with pytest.raises(InvalidArgumentError, match="polish_steps"):
+        SmallMnistConfig(**{**TINY, "polish_steps": -1})

@@ -161,14 +161,28 @@ class TrainedModel:
 
 
 def train_model(
-    objective: Objective, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, spec: TrainSpec
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    polish: TrainSpec | None = None,
 ) -> TrainedModel:
-    """Fit ``objective`` from its template's parameters with ``spec``; record the test losses and the fit.
+    """Fit ``objective`` from its template's parameters with ``spec``, then with ``polish`` from there when given
+    (full-batch steps that take θ* from a minibatch optimiser's noise floor to near a stationary point); record the
+    test losses and the fit (its loss trajectory is both phases').
 
-    Cost: ``spec.steps`` optimiser steps, then one forward pass over the training and the test set.
+    Cost: ``spec.steps`` optimiser steps (and ``polish.steps``), then one forward pass over the training and the test
+    set.
     """
     start = time.perf_counter()
     trained = fit(objective, objective.initial_params(), x, y, spec, progress=False)
+    if polish is not None:
+        first = trained.losses
+        trained = fit(objective, trained.params[0], x, y, polish, progress=False)
+        trained = dataclasses.replace(trained, losses=torch.cat([first, trained.losses]))
     seconds = time.perf_counter() - start
     theta = trained.params[0]
     with torch.no_grad():
