@@ -244,7 +244,9 @@ def test_the_polish_phase_continues_from_the_minibatch_model_on_the_whole_traini
     objective = Objective(build_model("koh_liang_cnn", seed=0, dtype=torch.float32), 0.1)
     spec = TrainSpec("adam", lr=cfg.lr, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=0)
     first = fit(objective, objective.initial_params(), data.train.x, data.train.y, spec, progress=False)
-    polished = fit(objective, first.params[0], data.train.x, data.train.y, spec.replace(steps=40, batch_size=None), progress=False)
+    polished = fit(
+        objective, first.params[0], data.train.x, data.train.y, spec.replace(steps=40, batch_size=None), progress=False
+    )
     assert out.fit.grad_norm == pytest.approx(float(polished.grad_norm[0]), rel=1e-5)
     assert out.fit.grad_norm < float(first.grad_norm[0])  # full-batch steps bring θ* nearer a stationary point
     theta = polished.params[0]

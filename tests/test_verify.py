@@ -200,3 +200,24 @@ def test_the_arithmetic_names_the_cpu_by_vendor_family_model_and_stepping(tmp_pa
         assert arithmetic.machine_arithmetic("cpu").startswith("cpu GenuineIntel family 6 model 143 stepping 8 (Intel Xeon) ")
     finally:
         arithmetic.cpu_model.cache_clear()
+
+
+def test_fragile_publish_with_job_patterns_stores_only_the_matching_jobs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fragile.run import cli, runner
+
+    root = Path(__file__).resolve().parents[1]
+    section = runner.find_section("iris", root)
+    params = runner.resolve_parameters(section, "smoke", {"depths": [1, 2], "widths": [8]}, root)
+    monkeypatch.setattr(runner, "resolve_parameters", lambda s, p, o, r: {**params, "cache_dir": str(tmp_path / "c")})
+    store_dir = tmp_path / "store"
+    args = ["publish", "--section", "iris", "--profile", "smoke", "--store", str(store_dir)]
+    result = CliRunner().invoke(cli.main, [*args, "--job", "iris/d2-*"])
+    assert result.exit_code == 0, result.output
+    assert [e.name for e in ResultStore(store_dir).entries()] == ["iris/d2-w5"]
+    refused = CliRunner().invoke(cli.main, [*args, "--job", "iris/d9-*", "--job", "table1/*"])
+    assert refused.exit_code != 0 and "--job ['iris/d9-*', 'table1/*'] matches no job of ['iris']" in refused.output
+    assert [e.name for e in ResultStore(store_dir).entries()] == ["iris/d2-w5"]  # nothing computed for the refusal

@@ -201,12 +201,23 @@ def _report(runs: list[runner.SectionRun]) -> None:
 @_stored_profile_option
 @_store_option
 @_scheduler_option
-def publish_cmd(only: tuple[str, ...], profile: str, store_dir: str | None, scheduler: str | None) -> None:
+@click.option(
+    "--job",
+    "patterns",
+    multiple=True,
+    metavar="PATTERN",
+    help="only the jobs whose names match this shell pattern (e.g. 'small_mnist/seed0-*'; repeatable)",
+)
+def publish_cmd(
+    only: tuple[str, ...], profile: str, store_dir: str | None, scheduler: str | None, patterns: tuple[str, ...]
+) -> None:
     """Compute the jobs the result store lacks and store each as it finishes, without executing any notebook: a
     long computation stopped midway keeps what finished and continues where it stopped. Prints each section's
-    sweep report; exits 1 when a job failed."""
+    sweep report; exits 1 when a job failed, or when --job matches no job of the chosen sections."""
     try:
-        reports = runner.publish_sections(profile, only=list(only) or None, store_dir=store_dir, scheduler=scheduler)
+        reports = runner.publish_sections(
+            profile, only=list(only) or None, store_dir=store_dir, scheduler=scheduler, patterns=list(patterns) or None
+        )
     except FragileError as exc:
         _fail(exc)
     for name, report in reports:

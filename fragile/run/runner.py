@@ -524,27 +524,46 @@ def publish_sections(
     store_dir: str | Path | None = None,
     scheduler: str | None = None,
     progress: bool = True,
+    patterns: list[str] | None = None,
 ) -> list[tuple[str, Any]]:
     """Compute every job of every section (or ``only`` these) under ``profile`` that the store lacks, and save each
     to the store as it lands: a run stopped midway keeps what finished, and the next computes only the rest. No
-    notebook is executed; the book renders from the store afterwards (:func:`run_book_sections`).
+    notebook is executed; the book renders from the store afterwards (:func:`run_book_sections`). With
+    ``patterns``, only the jobs whose names match one of these shell patterns (:func:`fnmatch.fnmatchcase`): a
+    long edition computed in the order one chooses, or split between machines.
 
-    Returns (section name, :class:`~fragile.run.sweep.SweepReport`) per section, in book order.
+    Returns (section name, :class:`~fragile.run.sweep.SweepReport`) per section with a job to run, in book order.
 
     Raises:
-        InvalidArgumentError: a name in ``only`` that is no section, or a bad profile or scheduler value.
+        InvalidArgumentError: a name in ``only`` that is no section, a bad profile or scheduler value, or
+            ``patterns`` that match no job of the chosen sections (before any job runs).
         AllJobsFailedError: every job of a section failed (the sections before it are stored).
     """
+    from fnmatch import fnmatchcase
+
     from fragile.chapters.protocol import run_jobs
 
     root = root or project_root()
     fields: dict[str, Any] = {"publish": True, **({"scheduler": scheduler} if scheduler else {})}
     chosen = _chosen_sections(profile, root, only, store_dir, **fields)
+
+    def wanted(name: str) -> bool:
+        return not patterns or any(fnmatchcase(name, p) for p in patterns)
+
     out = []
     with chdir(root):  # the chapters' relative paths (cache, data, store) are the project's
+        planned = []
         for section, cfg, store in chosen:
             cfg = dataclasses.replace(cfg, store_dir=str(store.root))
-            jobs = section.chapter.jobs(cfg)
+            jobs = [j for j in section.chapter.jobs(cfg) if wanted(j.name)]
+            if jobs:
+                planned.append((section, cfg, store, jobs))
+        if patterns and not planned:
+            raise InvalidArgumentError(
+                f"--job {patterns} matches no job of {[s.short for s, _, _ in chosen]} under profile {profile!r}; "
+                "job names are the store's folders, such as 'iris/d1-w5' or 'small_mnist/seed0-wd0.001'"
+            )
+        for section, cfg, store, jobs in planned:
             missing = [j for j in jobs if not store.holds(j.name, j.config)]
             log.info("%s: %d of %d jobs stored, %d to compute", section.short, len(jobs) - len(missing), len(jobs), len(missing))
             if missing and section.chapter.prepare is not None:
