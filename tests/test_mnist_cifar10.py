@@ -691,3 +691,19 @@ def test_the_drift_control_changes_signs_not_ranks(job):
         control = e.actual - out.retraining.drift[t]
         assert row["sign_agreement_vs_control"] == pytest.approx(np.mean(np.sign(e.predicted) == np.sign(control)))
         assert row["drift_to_signal"] == pytest.approx(abs(row["drift"]) / np.median(np.abs(e.actual_vs_control)))
+
+
+def test_the_polish_phase_is_the_same_optimiser_on_the_whole_training_set_after_the_training():
+    from fragile.chapters.table1_protocol import train_table1_model
+
+    cfg = MnistCifar10Config(**{**TINY, "polish_steps": 30})
+    assert MnistCifar10Config(**TINY).polish_spec(0) is None
+    assert cfg.polish_spec(3) == cfg.train_spec(3).replace(steps=30, batch_size=None)
+    model = train_table1_model(cfg, "mnist", "small_cnn", 0.001, 0)
+    # the same two phases built here
+    objective = model.trained.objective
+    x, y = model.trained.x, model.trained.y
+    first = fit(objective, objective.initial_params(), x, y, cfg.train_spec(0), progress=False)
+    polished = fit(objective, first.params[0], x, y, cfg.polish_spec(0), progress=False)
+    torch.testing.assert_close(model.trained.theta, polished.params[0], rtol=1e-5, atol=1e-6)
+    assert model.trained.fit.grad_norm < float(first.grad_norm[0])

@@ -108,6 +108,14 @@ class Table1Models(AnyDevice, SolverSettings, ConvergenceSettings, ChapterConfig
     lr: float = setting(0.001, "learning rate (not stated)", positive)
     batch_size: int = setting(128, "minibatch size (not stated)", at_least(1))
     train_steps: int = setting(20000, "training steps (not stated)", at_least(1))
+    polish_steps: int = setting(
+        0,
+        (
+            "full-batch steps of the same optimiser after the training (0: none, the paper's protocol): they take θ* "
+            "from the minibatch noise floor towards the stationary point influence functions assume"
+        ),
+        at_least(0),
+    )
     retrain_fraction: float = setting(0.06, "warm-started leave-one-out steps as a share of train_steps (paper: 6 %)", fraction())
     top_k: int = setting(40, "training points evaluated per test point, by |predicted| (paper: 40)", at_least(3))
     estimator: str = setting(
@@ -256,6 +264,13 @@ class Table1Config(Table1Models):
                 "sgd", lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed, momentum=0.9, nesterov=True
             )
         return TrainSpec(self.optimizer, lr=self.lr, steps=self.train_steps, batch_size=self.batch_size, seed=seed)
+
+    def polish_spec(self, seed: int) -> TrainSpec | None:
+        """The full-batch steps after the training (None when ``polish_steps`` is 0): the same optimiser and learning
+        rate on every training image."""
+        if not self.polish_steps:
+            return None
+        return self.train_spec(seed).replace(steps=self.polish_steps, batch_size=None)
 
 
 @dataclass(frozen=True)
@@ -595,7 +610,8 @@ class Table1Model:
 def train_table1_model(
     cfg: Table1Config, dataset: str, architecture: str, weight_decay: float, seed: int, device: str | None = None
 ) -> Table1Model:
-    """Load the data and train one network as ``cfg`` says (``train_steps`` steps of ``cfg.optimizer``).
+    """Load the data and train one network as ``cfg`` says (``train_steps`` steps of ``cfg.optimizer``, then
+    ``polish_steps`` on the whole training set).
 
     ``device`` overrides ``cfg.device``. Raises :class:`InvalidArgumentError` when ``top_k`` or ``batch_size``
     exceeds the training images.
@@ -609,7 +625,8 @@ def train_table1_model(
     x, y = model_inputs(architecture, dataset, data.train.x).to(dev), data.train.y.to(dev)
     x_test, y_test = model_inputs(architecture, dataset, data.test.x).to(dev), data.test.y.to(dev)
     objective = Objective(build_network(cfg, architecture, dataset, seed, data.num_classes).to(dev), weight_decay)
-    return Table1Model(train_model(objective, x, y, x_test, y_test, cfg.train_spec(seed)), data, dev)
+    trained = train_model(objective, x, y, x_test, y_test, cfg.train_spec(seed), polish=cfg.polish_spec(seed))
+    return Table1Model(trained, data, dev)
 
 
 def run_model(
