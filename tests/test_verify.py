@@ -221,3 +221,36 @@ def test_fragile_publish_with_job_patterns_stores_only_the_matching_jobs(tmp_pat
     refused = CliRunner().invoke(cli.main, [*args, "--job", "iris/d9-*", "--job", "table1/*"])
     assert refused.exit_code != 0 and "--job ['iris/d9-*', 'table1/*'] matches no job of ['iris']" in refused.output
     assert [e.name for e in ResultStore(store_dir).entries()] == ["iris/d2-w5"]  # nothing computed for the refusal
+
+
+def test_fragile_prune_removes_only_entries_that_no_profiles_job_is_keyed_by(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fragile.run import cli, runner
+
+    root = Path(__file__).resolve().parents[1]
+    section = runner.find_section("iris", root)
+    real = runner.resolve_parameters
+    tiny = real(section, "smoke", {"depths": [1], "widths": [8]}, root)
+
+    def params(s, p, o, r):  # the smoke profile's Iris sized down; every other section as it is
+        return {**tiny, "cache_dir": str(tmp_path / "c")} if s.short == "iris" and p == "smoke" else real(s, p, o, r)
+
+    monkeypatch.setattr(runner, "resolve_parameters", params)
+    store_dir = tmp_path / "store"
+    published = CliRunner().invoke(cli.main, ["publish", "--section", "iris", "--profile", "smoke", "--store", str(store_dir)])
+    assert published.exit_code == 0, published.output
+    store = ResultStore(store_dir)
+    kept = store.entries()
+    store.save("iris/d1-w5", {"depth": 1, "moved": True}, {"x": 1.0}, JobCompute(1.0, 1.0, "cpu", None))  # a stale key
+    store.save("iris/d9-w5", {"depth": 9}, {"x": 1.0}, JobCompute(1.0, 1.0, "cpu", None))  # a job that no longer exists
+    stale = sorted(set(store.entries()) - set(kept))
+    dry = CliRunner().invoke(cli.main, ["prune", "--store", str(store_dir), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines() == [f"would remove: {e.name}/{e.key}" for e in stale] + ["2 entries to remove"]
+    assert len(store.entries()) == len(kept) + 2
+    done = CliRunner().invoke(cli.main, ["prune", "--store", str(store_dir)])
+    assert done.exit_code == 0 and done.output.splitlines()[-1] == "2 entries removed", done.output
+    assert store.entries() == kept and not (store_dir / "iris" / "d9-w5").exists()

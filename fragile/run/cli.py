@@ -228,6 +228,21 @@ def publish_cmd(
         sys.exit(1)
 
 
+@main.command("prune")
+@_store_option
+@click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
+def prune_cmd(store_dir: str | None, dry_run: bool) -> None:
+    """Remove the result store's entries that no job of any profile is keyed by (their configuration or the
+    numerics version moved on), so the committed store holds only what the book can use."""
+    try:
+        removed = runner.prune_store(store_dir=store_dir, dry_run=dry_run)
+    except FragileError as exc:
+        _fail(exc)
+    for entry in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'}: {entry.name}/{entry.key}")
+    click.echo(f"{len(removed)} entr{'y' if len(removed) == 1 else 'ies'} {'to remove' if dry_run else 'removed'}")
+
+
 @main.command("verify")
 @_sections_option
 @_stored_profile_option

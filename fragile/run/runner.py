@@ -572,6 +572,37 @@ def publish_sections(
     return out
 
 
+def prune_store(root: Path | None = None, *, store_dir: str | Path | None = None, dry_run: bool = False) -> list[Any]:
+    """Remove the store entries that no job of any section under any profile (:data:`~fragile.config.PROFILES`) is
+    keyed by: jobs whose configuration or numerics version has moved on. Returns the entries removed (or, with
+    ``dry_run``, that would be), as :class:`~fragile.run.store.StoredJob` values sorted by name. ``store_dir``
+    replaces the chapters' own store. Cost: building every profile's job list; nothing is computed.
+    """
+    import shutil
+
+    root = root or project_root()
+    wanted: set[Path] = set()
+    stores: dict[Path, Any] = {}
+    with chdir(root):  # the chapters' relative paths (data roots in job keys) are the project's
+        for profile in PROFILES:
+            for section, cfg, store in _chosen_sections(profile, root, None, store_dir):
+                stores[store.root.resolve()] = store
+                wanted |= {store.path(j.name, j.config).resolve() for j in section.chapter.jobs(cfg)}
+    removed = []
+    for store in stores.values():
+        for entry in store.entries():
+            path = (store.root / entry.name / entry.key).resolve()
+            if path not in wanted:
+                removed.append(entry)
+                if not dry_run:
+                    shutil.rmtree(path)
+                    for parent in path.parents:  # the job's folder, once its last entry is gone
+                        if parent == store.root.resolve() or any(parent.iterdir()):
+                            break
+                        parent.rmdir()
+    return sorted(removed)
+
+
 def verify_sections(
     profile: str = "published",
     root: Path | None = None,
