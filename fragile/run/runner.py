@@ -76,9 +76,13 @@ class SectionRun:
         return {name: info for s in self.sweeps for name, info in s["failed"].items()}
 
     def report(self) -> list[str]:
-        """One line per sweep (``sweep: 3 done, 1 cached, 1 failed``), then one per failed job: its name, its
+        """One line per sweep (``sweep: 3 done, 1 cached, 1 failed, 2 from the store``), then one per failed job: its name, its
         error's first line and its parameters."""
-        lines = [f"sweep: {s['done']} done, {s['cached']} cached, {len(s['failed'])} failed" for s in self.sweeps]
+        lines = [
+            f"sweep: {s['done']} done, {s['cached']} cached, {len(s['failed'])} failed"
+            + (f", {s['stored']} from the store" if s.get("stored") else "")
+            for s in self.sweeps
+        ]
         for name, info in self.failed.items():
             lines.append(f"  failed {name}: {info['error']}")
             lines.append(f"    parameters: {json.dumps(info['config'], sort_keys=True, default=str)}")
