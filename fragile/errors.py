@@ -20,6 +20,12 @@ class SolverDivergedError(FragileError, RuntimeError):
     """An iterative inverse-HVP solver diverged or broke down; its numbers are never returned."""
 
 
+class SingularSystemError(FragileError, ArithmeticError):
+    """The damped curvature matrix of this model is singular to working precision (a damped eigenvalue within
+    round-off of zero), so its inverse, and any influence through it, is undefined: a property of the problem and
+    the damping, reported like a solver's failure; a larger damping (or another negative-eigenvalue policy) avoids it."""
+
+
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
     """Raise unless ``value`` is one of ``allowed``."""
     allowed = tuple(allowed)

@@ -13,7 +13,7 @@ from brute_force import newton_minimise
 from torch import nn
 
 from fragile import Objective, TrainSpec, build_model, fit, load_iris, make_estimator, synthetic_classification
-from fragile.errors import InvalidArgumentError
+from fragile.errors import InvalidArgumentError, SingularSystemError
 
 DAMPING = 0.05
 
@@ -249,7 +249,7 @@ def test_ekfac_bad_options_and_singular_matrix_are_reported():
         make_estimator("ekfac", objective, theta, x, y, damping=0.1, rank=3)
     # Softmax output gradients sum to zero over classes: without weight decay or damping the read-out block is singular.
     undamped = make_estimator("ekfac", objective.with_weight_decay(0.0), theta, x, y, damping=0.0, progress=False)
-    with pytest.raises(InvalidArgumentError, match=r"singular in layer 'net\.4'.*increase damping"):
+    with pytest.raises(SingularSystemError, match=r"singular in layer 'net\.4'.*increase damping"):
         undamped.prepare()
 
 

@@ -70,3 +70,24 @@ def test_cg_refuses_indefinite_hessian(mlp_problem):
     cg = make_estimator("cg", objective, theta0, data.x, data.y, damping=0.0, progress=False)
     with pytest.raises(SolverDivergedError, match="positive definite"):
         cg.influences(data.x[:1], data.y[:1])
+
+
+def test_a_singular_damped_hessian_is_the_estimators_failure_on_that_model_not_a_bad_argument():
+    from fragile import Objective, build_model, hessian_matrix
+    from fragile.chapters.protocol import estimate
+    from fragile.chapters.results import EstimatorFailure
+    from fragile.core.solvers import spectral_inverse_weights
+    from fragile.errors import InvalidArgumentError, SingularSystemError
+
+    with pytest.raises(SingularSystemError, match="singular"):
+        spectral_inverse_weights(torch.tensor([-0.25, 1.0], dtype=torch.float64), 0.25, "keep")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (30,), generator=g)
+    objective = Objective(build_model("mlp", seed=0, in_features=3, num_classes=2, depth=1, width=4, activation="tanh"))
+    theta = objective.initial_params() + torch.randn(objective.num_params, generator=g, dtype=torch.float64)
+    smallest = float(torch.linalg.eigvalsh(hessian_matrix(objective, theta, x, y)).min())
+    assert smallest < 0  # away from a minimum: the damping below cancels that eigenvalue exactly
+    failed = estimate("exact", objective, theta, x, y, x[:2], y[:2], damping=-smallest, progress=False)
+    assert isinstance(failed, EstimatorFailure) and "singular" in failed.message
+    with pytest.raises(InvalidArgumentError):  # a bad argument is still the caller's mistake
+        estimate("exact", objective, theta, x, y, x[:2], y[:2], damping=-1.0, progress=False)

@@ -322,13 +322,14 @@ def estimate(
     :func:`~fragile.estimators.make_estimator` takes them), as an :class:`~fragile.chapters.results.Estimate`
     of plain arrays; ``spectrum`` adds the exact Hessian's eigenvalues (``method="exact"`` only: O(p³) time).
 
-    A solver that fails on this problem (LiSSA diverging, CG on an indefinite H + λI) is returned as an
-    :class:`~fragile.chapters.results.EstimatorFailure`, never as numbers; a bad argument still raises.
+    A solver that fails on this problem (LiSSA diverging, CG on an indefinite H + λI, a singular damped matrix) is
+    returned as an :class:`~fragile.chapters.results.EstimatorFailure`, never as numbers; a bad argument still
+    raises.
     """
     if spectrum and method != "exact":
         raise ValueError(f"estimate: spectrum=True needs method='exact', not {method!r}")
-    est = make_estimator(method, objective, theta, x, y, **kwargs)
-    try:
+    try:  # building it is part of the solve for some methods (exact's eigendecomposition, EK-FAC's factors)
+        est = make_estimator(method, objective, theta, x, y, **kwargs)
         res = est.influences(x_test, y_test)
     except InvalidArgumentError:  # the caller's mistake, not the solver's failure on this problem
         raise

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fragile.errors import InvalidArgumentError, SolverDivergedError, check_int, check_positive
+from fragile.errors import InvalidArgumentError, SingularSystemError, SolverDivergedError, check_int, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def spectral_inverse_weights(
     eps = torch.finfo(d.dtype).eps if eps is None else eps
     tol = math.sqrt(d.numel()) * eps * float(eigenvalues.abs().max().clamp_min(1.0))
     if bool((d.abs() <= tol).any()):
-        raise InvalidArgumentError(
+        raise SingularSystemError(
             f"H + damping·I is singular (an eigenvalue of {float(d[d.abs().argmin()]):.3g} after damping {damping}); "
             "increase damping"
         )

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from fragile.core.objective import Objective
 from fragile.core.solvers import Solve, relative_residual
-from fragile.errors import InvalidArgumentError, check_int
+from fragile.errors import InvalidArgumentError, SingularSystemError, check_int
 from fragile.estimators.base import EstimatorOptions, SolvingEstimator, option
 from fragile.estimators.registry import register
 
@@ -321,7 +321,7 @@ class EKFACInfluence(SolvingEstimator):
                     if self.objective.loss_name == "cross_entropy"
                     else ""
                 )
-                raise InvalidArgumentError(
+                raise SingularSystemError(
                     f"method='ekfac': the EK-FAC matrix is singular in layer {f.name!r} (an eigenvalue of {float(d.min()):.3g} "
                     f"with weight_decay={self.objective.weight_decay} and damping={self.damping}{why}); increase damping"
                 )
